@@ -1,0 +1,290 @@
+"""
+Data for MEND: hand-rolled JSONL readers for C4 (stage 1) and MetaICL (stage 2 and evaluation), the prompt format,
+the demonstration budgets, and collation with the padding the models expect (paper sections 3.2 and 4.1).
+
+A data folder holds `c4/` (files of `{"text": ...}` lines, plain or gzipped) and `metaicl/` (MetaICL's layout:
+`{task}/{task}_{k}_{seed}_{split}.jsonl`, lines `{"task", "input", "output", "options"}`, and optionally
+`partitions.json`). Every item is a dict of token-id lists:
+
+    teacher_demo    demonstrations in LLM tokens        (the teacher reads these before the query)
+    distiller_demo  the same demonstrations in distiller tokens
+    query           LLM tokens the loss is taken on     (stage 1: last 20% of a document; stage 2: input ; output)
+    answer_mask     1 on the output tokens of the query (stage 2 CE), else 0
+
+Format (our choice, see README): a demonstration is `input \\n output \\n\\n`, the query is `input \\n` and an option is
+scored as the tokens of `output`. Newlines are what MetaICL's own training format uses; the official MEND code joins
+GPT-2 demos with no separator, which suits no tokenizer but GPT-2's.
+"""
+import gzip
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+QUERY_SEP, DEMO_SEP = "\n", "\n\n"   # input QUERY_SEP output DEMO_SEP input QUERY_SEP output DEMO_SEP ...
+
+
+class DataError(ValueError):
+    """Bad input data; the message names the file and line."""
+
+
+# -----------------------------------------------------------------------------
+# JSONL reading with file:line errors
+
+
+def read_jsonl(path):
+    """Yield (line number, object) from a .jsonl / .json / .json.gz file of one JSON object per line."""
+    path = Path(path)
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt", encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+            if not isinstance(obj, dict):
+                raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
+            yield lineno, obj
+
+
+def read_c4(folder):
+    """Stream the `text` of every document in the *.json, *.json.gz and *.jsonl files of a folder, in name order."""
+    files = sorted(p for p in Path(folder).iterdir() if p.name.endswith((".json", ".json.gz", ".jsonl")))
+    if not files:
+        raise DataError(f"{folder}: no *.json, *.json.gz or *.jsonl files")
+    for path in files:
+        for lineno, obj in read_jsonl(path):
+            if not isinstance(obj.get("text"), str):
+                raise DataError(f"{path}:{lineno}: missing string field 'text'")
+            yield obj["text"]
+
+
+def read_metaicl(path):
+    """A MetaICL file -> list of examples, each validated: task/input/output strings, options a list of strings
+    that contains the output whenever it is non-empty (empty options = a generation task, meta-train only)."""
+    examples = []
+    for lineno, ex in read_jsonl(path):
+        for key in ("task", "input", "output"):
+            if not isinstance(ex.get(key), str):
+                raise DataError(f"{path}:{lineno}: missing string field '{key}'")
+        options = ex.get("options")
+        if not isinstance(options, list) or not all(isinstance(o, str) for o in options):
+            raise DataError(f"{path}:{lineno}: 'options' must be a list of strings")
+        if options and ex["output"] not in options:
+            raise DataError(f"{path}:{lineno}: output {ex['output']!r} is not among the options {options}")
+        examples.append(ex)
+    if not examples:
+        raise DataError(f"{path}: no examples")
+    return examples
+
+
+# -----------------------------------------------------------------------------
+# MetaICL partitions and files
+
+
+def partition(data_dir, name):
+    """{'train': [...], 'test': [...], 'config': ...} for a short name (qa2qa) or MetaICL config name (qa_to_qa),
+    from metaicl/partitions.json when the data folder has one, else from the built-in MetaICL table."""
+    path = Path(data_dir) / "metaicl" / "partitions.json"
+    table = json.loads(path.read_text()) if path.exists() else {
+        k: {"config": c, "train": tr.split(), "test": te.split()} for k, (c, tr, te) in BUILTIN_PARTITIONS.items()}
+    for short, part in table.items():
+        if name in (short, part.get("config")):
+            return part
+    raise SystemExit(f"unknown partition {name!r}; choose one of {', '.join(table)}")
+
+
+def task_file(data_dir, task, k, seed, split):
+    return Path(data_dir) / "metaicl" / task / f"{task}_{k}_{seed}_{split}.jsonl"
+
+
+def meta_train_pools(data_dir, tasks, log=print):
+    """Meta-training pools {task: examples}: MetaICL's {task}_16384_100_train.jsonl when present, else the task's
+    {task}_16_100_test.jsonl (the shared data's substitute). Missing tasks are skipped with a warning."""
+    pools = {}
+    for task in tasks:
+        big, small = task_file(data_dir, task, 16384, 100, "train"), task_file(data_dir, task, 16, 100, "test")
+        path = big if big.exists() else small
+        if not path.exists():
+            log(f"warning: meta-train task {task} not found under {Path(data_dir) / 'metaicl'}, skipped")
+            continue
+        pools[task] = read_metaicl(path)
+    if not pools:
+        raise SystemExit(f"none of the {len(tasks)} meta-train tasks exist under {Path(data_dir) / 'metaicl'}")
+    log(f"meta-train: {len(pools)} of {len(tasks)} tasks, {sum(map(len, pools.values())):,} examples")
+    return pools
+
+
+# -----------------------------------------------------------------------------
+# tokenization, the prompt format and the demonstration budgets
+
+
+def encode(tok, text):
+    return tok(text, add_special_tokens=False).input_ids
+
+
+def encode_example(tok, ex, max_len, answer_len=None):
+    """(input ids ending in QUERY_SEP, output ids). The input is cut so input+output fit in max_len tokens
+    (MetaICL's per-example rule); answer_len overrides the output length used for the cut (the longest option)."""
+    x, y = encode(tok, ex["input"]), encode(tok, ex["output"])
+    sep = encode(tok, QUERY_SEP)
+    keep = max(1, max_len - len(sep) - (len(y) if answer_len is None else answer_len))
+    return x[:keep] + sep, y
+
+
+def encode_demos(tok, demos, max_len):
+    """Each demonstration as `input QUERY_SEP output DEMO_SEP` token ids."""
+    sep = encode(tok, DEMO_SEP)
+    return [sum(encode_example(tok, d, max_len), []) + sep for d in demos]
+
+
+def fit_demos(encoded, budgets):
+    """Join whole demonstrations, in order, while every tokenizer's version fits its budget (the same demos for the
+    teacher and the distiller). encoded: one list of per-demo id lists per tokenizer -> one joined list each."""
+    n = 0
+    while n < len(encoded[0]) and all(sum(map(len, e[:n + 1])) <= b for e, b in zip(encoded, budgets)):
+        n += 1
+    return [sum(e[:n], []) for e in encoded]
+
+
+def demo_item(toks, demos, budgets, max_len):
+    """(teacher ids, distiller ids) of a demonstration set; toks = (LLM tokenizer, distiller tokenizer)."""
+    same = toks[0] is toks[1]
+    encoded = [encode_demos(toks[0], demos, max_len)]
+    encoded.append(encoded[0] if same else encode_demos(toks[1], demos, max_len))
+    return fit_demos(encoded, budgets)
+
+
+def meta_train_item(pools, toks, index, seed, k, budgets, max_len):
+    """Training item number `index` (deterministic in (seed, index), so a resumed run sees the same data): an example
+    drawn uniformly from all pools, and k other examples of the same task, in random order, as demonstrations."""
+    rng = np.random.default_rng([seed, index])
+    sizes = np.array([len(p) for p in pools.values()])
+    flat = int(rng.integers(sizes.sum()))
+    t = int(np.searchsorted(np.cumsum(sizes), flat, side="right"))
+    pool, i = list(pools.values())[t], flat - int(np.cumsum(sizes)[t - 1] if t else 0)
+    others = [j for j in rng.permutation(len(pool))[:k + 1] if j != i][:k]
+    teacher, distiller = demo_item(toks, [pool[j] for j in others], budgets, max_len)
+    x, y = encode_example(toks[0], pool[i], max_len)
+    return dict(teacher_demo=teacher, distiller_demo=distiller, query=x + y, answer_mask=[0] * len(x) + [1] * len(y))
+
+
+def c4_item(text, toks, max_tokens, demo_fraction=0.8):
+    """Stage-1 item from one document: its first max_tokens LLM tokens, the first 80% as 'demonstrations', the rest as
+    the query (KL only, no answer). The distiller re-tokenizes the demonstration text if its tokenizer differs."""
+    ids = encode(toks[0], text)[:max_tokens]
+    m = int(demo_fraction * len(ids))
+    if m < 1 or m == len(ids):
+        return None  # too short to split
+    distiller = ids[:m] if toks[0] is toks[1] else encode(toks[1], toks[0].decode(ids[:m]))[:max_tokens]
+    return dict(teacher_demo=ids[:m], distiller_demo=distiller, query=ids[m:], answer_mask=[0] * (len(ids) - m))
+
+
+# -----------------------------------------------------------------------------
+# collation
+
+
+def pad(seqs, value, left):
+    """List of id lists -> (B, S) tensor and (B, S) 0/1 mask, padded on the left or right."""
+    S = max(1, max(map(len, seqs)))
+    ids = torch.full((len(seqs), S), value, dtype=torch.long)
+    mask = torch.zeros(len(seqs), S, dtype=torch.long)
+    for b, s in enumerate(seqs):
+        sl = slice(S - len(s), S) if left else slice(0, len(s))
+        ids[b, sl], mask[b, sl] = torch.tensor(s, dtype=torch.long), 1
+    return ids, mask
+
+
+def collate(items, device="cpu"):
+    """Items -> a batch of tensors: demonstrations left-padded (so the distiller's placeholders and the teacher's query
+    sit at the end), queries right-padded (so teacher and student query rows line up column by column)."""
+    t, tm = pad([it["teacher_demo"] for it in items], 0, left=True)             # (B, D)
+    d, dm = pad([it["distiller_demo"] for it in items], 0, left=True)           # (B, D')
+    q, qm = pad([it["query"] for it in items], 0, left=False)                   # (B, T)
+    a, _ = pad([it["answer_mask"] for it in items], 0, left=False)              # (B, T)
+    batch = dict(teacher_demo_ids=t, teacher_demo_mask=tm, distiller_demo_ids=d, distiller_demo_mask=dm,
+                 query_ids=q, query_mask=qm, answer_mask=a)
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+# -----------------------------------------------------------------------------
+# MetaICL's seven partitions (config/*.json of the MetaICL and MEND code; MEND drops dbpedia_14 from the ->Class tests),
+# used when the data folder has no partitions.json: short name -> (config name, train tasks, test tasks)
+BUILTIN_PARTITIONS = {
+    "hr2lr": ("hr_to_lr",
+        "piqa hate_speech_offensive google_wellformed_query social_i_qa circa quoref glue-sst2 scitail emo "
+        "cosmos_qa freebase_qa ag_news art paws kilt_ay2 glue-qnli quail ade_corpus_v2-classification sciq "
+        "hatexplain emotion glue-qqp kilt_fever kilt_nq dbpedia_14 kilt_zsre hellaswag squad-with_context hotpot_qa "
+        "glue-mnli ropes squad-no_context kilt_hotpotqa discovery superglue-record race-middle race-high lama-trex "
+        "swag gigaword amazon_polarity biomrc tab_fact tweet_eval-emoji tweet_eval-offensive tweet_eval-sentiment "
+        "tweet_qa imdb lama-conceptnet liar anli wiki_qa kilt_trex wikisql wino_grande wiqa search_qa xsum "
+        "yahoo_answers_topics yelp_polarity yelp_review_full",
+        "quarel financial_phrasebank openbookqa codah qasc glue-mrpc dream sick commonsense_qa "
+        "medical_questions_pairs quartz-with_knowledge poem_sentiment quartz-no_knowledge glue-wnli climate_fever "
+        "ethos-national_origin ethos-race ethos-religion ai2_arc hate_speech18 glue-rte superglue-cb superglue-copa "
+        "tweet_eval-hate tweet_eval-stance_atheism tweet_eval-stance_feminist"),
+    "class2class": ("class_to_class",
+        "superglue-rte tweet_eval-sentiment discovery glue-rte superglue-wsc glue-mrpc tweet_eval-stance_hillary "
+        "tweet_eval-offensive emotion hatexplain glue-cola sick paws ethos-sexual_orientation glue-qqp "
+        "tweet_eval-emotion sms_spam health_fact glue-mnli imdb ethos-disability glue-wnli scitail trec-finegrained "
+        "yahoo_answers_topics liar glue-sst2 tweet_eval-stance_abortion circa tweet_eval-stance_climate glue-qnli "
+        "tweet_eval-emoji ethos-directed_vs_generalized ade_corpus_v2-classification hate_speech_offensive "
+        "superglue-wic google_wellformed_query tweet_eval-irony ethos-gender onestop_english trec rotten_tomatoes "
+        "kilt_fever",
+        "tweet_eval-stance_feminist ethos-national_origin tweet_eval-hate ag_news amazon_polarity hate_speech18 "
+        "poem_sentiment climate_fever medical_questions_pairs tweet_eval-stance_atheism superglue-cb wiki_qa emo "
+        "yelp_polarity ethos-religion financial_phrasebank tab_fact anli ethos-race"),
+    "nonclass2class": ("non_class_to_class",
+        "ade_corpus_v2-dosage art biomrc blimp-anaphor_number_agreement blimp-ellipsis_n_bar_2 "
+        "blimp-sentential_negation_npi_licensor_present blimp-sentential_negation_npi_scope commonsense_qa "
+        "crows_pairs dream freebase_qa gigaword hellaswag hotpot_qa kilt_ay2 kilt_hotpotqa kilt_trex kilt_zsre "
+        "lama-conceptnet lama-google_re lama-squad numer_sense openbookqa piqa proto_qa qa_srl quarel "
+        "quartz-no_knowledge race-high ropes sciq social_i_qa spider superglue-multirc wikisql xsum "
+        "yelp_review_full",
+        "tweet_eval-stance_feminist ethos-national_origin tweet_eval-hate ag_news amazon_polarity hate_speech18 "
+        "poem_sentiment climate_fever medical_questions_pairs tweet_eval-stance_atheism superglue-cb wiki_qa emo "
+        "yelp_polarity ethos-religion financial_phrasebank tab_fact anli ethos-race"),
+    "qa2qa": ("qa_to_qa",
+        "biomrc boolq freebase_qa hotpot_qa kilt_hotpotqa kilt_nq kilt_trex kilt_zsre lama-conceptnet "
+        "lama-google_re lama-squad lama-trex mc_taco numer_sense quoref ropes search_qa squad-no_context "
+        "squad-with_context superglue-multirc superglue-record tweet_qa web_questions unifiedqa:squad2 "
+        "unifiedqa:natural_questions_with_dpr_para unifiedqa:race_string unifiedqa:squad1_1 unifiedqa:drop "
+        "unifiedqa:newsqa unifiedqa:narrativeqa unifiedqa:winogrande_xl unifiedqa:social_iqa unifiedqa:quoref "
+        "unifiedqa:physical_iqa unifiedqa:ropes unifiedqa:commonsenseqa unifiedqa:boolq",
+        "ai2_arc codah cosmos_qa dream hellaswag openbookqa qasc quail quarel quartz-no_knowledge "
+        "quartz-with_knowledge sciq superglue-copa swag wino_grande wiqa unifiedqa:qasc unifiedqa:qasc_with_ir "
+        "unifiedqa:openbookqa unifiedqa:openbookqa_with_ir unifiedqa:mctest unifiedqa:ai2_science_middle"),
+    "nonqa2qa": ("non_qa_to_qa",
+        "hate_speech_offensive google_wellformed_query circa glue-sst2 scitail emo ag_news art paws kilt_ay2 "
+        "glue-qnli ade_corpus_v2-classification hatexplain emotion glue-qqp kilt_fever dbpedia_14 glue-mnli "
+        "discovery gigaword amazon_polarity tab_fact tweet_eval-emoji tweet_eval-offensive tweet_eval-sentiment "
+        "imdb liar anli wikisql xsum yahoo_answers_topics yelp_polarity yelp_review_full",
+        "ai2_arc codah cosmos_qa dream hellaswag openbookqa qasc quail quarel quartz-no_knowledge "
+        "quartz-with_knowledge sciq superglue-copa swag wino_grande wiqa unifiedqa:qasc unifiedqa:qasc_with_ir "
+        "unifiedqa:openbookqa unifiedqa:openbookqa_with_ir unifiedqa:mctest unifiedqa:ai2_science_middle"),
+    "nonnli2nli": ("non_nli_to_nli",
+        "ade_corpus_v2-classification ag_news amazon_polarity circa climate_fever dbpedia_14 discovery emo emotion "
+        "ethos-directed_vs_generalized ethos-disability ethos-gender ethos-national_origin ethos-race "
+        "ethos-religion ethos-sexual_orientation financial_phrasebank glue-cola glue-mrpc glue-qqp glue-sst2 "
+        "google_wellformed_query hate_speech18 hate_speech_offensive hatexplain health_fact imdb kilt_fever liar "
+        "medical_questions_pairs onestop_english paws poem_sentiment rotten_tomatoes sick sms_spam superglue-wic "
+        "superglue-wsc tab_fact trec trec-finegrained tweet_eval-emoji tweet_eval-emotion tweet_eval-hate "
+        "tweet_eval-irony tweet_eval-offensive tweet_eval-sentiment tweet_eval-stance_abortion "
+        "tweet_eval-stance_atheism tweet_eval-stance_climate tweet_eval-stance_feminist tweet_eval-stance_hillary "
+        "wiki_qa yahoo_answers_topics yelp_polarity",
+        "anli glue-mnli glue-qnli glue-rte glue-wnli scitail sick superglue-cb"),
+    "nonpara2para": ("non_paraphrase_to_paraphrase",
+        "ade_corpus_v2-classification ag_news amazon_polarity anli circa climate_fever dbpedia_14 discovery emo "
+        "emotion ethos-directed_vs_generalized ethos-disability ethos-gender ethos-national_origin ethos-race "
+        "ethos-religion ethos-sexual_orientation financial_phrasebank glue-cola glue-mnli glue-qnli glue-rte "
+        "glue-sst2 glue-wnli google_wellformed_query hate_speech18 hate_speech_offensive hatexplain health_fact "
+        "imdb kilt_fever liar onestop_english poem_sentiment rotten_tomatoes scitail sick sms_spam superglue-cb "
+        "superglue-rte superglue-wic superglue-wsc tab_fact trec trec-finegrained tweet_eval-emoji "
+        "tweet_eval-emotion tweet_eval-hate tweet_eval-irony tweet_eval-offensive tweet_eval-sentiment "
+        "tweet_eval-stance_abortion tweet_eval-stance_atheism tweet_eval-stance_climate tweet_eval-stance_feminist "
+        "tweet_eval-stance_hillary wiki_qa yahoo_answers_topics yelp_polarity",
+        "glue-mrpc glue-qqp medical_questions_pairs paws"),
+}

