@@ -158,18 +158,41 @@ def demo_item(toks, demos, budgets, max_len):
     return fit_demos(encoded, budgets)
 
 
-def meta_train_item(pools, toks, index, seed, k, budgets, max_len):
-    """Training item number `index` (deterministic in (seed, index), so a resumed run sees the same data): an example
-    drawn uniformly from all pools, and k other examples of the same task, in random order, as demonstrations."""
-    rng = np.random.default_rng([seed, index])
-    sizes = np.array([len(p) for p in pools.values()])
-    flat = int(rng.integers(sizes.sum()))
-    t = int(np.searchsorted(np.cumsum(sizes), flat, side="right"))
-    pool, i = list(pools.values())[t], flat - int(np.cumsum(sizes)[t - 1] if t else 0)
-    others = [j for j in rng.permutation(len(pool))[:k + 1] if j != i][:k]
-    teacher, distiller = demo_item(toks, [pool[j] for j in others], budgets, max_len)
-    x, y = encode_example(toks[0], pool[i], max_len)
+def meta_item(toks, target, demo_pool, rng, k, budgets, max_len, exclude=None):
+    """One stage-2 item: the target example as the query, k examples of demo_pool (not `exclude`) in random order as
+    demonstrations."""
+    others = [j for j in rng.permutation(len(demo_pool))[:k + 1] if j != exclude][:k]
+    teacher, distiller = demo_item(toks, [demo_pool[j] for j in others], budgets, max_len)
+    x, y = encode_example(toks[0], target, max_len)
     return dict(teacher_demo=teacher, distiller_demo=distiller, query=x + y, answer_mask=[0] * len(x) + [1] * len(y))
+
+
+def meta_train_item(pools, toks, index, seed, k, budgets, max_len):
+    """Training item number `index`, deterministic in (seed, index) so a resumed or multi-process run sees the same
+    data: an example drawn uniformly from all pools, with k other examples of its task as demonstrations."""
+    rng = np.random.default_rng([seed, index])
+    ends = np.cumsum([len(p) for p in pools.values()])
+    flat = int(rng.integers(ends[-1]))
+    t = int(np.searchsorted(ends, flat, side="right"))
+    pool = list(pools.values())[t]
+    i = flat - (int(ends[t - 1]) if t else 0)
+    return meta_item(toks, pool[i], pool, rng, k, budgets, max_len, exclude=i)
+
+
+def split_pools(pools, n_held_out):
+    """Hold out the last n examples of each pool as validation targets: -> (train pools, held-out pools)."""
+    return {t: p[:-n_held_out] for t, p in pools.items()}, {t: p[-n_held_out:] for t, p in pools.items()}
+
+
+def meta_val_items(train_pools, held_out, toks, seed, n, k, budgets, max_len):
+    """n fixed validation items: held-out targets, task by task, with demonstrations from the task's training pool."""
+    tasks, items = list(held_out), []
+    for j in range(n):
+        task = tasks[j % len(tasks)]
+        target = held_out[task][(j // len(tasks)) % len(held_out[task])]
+        rng = np.random.default_rng([seed, 1, j])
+        items.append(meta_item(toks, target, train_pools[task], rng, k, budgets, max_len))
+    return items
 
 
 def c4_item(text, toks, max_tokens, demo_fraction=0.8):

@@ -11,6 +11,9 @@ Both terms are averaged per example first (over its query or answer tokens), the
 GPU under DDP, which is what the official runs use, that is exactly their objective; it also makes a 2-process run,
 gradient accumulation and a single large batch give identical gradients.
 """
+import time
+from contextlib import contextmanager
+
 import torch
 import torch.nn.functional as F
 
@@ -38,18 +41,43 @@ def masked_mean(values, mask):
     return (values * mask).sum(-1) / mask.sum(-1).clamp(min=1)
 
 
-def mend_loss(llm, distiller, batch, lam=1.0, temperature=1.0):
+@contextmanager
+def phase(timings, name):
+    """Add the wall time of a block to timings[name] (no-op when timings is None); synchronizes CUDA first."""
+    if timings is None:
+        yield
+        return
+    sync()
+    t = time.perf_counter()
+    yield
+    sync()
+    timings[name] = timings.get(name, 0.0) + time.perf_counter() - t
+
+
+def sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def mend_loss(llm, distiller, batch, lam=1.0, temperature=1.0, timings=None):
     """One MEND step's loss on a collated batch (see data.collate). Returns (loss, kl, ce) as 0-d tensors.
 
-    lam=0 gives stage 1 (KL only); the CE term is computed only where the batch has answer tokens (stage 2).
+    Stage-1 batches have no answer tokens, so their loss is the KL alone; stage 2 adds the answer CE: CE + lam * KL.
+    With a timings dict, the forward phases are timed, and timings["grad_at_vectors"] records when the backward pass
+    reaches the distilled vectors (student backward done, distiller backward starting).
     """
     q, qm = batch["query_ids"], batch["query_mask"]
-    teacher = teacher_logits(llm, batch["teacher_demo_ids"], batch["teacher_demo_mask"], q, qm)  # (B, T, V)
-    vectors = distiller(batch["distiller_demo_ids"], batch["distiller_demo_mask"])             # (B, L, C)
-    vmask = qm.new_ones(vectors.shape[:2])                                                       # (B, L)
-    student = llm_logits(llm, q, qm, prefix_embeds=vectors, prefix_mask=vmask)                 # (B, T, V)
-    kl = kl_per_example(teacher, student, qm, temperature).mean()
-    has_answer = bool(batch["answer_mask"].any())
-    ce = answer_ce_per_example(student, q, batch["answer_mask"]).mean() if has_answer else kl.new_zeros(())
+    with phase(timings, "teacher_forward"):
+        teacher = teacher_logits(llm, batch["teacher_demo_ids"], batch["teacher_demo_mask"], q, qm)  # (B, T, V)
+    with phase(timings, "distiller_forward"):
+        vectors = distiller(batch["distiller_demo_ids"], batch["distiller_demo_mask"])         # (B, L, C)
+    if timings is not None and vectors.requires_grad:
+        vectors.register_hook(lambda g: timings.__setitem__("grad_at_vectors", (sync(), time.perf_counter())[1]))
+    with phase(timings, "student_forward"):
+        vmask = qm.new_ones(vectors.shape[:2])                                                   # (B, L)
+        student = llm_logits(llm, q, qm, prefix_embeds=vectors, prefix_mask=vmask)             # (B, T, V)
+        kl = kl_per_example(teacher, student, qm, temperature).mean()
+        has_answer = bool(batch["answer_mask"].any())
+        ce = answer_ce_per_example(student, q, batch["answer_mask"]).mean() if has_answer else kl.new_zeros(())
     loss = ce + lam * kl if has_answer else kl
     return loss, kl.detach(), ce.detach()

@@ -1,0 +1,316 @@
+"""
+Train the MEND distiller, both stages of the paper in one loop (paper section 3.2; spec sections 4-6).
+
+    python train.py --stage pretrain                          # stage 1: KL only, on C4-style text  -> ckpt.pt
+    python train.py --stage finetune --init ckpt.pt           # stage 2: CE + lambda*KL on meta-train tasks -> mend.pt
+    torchrun --nproc_per_node=8 train.py --stage pretrain --preset paper   # the paper's recipe on 8 GPUs
+
+With no other flags both commands train the embedded default (SmolLM2-135M, distiller = its first 2 layers) on the
+project's sample data in a few minutes on a laptop CPU. `--preset paper` gives the paper's recipe (gpt2-large LLM,
+gpt2 distiller, l=100, 16 demos, lr 5e-5 / 1e-5, 30k steps, global batch 8, budgets 767/643 tokens).
+
+Order of one step: lr from the schedule -> micro-batches (teacher forward without grad, distiller forward, student
+forward, loss / grad_accum, backward) -> unscale, clip, step, zero_grad -> log. Every eval_interval steps and at the
+last step: validation loss and an atomic checkpoint. Ctrl-C saves and exits; a NaN/inf loss stops the run and keeps
+the last good checkpoint; --resume continues exactly (same data, RNG and optimizer state, step for step).
+"""
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import data
+from distill import mend_loss, phase
+from model import (EMBEDDED, build_distiller, check_compatible, count_params, distiller_tokenizer, load_checkpoint,
+                   load_llm, load_tokenizer, save_checkpoint)
+
+PAPER = {  # spec section 6 (the official pretrain.sh / finetune.sh); batch is per GPU: 8 GPUs give the global 8
+    "common": dict(llm="gpt2-large", distiller="gpt2", n_vectors=100, k=16, batch=1, grad_accum=1, max_steps=30000,
+                   warmup=0, schedule="linear", lam=1.0, temperature=1.0, max_len_per_example=256,
+                   teacher_demo_tokens=767, distiller_demo_tokens=643, c4_max_tokens=1024, eval_interval=2000),
+    "pretrain": dict(lr=5e-5),
+    "finetune": dict(lr=1e-5),
+}
+OUT = {"pretrain": "ckpt.pt", "finetune": "mend.pt"}
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--stage", required=True, choices=["pretrain", "finetune"], help="1: C4, KL only; 2: MetaICL, CE+KL")
+    p.add_argument("--preset", default="cpu", choices=["cpu", "paper"], help="defaults: a short CPU run, or the paper's")
+    p.add_argument("--init", default="", help="start the distiller from this checkpoint (stage 2 from stage 1)")
+    p.add_argument("--resume", action="store_true", help="continue the run saved at --out (weights, optimizer, RNG)")
+    p.add_argument("--out", default="", help="checkpoint path (default: ckpt.pt for pretrain, mend.pt for finetune)")
+    p.add_argument("--data", default="data", help="data folder with c4/ and metaicl/ (real data: ../shared/data)")
+    p.add_argument("--partition", default="qa2qa", help="MetaICL partition whose meta-train tasks stage 2 uses")
+    p.add_argument("--llm", default=EMBEDDED, help="frozen LLM: hub name, local path, or smollm2-135m (offline)")
+    p.add_argument("--distiller", default="layers:2", help="hub name / path (paper: gpt2), or layers:N = LLM's first N")
+    p.add_argument("--n_vectors", type=int, default=16, help="l, the number of distillation vectors (paper: 100)")
+    p.add_argument("--k", type=int, default=4, help="demonstrations per stage-2 example (paper: 16)")
+    p.add_argument("--max_len_per_example", type=int, default=64, help="tokens per input+output (MetaICL: 256)")
+    p.add_argument("--teacher_demo_tokens", type=int, default=256, help="teacher's demonstration budget (paper: 767)")
+    p.add_argument("--distiller_demo_tokens", type=int, default=256, help="distiller's demo budget (paper: 643)")
+    p.add_argument("--c4_max_tokens", type=int, default=128, help="tokens kept per C4 document (paper: 1024)")
+    p.add_argument("--lr", type=float, default=1e-4, help="peak AdamW learning rate (paper: 5e-5 / 1e-5)")
+    p.add_argument("--weight_decay", type=float, default=0.0, help="AdamW weight decay (paper: 0)")
+    p.add_argument("--schedule", default="linear", choices=["linear", "cosine", "constant"], help="after warmup")
+    p.add_argument("--warmup", type=int, default=0, help="linear warmup steps (paper: 0)")
+    p.add_argument("--max_steps", type=int, default=30, help="optimizer steps (paper: 30000)")
+    p.add_argument("--batch", type=int, default=2, help="examples per micro-batch per process (paper: 1 x 8 GPUs)")
+    p.add_argument("--grad_accum", type=int, default=1, help="micro-batches per optimizer step")
+    p.add_argument("--clip", type=float, default=1.0, help="gradient-norm clip (HF Trainer default: 1.0)")
+    p.add_argument("--lam", type=float, default=1.0, help="lambda, the KL weight in stage 2 (paper: 1.0)")
+    p.add_argument("--temperature", type=float, default=1.0, help="KL temperature tau (paper: 1)")
+    p.add_argument("--seed", type=int, default=100, help="seed of the data order and of torch")
+    p.add_argument("--device", default="auto", help="auto = cuda if available, else cpu")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="autocast dtype; auto = bf16 on CUDA when supported, fp16 on older CUDA, fp32 on CPU")
+    p.add_argument("--eval_interval", type=int, default=10, help="steps between validation + checkpoint")
+    p.add_argument("--val_items", type=int, default=8, help="held-out validation examples")
+    p.add_argument("--log_interval", type=int, default=1, help="steps between log lines")
+    p.add_argument("--compile", action="store_true", help="torch.compile the distiller (opt-in)")
+    p.add_argument("--bench", action="store_true", help="time every phase of every step; write a breakdown JSON")
+    known, _ = p.parse_known_args(argv)
+    if known.preset == "paper":
+        p.set_defaults(**PAPER["common"], **PAPER[known.stage])
+    args = p.parse_args(argv)
+    args.out = args.out or OUT[args.stage]
+    return args
+
+
+# -----------------------------------------------------------------------------
+# device, dtype, DDP
+
+
+def setup_device(args):
+    """-> (device, autocast context, autocast dtype, rank, world size); joins the torchrun process group if any."""
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    cuda = torch.cuda.is_available() if args.device == "auto" else args.device.startswith("cuda")
+    device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if cuda else "cpu"
+    if world > 1:
+        dist.init_process_group("nccl" if cuda else "gloo")
+    if cuda:
+        torch.cuda.set_device(device)
+    name = args.dtype if args.dtype != "auto" else (
+        "float32" if not cuda else "bfloat16" if torch.cuda.is_bf16_supported() else "float16")
+    dtype = getattr(torch, name)
+    ctx = torch.autocast("cuda", dtype=dtype) if cuda and dtype != torch.float32 else nullcontext()
+    return device, ctx, dtype, rank, world
+
+
+def get_lr(args, step):
+    """Linear warmup, then linear decay to 0 (the paper's HF Trainer default), cosine, or constant."""
+    if step < args.warmup:
+        return args.lr * (step + 1) / args.warmup
+    frac = (step - args.warmup) / max(1, args.max_steps - args.warmup)
+    decay = {"linear": 1 - frac, "cosine": 0.5 * (1 + math.cos(math.pi * frac)), "constant": 1.0}[args.schedule]
+    return args.lr * decay
+
+
+# -----------------------------------------------------------------------------
+# data: item number i of the run, the same whatever the number of processes
+
+
+def make_items(args, toks, log):
+    """-> (item(i) for training item number i, fixed validation items, trained-on tasks)."""
+    budgets = (args.teacher_demo_tokens, args.distiller_demo_tokens)
+    if args.stage == "pretrain":
+        docs = [d for d in (data.c4_item(t, toks, args.c4_max_tokens) for t in data.read_c4(Path(args.data) / "c4")) if d]
+        if len(docs) <= args.val_items:
+            raise SystemExit(f"{args.data}/c4 has {len(docs)} usable documents; need more than --val_items={args.val_items}")
+        train, val = docs[:-args.val_items] if args.val_items else docs, docs[len(docs) - args.val_items:]
+        log(f"c4: {len(train):,} training documents, {len(val)} held out")
+        return (lambda i: train[torch.randperm(len(train), generator=torch.Generator().manual_seed(
+            args.seed + i // len(train)))[i % len(train)]]), val, []
+    part = data.partition(args.data, args.partition)
+    pools = data.meta_train_pools(args.data, part["train"], log)
+    n_held = 2 if args.val_items else 0
+    train_pools, held = data.split_pools(pools, n_held) if n_held else (pools, {})
+    val = data.meta_val_items(train_pools, held, toks, args.seed, args.val_items, args.k, budgets,
+                              args.max_len_per_example) if n_held else []
+    return (lambda i: data.meta_train_item(train_pools, toks, i, args.seed, args.k, budgets,
+                                           args.max_len_per_example)), val, sorted(pools)
+
+
+# -----------------------------------------------------------------------------
+# checkpoints
+
+
+def checkpoint_state(distiller, optimizer, scaler, step, config):
+    rng = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state()
+    return {"model": distiller.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+            "step": step, "config": config, "rng": rng}
+
+
+def restore(path, distiller, optimizer, scaler, config):
+    """--resume: weights, optimizer, scaler, RNG and step from `path`; returns the step to continue from."""
+    state = load_checkpoint(path)
+    check_compatible(state["config"], config["llm"], config["distiller"], path)
+    distiller.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scaler.load_state_dict(state["scaler"])
+    torch.set_rng_state(state["rng"]["torch"])
+    if "cuda" in state["rng"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["rng"]["cuda"])
+    return state["step"]
+
+
+def init_from(path, distiller, args):
+    """--init: only the distiller weights of another run (stage 2 starts from stage 1), after a compatibility check."""
+    try:
+        state = load_checkpoint(path)
+    except FileNotFoundError:
+        raise SystemExit(f"--init {path}: no such checkpoint (make it with: python train.py --stage pretrain --out {path})")
+    check_compatible(state["config"], args.llm, args.distiller, path)
+    distiller.load_state_dict(state["model"])
+
+
+# -----------------------------------------------------------------------------
+# the run
+
+
+def validate(llm, distiller, items, args, ctx, device):
+    """Mean loss, KL and CE on the held-out items (distiller in eval mode, no gradients)."""
+    distiller.eval()
+    totals = torch.zeros(3)
+    with torch.no_grad(), ctx:
+        for i in range(0, len(items), args.batch):
+            chunk = items[i:i + args.batch]
+            out = mend_loss(llm, distiller, data.collate(chunk, device), args.lam, args.temperature)
+            totals += torch.stack([o.float().cpu() for o in out]) * len(chunk)
+    distiller.train()
+    return (totals / max(1, len(items))).tolist()
+
+
+def run(args):
+    """The recipe: config -> device -> models -> data -> optimizer -> loop -> final save. Returns the step losses."""
+    device, ctx, dtype, rank, world = setup_device(args)
+    master = rank == 0
+    log_path = Path(args.out).with_suffix(".log")
+
+    def log(msg):
+        if master:
+            print(msg, flush=True)
+            with open(log_path, "a") as f:
+                f.write(msg + "\n")
+
+    torch.manual_seed(args.seed)
+    config = {**vars(args), "world_size": world}
+    log(f"config: {json.dumps(config)}")
+    llm_dtype = dtype if device.startswith("cuda") else torch.float32  # the frozen LLM may be held in bf16/fp16 on GPU
+    llm = load_llm(args.llm, device, llm_dtype)
+    distiller = build_distiller(args.distiller, llm, args.n_vectors)
+    toks = (load_tokenizer(args.llm), None)
+    toks = (toks[0], toks[0] if args.distiller.startswith("layers:") else distiller_tokenizer(args.distiller, args.llm))
+    log(f"device={device} dtype={str(dtype).removeprefix('torch.')} world={world} | llm {args.llm}: "
+        f"{count_params(llm):,} params, frozen | distiller {args.distiller}: {count_params(distiller, True):,} "
+        f"trainable params (backbone + {args.n_vectors} placeholders + projection)")
+    item, val_items, tasks = make_items(args, toks, log)
+    config["train_tasks"] = tasks
+    optimizer = torch.optim.AdamW([p for p in distiller.parameters() if p.requires_grad], lr=args.lr,
+                                  weight_decay=args.weight_decay)
+    scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)  # a no-op unless fp16
+    step = 0
+    if args.resume and os.path.exists(args.out):
+        step = restore(args.out, distiller, optimizer, scaler, config)
+        log(f"resumed from {args.out} at step {step}")
+    elif args.init:
+        init_from(args.init, distiller, args)
+        log(f"initialized the distiller from {args.init}")
+    model = DDP(distiller) if world > 1 else distiller
+    model = torch.compile(model) if args.compile else model
+    return loop(args, llm, model, distiller, optimizer, scaler, item, val_items, config, step, ctx, device, log)
+
+
+def loop(args, llm, model, distiller, optimizer, scaler, item, val_items, config, step, ctx, device, log):
+    """Steps from `step` to max_steps; returns the list of (step, loss) of this run."""
+    rank, world = config.get("rank", int(os.environ.get("RANK", 0))), config["world_size"]
+    per_step = args.batch * args.grad_accum * world
+    save = lambda s: rank == 0 and save_checkpoint(args.out, checkpoint_state(distiller, optimizer, scaler, s, config))
+    losses, bench, t_start = [], [], time.time()
+    model.train()
+    try:
+        while step < args.max_steps:
+            lr = get_lr(args, step)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            t0, timings = time.perf_counter(), ({} if args.bench else None)
+            stats, tokens = torch.zeros(3, device=device), 0
+            for micro in range(args.grad_accum):
+                first = step * per_step + (micro * world + rank) * args.batch
+                items = [item(i) for i in range(first, first + args.batch)]
+                tokens += sum(len(it["teacher_demo"]) + len(it["query"]) for it in items)
+                with ctx:
+                    loss, kl, ce = mend_loss(llm, model, data.collate(items, device), args.lam, args.temperature, timings)
+                if not torch.isfinite(loss):
+                    log(f"step {step + 1}: loss is {loss.item()}; stopping. The last good checkpoint {args.out} is kept.")
+                    raise SystemExit(1)
+                t_bwd = time.perf_counter()
+                with phase(timings, "backward"):
+                    scaler.scale(loss / args.grad_accum).backward()
+                if timings is not None:
+                    timings["student_backward"] = timings.get("student_backward", 0) + timings["grad_at_vectors"] - t_bwd
+                stats += torch.stack([loss.detach(), kl, ce]) / args.grad_accum
+            with phase(timings, "optimizer"):
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(distiller.parameters(), args.clip)
+                scaler.step(optimizer)
+                scaler.update()
+                optimizer.zero_grad(set_to_none=True)
+            if world > 1:
+                dist.all_reduce(stats)
+                stats /= world
+            step += 1
+            dt = time.perf_counter() - t0
+            loss_v, kl_v, ce_v = stats.tolist()
+            losses.append((step, loss_v))
+            if timings is not None:
+                bench.append({"step": step, "total": dt, "tokens": tokens, **timings})
+            if step % args.log_interval == 0 or step == args.max_steps:
+                log(f"step {step} | loss {loss_v:.4f} | kl {kl_v:.4f} | ce {ce_v:.4f} | lr {lr:.2e} | "
+                    f"{dt * 1000:.0f}ms | {tokens * world / dt:.0f} tok/s")
+            if step % args.eval_interval == 0 or step == args.max_steps:
+                if val_items:
+                    v = validate(llm, distiller, val_items, args, ctx, device)
+                    log(f"step {step} | val loss {v[0]:.4f} | val kl {v[1]:.4f} | val ce {v[2]:.4f}")
+                save(step)
+    except KeyboardInterrupt:
+        save(step)
+        log(f"interrupted: saved step {step} to {args.out}; continue with --resume")
+        raise SystemExit(130)
+    log(f"done: {step} steps in {time.time() - t_start:.0f}s, final loss {losses[-1][1] if losses else float('nan'):.4f}"
+        f" -> {args.out}")
+    if bench:
+        write_bench(bench, args, log)
+    return losses
+
+
+def write_bench(bench, args, log):
+    """--bench: mean time per step of each phase (after 2 warm-up steps) and the loop's overhead over them."""
+    rows = bench[2:] or bench
+    keys = ["teacher_forward", "distiller_forward", "student_forward", "student_backward", "backward", "optimizer"]
+    mean = {k: sum(r.get(k, 0.0) for r in rows) / len(rows) for k in keys + ["total"]}
+    mean["distiller_backward"] = mean["backward"] - mean["student_backward"]
+    parts = mean["teacher_forward"] + mean["distiller_forward"] + mean["student_forward"] + mean["backward"] + mean["optimizer"]
+    overhead = mean["total"] / parts - 1
+    for k in ["teacher_forward", "distiller_forward", "student_forward", "student_backward", "distiller_backward",
+              "optimizer", "total"]:
+        log(f"bench | {k:18s} {mean[k] * 1000:8.1f} ms/step")
+    log(f"bench | loop overhead over the model calls: {overhead * 100:.1f}% ({len(rows)} steps)")
+    Path("results").mkdir(exist_ok=True)
+    Path(f"results/train_bench_{args.stage}.json").write_text(json.dumps(
+        {"config": vars(args), "ms_per_step": {k: v * 1000 for k, v in mean.items()}, "overhead": overhead}, indent=1))
+
+
+if __name__ == "__main__":
+    run(get_args())
