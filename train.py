@@ -277,12 +277,12 @@ def loop(args, llm, model, distiller, optimizer, scaler, item, val_items, config
             if timings is not None:
                 bench.append({"step": step, "total": dt, "tokens": tokens, **timings})
             if step % args.log_interval == 0 or step == args.max_steps:
-                log(f"step {step} | loss {loss_v:.4f} | kl {kl_v:.4f} | ce {ce_v:.4f} | lr {lr:.2e} | "
+                log(f"step {step} | loss {loss_v:.5g} | kl {kl_v:.5g} | ce {ce_v:.5g} | lr {lr:.2e} | "
                     f"{dt * 1000:.0f}ms | {tokens * world / dt:.0f} tok/s")
             if step % args.eval_interval == 0 or step == args.max_steps:
                 if val_items:
                     v = validate(llm, distiller, val_items, args, ctx, device)
-                    log(f"step {step} | val loss {v[0]:.4f} | val kl {v[1]:.4f} | val ce {v[2]:.4f}")
+                    log(f"step {step} | val loss {v[0]:.5g} | val kl {v[1]:.5g} | val ce {v[2]:.5g}")
                 save(step)
     except KeyboardInterrupt:
         save(step)

