@@ -145,8 +145,22 @@ def build_distiller(spec, llm, n_vectors, cache_dir=None):
         backbone = truncated_backbone(llm, int(spec.split(":", 1)[1]))
     else:
         backbone = AutoModelForCausalLM.from_pretrained(resolve_name(spec, cache_dir), dtype=torch.float32).base_model
-    distiller = Distiller(backbone.float(), n_vectors, llm.config.hidden_size)
-    return distiller.to(llm.device)
+    distiller = Distiller(backbone.float(), n_vectors, llm.config.hidden_size).to(llm.device)
+    if isinstance(distiller.proj, nn.Identity):
+        match_embedding_scale(distiller.backbone, llm)
+    return distiller
+
+
+@torch.no_grad()
+def match_embedding_scale(backbone, llm):
+    """Equal widths, no projection: rescale the backbone's final norm so the vectors start at the RMS of the LLM's
+    token embeddings. Otherwise they start far larger (13x for SmolLM2) and swamp the LLM's residual stream."""
+    norm = backbone.norm if hasattr(backbone, "norm") else backbone.ln_f
+    target = llm.get_input_embeddings().weight.float().pow(2).mean().sqrt()
+    scale = target / norm.weight.float().pow(2).mean().sqrt()
+    norm.weight.mul_(scale)
+    if getattr(norm, "bias", None) is not None:
+        norm.bias.mul_(scale)
 
 
 def distiller_tokenizer(spec, llm_name, cache_dir=None):

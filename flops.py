@@ -1,0 +1,407 @@
+"""
+FLOPs and latency per test query of zero-shot, vanilla ICL and MEND (the paper's Figure 3 and its headline "up to 75%
+fewer FLOPs, 33% faster"; spec sections 9 and 10).
+
+    python flops.py | tee results/flops.log               # analytic table for the paper's pairs + timings here
+    python flops.py --data ../shared/data                  # also the demo lengths of the real MetaICL files
+    python flops.py --bench_pair gpt2-large --batches 1,16 --lengths class2class,nonnli2nli   # on a GPU
+
+FLOPs of one decoder forward (a multiply-add is 2 FLOPs; Kaplan et al. 2020 section 2.1, PaLM appendix B, nanoGPT's
+estimate_mfu). The forward feeds n new tokens that attend to m keys (m = n, or n plus a cached prefix) and computes
+logits at k of them:
+
+    F(n, m, k) = 2 * n * n_layer * W  +  2 * k * C * V  +  4 * n_layer * n * m * A
+                 \\ matmuls in blocks /   \\ LM head /     \\ attention: Q K^T and A V /
+
+W is the number of weights a block multiplies each token by: GPT-2 12 C^2 (q, k, v, out 4 C^2; MLP 8 C^2), Llama
+C (H + 2 H_kv) h + H h C + 3 C F (grouped keys/values, gated MLP of width F). The LM head (C x V, tied or not) runs only
+where logits are used: the query+option tokens, never a prefix. Q K^T and A V each cost 2 n m A per layer with
+A = H h the attention width; grouped-query attention shares keys, not query heads, so it saves no FLOPs here.
+No causal halving: we count the full n x m rectangle that eager and SDPA kernels compute under a mask (and that
+torch.utils.flop_counter counts); a causal-aware flash kernel does about half of the square part. Embedding lookups
+are free; norms, softmax, activations, biases and residuals are O(n C) or O(n m H) and left out (< 1% here).
+
+Per test query, with D demonstration tokens, T query+option tokens, L distillation vectors (the paper's l = 100) and a
+distiller of width c whose forward F_d has no LM head (its projection c -> C costs 2 L c C when c != C):
+
+    zero-shot     F(T, T, T)
+    vanilla ICL   F(D+T, D+T, T)                                  the LLM reads [demos ; query ; option]
+    MEND          F_d(D+L, D+L, 0) + 2 L c C + F(L+T, L+T, T)      the distiller reads [demos ; L placeholders]
+
+Amortised over Q queries that share their demonstrations (eval.py's KV reuse and distill-once), the prefix is paid once:
+
+    ICL   F(D, D, 0) / Q + F(T, D+T, T)
+    MEND  [F_d(D+L, D+L, 0) + 2 L c C + F(L, L, 0)] / Q + F(T, L+T, T)
+
+D: Figure 3's caption gives vanilla ICL a partition-dependent context (Class->Class 469 ... non-NLI->NLI 848 tokens)
+against MEND's context of 100 vectors, so those lengths are D and both methods add the same T. All three pairs share
+one tokenizer between LLM and distiller, so the distiller reads the same D tokens. With --data, D is measured instead:
+data.demo_item on the k seed-100 train demonstrations of each available test task, averaged over the tasks.
+
+Latency is measured on random-init models of the real shapes (speed does not depend on the weights): warm-up, then
+the median of --runs forwards under torch.no_grad, synchronized on CUDA. A batch holds B query rows (query+option
+each). "no reuse" = every row carries its whole input; "reuse" = the demos' (ICL) or the vectors' (MEND) keys/values
+are computed once beforehand (model.prefix_cache) and only the query rows are timed. Per-query = batch time / B.
+"""
+import argparse
+import copy
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from transformers import AutoModel, AutoModelForCausalLM, GPT2Config, LlamaConfig
+
+import data
+from model import Distiller, count_params, freeze, llm_logits, load_tokenizer, prefix_cache
+
+# -----------------------------------------------------------------------------
+# configs: published hyperparameters, built here so nothing is downloaded
+
+
+def gpt2_config(n_layer, n_embd, n_head):
+    return GPT2Config(n_layer=n_layer, n_embd=n_embd, n_head=n_head, vocab_size=50257, n_positions=1024)
+
+
+CONFIGS = {
+    "gpt2": gpt2_config(12, 768, 12),            # 124M
+    "gpt2-large": gpt2_config(36, 1280, 20),     # 774M
+    "gpt2-xl": gpt2_config(48, 1600, 25),        # 1.5B
+    "smollm2-135m": LlamaConfig(num_hidden_layers=30, hidden_size=576, intermediate_size=1536, num_attention_heads=9,
+                                num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True,
+                                max_position_embeddings=8192),  # = the embedded default's config.json
+}
+PAIRS = {  # LLM name -> distiller: another config (the paper's GPT-2 pairs) or 'layers:N' of the LLM (our default)
+    "gpt2-large": "gpt2",
+    "gpt2-xl": "gpt2",
+    "smollm2-135m": "layers:4",
+}
+PAPER_LENGTHS = {"class2class": 469, "hr2lr": 652, "qa2qa": 639, "nonnli2nli": 848, "nonpara2para": 818}  # Figure 3
+PAPER_CLAIMS = dict(flops_saved=0.75, faster=0.33)  # "up to 75% FLOPs reduction and 33% inference acceleration"
+GOALS = dict(mend_vs_icl=0.5, reuse_vs_zeroshot=1.3)  # this project's latency goals (gpt2-large shapes)
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--pairs", default="gpt2-large,gpt2-xl,smollm2-135m", help=f"LLMs of the FLOPs table: {','.join(PAIRS)}")
+    p.add_argument("--query_tokens", type=int, default=64, help="T: tokens of one query row (input + option)")
+    p.add_argument("--n_vectors", type=int, default=100, help="L: distillation vectors (the paper's l)")
+    p.add_argument("--queries", type=int, default=100, help="Q: test queries that share one demonstration set")
+    p.add_argument("--data", default="", help="data folder with metaicl/ to measure D per partition (e.g. ../shared/data)")
+    p.add_argument("--tokenizer", default="smollm2-135m", help="tokenizer for --data (gpt2 if it is cached locally)")
+    p.add_argument("--k", type=int, default=16, help="--data: demonstrations per task (eval.py's default)")
+    p.add_argument("--max_len_per_example", type=int, default=256, help="--data: tokens per demo (eval.py's default)")
+    p.add_argument("--demo_tokens", default="767,643", help="--data: ICL,distiller demo budgets (eval.py's defaults)")
+    p.add_argument("--bench_pair", default="auto", choices=["auto", "none", *PAIRS], help="LLM to time: auto = gpt2-large on cuda, smollm2-135m on cpu; none")
+    p.add_argument("--lengths", default="class2class", help="comma-separated partitions whose paper D is timed")
+    p.add_argument("--batches", default="auto", help="comma-separated query rows per batch: auto = 1,16 on cuda, 1 on cpu")
+    p.add_argument("--runs", type=int, default=20, help="timed forwards per cell (the median is reported), at least 20")
+    p.add_argument("--warmup", type=int, default=1, help="untimed forwards before each cell")
+    p.add_argument("--device", default="auto", help="auto = cuda if available, else cpu")
+    p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"], help="auto = bfloat16 on cuda if supported, else float32")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0 = torch's default)")
+    p.add_argument("--seed", type=int, default=0, help="torch.manual_seed for the random-init weights and ids")
+    p.add_argument("--out", default="results", help="folder for flops.md and flops.json")
+    p.add_argument("--plot", default="", help="also draw the FLOPs per query to this .png (needs matplotlib)")
+    args = p.parse_args(argv)
+    if args.runs < 20:
+        p.error("--runs must be at least 20")
+    for name in args.pairs.split(","):
+        if name not in PAIRS:
+            p.error(f"--pairs: unknown LLM {name!r}; choose from {', '.join(PAIRS)}")
+    for name in args.lengths.split(","):
+        if name not in PAPER_LENGTHS:
+            p.error(f"--lengths: unknown partition {name!r}; choose from {', '.join(PAPER_LENGTHS)}")
+    return args
+
+
+def distiller_config(llm_name):
+    """The distiller's config: a named config, or a copy of the LLM's cut to its first N layers."""
+    spec = PAIRS[llm_name]
+    if not spec.startswith("layers:"):
+        return CONFIGS[spec]
+    cfg = copy.deepcopy(CONFIGS[llm_name])
+    cfg.num_hidden_layers = int(spec.split(":", 1)[1])
+    return cfg
+
+
+# -----------------------------------------------------------------------------
+# analytic FLOPs
+
+
+def block_weights(cfg):
+    """(n_layer, W weights each token meets in one block, A attention width) of a GPT-2- or Llama-style config."""
+    C, H = cfg.hidden_size, cfg.num_attention_heads
+    h = getattr(cfg, "head_dim", None) or C // H
+    H_kv = getattr(cfg, "num_key_value_heads", None) or H
+    if hasattr(cfg, "intermediate_size"):  # Llama family: gated MLP (gate, up, down)
+        mlp = 3 * C * cfg.intermediate_size
+    else:                                  # GPT-2: MLP of width n_inner (default 4C)
+        mlp = 2 * C * (cfg.n_inner or 4 * C)
+    attn = C * (H + 2 * H_kv) * h + H * h * C
+    return cfg.num_hidden_layers, attn + mlp, H * h
+
+
+def forward_flops(cfg, new, context, logits):
+    """F(n, m, k) of the docstring, split into {'matmul': blocks + LM head, 'attention': Q K^T + A V}."""
+    n_layer, W, A = block_weights(cfg)
+    return {"matmul": 2 * new * n_layer * W + 2 * logits * cfg.hidden_size * cfg.vocab_size,
+            "attention": 4 * n_layer * new * context * A}
+
+
+def total_flops(cfg, new, context, logits):
+    """F(n, m, k) of the docstring as one number."""
+    return sum(forward_flops(cfg, new, context, logits).values())
+
+
+def method_flops(llm_name, D, T, L, Q):
+    """FLOPs per test query of each method, with no reuse and amortised over Q queries sharing the demos."""
+    llm, dis = CONFIGS[llm_name], distiller_config(llm_name)
+    c, C = dis.hidden_size, llm.hidden_size
+    distill = total_flops(dis, D + L, D + L, 0) + (2 * L * c * C if c != C else 0)
+    return {
+        "zeroshot": total_flops(llm, T, T, T),
+        "icl": total_flops(llm, D + T, D + T, T),
+        "mend": distill + total_flops(llm, L + T, L + T, T),
+        "mend_llm_only": total_flops(llm, L + T, L + T, T),  # Reviewer 3's question: without the cost of making S_D
+        "icl_reuse": total_flops(llm, D, D, 0) / Q + total_flops(llm, T, D + T, T),
+        "mend_reuse": (distill + total_flops(llm, L, L, 0)) / Q + total_flops(llm, T, L + T, T),
+    }
+
+
+# -----------------------------------------------------------------------------
+# demonstration lengths: the paper's, or measured on MetaICL files
+
+
+def measured_lengths(args):
+    """{partition: mean D} over the test tasks of each paper partition that have a seed-100 train file."""
+    tok = load_tokenizer(args.tokenizer)
+    budgets = tuple(int(b) for b in args.demo_tokens.split(","))
+    out = {}
+    for name in PAPER_LENGTHS:
+        lengths = []
+        for task in data.partition(args.data, name)["test"]:
+            path = data.task_file(args.data, task, 16, 100, "train")
+            if path.exists():
+                demos = data.read_metaicl(path)[:args.k]
+                lengths.append(len(data.demo_item((tok, tok), demos, budgets, args.max_len_per_example)[0]))
+        if lengths:
+            out[name] = round(statistics.mean(lengths))
+            print(f"{name}: D = {out[name]} {args.tokenizer} tokens (mean of {len(lengths)} tasks)")
+    return out
+
+
+def flops_rows(args, lengths):
+    """One row per (pair, length source, partition): D, T, L, Q and the FLOPs of each method."""
+    rows = []
+    for llm_name in args.pairs.split(","):
+        for source, table in lengths.items():
+            for part, D in table.items():
+                f = method_flops(llm_name, D, args.query_tokens, args.n_vectors, args.queries)
+                rows.append(dict(llm=llm_name, distiller=PAIRS[llm_name], source=source, partition=part, D=D,
+                                 T=args.query_tokens, L=args.n_vectors, Q=args.queries, flops=f))
+    return rows
+
+
+def flops_table(rows):
+    """Markdown lines: GFLOPs per query and the MEND/ICL ratios, without and with reuse."""
+    lines = ["| LLM + distiller | D from | partition | D | zero-shot | ICL | MEND | MEND/ICL | MEND LLM-only/ICL "
+             f"| ICL reuse | MEND reuse | MEND/ICL reuse |", "|" + "---|" * 12]
+    for r in rows:
+        f, g = r["flops"], {k: v / 1e9 for k, v in r["flops"].items()}
+        lines.append(f"| {r['llm']} + {r['distiller']} | {r['source']} | {r['partition']} | {r['D']} | "
+                     f"{g['zeroshot']:.1f} | {g['icl']:.1f} | {g['mend']:.1f} | {f['mend'] / f['icl']:.2f} | "
+                     f"{f['mend_llm_only'] / f['icl']:.2f} | {g['icl_reuse']:.1f} | {g['mend_reuse']:.1f} | "
+                     f"{f['mend_reuse'] / f['icl_reuse']:.2f} |")
+    return lines
+
+
+# -----------------------------------------------------------------------------
+# latency
+
+
+def build_models(llm_name, L, device, dtype):
+    """Random-init LLM and distiller (model.Distiller on a bare backbone) of the pair's real shapes, frozen."""
+    with torch.device(device):
+        llm = AutoModelForCausalLM.from_config(CONFIGS[llm_name]).to(dtype)
+        distiller = Distiller(AutoModel.from_config(distiller_config(llm_name)), L, llm.config.hidden_size).to(dtype)
+    return freeze(llm), freeze(distiller)
+
+
+def median_ms(fn, runs, warmup, device):
+    """Median wall-clock milliseconds of fn() over `runs` calls after `warmup` untimed ones."""
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(runs):
+        sync()
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t0)
+    return 1000 * statistics.median(times)
+
+
+def latency_cells(llm, distiller, D, T, L, B):
+    """{method: fn} scoring B query rows of T tokens after D demo tokens; prefixes for 'reuse' are made here, once."""
+    device, V = llm.device, llm.config.vocab_size
+    demos = torch.randint(V, (1, D), device=device)                             # (1, D) one shared demo set
+    q = torch.randint(V, (B, T), device=device)                                 # (B, T)
+    qm = torch.ones_like(q)                                                     # (B, T)
+    demo_embeds = llm.get_input_embeddings()(demos).expand(B, -1, -1)           # (B, D, C) each row its own copy
+    demos_b = demos.expand(B, -1)                                               # (B, D)
+    icl_kv = prefix_cache(llm, prefix_ids=demos)                                # per layer (1, H, D, h)
+    mend_kv = prefix_cache(llm, prefix_embeds=distiller(demos, torch.ones_like(demos)))  # per layer (1, H, L, h)
+
+    def mend():
+        vectors = distiller(demos_b, torch.ones_like(demos_b))                  # (B, L, C)
+        return llm_logits(llm, q, qm, prefix_embeds=vectors, prefix_mask=qm.new_ones(B, L))
+
+    return {
+        "zero-shot": lambda: llm_logits(llm, q, qm),
+        "ICL": lambda: llm_logits(llm, q, qm, prefix_embeds=demo_embeds, prefix_mask=qm.new_ones(B, D)),
+        "ICL + demo KV reuse": lambda: llm_logits(llm, q, qm, prefix_kv=icl_kv),
+        "MEND": mend,
+        "MEND + distill once": lambda: llm_logits(llm, q, qm, prefix_kv=mend_kv),
+    }
+
+
+@torch.no_grad()
+def bench(args, llm_name, device, dtype):
+    """Latency rows: every method at every (timed partition, batch size)."""
+    llm, distiller = build_models(llm_name, args.n_vectors, device, dtype)
+    print(f"timing {llm_name} ({count_params(llm) / 1e6:.0f}M) + distiller {PAIRS[llm_name]} "
+          f"({count_params(distiller) / 1e6:.0f}M), random init, device={device} dtype={str(dtype).split('.')[1]}")
+    rows = []
+    for part in args.lengths.split(","):
+        for B in args.batches:
+            D, T, L = PAPER_LENGTHS[part], args.query_tokens, args.n_vectors
+            for method, fn in latency_cells(llm, distiller, D, T, L, B).items():
+                ms = median_ms(fn, args.runs, args.warmup, device)
+                rows.append(dict(llm=llm_name, distiller=PAIRS[llm_name], partition=part, D=D, T=T, L=L, B=B,
+                                 method=method, ms_batch=ms, ms_query=ms / B))
+                print(f"{method:20s} {part} D={D} T={T} L={L} B={B}: {ms:9.1f} ms/batch {ms / B:9.1f} ms/query", flush=True)
+    return rows
+
+
+def ratio(rows, part, B, num, den):
+    """Per-query latency of method `num` over method `den` at one (partition, batch)."""
+    ms = {r["method"]: r["ms_query"] for r in rows if r["partition"] == part and r["B"] == B}
+    return ms[num] / ms[den]
+
+
+def latency_table(rows, device, dtype):
+    """Markdown lines: one row per timed cell, with its ratios to ICL and zero-shot at the same length and batch."""
+    lines = [f"device={device} dtype={dtype}, random-init weights, median of the timed runs", "",
+             "| LLM + distiller | partition | D | T | L | B | method | ms/batch | ms/query | x ICL | x zero-shot |",
+             "|" + "---|" * 11]
+    for r in rows:
+        x_icl, x_zs = (ratio(rows, r["partition"], r["B"], r["method"], m) for m in ("ICL", "zero-shot"))
+        lines.append(f"| {r['llm']} + {r['distiller']} | {r['partition']} | {r['D']} | {r['T']} | {r['L']} | {r['B']} "
+                     f"| {r['method']} | {r['ms_batch']:.1f} | {r['ms_query']:.1f} | {x_icl:.2f} | {x_zs:.2f} |")
+    return lines
+
+
+# -----------------------------------------------------------------------------
+# goals and claims, side by side
+
+
+def flops_goal_lines(rows):
+    """The paper's FLOPs claim against our analytic ratios at the paper's lengths, per pair."""
+    lines = []
+    for llm_name in dict.fromkeys(r["llm"] for r in rows if r["source"] == "paper"):
+        ratios = [r["flops"]["mend"] / r["flops"]["icl"] for r in rows if r["llm"] == llm_name and r["source"] == "paper"]
+        llm_only = [r["flops"]["mend_llm_only"] / r["flops"]["icl"] for r in rows
+                    if r["llm"] == llm_name and r["source"] == "paper"]
+        lines.append(f"FLOPs  paper: up to {PAPER_CLAIMS['flops_saved']:.0%} fewer | ours ({llm_name} + "
+                     f"{PAIRS[llm_name]}, paper D, T={rows[0]['T']}, no reuse): {1 - max(ratios):.0%} to "
+                     f"{1 - min(ratios):.0%} fewer incl. the distiller, {1 - max(llm_only):.0%} to "
+                     f"{1 - min(llm_only):.0%} LLM only")
+    return lines
+
+
+def latency_goal_lines(rows, device, dtype):
+    """The paper's speed claim and our two latency goals, each said met or not, per timed (partition, batch)."""
+    lines = []
+    for part, B in dict.fromkeys((r["partition"], r["B"]) for r in rows):
+        r = next(x for x in rows if x["partition"] == part and x["B"] == B)
+        where = f"{r['llm']} + {r['distiller']}, {part} D={r['D']} T={r['T']} B={B}, {device} {dtype}"
+        shapes = "" if r["llm"] == "gpt2-large" else " [not gpt2-large shapes: indicative only]"
+        mend_icl, reuse_zs = ratio(rows, part, B, "MEND", "ICL"), ratio(rows, part, B, "MEND + distill once", "zero-shot")
+        lines += [
+            f"speed  paper: {PAPER_CLAIMS['faster']:.0%} faster | ours ({where}): MEND is {1 - mend_icl:.0%} faster "
+            f"than ICL per query, no reuse",
+            f"goal   MEND <= {GOALS['mend_vs_icl']}x ICL latency (no reuse): {mend_icl:.2f}x -> "
+            f"{'MET' if mend_icl <= GOALS['mend_vs_icl'] else 'NOT MET'} ({where}){shapes}",
+            f"goal   MEND + distill once <= {GOALS['reuse_vs_zeroshot']}x zero-shot latency: {reuse_zs:.2f}x -> "
+            f"{'MET' if reuse_zs <= GOALS['reuse_vs_zeroshot'] else 'NOT MET'} ({where}){shapes}"]
+    return lines
+
+
+def plot(path, rows):
+    """GFLOPs per query of each method at each (pair, partition), as grouped bars."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print(f"--plot {path}: matplotlib is not installed (pip install matplotlib); no plot drawn")
+        return
+    methods = ["zeroshot", "icl", "mend", "icl_reuse", "mend_reuse"]
+    fig, ax = plt.subplots(figsize=(max(6, len(rows)), 4))
+    for j, m in enumerate(methods):
+        ax.bar([i + j / (len(methods) + 1) for i in range(len(rows))], [r["flops"][m] / 1e9 for r in rows],
+               width=1 / (len(methods) + 1), label=m)
+    ax.set_xticks(range(len(rows)), [f"{r['llm']}\n{r['partition']} D={r['D']}" for r in rows], fontsize=7)
+    ax.set_ylabel(f"GFLOPs per query (T={rows[0]['T']}, L={rows[0]['L']}, Q={rows[0]['Q']})")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    print(f"wrote {path}")
+
+
+# -----------------------------------------------------------------------------
+# the recipe: config -> device/dtype -> lengths -> analytic FLOPs -> timings -> goals -> report
+
+if __name__ == "__main__":
+    args = get_args()
+    torch.manual_seed(args.seed)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    bf16 = device == "cuda" and torch.cuda.is_bf16_supported()
+    dtype = getattr(torch, "bfloat16" if bf16 else "float32") if args.dtype == "auto" else getattr(torch, args.dtype)
+    dtype_name = str(dtype).split(".")[1]
+    bench_pair = ("gpt2-large" if device == "cuda" else "smollm2-135m") if args.bench_pair == "auto" else args.bench_pair
+    args.batches = [int(b) for b in ("1,16" if device == "cuda" else "1").split(",")] if args.batches == "auto" \
+        else [int(b) for b in args.batches.split(",")]
+    print(f"device={device} dtype={dtype_name} threads={torch.get_num_threads()} T={args.query_tokens} "
+          f"L={args.n_vectors} Q={args.queries}")
+
+    lengths = {"paper": PAPER_LENGTHS}
+    if args.data:
+        lengths[f"{args.data} ({args.tokenizer})"] = measured_lengths(args)
+    rows = flops_rows(args, lengths)
+    report = ["## Analytic FLOPs per test query (GFLOPs; reuse = amortised over Q queries)", "",
+              f"T={args.query_tokens} query+option tokens, L={args.n_vectors} vectors, Q={args.queries}, "
+              "attention over the full rectangle (no causal halving)", "", *flops_table(rows), ""]
+    goals = flops_goal_lines(rows)
+
+    timings = []
+    if bench_pair != "none":
+        timings = bench(args, bench_pair, device, dtype)
+        report += ["## Measured latency", "", *latency_table(timings, device, dtype_name), ""]
+        goals += latency_goal_lines(timings, device, dtype_name)
+    report += ["## Paper claims and goals", "", *[f"- {g}" for g in goals]]
+    print("\n".join(report))
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "flops.md").write_text("\n".join(report) + "\n")
+    (out / "flops.json").write_text(json.dumps(dict(config=vars(args), device=device, dtype=dtype_name,
+                                                    flops=rows, latency=timings, goals=goals), indent=1))
+    print(f"wrote {out / 'flops.md'} and {out / 'flops.json'}")
+    if args.plot:
+        plot(args.plot, rows)
