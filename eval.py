@@ -161,6 +161,33 @@ def evaluate_seed(method, llm, toks, distiller, demos, tests, args, vector_meta)
     return predictions
 
 
+def evaluate_task(method, llm, toks, distiller, seeds, args, meta, task):
+    """One method on one task over all seeds -> {metric, score (mean over seeds), per_seed, n_examples}."""
+    first_tests = seeds[args.seeds[0]][1]
+    classification = is_classification(first_tests)
+    metric = macro_f1 if classification else accuracy
+    per_seed = {}
+    for seed, (demos, tests) in seeds.items():
+        golds = [ex["options"].index(ex["output"]) for ex in tests]
+        preds = evaluate_seed(method, llm, toks, distiller, demos, tests, args, {**meta, "task": task, "seed": seed})
+        per_seed[seed] = metric(preds, golds)
+    return {"metric": "macro_f1" if classification else "accuracy", "score": float(np.mean(list(per_seed.values()))),
+            "per_seed": per_seed, "n_examples": len(first_tests)}
+
+
+def find_tasks(args, tasks):
+    """-> ({task: {seed: (demos, tests)}}, {skipped task: reason}); each skip is reported in one line."""
+    files, skipped = {}, {}
+    for task in tasks:
+        found = task_files(args, task)
+        if isinstance(found, str):
+            print(f"warning: skipping {task}: {found}")
+            skipped[task] = found
+        else:
+            files[task] = found
+    return files, skipped
+
+
 def task_files(args, task):
     """{seed: (demos, tests)} for one task, or a reason string why it is skipped."""
     if not (Path(args.data) / "metaicl" / task).is_dir():
@@ -268,14 +295,7 @@ def main(args):
     part = data.partition(args.data, args.partition)
     llm, toks, distiller, meta, cfg = load_models(args, methods, device)
     refuse_seen_tasks(cfg, part["test"], args)
-    files, skipped = {}, {}
-    for task in part["test"]:
-        found = task_files(args, task)
-        if isinstance(found, str):
-            print(f"warning: skipping {task}: {found}")
-            skipped[task] = found
-        else:
-            files[task] = found
+    files, skipped = find_tasks(args, part["test"])
     print(f"{args.partition}: evaluating {len(files)} of {len(part['test'])} test tasks ({len(skipped)} skipped), "
           f"seeds {args.seeds}, methods {methods}, llm {args.llm}, device {device}")
     if args.bench:
@@ -284,19 +304,11 @@ def main(args):
         return report
     results = {m: {"tasks": {}} for m in methods}
     for n, (task, seeds) in enumerate(files.items(), 1):
-        golds = {s: [ex["options"].index(ex["output"]) for ex in tests] for s, (_, tests) in seeds.items()}
-        classification = is_classification(seeds[args.seeds[0]][1])
-        metric = macro_f1 if classification else accuracy
         for method in methods:
-            t0, per_seed = time.time(), {}
-            for seed, (demos, tests) in seeds.items():
-                preds = evaluate_seed(method, llm, toks, distiller, demos, tests, args, {**meta, "task": task, "seed": seed})
-                per_seed[seed] = metric(preds, golds[seed])
-            score = float(np.mean(list(per_seed.values())))
-            results[method]["tasks"][task] = {"metric": "macro_f1" if classification else "accuracy", "score": score,
-                                              "per_seed": per_seed, "n_examples": len(seeds[args.seeds[0]][1])}
-            print(f"[{n}/{len(files)}] {task} {method}: {score:.1f} "
-                  f"({' '.join(f'{v:.1f}' for v in per_seed.values())}) {time.time() - t0:.0f}s", flush=True)
+            t0 = time.time()
+            results[method]["tasks"][task] = score = evaluate_task(method, llm, toks, distiller, seeds, args, meta, task)
+            print(f"[{n}/{len(files)}] {task} {method}: {score['score']:.1f} "
+                  f"({' '.join(f'{v:.1f}' for v in score['per_seed'].values())}) {time.time() - t0:.0f}s", flush=True)
     for m in methods:
         results[m]["average"] = float(np.mean([t["score"] for t in results[m]["tasks"].values()])) if files else 0.0
     if files:

@@ -83,23 +83,26 @@ GOALS = dict(mend_vs_icl=0.5, reuse_vs_zeroshot=1.3)  # this project's latency g
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--pairs", default="gpt2-large,gpt2-xl,smollm2-135m", help=f"LLMs of the FLOPs table: {','.join(PAIRS)}")
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--pairs", default=",".join(PAIRS), help="comma-separated LLMs of the FLOPs table (see PAIRS)")
     p.add_argument("--query_tokens", type=int, default=64, help="T: tokens of one query row (input + option)")
     p.add_argument("--n_vectors", type=int, default=100, help="L: distillation vectors (the paper's l)")
     p.add_argument("--queries", type=int, default=100, help="Q: test queries that share one demonstration set")
-    p.add_argument("--data", default="", help="data folder with metaicl/ to measure D per partition (e.g. ../shared/data)")
+    p.add_argument("--data", default="", help="folder with metaicl/ to measure D per partition, e.g. ../shared/data")
     p.add_argument("--tokenizer", default="smollm2-135m", help="tokenizer for --data (gpt2 if it is cached locally)")
     p.add_argument("--k", type=int, default=16, help="--data: demonstrations per task (eval.py's default)")
     p.add_argument("--max_len_per_example", type=int, default=256, help="--data: tokens per demo (eval.py's default)")
     p.add_argument("--demo_tokens", default="767,643", help="--data: ICL,distiller demo budgets (eval.py's defaults)")
-    p.add_argument("--bench_pair", default="auto", choices=["auto", "none", *PAIRS], help="LLM to time: auto = gpt2-large on cuda, smollm2-135m on cpu; none")
+    p.add_argument("--bench_pair", default="auto", choices=["auto", "none", *PAIRS],
+                   help="LLM (with its distiller) to time: auto = gpt2-large on cuda, smollm2-135m on cpu")
     p.add_argument("--lengths", default="class2class", help="comma-separated partitions whose paper D is timed")
-    p.add_argument("--batches", default="auto", help="comma-separated query rows per batch: auto = 1,16 on cuda, 1 on cpu")
+    p.add_argument("--batches", default="auto", help="query rows per batch (comma list): auto = 1,16 on cuda, else 1")
     p.add_argument("--runs", type=int, default=20, help="timed forwards per cell (the median is reported), at least 20")
     p.add_argument("--warmup", type=int, default=1, help="untimed forwards before each cell")
     p.add_argument("--device", default="auto", help="auto = cuda if available, else cpu")
-    p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"], help="auto = bfloat16 on cuda if supported, else float32")
+    p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"],
+                   help="auto = bfloat16 on cuda if supported, else float32")
     p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0 = torch's default)")
     p.add_argument("--seed", type=int, default=0, help="torch.manual_seed for the random-init weights and ids")
     p.add_argument("--out", default="results", help="folder for flops.md and flops.json")
@@ -250,7 +253,7 @@ def latency_cells(llm, distiller, D, T, L, B):
     demos = torch.randint(V, (1, D), device=device)                             # (1, D) one shared demo set
     q = torch.randint(V, (B, T), device=device)                                 # (B, T)
     qm = torch.ones_like(q)                                                     # (B, T)
-    demo_embeds = llm.get_input_embeddings()(demos).expand(B, -1, -1)           # (B, D, C) each row its own copy
+    demo_embeds = llm.get_input_embeddings()(demos).expand(B, -1, -1)           # (B, D, C) the demos in every row
     demos_b = demos.expand(B, -1)                                               # (B, D)
     icl_kv = prefix_cache(llm, prefix_ids=demos)                                # per layer (1, H, D, h)
     mend_kv = prefix_cache(llm, prefix_embeds=distiller(demos, torch.ones_like(demos)))  # per layer (1, H, L, h)
@@ -282,7 +285,8 @@ def bench(args, llm_name, device, dtype):
                 ms = median_ms(fn, args.runs, args.warmup, device)
                 rows.append(dict(llm=llm_name, distiller=PAIRS[llm_name], partition=part, D=D, T=T, L=L, B=B,
                                  method=method, ms_batch=ms, ms_query=ms / B))
-                print(f"{method:20s} {part} D={D} T={T} L={L} B={B}: {ms:9.1f} ms/batch {ms / B:9.1f} ms/query", flush=True)
+                print(f"{method:20s} {part} D={D} T={T} L={L} B={B}: {ms:9.1f} ms/batch {ms / B:9.1f} ms/query",
+                      flush=True)
     return rows
 
 
@@ -312,13 +316,14 @@ def flops_goal_lines(rows):
     """The paper's FLOPs claim against our analytic ratios at the paper's lengths, per pair."""
     lines = []
     for llm_name in dict.fromkeys(r["llm"] for r in rows if r["source"] == "paper"):
-        ratios = [r["flops"]["mend"] / r["flops"]["icl"] for r in rows if r["llm"] == llm_name and r["source"] == "paper"]
-        llm_only = [r["flops"]["mend_llm_only"] / r["flops"]["icl"] for r in rows
-                    if r["llm"] == llm_name and r["source"] == "paper"]
+        mine = [r["flops"] for r in rows if r["llm"] == llm_name and r["source"] == "paper"]
+        ratios, llm_only = [f["mend"] / f["icl"] for f in mine], [f["mend_llm_only"] / f["icl"] for f in mine]
+        reached = "REACHED" if 1 - min(ratios) >= PAPER_CLAIMS["flops_saved"] else "NOT REACHED"
         lines.append(f"FLOPs  paper: up to {PAPER_CLAIMS['flops_saved']:.0%} fewer | ours ({llm_name} + "
                      f"{PAIRS[llm_name]}, paper D, T={rows[0]['T']}, no reuse): {1 - max(ratios):.0%} to "
                      f"{1 - min(ratios):.0%} fewer incl. the distiller, {1 - max(llm_only):.0%} to "
-                     f"{1 - min(llm_only):.0%} LLM only")
+                     f"{1 - min(llm_only):.0%} LLM only -> the paper's {PAPER_CLAIMS['flops_saved']:.0%} "
+                     f"{reached} with the distiller")
     return lines
 
 
@@ -329,10 +334,11 @@ def latency_goal_lines(rows, device, dtype):
         r = next(x for x in rows if x["partition"] == part and x["B"] == B)
         where = f"{r['llm']} + {r['distiller']}, {part} D={r['D']} T={r['T']} B={B}, {device} {dtype}"
         shapes = "" if r["llm"] == "gpt2-large" else " [not gpt2-large shapes: indicative only]"
-        mend_icl, reuse_zs = ratio(rows, part, B, "MEND", "ICL"), ratio(rows, part, B, "MEND + distill once", "zero-shot")
+        mend_icl = ratio(rows, part, B, "MEND", "ICL")
+        reuse_zs = ratio(rows, part, B, "MEND + distill once", "zero-shot")
         lines += [
-            f"speed  paper: {PAPER_CLAIMS['faster']:.0%} faster | ours ({where}): MEND is {1 - mend_icl:.0%} faster "
-            f"than ICL per query, no reuse",
+            f"speed  paper: {PAPER_CLAIMS['faster']:.0%} faster | ours ({where}): MEND is {abs(1 - mend_icl):.0%} "
+            f"{'faster' if mend_icl <= 1 else 'slower'} than ICL per query, no reuse",
             f"goal   MEND <= {GOALS['mend_vs_icl']}x ICL latency (no reuse): {mend_icl:.2f}x -> "
             f"{'MET' if mend_icl <= GOALS['mend_vs_icl'] else 'NOT MET'} ({where}){shapes}",
             f"goal   MEND + distill once <= {GOALS['reuse_vs_zeroshot']}x zero-shot latency: {reuse_zs:.2f}x -> "
@@ -350,10 +356,11 @@ def plot(path, rows):
         print(f"--plot {path}: matplotlib is not installed (pip install matplotlib); no plot drawn")
         return
     methods = ["zeroshot", "icl", "mend", "icl_reuse", "mend_reuse"]
+    width = 1 / (len(methods) + 1)
     fig, ax = plt.subplots(figsize=(max(6, len(rows)), 4))
     for j, m in enumerate(methods):
-        ax.bar([i + j / (len(methods) + 1) for i in range(len(rows))], [r["flops"][m] / 1e9 for r in rows],
-               width=1 / (len(methods) + 1), label=m)
+        offset = (j - (len(methods) - 1) / 2) * width  # bars centred on the row's tick
+        ax.bar([i + offset for i in range(len(rows))], [r["flops"][m] / 1e9 for r in rows], width=width, label=m)
     ax.set_xticks(range(len(rows)), [f"{r['llm']}\n{r['partition']} D={r['D']}" for r in rows], fontsize=7)
     ax.set_ylabel(f"GFLOPs per query (T={rows[0]['T']}, L={rows[0]['L']}, Q={rows[0]['Q']})")
     ax.legend()
@@ -374,11 +381,12 @@ if __name__ == "__main__":
     bf16 = device == "cuda" and torch.cuda.is_bf16_supported()
     dtype = getattr(torch, "bfloat16" if bf16 else "float32") if args.dtype == "auto" else getattr(torch, args.dtype)
     dtype_name = str(dtype).split(".")[1]
-    bench_pair = ("gpt2-large" if device == "cuda" else "smollm2-135m") if args.bench_pair == "auto" else args.bench_pair
-    args.batches = [int(b) for b in ("1,16" if device == "cuda" else "1").split(",")] if args.batches == "auto" \
-        else [int(b) for b in args.batches.split(",")]
-    print(f"device={device} dtype={dtype_name} threads={torch.get_num_threads()} T={args.query_tokens} "
-          f"L={args.n_vectors} Q={args.queries}")
+    bench_pair = args.bench_pair if args.bench_pair != "auto" else "gpt2-large" if device == "cuda" else "smollm2-135m"
+    batches = ("1,16" if device == "cuda" else "1") if args.batches == "auto" else args.batches
+    args.batches = [int(b) for b in batches.split(",")]
+    hardware = torch.cuda.get_device_name() if device == "cuda" else f"threads={torch.get_num_threads()}"
+    where = f"{device} {hardware}"                                              # printed with every number
+    print(f"device={where} dtype={dtype_name} T={args.query_tokens} L={args.n_vectors} Q={args.queries}")
 
     lengths = {"paper": PAPER_LENGTHS}
     if args.data:
@@ -392,15 +400,15 @@ if __name__ == "__main__":
     timings = []
     if bench_pair != "none":
         timings = bench(args, bench_pair, device, dtype)
-        report += ["## Measured latency", "", *latency_table(timings, device, dtype_name), ""]
-        goals += latency_goal_lines(timings, device, dtype_name)
+        report += ["## Measured latency", "", *latency_table(timings, where, dtype_name), ""]
+        goals += latency_goal_lines(timings, where, dtype_name)
     report += ["## Paper claims and goals", "", *[f"- {g}" for g in goals]]
     print("\n".join(report))
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "flops.md").write_text("\n".join(report) + "\n")
-    (out / "flops.json").write_text(json.dumps(dict(config=vars(args), device=device, dtype=dtype_name,
+    (out / "flops.json").write_text(json.dumps(dict(config=vars(args), device=where, dtype=dtype_name,
                                                     flops=rows, latency=timings, goals=goals), indent=1))
     print(f"wrote {out / 'flops.md'} and {out / 'flops.json'}")
     if args.plot:

@@ -22,6 +22,7 @@ import sys
 import time
 from contextlib import nullcontext
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
@@ -229,71 +230,79 @@ def run(args):
         log(f"initialized the distiller from {args.init}")
     model = DDP(distiller) if world > 1 else distiller
     model = torch.compile(model) if args.compile else model
-    return loop(args, llm, model, distiller, optimizer, scaler, item, val_items, config, step, ctx, device, log)
+    r = SimpleNamespace(llm=llm, model=model, distiller=distiller, optimizer=optimizer, scaler=scaler, item=item,
+                        val_items=val_items, config=config, ctx=ctx, device=device, rank=rank, world=world, log=log)
+    return loop(r, args, step)
 
 
-def loop(args, llm, model, distiller, optimizer, scaler, item, val_items, config, step, ctx, device, log):
-    """Steps from `step` to max_steps; returns the list of (step, loss) of this run."""
-    rank, world = config.get("rank", int(os.environ.get("RANK", 0))), config["world_size"]
-    per_step = args.batch * args.grad_accum * world
-    save = lambda s: rank == 0 and save_checkpoint(args.out, checkpoint_state(distiller, optimizer, scaler, s, config))
+def train_step(r, args, step, timings):
+    """One optimizer step: grad_accum micro-batches (forward, loss / grad_accum, backward), then unscale, clip, step.
+    Returns the mean (loss, kl, ce) over all processes and the number of tokens this process read."""
+    per_step = args.batch * args.grad_accum * r.world
+    stats, tokens = torch.zeros(3, device=r.device), 0
+    for micro in range(args.grad_accum):
+        first = step * per_step + (micro * r.world + r.rank) * args.batch
+        items = [r.item(i) for i in range(first, first + args.batch)]
+        tokens += sum(len(it["teacher_demo"]) + len(it["query"]) for it in items)
+        with r.ctx:
+            loss, kl, ce = mend_loss(r.llm, r.model, data.collate(items, r.device), args.lam, args.temperature, timings)
+        if not torch.isfinite(loss):
+            r.log(f"step {step + 1}: loss is {loss.item()}; stopping. The last good checkpoint {args.out} is kept.")
+            raise SystemExit(1)
+        t_backward = time.perf_counter()
+        with phase(timings, "backward"):
+            r.scaler.scale(loss / args.grad_accum).backward()
+        if timings is not None:
+            timings["student_backward"] = timings.get("student_backward", 0) + timings["grad_at_vectors"] - t_backward
+        stats += torch.stack([loss.detach(), kl, ce]) / args.grad_accum
+    with phase(timings, "optimizer"):
+        r.scaler.unscale_(r.optimizer)
+        torch.nn.utils.clip_grad_norm_(r.distiller.parameters(), args.clip)
+        r.scaler.step(r.optimizer)
+        r.scaler.update()
+        r.optimizer.zero_grad(set_to_none=True)
+    if r.world > 1:
+        dist.all_reduce(stats)
+        stats /= r.world
+    return stats, tokens
+
+
+def loop(r, args, step):
+    """Steps from `step` to max_steps with logging, validation and checkpoints; returns this run's (step, loss)."""
+    save = lambda s: r.rank == 0 and save_checkpoint(args.out, checkpoint_state(r.distiller, r.optimizer, r.scaler, s,
+                                                                                  r.config))
     losses, bench, t_start, window = [], [], time.time(), []  # window: (loss, kl, ce, seconds, tokens) since last log
-    model.train()
+    r.model.train()
     try:
         while step < args.max_steps:
             lr = get_lr(args, step)
-            for group in optimizer.param_groups:
+            for group in r.optimizer.param_groups:
                 group["lr"] = lr
             t0, timings = time.perf_counter(), ({} if args.bench else None)
-            stats, tokens = torch.zeros(3, device=device), 0
-            for micro in range(args.grad_accum):
-                first = step * per_step + (micro * world + rank) * args.batch
-                items = [item(i) for i in range(first, first + args.batch)]
-                tokens += sum(len(it["teacher_demo"]) + len(it["query"]) for it in items)
-                with ctx:
-                    loss, kl, ce = mend_loss(llm, model, data.collate(items, device), args.lam, args.temperature, timings)
-                if not torch.isfinite(loss):
-                    log(f"step {step + 1}: loss is {loss.item()}; stopping. The last good checkpoint {args.out} is kept.")
-                    raise SystemExit(1)
-                t_bwd = time.perf_counter()
-                with phase(timings, "backward"):
-                    scaler.scale(loss / args.grad_accum).backward()
-                if timings is not None:
-                    timings["student_backward"] = timings.get("student_backward", 0) + timings["grad_at_vectors"] - t_bwd
-                stats += torch.stack([loss.detach(), kl, ce]) / args.grad_accum
-            with phase(timings, "optimizer"):
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(distiller.parameters(), args.clip)
-                scaler.step(optimizer)
-                scaler.update()
-                optimizer.zero_grad(set_to_none=True)
-            if world > 1:
-                dist.all_reduce(stats)
-                stats /= world
-            step += 1
-            dt = time.perf_counter() - t0
+            stats, tokens = train_step(r, args, step, timings)
+            step, dt = step + 1, time.perf_counter() - t0
             losses.append((step, stats[0].item()))
-            window.append(stats.tolist() + [dt, tokens * world])
+            window.append(stats.tolist() + [dt, tokens * r.world])
             if timings is not None:
                 bench.append({"step": step, "total": dt, "tokens": tokens, **timings})
             if step % args.log_interval == 0 or step == args.max_steps:
-                loss_v, kl_v, ce_v, dt_v, tok_v = (sum(col) / len(window) for col in zip(*window))
-                log(f"step {step} | loss {loss_v:.5g} | kl {kl_v:.5g} | ce {ce_v:.5g} | lr {lr:.2e} | "
-                    f"{dt_v * 1000:.0f}ms | {tok_v / dt_v:.0f} tok/s")
+                loss, kl, ce, dt, tok = (sum(col) / len(window) for col in zip(*window))
+                r.log(f"step {step} | loss {loss:.5g} | kl {kl:.5g} | ce {ce:.5g} | lr {lr:.2e} | "
+                      f"{dt * 1000:.0f}ms | {tok / dt:.0f} tok/s")
                 window = []
             if step % args.eval_interval == 0 or step == args.max_steps:
-                if val_items:
-                    v = validate(llm, distiller, val_items, args, ctx, device)
-                    log(f"step {step} | val loss {v[0]:.5g} | val kl {v[1]:.5g} | val ce {v[2]:.5g}")
+                if r.val_items:
+                    v = validate(r.llm, r.distiller, r.val_items, args, r.ctx, r.device)
+                    r.log(f"step {step} | val loss {v[0]:.5g} | val kl {v[1]:.5g} | val ce {v[2]:.5g}")
                 save(step)
     except KeyboardInterrupt:
         save(step)
-        log(f"interrupted: saved step {step} to {args.out}; continue with --resume")
+        r.log(f"interrupted: saved step {step} to {args.out}; continue with --resume")
         raise SystemExit(130)
-    log(f"done: {step} steps in {time.time() - t_start:.0f}s, final loss {losses[-1][1] if losses else float('nan'):.4f}"
-        f" -> {args.out}")
+    r.log(f"done: {step} steps in {time.time() - t_start:.0f}s, final loss {losses[-1][1] if losses else float('nan'):.4f}"
+          f" -> {args.out}")
     if bench:
-        write_bench(bench, args, log)
+        write_bench(bench, args, r.log)
     return losses
 
 
