@@ -411,3 +411,49 @@ def test_embedded_default_loads_offline_with_sensible_perplexity():
     x = torch.tensor([data.encode(tok, text)])
     nll = F.cross_entropy(llm(x).logits[0, :-1], x[0, 1:])
     assert math.exp(nll.item()) < 60, f"perplexity {math.exp(nll.item()):.1f} (loaded in {time.time() - t:.1f}s)"
+
+
+# -----------------------------------------------------------------------------
+# flops.py
+
+
+def test_flops_matmul_terms_match_flop_counter():
+    """The formula's matmul term (blocks + LM head) equals FlopCounterMode's mm/addmm count for GPT-2 and Llama
+    (SDPA attention goes uncounted on CPU). If not, a projection, GQA width or gated-MLP matrix is miscounted."""
+    from torch.utils.flop_counter import FlopCounterMode
+    import flops
+    B, T = 2, 16
+    configs = [(GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=128, n_positions=64), GPT2LMHeadModel),
+               (LlamaConfig(num_hidden_layers=2, hidden_size=64, intermediate_size=96, num_attention_heads=4,
+                            num_key_value_heads=2, vocab_size=128), LlamaForCausalLM)]
+    for cfg, cls in configs:
+        net = cls(cfg).eval()
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            net(torch.randint(128, (B, T)))
+        counted = sum(n for op, n in counter.get_flop_counts()["Global"].items() if str(op) in ("aten.mm", "aten.addmm"))
+        want = B * flops.forward_flops(cfg, T, T, T)["matmul"]
+        assert abs(counted / want - 1) < 0.05, f"{cls.__name__}: counted {counted}, formula {want}"
+
+
+def test_method_flops_match_the_timed_forwards(monkeypatch):
+    """With eager attention (Q K^T and A V counted), method_flops equals what the timed forwards really cost."""
+    from torch.utils.flop_counter import FlopCounterMode
+    import flops
+    llm_cfg = GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=128, n_positions=128)
+    dis_cfg = GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=128, n_positions=128)
+    for cfg in (llm_cfg, dis_cfg):
+        cfg._attn_implementation = "eager"
+    monkeypatch.setitem(flops.CONFIGS, "tiny", llm_cfg)
+    monkeypatch.setitem(flops.CONFIGS, "tiny-distiller", dis_cfg)
+    monkeypatch.setitem(flops.PAIRS, "tiny", "tiny-distiller")
+    D, T, L, B = 24, 8, 4, 2
+    llm, distiller = flops.build_models("tiny", L, "cpu", torch.float32)
+    f = flops.method_flops("tiny", D, T, L, 1)
+    want = {"zero-shot": f["zeroshot"], "ICL": f["icl"], "MEND": f["mend"],
+            "ICL + demo KV reuse": flops.total_flops(llm_cfg, T, D + T, T),
+            "MEND + distill once": flops.total_flops(llm_cfg, T, L + T, T)}
+    with torch.no_grad():
+        for method, fn in flops.latency_cells(llm, distiller, D, T, L, B).items():
+            with FlopCounterMode(display=False) as counter:
+                fn()
+            assert counter.get_total_flops() == B * want[method], method
