@@ -29,9 +29,9 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import data
-from distill import mend_loss, phase
-from model import (EMBEDDED, build_distiller, check_compatible, count_params, distiller_tokenizer, load_checkpoint,
-                   load_llm, load_tokenizer, save_checkpoint)
+from distill import answer_ce_per_example, kl_per_example, mend_loss, phase
+from model import (EMBEDDED, build_distiller, check_compatible, count_params, distiller_tokenizer, llm_logits,
+                   load_checkpoint, load_llm, load_tokenizer, save_checkpoint, teacher_logits)
 
 PAPER = {  # spec section 6 (the official pretrain.sh / finetune.sh); batch is per GPU: 8 GPUs give the global 8
     "common": dict(llm="gpt2-large", distiller="gpt2", n_vectors=100, k=16, batch=1, grad_accum=1, max_steps=30000,
@@ -193,6 +193,21 @@ def validate(llm, distiller, items, args, ctx, device):
     return (totals / max(1, len(items))).tolist()
 
 
+def zero_shot_reference(llm, items, args, ctx, device):
+    """KL and CE of the LLM reading the query with no prefix at all, on the validation items: what the distilled
+    vectors must beat (the LLM is frozen, so this is computed once)."""
+    kl, ce = 0.0, 0.0
+    with torch.no_grad(), ctx:
+        for it in items:
+            b = data.collate([it], device)
+            q, qm = b["query_ids"], b["query_mask"]
+            teacher = teacher_logits(llm, b["teacher_demo_ids"], b["teacher_demo_mask"], q, qm)
+            alone = llm_logits(llm, q, qm)                                      # (1, T, V)
+            kl += kl_per_example(teacher, alone, qm, args.temperature).item() / len(items)
+            ce += answer_ce_per_example(alone, q, b["answer_mask"]).item() / len(items)
+    return kl, ce
+
+
 def run(args):
     """The recipe: config -> device -> models -> data -> optimizer -> loop -> final save. Returns the step losses."""
     device, ctx, dtype, rank, world = setup_device(args)
@@ -217,6 +232,9 @@ def run(args):
         f"{count_params(llm):,} params, frozen | distiller {args.distiller}: {count_params(distiller, True):,} "
         f"trainable params (backbone + {args.n_vectors} placeholders + projection)")
     item, val_items, tasks = make_items(args, toks, log)
+    if val_items:
+        kl, ce = zero_shot_reference(llm, val_items, args, ctx, device)
+        log(f"val reference, the LLM reading the query alone: kl {kl:.5g} | ce {ce:.5g}")
     config["train_tasks"] = tasks
     optimizer = torch.optim.AdamW([p for p in distiller.parameters() if p.requires_grad], lr=args.lr,
                                   weight_decay=args.weight_decay, fused=True)  # fused: 10x faster on CPU too
