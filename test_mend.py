@@ -457,3 +457,19 @@ def test_method_flops_match_the_timed_forwards(monkeypatch):
             with FlopCounterMode(display=False) as counter:
                 fn()
             assert counter.get_total_flops() == B * want[method], method
+
+
+def test_separate_distiller_with_its_own_tokenizer_and_width(saved_llm, tmp_path):
+    """A GPT-2 distiller (width 48, its own tokenizer files) for a Llama LLM (width 32): Linear+tanh, both stages run."""
+    torch.manual_seed(1)
+    path = tmp_path / "distiller"
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=48, n_head=2, vocab_size=VOCAB, n_positions=512)).save_pretrained(path)
+    byte_tokenizer(tmp_path).save_pretrained(path)
+    llm, out = saved_llm("llama"), tmp_path / "sep.pt"
+    for stage in ("pretrain", "finetune"):
+        args = train_args(llm, out, "--stage", stage, "--max_steps", "2", "--val_items", "0")
+        args.distiller = str(path)
+        losses = train.run(args)
+        assert len(losses) == 2 and all(math.isfinite(l) for _, l in losses)
+    state = model.load_checkpoint(out)
+    assert state["model"]["proj.0.weight"].shape == (32, 48) and state["config"]["distiller"] == str(path)
