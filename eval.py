@@ -26,8 +26,8 @@ import torch
 
 import data
 from distill import answer_ce_per_example
-from model import (EMBEDDED, build_distiller, demos_hash, file_hash, load_checkpoint, load_llm, load_tokenizer,
-                   distiller_tokenizer, llm_logits, load_vectors, prefix_cache, save_vectors)
+from model import (EMBEDDED, build_distiller, demos_hash, distiller_tokenizer, extend_prefix, file_hash, llm_logits,
+                   load_checkpoint, load_llm, load_tokenizer, load_vectors, prefix_cache, save_vectors)
 
 PAPER_DEFAULTS = dict(k=16, max_len_per_example=256, teacher_demo_tokens=767, distiller_demo_tokens=643)
 
@@ -94,10 +94,16 @@ def option_batch(tok, ex, max_len):
 
 @torch.no_grad()
 def option_scores(llm, tok, ex, max_len, prefix_kv=None):
-    """-(mean NLL of each option's tokens) given the cached prefix (None = zero-shot): (n_options,)."""
-    q, qm, a = (t.to(llm.device) for t in option_batch(tok, ex, max_len))
-    logits = llm_logits(llm, q, qm, prefix_kv=prefix_kv)                              # (n_options, T, V)
-    return -answer_ce_per_example(logits, q, a)
+    """-(mean NLL of each option's tokens) after the cached prefix (None = zero-shot): (n_options,).
+    The input is read once; its keys/values are shared by all options, which are scored in one batch."""
+    options = [data.encode(tok, o) for o in ex["options"]]
+    x, _ = data.encode_example(tok, ex, max_len, answer_len=max(map(len, options)))  # MetaICL: cut for the longest
+    last, kv = extend_prefix(llm, torch.tensor([x], device=llm.device), prefix_kv)    # (1, V), prefix + input
+    o, om = (t.to(llm.device) for t in data.pad(options, 0, left=False))              # (n_options, To)
+    logits = llm_logits(llm, o, om, prefix_kv=kv)                                       # (n_options, To, V)
+    logits = torch.cat([last.expand(len(options), 1, -1), logits[:, :-1]], dim=1)     # row t predicts option token t
+    nll = torch.nn.functional.cross_entropy(logits.float().transpose(1, 2), o, reduction="none")  # (n_options, To)
+    return -(nll * om).sum(-1) / om.sum(-1).clamp(min=1)
 
 
 @torch.no_grad()

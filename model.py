@@ -182,6 +182,16 @@ def prefix_cache(llm, prefix_ids=None, prefix_embeds=None):
     return [(layer.keys, layer.values) for layer in out.cache.layers]           # per layer (1, H, P, h) twice
 
 
+def extend_prefix(llm, ids, prefix_kv=None):
+    """Read ids (1, T) after a cached prefix (or none) once: -> (logits at the last position (1, V), keys/values of
+    prefix + ids). Scoring then shares one forward over the input among all the options."""
+    P = prefix_kv[0][0].shape[2] if prefix_kv else 0
+    pos = torch.arange(P, P + ids.shape[1], device=ids.device)[None]              # (1, T)
+    out = llm(input_ids=ids, position_ids=pos, cache=DynamicCache(prefix_kv) if prefix_kv else None, use_cache=True,
+              logits_to_keep=1)
+    return out.logits[:, -1], [(layer.keys, layer.values) for layer in out.cache.layers]
+
+
 def llm_logits(llm, query_ids, query_mask, prefix_embeds=None, prefix_mask=None, prefix_kv=None, keep=None):
     """Logits of the LLM at the query positions: (B, T, V), or the last `keep` of them.
 
