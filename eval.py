@@ -121,7 +121,7 @@ def naive_option_scores(llm, tok, ex, max_len, prefix_ids=None, prefix_embeds=No
             embeds = torch.cat([prefix_embeds, embeds], dim=1)                         # (1, P+T, C)
         logits = llm(inputs_embeds=embeds).logits[:, -n:]                               # (1, T, V)
         scores.append(-answer_ce_per_example(logits, ids, a[row:row + 1, :n].to(llm.device)))
-    return torch.cat(scores)
+    return torch.cat(scores)                                                        # (n_options,)
 
 
 # -----------------------------------------------------------------------------

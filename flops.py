@@ -210,7 +210,7 @@ def flops_rows(args, lengths):
 def flops_table(rows):
     """Markdown lines: GFLOPs per query and the MEND/ICL ratios, without and with reuse."""
     lines = ["| LLM + distiller | D from | partition | D | zero-shot | ICL | MEND | MEND/ICL | MEND LLM-only/ICL "
-             f"| ICL reuse | MEND reuse | MEND/ICL reuse |", "|" + "---|" * 12]
+             "| ICL reuse | MEND reuse | MEND/ICL reuse |", "|" + "---|" * 12]
     for r in rows:
         f, g = r["flops"], {k: v / 1e9 for k, v in r["flops"].items()}
         lines.append(f"| {r['llm']} + {r['distiller']} | {r['source']} | {r['partition']} | {r['D']} | "
