@@ -36,7 +36,8 @@ def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--partition", default="qa2qa", help="hr2lr class2class nonclass2class qa2qa nonqa2qa nonnli2nli nonpara2para")
     p.add_argument("--data", default="data", help="data folder with metaicl/ (real data: ../shared/data)")
-    p.add_argument("--methods", default="zeroshot,icl,mend", help="comma-separated subset of zeroshot,icl,mend")
+    p.add_argument("--methods", default="", help="comma-separated subset of zeroshot,icl,mend (default: zeroshot,icl "
+                   "and mend when --ckpt exists)")
     p.add_argument("--ckpt", default="mend.pt", help="finetuned MEND checkpoint (made by train.py --stage finetune)")
     p.add_argument("--llm", default="", help="frozen LLM (default: the checkpoint's, else smollm2-135m)")
     p.add_argument("--seeds", default="100,13,21,42,87", help="comma-separated MetaICL seeds")
@@ -293,7 +294,10 @@ def bench(args, llm, toks, distiller, files, methods, meta):
 @torch.no_grad()
 def main(args):
     t_start = time.time()
-    methods = [m for m in args.methods.split(",") if m]
+    methods = [m for m in args.methods.split(",") if m] or ["zeroshot", "icl"] + ["mend"] * Path(args.ckpt).exists()
+    if not args.methods and "mend" not in methods:
+        print(f"note: {args.ckpt} not found, so no mend (make it with: python train.py --stage pretrain && "
+              f"python train.py --stage finetune --init ckpt.pt)")
     if not set(methods) <= {"zeroshot", "icl", "mend"}:
         raise SystemExit(f"--methods must be a subset of zeroshot,icl,mend, got {args.methods}")
     args.seeds = [int(s) for s in str(args.seeds).split(",")]

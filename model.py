@@ -15,6 +15,7 @@ the same numbers as that example alone (the official code uses default position 
 import copy
 import hashlib
 import importlib.metadata
+import importlib.util
 import json
 import os
 from pathlib import Path
@@ -50,6 +51,9 @@ def embedded_model_dir(cache_dir=None):
     if (out / "model.safetensors").exists():
         return out
     gguf = embedded_gguf_path()
+    missing = [m for m in ("gguf", "accelerate") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise SystemExit(f"reading the embedded GGUF needs {' and '.join(missing)}; install with: {EMBEDDED_PIP}")
     print(f"converting {gguf.name} to safetensors in {out} (once)...")
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)

@@ -385,6 +385,8 @@ def test_eval_reports_skipped_tasks_refuses_seen_tasks_and_writes_the_json(saved
     assert len(list((tmp_path / "vec").glob("*.safetensors"))) == 4  # distilled once per (task, seed)
     again = evaluate.main(evaluate.get_args(["--partition", "qa2qa", *common, "--methods", "mend"]))
     assert again["methods"]["mend"] == report["methods"]["mend"]    # scored from the saved vectors
+    with pytest.raises(SystemExit, match="not found; make it with: python train.py --stage pretrain"):
+        evaluate.main(evaluate.get_args(["--partition", "qa2qa", "--ckpt", str(tmp_path / "none.pt"), "--methods", "mend"]))
     with pytest.raises(SystemExit, match="was finetuned on sample-arithmetic"):
         evaluate.main(evaluate.get_args(["--partition", "nonclass2class", *common]))
 
