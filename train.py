@@ -193,9 +193,9 @@ def validate(llm, distiller, items, args, ctx, device):
 
 
 def zero_shot_reference(llm, items, args, ctx, device):
-    """KL and CE of the LLM reading the query with no prefix at all, on the validation items: what the distilled
-    vectors must beat (the LLM is frozen, so this is computed once)."""
-    kl, ce = 0.0, 0.0
+    """KL and CE of the LLM reading the query with no prefix at all, and the teacher's own CE, on the validation items:
+    what the distilled vectors must beat, and the CE they aim for (the LLM is frozen, so this is computed once)."""
+    kl, ce, teacher_ce = 0.0, 0.0, 0.0
     with torch.no_grad(), ctx:
         for it in items:
             b = data.collate([it], device)
@@ -204,7 +204,8 @@ def zero_shot_reference(llm, items, args, ctx, device):
             alone = llm_logits(llm, q, qm)                                      # (1, T, V)
             kl += kl_per_example(teacher, alone, qm, args.temperature).item() / len(items)
             ce += answer_ce_per_example(alone, q, b["answer_mask"]).item() / len(items)
-    return kl, ce
+            teacher_ce += answer_ce_per_example(teacher, q, b["answer_mask"]).item() / len(items)
+    return kl, ce, teacher_ce
 
 
 def run(args):
@@ -232,8 +233,8 @@ def run(args):
         f"trainable params (backbone + {args.n_vectors} placeholders + projection)")
     item, val_items, tasks = make_items(args, toks, log)
     if val_items:
-        kl, ce = zero_shot_reference(llm, val_items, args, ctx, device)
-        log(f"val reference, the LLM reading the query alone: kl {kl:.5g} | ce {ce:.5g}")
+        kl, ce, teacher_ce = zero_shot_reference(llm, val_items, args, ctx, device)
+        log(f"val reference | the LLM reading the query alone: kl {kl:.5g} | ce {ce:.5g} | the teacher: ce {teacher_ce:.5g}")
     config["train_tasks"] = tasks
     optimizer = torch.optim.AdamW([p for p in distiller.parameters() if p.requires_grad], lr=args.lr,
                                   weight_decay=args.weight_decay, fused=True)  # fused: 10x faster on CPU too
