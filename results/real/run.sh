@@ -14,3 +14,6 @@ python eval.py --partition class2class --data $D --methods zeroshot,icl --max_ex
 python eval.py --partition class2class --data $D --methods mend --ckpt results/real/mend.pt --max_examples 100 --seeds 100,13 --out results/real/eval_class2class_mend.json > results/real/eval_class2class_mend.log 2>&1
 python eval.py --partition class2class --data $D --methods mend --ckpt results/real/mend_no_stage1.pt --max_examples 100 --seeds 100,13 --out results/real/eval_class2class_mend_no_stage1.json > results/real/eval_class2class_mend_no_stage1.log 2>&1
 python eval.py --partition nonpara2para --data $D --methods zeroshot,icl --max_examples 100 --seeds 100,13 $BUDGETS --out results/eval_nonpara2para_baselines.json > results/eval_nonpara2para_baselines.log 2>&1
+# the reference lines quoted in the README (what the vectors must beat): --max_steps 0 only computes them
+python train.py --stage pretrain $COMMON --c4_max_tokens 320 --max_steps 0 --out runs/ref1.pt | grep "val reference" > results/real/val_reference_c4.log
+python train.py --stage finetune $COMMON --partition class2class --max_steps 0 --out runs/ref.pt | grep "val reference" > results/real/val_reference_class2class.log
