@@ -87,7 +87,7 @@ def read_metaicl(path):
 
 def partition(data_dir, name):
     """{'train': [...], 'test': [...], 'config': ...} for a short name (qa2qa) or MetaICL config name (qa_to_qa),
-    from metaicl/partitions.json when the data folder has one, else from the built-in MetaICL table."""
+    read from metaicl/partitions.json when the data folder has one, else from the built-in MetaICL table."""
     path = Path(data_dir) / "metaicl" / "partitions.json"
     table = json.loads(path.read_text()) if path.exists() else {
         k: {"config": c, "train": tr.split(), "test": te.split()} for k, (c, tr, te) in BUILTIN_PARTITIONS.items()}

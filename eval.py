@@ -10,7 +10,7 @@ seeds). Each option is scored by the mean per-token NLL of its tokens; the lowes
 every test example offers the same option set (then macro-F1 over the gold classes, MetaICL's definition), otherwise
 multiple choice (accuracy). Scores are averaged over seeds per task, then over tasks, each task counted once.
 `--protocol random` is the official MEND code's protocol instead: the demonstrations are re-drawn, in random order,
-from the seed's train file for every test example.
+out of the seed's train file for every test example.
 
 Speed without changing a score: one (task, seed) shares its demonstrations, so their keys/values (ICL) or their
 distilled vectors and the vectors' keys/values (MEND) are computed once and reused for every example, and all options
