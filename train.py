@@ -226,8 +226,8 @@ def run(args):
     llm_dtype = dtype if device.startswith("cuda") else torch.float32  # the frozen LLM may be held in bf16/fp16 on GPU
     llm = load_llm(args.llm, device, llm_dtype)
     distiller = build_distiller(args.distiller, llm, args.n_vectors)
-    toks = (load_tokenizer(args.llm), None)
-    toks = (toks[0], toks[0] if args.distiller.startswith("layers:") else distiller_tokenizer(args.distiller, args.llm))
+    tok = load_tokenizer(args.llm)  # one object when shared, so the distiller's demo ids are the teacher's, not re-encoded
+    toks = (tok, tok if args.distiller.startswith("layers:") else distiller_tokenizer(args.distiller, args.llm))
     log(f"device={device} dtype={str(dtype).removeprefix('torch.')} world={world} | llm {args.llm}: "
         f"{count_params(llm):,} params, frozen | distiller {args.distiller}: {count_params(distiller, True):,} "
         f"trainable params (backbone + {args.n_vectors} placeholders + projection)")
