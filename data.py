@@ -8,8 +8,9 @@ A data folder holds `c4/` (files of `{"text": ...}` lines, plain or gzipped) and
 
     teacher_demo    demonstrations in LLM tokens        (the teacher reads these before the query)
     distiller_demo  the same demonstrations in distiller tokens
-    query           LLM tokens the loss is taken on     (stage 1: last 20% of a document; stage 2: input ; output)
-    answer_mask     1 on the output tokens of the query (stage 2 CE), else 0
+    queries         Q lists of LLM tokens the loss is taken on, all after the same demonstrations
+                    (stage 1: the last 20% of a document, Q=1; stage 2: input ; output of Q examples of the task)
+    answer_masks    Q lists, 1 on the output tokens of each query (stage 2 CE), else 0
 
 Format (our choice, see README): a demonstration is `input \\n output \\n\\n`, the query is `input \\n` and an option is
 scored as the tokens of `output`. Newlines are what MetaICL's own training format uses; the official MEND code joins
@@ -85,6 +86,11 @@ def read_metaicl(path):
 # MetaICL partitions and files
 
 
+def is_classification(examples):
+    """Classification = one fixed label set for every example; multiple choice = options that vary per example."""
+    return len({tuple(sorted(ex["options"])) for ex in examples}) == 1
+
+
 def partition(data_dir, name):
     """{'train': [...], 'test': [...], 'config': ...} for a short name (qa2qa) or MetaICL config name (qa_to_qa),
     read from metaicl/partitions.json when the data folder has one, else from the built-in MetaICL table."""
@@ -158,25 +164,48 @@ def demo_item(toks, demos, budgets, max_len):
     return fit_demos(encoded, budgets)
 
 
-def meta_item(toks, target, demo_pool, rng, k, budgets, max_len, exclude=None):
-    """One stage-2 item: the target example as the query, k examples of demo_pool (not `exclude`) in random order as
-    demonstrations."""
-    others = [j for j in rng.permutation(len(demo_pool))[:k + 1] if j != exclude][:k]
-    teacher, distiller = demo_item(toks, [demo_pool[j] for j in others], budgets, max_len)
-    x, y = encode_example(toks[0], target, max_len)
-    return dict(teacher_demo=teacher, distiller_demo=distiller, query=x + y, answer_mask=[0] * len(x) + [1] * len(y))
+def meta_item(toks, targets, demo_pool, rng, k, budgets, max_len, exclude=(), relabel=None):
+    """One stage-2 item: the target examples as Q queries, k examples of demo_pool (none of `exclude`) in random order
+    as demonstrations; relabel maps output words to other words, the same for demonstrations and queries."""
+    others = [j for j in rng.permutation(len(demo_pool))[:k + len(exclude)] if j not in exclude][:k]
+    swap = (lambda ex: {**ex, "output": relabel.get(ex["output"], ex["output"])}) if relabel else (lambda ex: ex)
+    teacher, distiller = demo_item(toks, [swap(demo_pool[j]) for j in others], budgets, max_len)
+    pairs = [encode_example(toks[0], swap(t), max_len) for t in targets]
+    return dict(teacher_demo=teacher, distiller_demo=distiller, queries=[x + y for x, y in pairs],
+                answer_masks=[[0] * len(x) + [1] * len(y) for x, y in pairs])
 
 
-def meta_train_item(pools, toks, index, seed, k, budgets, max_len):
+def label_map(options, vocabulary, rng):
+    """Symbol tuning against label priors: each label word of a task -> a distinct word drawn from `vocabulary`
+    (the label words of all training tasks), so only the demonstrations tell which word answers what."""
+    words = [w for w in vocabulary if w not in options]
+    if len(words) < len(options):
+        return None  # too few other labels to swap in: the item keeps its own
+    picks = rng.choice(len(words), size=len(options), replace=False)
+    return {o: words[int(j)] for o, j in zip(options, picks)}
+
+
+def meta_train_item(pools, toks, index, seed, k, budgets, max_len, queries=1, relabel=0.0):
     """Training item number `index`, deterministic in (seed, index) so a resumed or multi-process run sees the same
-    data: an example drawn uniformly from all pools, with k other examples of its task as demonstrations."""
+    data: an example drawn uniformly from all pools, plus queries-1 more of its task, with k other examples of the task
+    as demonstrations. With probability `relabel`, a classification task's labels are mapped to other tasks' labels."""
     rng = np.random.default_rng([seed, index])
     ends = np.cumsum([len(p) for p in pools.values()])
     flat = int(rng.integers(ends[-1]))
     t = int(np.searchsorted(ends, flat, side="right"))
     pool = list(pools.values())[t]
     i = flat - (int(ends[t - 1]) if t else 0)
-    return meta_item(toks, pool[i], pool, rng, k, budgets, max_len, exclude=i)
+    more = [int(j) for j in rng.permutation(len(pool)) if j != i][:queries - 1] if queries > 1 else []
+    mapping = None
+    if relabel and pool[i]["options"] and rng.random() < relabel and is_classification(pool):
+        mapping = label_map(pool[i]["options"], label_vocabulary(pools), rng)
+    targets = [pool[j] for j in [i] + more]
+    return meta_item(toks, targets, pool, rng, k, budgets, max_len, exclude=[i] + more, relabel=mapping)
+
+
+def label_vocabulary(pools):
+    """Every option string of the pools' classification examples, sorted (deterministic)."""
+    return sorted({o for p in pools.values() for ex in p for o in ex["options"]})
 
 
 def split_pools(pools, n_held_out):
@@ -191,7 +220,7 @@ def meta_val_items(train_pools, held_out, toks, seed, n, k, budgets, max_len):
         task = tasks[j % len(tasks)]
         target = held_out[task][(j // len(tasks)) % len(held_out[task])]
         rng = np.random.default_rng([seed, 1, j])
-        items.append(meta_item(toks, target, train_pools[task], rng, k, budgets, max_len))
+        items.append(meta_item(toks, [target], train_pools[task], rng, k, budgets, max_len))
     return items
 
 
@@ -203,7 +232,7 @@ def c4_item(text, toks, max_tokens, demo_fraction=0.8):
     if m < 1 or m == len(ids):
         return None  # too short to split
     distiller = ids[:m] if toks[0] is toks[1] else encode(toks[1], toks[0].decode(ids[:m]))[:max_tokens]
-    return dict(teacher_demo=ids[:m], distiller_demo=distiller, query=ids[m:], answer_mask=[0] * (len(ids) - m))
+    return dict(teacher_demo=ids[:m], distiller_demo=distiller, queries=[ids[m:]], answer_masks=[[0] * (len(ids) - m)])
 
 
 # -----------------------------------------------------------------------------
@@ -223,13 +252,15 @@ def pad(seqs, value, left):
 
 def collate(items, device="cpu"):
     """Items -> a batch of tensors: demonstrations left-padded (so the distiller's placeholders and the teacher's query
-    sit at the end), queries right-padded (so teacher and student query rows line up column by column)."""
+    sit at the end), queries right-padded (so teacher and student query rows line up column by column). An item with Q
+    queries gives Q query rows; query_item[r] is the item (demonstration row) that query row r belongs to."""
     t, tm = pad([it["teacher_demo"] for it in items], 0, left=True)             # (B, D)
     d, dm = pad([it["distiller_demo"] for it in items], 0, left=True)           # (B, D')
-    q, qm = pad([it["query"] for it in items], 0, left=False)                   # (B, T)
-    a, _ = pad([it["answer_mask"] for it in items], 0, left=False)              # (B, T)
+    q, qm = pad([x for it in items for x in it["queries"]], 0, left=False)      # (B*Q, T)
+    a, _ = pad([x for it in items for x in it["answer_masks"]], 0, left=False)  # (B*Q, T)
+    owner = torch.tensor([b for b, it in enumerate(items) for _ in it["queries"]])  # (B*Q,)
     batch = dict(teacher_demo_ids=t, teacher_demo_mask=tm, distiller_demo_ids=d, distiller_demo_mask=dm,
-                 query_ids=q, query_mask=qm, answer_mask=a)
+                 query_ids=q, query_mask=qm, answer_mask=a, query_item=owner)
     return {k: v.to(device) for k, v in batch.items()}
 
 

@@ -59,25 +59,35 @@ def sync():
         torch.cuda.synchronize()
 
 
+def per_item_mean(values, query_item, n_items):
+    """(B*Q,) per-query values -> their mean per item, then over the B items: each item weighs the same whatever its Q."""
+    counts = torch.bincount(query_item, minlength=n_items).to(values.dtype)          # (B,)
+    return (values / counts[query_item]).sum() / n_items
+
+
 def mend_loss(llm, distiller, batch, lam=1.0, temperature=1.0, timings=None):
     """One MEND step's loss on a collated batch (see data.collate). Returns (loss, kl, ce) as 0-d tensors.
 
     Stage-1 batches have no answer tokens, so their loss is the KL alone; stage 2 adds the answer CE: CE + lam * KL.
-    With a timings dict, the forward phases are timed, and timings["grad_at_vectors"] records when the backward pass
-    reaches the distilled vectors (student backward done, distiller backward starting).
+    An item with Q queries is read once by the teacher (keys/values of its demonstrations) and once by the distiller;
+    its vectors then precede each of its Q queries. With a timings dict, the forward phases are timed, and
+    timings["grad_at_vectors"] records when the backward pass reaches the distilled vectors.
     """
-    q, qm = batch["query_ids"], batch["query_mask"]
+    q, qm, owner = batch["query_ids"], batch["query_mask"], batch["query_item"]
+    B = batch["distiller_demo_ids"].shape[0]
     with phase(timings, "teacher_forward"):
-        teacher = teacher_logits(llm, batch["teacher_demo_ids"], batch["teacher_demo_mask"], q, qm)  # (B, T, V)
+        teacher = teacher_logits(llm, batch["teacher_demo_ids"], batch["teacher_demo_mask"], q, qm, owner)  # (B*Q, T, V)
     with phase(timings, "distiller_forward"):
         vectors = distiller(batch["distiller_demo_ids"], batch["distiller_demo_mask"])         # (B, L, C)
     if timings is not None and vectors.requires_grad:
         vectors.register_hook(lambda g: timings.__setitem__("grad_at_vectors", (sync(), time.perf_counter())[1]))
     with phase(timings, "student_forward"):
-        vmask = qm.new_ones(vectors.shape[:2])                                                   # (B, L)
-        student = llm_logits(llm, q, qm, prefix_embeds=vectors, prefix_mask=vmask)             # (B, T, V)
-        kl = kl_per_example(teacher, student, qm, temperature).mean()
+        prefix = vectors[owner]                                                                  # (B*Q, L, C)
+        vmask = qm.new_ones(prefix.shape[:2])                                                    # (B*Q, L)
+        student = llm_logits(llm, q, qm, prefix_embeds=prefix, prefix_mask=vmask)              # (B*Q, T, V)
+        kl = per_item_mean(kl_per_example(teacher, student, qm, temperature), owner, B)
         has_answer = bool(batch["answer_mask"].any())
-        ce = answer_ce_per_example(student, q, batch["answer_mask"]).mean() if has_answer else kl.new_zeros(())
+        ce = per_item_mean(answer_ce_per_example(student, q, batch["answer_mask"]), owner, B) if has_answer \
+            else kl.new_zeros(())
     loss = ce + lam * kl if has_answer else kl
     return loss, kl.detach(), ce.detach()

