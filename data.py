@@ -18,6 +18,7 @@ GPT-2 demos with no separator, which suits no tokenizer but GPT-2's.
 """
 import gzip
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +29,21 @@ QUERY_SEP, DEMO_SEP = "\n", "\n\n"   # input QUERY_SEP output DEMO_SEP input QUE
 
 class DataError(ValueError):
     """Bad input data; the message names the file and line."""
+
+
+def run_cli(main):
+    """Run a script's entry point: bad input (a DataError, or a SystemExit with a message) ends in one line
+    `error: ...` on stderr and exit status 2, never in a traceback. Integer exits (NaN stop, Ctrl-C) pass through."""
+    try:
+        main()
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except SystemExit as e:
+        if not isinstance(e.code, str):
+            raise
+        print(f"error: {e.code}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 # -----------------------------------------------------------------------------
@@ -135,7 +151,7 @@ def encode(tok, text):
 def encode_example(tok, ex, max_len, answer_len=None):
     """(input ids ending in QUERY_SEP, output ids). The input is cut so input+output fit in max_len tokens
     (MetaICL's per-example rule); answer_len overrides the output length used for the cut (the longest option)."""
-    x, y = encode(tok, ex["input"]), encode(tok, ex["output"])
+    x, y = encode(tok, ex["input"]), encode(tok, ex.get("output", ""))  # scoring options needs no output
     sep = encode(tok, QUERY_SEP)
     keep = max(1, max_len - len(sep) - (len(y) if answer_len is None else answer_len))
     return x[:keep] + sep, y
@@ -206,6 +222,20 @@ def meta_train_item(pools, toks, index, seed, k, budgets, max_len, queries=1, re
 def label_vocabulary(pools):
     """Every option string of the pools' classification examples, sorted (deterministic)."""
     return sorted({o for p in pools.values() for ex in p for o in ex["options"]})
+
+
+PERTURBATIONS = {  # eval.py --perturb: what is left of each demonstration (paper's analysis of the vectors)
+    "gold": lambda ex, rng: ex,
+    "random_labels": lambda ex, rng: {**ex, "output": ex["options"][int(rng.integers(len(ex["options"])))]},
+    "no_labels": lambda ex, rng: {**ex, "output": ""},
+    "no_inputs": lambda ex, rng: {**ex, "input": ""},
+}
+
+
+def perturb_demos(demos, name, seed):
+    """Demonstrations with their labels randomised (a random option of the task, seeded) or removed, or inputs removed."""
+    rng = np.random.default_rng([seed, 7])
+    return [PERTURBATIONS[name](ex, rng) for ex in demos]
 
 
 def split_pools(pools, n_held_out):

@@ -68,15 +68,18 @@ def per_item_mean(values, query_item, n_items):
 def mend_loss(llm, distiller, batch, lam=1.0, temperature=1.0, timings=None):
     """One MEND step's loss on a collated batch (see data.collate). Returns (loss, kl, ce) as 0-d tensors.
 
-    Stage-1 batches have no answer tokens, so their loss is the KL alone; stage 2 adds the answer CE: CE + lam * KL.
+    Stage-1 batches have no answer tokens, so their loss is the KL alone; stage 2 adds the answer CE: CE + lam * KL
+    (with lam = 0 the teacher is not run and the logged KL is 0).
     An item with Q queries is read once by the teacher (keys/values of its demonstrations) and once by the distiller;
     its vectors then precede each of its Q queries. With a timings dict, the forward phases are timed, and
     timings["grad_at_vectors"] records when the backward pass reaches the distilled vectors.
     """
     q, qm, owner = batch["query_ids"], batch["query_mask"], batch["query_item"]
-    B = batch["distiller_demo_ids"].shape[0]
+    B, has_answer = batch["distiller_demo_ids"].shape[0], bool(batch["answer_mask"].any())
+    teacher = None  # lam = 0 in stage 2 (CE only: MEND without distillation, PromptTuning) needs no teacher
     with phase(timings, "teacher_forward"):
-        teacher = teacher_logits(llm, batch["teacher_demo_ids"], batch["teacher_demo_mask"], q, qm, owner)  # (B*Q, T, V)
+        if lam or not has_answer:
+            teacher = teacher_logits(llm, batch["teacher_demo_ids"], batch["teacher_demo_mask"], q, qm, owner)  # (B*Q, T, V)
     with phase(timings, "distiller_forward"):
         vectors = distiller(batch["distiller_demo_ids"], batch["distiller_demo_mask"])         # (B, L, C)
     if timings is not None and vectors.requires_grad:
@@ -85,8 +88,8 @@ def mend_loss(llm, distiller, batch, lam=1.0, temperature=1.0, timings=None):
         prefix = vectors[owner]                                                                  # (B*Q, L, C)
         vmask = qm.new_ones(prefix.shape[:2])                                                    # (B*Q, L)
         student = llm_logits(llm, q, qm, prefix_embeds=prefix, prefix_mask=vmask)              # (B*Q, T, V)
-        kl = per_item_mean(kl_per_example(teacher, student, qm, temperature), owner, B)
-        has_answer = bool(batch["answer_mask"].any())
+        kl = per_item_mean(kl_per_example(teacher, student, qm, temperature), owner, B) if teacher is not None \
+            else student.new_zeros(())
         ce = per_item_mean(answer_ce_per_example(student, q, batch["answer_mask"]), owner, B) if has_answer \
             else kl.new_zeros(())
     loss = ce + lam * kl if has_answer else kl

@@ -26,9 +26,8 @@ import torch
 
 import data
 from distill import answer_ce_per_example
-from model import (EMBEDDED, build_distiller, demos_hash, distiller_tokenizer, file_hash, load_checkpoint,
-                   load_distiller_state, load_llm, load_tokenizer, load_vectors, option_scores, prefix_cache,
-                   save_vectors)
+from model import (EMBEDDED, PROMPT, build_distiller, demos_hash, file_hash, load_checkpoint,
+                   load_distiller_state, load_llm, load_vectors, option_scores, prefix_cache, save_vectors, tokenizers)
 
 PAPER_DEFAULTS = dict(k=16, max_len_per_example=256, teacher_demo_tokens=767, distiller_demo_tokens=643)
 
@@ -36,7 +35,7 @@ PAPER_DEFAULTS = dict(k=16, max_len_per_example=256, teacher_demo_tokens=767, di
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--partition", default="qa2qa", help="hr2lr class2class nonclass2class qa2qa nonqa2qa nonnli2nli nonpara2para")
-    p.add_argument("--data", default="data", help="data folder with metaicl/ (real data: ../shared/data)")
+    p.add_argument("--data", default="sample_data", help="data folder with metaicl/ (real data: ../shared/data)")
     p.add_argument("--methods", default="", help="comma-separated subset of zeroshot,icl,mend (default: zeroshot,icl "
                    "and mend when --ckpt exists)")
     p.add_argument("--ckpt", default="mend.pt", help="finetuned MEND checkpoint (made by train.py --stage finetune)")
@@ -48,6 +47,8 @@ def get_args(argv=None):
     p.add_argument("--max_len_per_example", type=int, default=None, help="tokens per input+option (default: ckpt's, else 256)")
     p.add_argument("--teacher_demo_tokens", type=int, default=None, help="ICL demo budget (default: ckpt's, else 767)")
     p.add_argument("--distiller_demo_tokens", type=int, default=None, help="MEND demo budget (default: ckpt's, else 643)")
+    p.add_argument("--perturb", default="gold", choices=list(data.PERTURBATIONS),
+                   help="demonstrations for ICL and MEND: gold, random_labels, no_labels (inputs only), no_inputs")
     p.add_argument("--vectors_dir", default="", help="distill once: save/load distilled vectors here (safetensors)")
     p.add_argument("--out", default="", help="JSON results file (default: eval_{partition}.json)")
     p.add_argument("--device", default="auto", help="auto = cuda if available, else cpu")
@@ -191,7 +192,7 @@ def task_files(args, task):
         tests = data.read_metaicl(test)[:args.max_examples or None]
         if any(not ex["options"] for ex in tests):
             return "a test example has no options (a generation task)"
-        out[seed] = (data.read_metaicl(train)[:args.k], tests)
+        out[seed] = (data.perturb_demos(data.read_metaicl(train)[:args.k], args.perturb, seed), tests)
     return out
 
 
@@ -215,15 +216,18 @@ def load_models(args, methods, device):
         if getattr(args, key) is None:
             setattr(args, key, cfg.get(key, paper_value))
     args.llm = args.llm or cfg.get("llm", EMBEDDED)
-    llm, tok = load_llm(args.llm, device), load_tokenizer(args.llm)
-    toks, meta = (tok, tok), {}
+    llm, toks, meta = load_llm(args.llm, device), tokenizers(cfg.get("distiller", "layers:1"), args.llm), {}
     if cfg:
         distiller = build_distiller(cfg["distiller"], llm, cfg["n_vectors"])
         load_distiller_state(distiller, state["model"], args.ckpt)
         distiller.eval().requires_grad_(False)
-        toks = (tok, tok if cfg["distiller"].startswith("layers:") else distiller_tokenizer(cfg["distiller"], args.llm))
         meta = {"llm": cfg["llm"], "distiller": cfg["distiller"], "ckpt_hash": file_hash(args.ckpt)}
     return llm, toks, distiller, meta, cfg
+
+
+def trained_method(cfg):
+    """The method a checkpoint implements, from its training config (not its file name)."""
+    return "prompt_tuning" if cfg["distiller"] == PROMPT else "mend_no_kd" if cfg.get("lam", 1.0) == 0 else "mend"
 
 
 def refuse_seen_tasks(cfg, tests, args):
@@ -305,7 +309,9 @@ def main(args):
         results[m]["average"] = float(np.mean([t["score"] for t in results[m]["tasks"].values()])) if files else 0.0
     if files:
         print_table(results, methods)
-    report = {"partition": args.partition, "llm": args.llm, "distiller": cfg.get("distiller"),
+    if "mend" in results and cfg:  # name what was trained: mend, mend_no_kd (lam 0) or prompt_tuning
+        results[trained_method(cfg)] = results.pop("mend")
+    report = {"partition": args.partition, "perturb": args.perturb, "llm": args.llm, "distiller": cfg.get("distiller"),
               "ckpt": args.ckpt if distiller is not None else None, "seeds": args.seeds, "max_examples": args.max_examples,
               "seconds": time.time() - t_start, "methods": results, "skipped_tasks": skipped}
     Path(args.out).write_text(json.dumps(report, indent=1))
@@ -314,4 +320,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(get_args())
+    data.run_cli(lambda: main(get_args()))

@@ -372,8 +372,8 @@ def plot(path, rows):
 # -----------------------------------------------------------------------------
 # the recipe: config -> device/dtype -> lengths -> analytic FLOPs -> timings -> goals -> report
 
-if __name__ == "__main__":
-    args = get_args()
+def main(args):
+    """The recipe: device/dtype -> lengths -> analytic FLOPs -> timings -> goals -> report."""
     torch.manual_seed(args.seed)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -413,3 +413,7 @@ if __name__ == "__main__":
     print(f"wrote {out / 'flops.md'} and {out / 'flops.json'}")
     if args.plot:
         plot(args.plot, rows)
+
+
+if __name__ == "__main__":
+    data.run_cli(lambda: main(get_args()))

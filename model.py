@@ -145,9 +145,29 @@ class Distiller(nn.Module):
         return self.proj(h[:, -L:])                                             # (B, L, c) -> (B, L, C)
 
 
+class PromptTuning(nn.Module):
+    """The paper's PromptTuning baseline: L trainable vectors shared by every task, which never read the
+    demonstrations. They start as the embeddings of L random tokens (the usual prompt-tuning init)."""
+
+    def __init__(self, llm, n_vectors, seed=0):
+        super().__init__()
+        emb = llm.get_input_embeddings().weight
+        ids = torch.randint(0, emb.shape[0], (n_vectors,), generator=torch.Generator().manual_seed(seed))
+        self.placeholder = nn.Parameter(emb[ids.to(emb.device)].detach().float().clone())  # (L, C)
+
+    def forward(self, demo_ids, demo_mask):
+        """Ignores the demonstrations: -> the same (B, L, C) vectors for every example."""
+        return self.placeholder.expand(demo_ids.shape[0], -1, -1)
+
+
+PROMPT = "prompt"  # --distiller prompt: the PromptTuning baseline
+
+
 def build_distiller(spec, llm, n_vectors, cache_dir=None, freeze_embeddings=False):
-    """spec 'layers:N' = the first N layers of the LLM's own checkpoint; anything else = a hub name or local path.
-    freeze_embeddings keeps its token embeddings as loaded (for layers:N they are most of its parameters)."""
+    """spec 'layers:N' = the first N layers of the LLM's own checkpoint; 'prompt' = PromptTuning; anything else = a hub
+    name or local path. freeze_embeddings keeps its token embeddings as loaded (for layers:N, most of its weights)."""
+    if spec == PROMPT:
+        return PromptTuning(llm, n_vectors)
     if spec.startswith("layers:"):
         backbone = truncated_backbone(llm, int(spec.split(":", 1)[1]))
     else:
@@ -167,11 +187,11 @@ def distiller_state(distiller):
 
 def load_distiller_state(distiller, state, path):
     """Load a checkpoint's distiller state; only the token embeddings may be absent (they were frozen in training)."""
-    emb = distiller.backbone.get_input_embeddings().weight
+    emb = distiller.backbone.get_input_embeddings().weight if hasattr(distiller, "backbone") else None
     optional = {n for n, p in distiller.named_parameters(remove_duplicate=False) if p is emb}
     missing, unexpected = distiller.load_state_dict(state, strict=False)
     if unexpected or set(missing) - optional:
-        raise ValueError(f"{path}: distiller weights do not match this distiller "
+        raise CheckpointError(f"{path}: distiller weights do not match this distiller "
                          f"(missing {sorted(set(missing) - optional)[:3]}, unexpected {sorted(unexpected)[:3]})")
 
 
@@ -187,9 +207,11 @@ def match_embedding_scale(backbone, llm):
         norm.bias.mul_(scale)
 
 
-def distiller_tokenizer(spec, llm_name, cache_dir=None):
-    """The distiller reads demonstrations in its own tokens: the LLM's tokenizer for 'layers:N', else its own."""
-    return load_tokenizer(llm_name if spec.startswith("layers:") else spec, cache_dir)
+def tokenizers(spec, llm_name, cache_dir=None):
+    """(LLM tokenizer, distiller tokenizer). One object when they are shared ('layers:N', 'prompt'), so the
+    distiller's demonstration ids are the teacher's, not re-encoded; else the distiller reads in its own tokens."""
+    tok = load_tokenizer(llm_name, cache_dir)
+    return tok, tok if spec.startswith("layers:") or spec == PROMPT else load_tokenizer(spec, cache_dir)
 
 
 def count_params(module, trainable_only=False):
@@ -277,11 +299,21 @@ def save_checkpoint(path, state):
     os.replace(tmp, path)
 
 
+class CheckpointError(data.DataError):
+    """A checkpoint file that is missing, truncated or not a MEND checkpoint; the message names the file."""
+
+
 def load_checkpoint(path, device="cpu"):
     """weights_only=True admits tensors and plain containers only; mmap avoids reading unused parts (optimizer)."""
-    if not os.path.exists(path):
-        raise FileNotFoundError(path)
-    return torch.load(path, map_location=device, weights_only=True, mmap=True)
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    try:
+        state = torch.load(path, map_location=device, weights_only=True, mmap=True)
+    except Exception as e:  # torch reports a truncated or foreign file as one of several zip/pickle/mmap errors
+        raise CheckpointError(f"{path}: not a readable checkpoint ({str(e).splitlines()[0][:120]})") from None
+    if not isinstance(state, dict) or not {"model", "config"} <= state.keys():
+        raise CheckpointError(f"{path}: not a MEND checkpoint (no 'model' and 'config' entries)")
+    return state
 
 
 def check_compatible(ckpt_config, llm, distiller, path):
@@ -313,7 +345,7 @@ def load_vectors(path, expect):
         meta = f.metadata()
     for key, want in expect.items():
         if meta.get(key) != str(want):
-            raise ValueError(f"{path}: vectors were made with {key}={meta.get(key)}, not {key}={want}")
+            raise data.DataError(f"{path}: vectors were made with {key}={meta.get(key)}, not {key}={want}")
     return load_file(path)["vectors"]
 
 
@@ -326,3 +358,80 @@ def file_hash(path):
         h.update(f.read(1 << 20))
     return h.hexdigest()[:16] + f"-{size}"
 
+
+# -----------------------------------------------------------------------------
+# using a trained MEND: distill your demonstrations once, then score, classify or generate at zero-shot cost
+
+
+class MEND:
+    """A trained MEND from one checkpoint: the frozen LLM, the distiller and both tokenizers.
+
+        mend = MEND.load("mend.pt")
+        vectors = mend.distill([("great movie", "positive"), ("dull plot", "negative")])   # (1, L, C), once
+        mend.classify(vectors, ["what a film", "I fell asleep"], ["positive", "negative"])  # -> ['positive', ...]
+    """
+
+    def __init__(self, llm, distiller, toks, config, ckpt_hash):
+        self.llm, self.distiller, self.toks, self.config, self.ckpt_hash = llm, distiller, toks, config, ckpt_hash
+        self.max_len = config["max_len_per_example"]
+        self.budgets = (config["teacher_demo_tokens"], config["distiller_demo_tokens"])
+
+    @classmethod
+    def load(cls, ckpt, llm=None, device=None):
+        """Refuses an `llm` other than the one the checkpoint was trained for, naming both."""
+        state = load_checkpoint(ckpt)
+        cfg = state["config"]
+        if llm and llm != cfg["llm"]:
+            raise CheckpointError(f"{ckpt} was trained for llm={cfg['llm']}, not llm={llm}")
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        lm = load_llm(cfg["llm"], device)
+        distiller = build_distiller(cfg["distiller"], lm, cfg["n_vectors"])
+        load_distiller_state(distiller, state["model"], ckpt)
+        return cls(lm, freeze(distiller), tokenizers(cfg["distiller"], cfg["llm"]), cfg, file_hash(ckpt))
+
+    def demo_ids(self, demos):
+        """Distiller token ids of (input, output) pairs (formatted and budgeted as in training) or of one string."""
+        if isinstance(demos, str):
+            return data.encode(self.toks[1], demos)[-self.budgets[1]:]  # keep the end, nearest the query
+        pairs = [{"input": x, "output": y} for x, y in demos]
+        return data.demo_item(self.toks, pairs, self.budgets, self.max_len)[1]
+
+    @torch.no_grad()
+    def distill(self, demos):
+        """Demonstrations -> distillation vectors (1, L, C): list of (input, output) pairs, or formatted text."""
+        ids = torch.tensor([self.demo_ids(demos)], device=self.llm.device)              # (1, D)
+        return self.distiller(ids, torch.ones_like(ids))
+
+    def vector_meta(self, demos):
+        """What save_vectors records, and load_vectors checks, for vectors distilled from `demos`."""
+        return {"llm": self.config["llm"], "distiller": self.config["distiller"], "ckpt_hash": self.ckpt_hash,
+                "demos_hash": demos_hash(self.demo_ids(demos))}
+
+    @torch.no_grad()
+    def score(self, vectors, inputs, options):
+        """Per input, one score per option: -(mean NLL of the option's tokens) after [vectors ; input]. options is
+        one list for every input, or one list per input. The vectors' keys/values are computed once."""
+        kv = prefix_cache(self.llm, prefix_embeds=vectors.to(self.llm.device))
+        per_input = options if options and isinstance(options[0], (list, tuple)) else [options] * len(inputs)
+        return [option_scores(self.llm, self.toks[0], {"input": x, "options": list(o)}, self.max_len, kv)
+                for x, o in zip(inputs, per_input)]
+
+    def classify(self, vectors, inputs, options):
+        """The best option per input."""
+        per_input = options if options and isinstance(options[0], (list, tuple)) else [options] * len(inputs)
+        return [o[int(s.argmax())] for s, o in zip(self.score(vectors, inputs, options), per_input)]
+
+    @torch.no_grad()
+    def generate(self, vectors, input, max_new_tokens=32):
+        """Greedy continuation of `input` (formatted as a query) after the vectors, whose keys/values are computed
+        once; each new token extends the cache. Stops at the tokenizer's end-of-sequence token."""
+        x, _ = data.encode_example(self.toks[0], {"input": input}, self.max_len, answer_len=max_new_tokens)
+        kv = prefix_cache(self.llm, prefix_embeds=vectors.to(self.llm.device))
+        logits, kv = extend_prefix(self.llm, torch.tensor([x], device=self.llm.device), kv)  # (1, V)
+        out = []
+        while len(out) < max_new_tokens:
+            out.append(int(logits.argmax(-1)))
+            if out[-1] == self.toks[0].eos_token_id:
+                break
+            logits, kv = extend_prefix(self.llm, torch.tensor([out[-1:]], device=self.llm.device), kv)
+        return self.toks[0].decode(out, skip_special_tokens=True)

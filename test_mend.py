@@ -298,7 +298,7 @@ def test_demo_budget_keeps_whole_demos_for_both_tokenizers(tmp_path):
 
 
 def test_partitions_from_file_and_builtin(tmp_path):
-    assert data.partition(ROOT / "data", "qa2qa")["test"] == ["sample-opposite", "sample-first_word"]
+    assert data.partition(ROOT / "sample_data", "qa2qa")["test"] == ["sample-opposite", "sample-first_word"]
     builtin = data.partition(tmp_path, "class_to_class")
     assert len(builtin["train"]) == 43 and len(builtin["test"]) == 19 and "dbpedia_14" not in builtin["test"]
 
@@ -392,7 +392,7 @@ def test_selection_signal_holds_out_tasks_and_scores_like_eval(saved_llm, tmp_pa
     """--val_tasks: the held-out task never enters training, the checkpoint leaves out the frozen embeddings, and the
     logged MEND signal is what eval.py's scorer gives for that task's examples with the saved distiller."""
     llm, ckpt = saved_llm("llama"), tmp_path / "m.pt"
-    train.run(train_args(llm, ckpt, "--stage", "finetune", "--partition", "class2class", "--data", str(ROOT / "data"),
+    train.run(train_args(llm, ckpt, "--stage", "finetune", "--partition", "class2class", "--data", str(ROOT / "sample_data"),
                          "--k", "4", "--max_steps", "2", "--eval_interval", "2", "--val_tasks", "1",
                          "--val_task_examples", "8"))
     state = model.load_checkpoint(ckpt)
@@ -400,9 +400,9 @@ def test_selection_signal_holds_out_tasks_and_scores_like_eval(saved_llm, tmp_pa
     assert not any("embed" in k for k in state["model"]) and any("placeholder" in k for k in state["model"])
     log = ckpt.with_suffix(".log").read_text()
     logged = [float(l.split("signal mend ")[1].split()[0]) for l in log.splitlines() if "signal mend" in l]
-    args = evaluate.get_args(["--data", str(ROOT / "data"), "--ckpt", str(ckpt), "--partition", "class2class"])
+    args = evaluate.get_args(["--data", str(ROOT / "sample_data"), "--ckpt", str(ckpt), "--partition", "class2class"])
     lm, toks, distiller, meta, _ = evaluate.load_models(args, ["mend"], "cpu")
-    pool = data.read_metaicl(data.task_file(ROOT / "data", "sample-topic", 16, 100, "test"))
+    pool = data.read_metaicl(data.task_file(ROOT / "sample_data", "sample-topic", 16, 100, "test"))
     preds = evaluate.evaluate_seed("mend", lm, toks, distiller, pool[:4], pool[4:12], args, {**meta, "task": "t", "seed": 1})
     f1 = evaluate.macro_f1(preds, [ex["options"].index(ex["output"]) for ex in pool[4:12]])
     assert "signal reference | held-out tasks macro-F1: zeroshot" in log and logged[-1] == pytest.approx(f1, abs=0.006)
@@ -438,7 +438,7 @@ def test_option_scores_equal_a_brute_force_forward(tmp_path):
 
 def test_eval_reports_skipped_tasks_refuses_seen_tasks_and_writes_the_json(saved_llm, tmp_path):
     llm = saved_llm("llama")
-    shutil.copytree(ROOT / "data" / "metaicl", tmp_path / "d" / "metaicl")
+    shutil.copytree(ROOT / "sample_data" / "metaicl", tmp_path / "d" / "metaicl")
     parts = json.loads((tmp_path / "d" / "metaicl" / "partitions.json").read_text())
     parts["qa2qa"]["test"].append("not-a-task")
     parts["nonclass2class"]["test"].append("sample-arithmetic")  # a task the checkpoint was finetuned on
@@ -467,6 +467,109 @@ def test_distilled_vectors_round_trip_and_refuse_a_mismatch(tmp_path):
     assert torch.equal(model.load_vectors(tmp_path / "v.safetensors", meta), vectors)
     with pytest.raises(ValueError, match="made with distiller=layers:2, not distiller=gpt2"):
         model.load_vectors(tmp_path / "v.safetensors", {**meta, "distiller": "gpt2"})
+
+
+def test_prompt_tuning_and_no_kd_checkpoints_are_named_by_their_config(saved_llm, tmp_path, monkeypatch):
+    """--distiller prompt trains vectors that ignore the demonstrations; with --lam 0 the teacher never runs; eval.py
+    names the JSON entry after what was trained (prompt_tuning, mend_no_kd) and records the perturbation."""
+    llm = saved_llm("llama")
+    monkeypatch.setattr(distill, "teacher_logits", lambda *a, **k: pytest.fail("lam 0 must not run the teacher"))
+    for spec, out in [("prompt", "pt.pt"), ("layers:1", "nokd.pt")]:
+        args = train_args(llm, tmp_path / out, "--stage", "finetune", "--distiller", spec, "--lam", "0",
+                          "--max_steps", "2", "--val_items", "0", "--lr", "1e-2")
+        losses = train.run(args)
+        assert all(math.isfinite(loss) for _, loss in losses)
+    pt = model.build_distiller("prompt", tiny_llm("llama"), 3)
+    pt.load_state_dict(model.load_checkpoint(tmp_path / "pt.pt")["model"])
+    assert torch.equal(pt(ids([1, 2, 3]), ids([1, 1, 1])), pt(ids([9, 8]), ids([1, 1])))  # the demos are not read
+    names = {}
+    for out in ["pt.pt", "nokd.pt"]:
+        report = evaluate.main(evaluate.get_args(["--ckpt", str(tmp_path / out), "--methods", "mend", "--seeds", "100",
+                                                  "--max_examples", "2", "--perturb", "random_labels",
+                                                  "--out", str(tmp_path / "r.json")]))
+        names[out] = (list(report["methods"]), report["perturb"])
+    assert names == {"pt.pt": (["prompt_tuning"], "random_labels"), "nokd.pt": (["mend_no_kd"], "random_labels")}
+
+
+def test_perturbed_demonstrations():
+    demos = [{"input": f"x{i}", "output": "a", "options": ["a", "b", "c"]} for i in range(40)]
+    shuffled = data.perturb_demos(demos, "random_labels", seed=13)
+    assert shuffled == data.perturb_demos(demos, "random_labels", seed=13) and {d["output"] for d in shuffled} == {"a", "b", "c"}
+    assert [d["input"] for d in shuffled] == [d["input"] for d in demos]
+    assert all(d["output"] == "" for d in data.perturb_demos(demos, "no_labels", 1))
+    assert all(d["input"] == "" and d["output"] == "a" for d in data.perturb_demos(demos, "no_inputs", 1))
+    assert data.perturb_demos(demos, "gold", 1) == demos
+
+
+# -----------------------------------------------------------------------------
+# the MEND API (model.MEND) and one-line errors
+
+
+def test_mend_api_distills_scores_classifies_and_generates(saved_llm, tmp_path):
+    """MEND.load + distill/score/classify/generate agree with brute-force forwards and with HF's own generate."""
+    llm, ckpt = saved_llm("llama"), tmp_path / "mend.pt"
+    train.run(train_args(llm, ckpt, "--stage", "finetune", "--max_steps", "1", "--val_items", "0"))
+    mend = model.MEND.load(str(ckpt), device="cpu")
+    pairs = [("good film", "yes"), ("bad film", "no")]
+    vectors = mend.distill(pairs)
+    assert vectors.shape == (1, 3, 32)
+    torch.testing.assert_close(mend.distill("good film\nyes\n\nbad film\nno\n\n"), vectors)  # text = pairs
+    scores = mend.score(vectors, ["nice film", "awful"], ["yes", "no!"])
+    ex = {"input": "awful", "options": ["yes", "no!"]}
+    torch.testing.assert_close(scores[1], evaluate.naive_option_scores(mend.llm, mend.toks[0], ex, 32, prefix_embeds=vectors))
+    assert mend.classify(vectors, ["nice film", "awful"], ["yes", "no!"]) == [["yes", "no!"][int(s.argmax())] for s in scores]
+    x = torch.tensor([data.encode(mend.toks[0], "nice film\n")])
+    embeds = torch.cat([vectors, mend.llm.get_input_embeddings()(x)], dim=1)          # (1, L+T, C)
+    hf = mend.llm.generate(inputs_embeds=embeds, attention_mask=torch.ones(embeds.shape[:2], dtype=torch.long),
+                           max_new_tokens=12, do_sample=False, min_new_tokens=12)
+    assert mend.generate(vectors, "nice film", max_new_tokens=12) == mend.toks[0].decode(hf[0], skip_special_tokens=True)
+    with pytest.raises(model.CheckpointError, match="was trained for llm=.*llama, not llm=gpt2"):
+        model.MEND.load(str(ckpt), llm="gpt2")
+
+
+def test_readme_snippet_runs(saved_llm, tmp_path, monkeypatch):
+    """The README's "Use MEND on your own demonstrations" code, run as written against a tiny checkpoint."""
+    readme = (ROOT / "README.md").read_text()
+    snippet = readme.split("## Use MEND on your own demonstrations")[1].split("```python\n")[1].split("```")[0]
+    train.run(train_args(saved_llm("llama"), tmp_path / "mend.pt", "--stage", "finetune", "--max_steps", "1",
+                         "--val_items", "0"))
+    monkeypatch.chdir(tmp_path)
+    scope = {}
+    exec(snippet, scope)
+    assert scope["labels"] and set(scope["labels"]) <= {"positive", "negative"}
+    assert (tmp_path / "tickets.safetensors").exists()
+
+
+def run_script(*argv):
+    """A script as a user runs it: -> (exit status, stderr lines)."""
+    proc = subprocess.run([sys.executable, *argv], cwd=ROOT, capture_output=True, text=True,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""})
+    return proc.returncode, [l for l in proc.stderr.splitlines() if l.strip() and "it/s]" not in l]
+
+
+def test_bad_input_gives_one_error_line_and_status_2(saved_llm, tmp_path):
+    """Malformed C4/MetaICL lines and truncated or foreign checkpoints: `error: ...` naming the file, status 2, no
+    traceback, from train.py, eval.py and flops.py alike; a bad --init/--ckpt is refused before the LLM loads."""
+    llm = saved_llm("llama")
+    write_lines(tmp_path / "bad" / "c4" / "a.jsonl", ['{"text": "fine"}', "{oops"])
+    shutil.copytree(ROOT / "sample_data" / "metaicl", tmp_path / "bad" / "metaicl")
+    broken = tmp_path / "bad" / "metaicl" / "sample-opposite" / "sample-opposite_16_100_train.jsonl"
+    broken.write_text(broken.read_text() + '{"task": "x", "input": "y"}\n')
+    (tmp_path / "trunc.pt").write_bytes(b"PK\x03\x04 truncated")
+    torch.save({"weights": torch.ones(2)}, tmp_path / "foreign.pt")
+    cases = [
+        (["train.py", "--stage", "pretrain", "--llm", llm, "--data", str(tmp_path / "bad")], "a.jsonl:2: not valid JSON"),
+        (["train.py", "--stage", "finetune", "--llm", "no/such-llm", "--init", str(tmp_path / "trunc.pt")],
+         "trunc.pt: not a readable checkpoint"),
+        (["eval.py", "--methods", "mend", "--ckpt", str(tmp_path / "foreign.pt")], "foreign.pt: not a MEND checkpoint"),
+        (["eval.py", "--methods", "zeroshot,icl", "--llm", llm, "--data", str(tmp_path / "bad"), "--max_examples", "2"],
+         "sample-opposite_16_100_train.jsonl:17: missing string field 'output'"),
+        (["flops.py", "--data", str(tmp_path / "bad"), "--tokenizer", llm, "--lengths", "qa2qa", "--bench_pair", "none"],
+         "sample-opposite_16_100_train.jsonl:17: missing string field 'output'"),
+    ]
+    for argv, message in cases:
+        status, lines = run_script(*argv)
+        assert (status, len(lines)) == (2, 1) and lines[0].startswith("error: ") and message in lines[0], (argv, lines)
 
 
 # -----------------------------------------------------------------------------

@@ -31,9 +31,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import data
 from distill import answer_ce_per_example, kl_per_example, mend_loss, phase
 from eval import macro_f1
-from model import (EMBEDDED, build_distiller, check_compatible, count_params, distiller_state, distiller_tokenizer,
-                   llm_logits, load_checkpoint, load_distiller_state, load_llm, load_tokenizer, option_scores,
-                   prefix_cache, save_checkpoint, teacher_logits)
+from model import (EMBEDDED, build_distiller, check_compatible, count_params, distiller_state, llm_logits,
+                   load_checkpoint, load_distiller_state, load_llm, option_scores, prefix_cache, save_checkpoint,
+                   teacher_logits, tokenizers)
 
 PAPER = {  # spec section 6 (the official pretrain.sh / finetune.sh); batch is per GPU: 8 GPUs give the global 8
     "common": dict(llm="gpt2-large", distiller="gpt2", n_vectors=100, k=16, batch=1, grad_accum=1, max_steps=30000,
@@ -53,7 +53,7 @@ def get_args(argv=None):
     p.add_argument("--init", default="", help="start the distiller from this checkpoint (stage 2 from stage 1)")
     p.add_argument("--resume", action="store_true", help="continue the run saved at --out (weights, optimizer, RNG)")
     p.add_argument("--out", default="", help="checkpoint path (default: ckpt.pt for pretrain, mend.pt for finetune)")
-    p.add_argument("--data", default="data", help="data folder with c4/ and metaicl/ (real data: ../shared/data)")
+    p.add_argument("--data", default="sample_data", help="data folder with c4/ and metaicl/ (real data: ../shared/data)")
     p.add_argument("--partition", default="qa2qa", help="MetaICL partition whose meta-train tasks stage 2 uses")
     p.add_argument("--llm", default=EMBEDDED, help="frozen LLM: hub name, local path, or smollm2-135m (offline)")
     p.add_argument("--distiller", default="layers:2", help="hub name / path (paper: gpt2), or layers:N = LLM's first N")
@@ -183,27 +183,31 @@ def checkpoint_state(distiller, optimizer, scaler, step, config):
             "step": step, "config": config, "rng": rng}
 
 
-def restore(path, distiller, optimizer, scaler, config):
-    """--resume: weights, optimizer, scaler, RNG and step from `path`; returns the step to continue from."""
+def starting_state(args):
+    """The checkpoint a run starts from (--resume: its own --out, when it exists; else --init), read and checked
+    before the LLM is loaded, so a wrong path or a foreign checkpoint costs a second, not a model load."""
+    resume = args.resume and os.path.exists(args.out)
+    if not resume and not args.init:
+        return None
+    path = args.out if resume else args.init
+    if not resume and not os.path.isfile(path):
+        raise SystemExit(f"--init {path}: no such checkpoint (make it with: python train.py --stage pretrain --out {path})")
     state = load_checkpoint(path)
-    check_compatible(state["config"], config["llm"], config["distiller"], path)
-    load_distiller_state(distiller, state["model"], path)
+    check_compatible(state["config"], args.llm, args.distiller, path)
+    if resume and "optimizer" not in state:
+        raise SystemExit(f"{path} holds no optimizer state to resume from")
+    return {**state, "path": path, "resume": resume}
+
+
+def restore(state, distiller, optimizer, scaler):
+    """--resume: weights, optimizer, scaler, RNG and step; returns the step to continue from."""
+    load_distiller_state(distiller, state["model"], state["path"])
     optimizer.load_state_dict(state["optimizer"])
     scaler.load_state_dict(state["scaler"])
     torch.set_rng_state(state["rng"]["torch"])
     if "cuda" in state["rng"] and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["rng"]["cuda"])
     return state["step"]
-
-
-def init_from(path, distiller, args):
-    """--init: only the distiller weights of another run (stage 2 starts from stage 1), after a compatibility check."""
-    try:
-        state = load_checkpoint(path)
-    except FileNotFoundError:
-        raise SystemExit(f"--init {path}: no such checkpoint (make it with: python train.py --stage pretrain --out {path})")
-    check_compatible(state["config"], args.llm, args.distiller, path)
-    load_distiller_state(distiller, state["model"], path)
 
 
 # -----------------------------------------------------------------------------
@@ -282,11 +286,11 @@ def run(args):
         torch.set_num_threads(args.threads)
     config = {**vars(args), "world_size": world}
     log(f"config: {json.dumps(config)}")
+    start = starting_state(args)
     llm_dtype = dtype if device.startswith("cuda") else torch.float32  # the frozen LLM may be held in bf16/fp16 on GPU
     llm = load_llm(args.llm, device, llm_dtype)
     distiller = build_distiller(args.distiller, llm, args.n_vectors, freeze_embeddings=args.freeze_embeddings)
-    tok = load_tokenizer(args.llm)  # one object when shared, so the distiller's demo ids are the teacher's, not re-encoded
-    toks = (tok, tok if args.distiller.startswith("layers:") else distiller_tokenizer(args.distiller, args.llm))
+    toks = tokenizers(args.distiller, args.llm)
     log(f"device={device} dtype={str(dtype).removeprefix('torch.')} world={world} threads={torch.get_num_threads()} | llm {args.llm}: "
         f"{count_params(llm):,} params, frozen | distiller {args.distiller}: {count_params(distiller, True):,} "
         f"trainable params (backbone + {args.n_vectors} placeholders + projection)")
@@ -301,11 +305,11 @@ def run(args):
     optimizer = make_optimizer(distiller, args)
     scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)  # a no-op unless fp16
     step = 0
-    if args.resume and os.path.exists(args.out):
-        step = restore(args.out, distiller, optimizer, scaler, config)
+    if start and start["resume"]:
+        step = restore(start, distiller, optimizer, scaler)
         log(f"resumed from {args.out} at step {step}")
-    elif args.init:
-        init_from(args.init, distiller, args)
+    elif start:
+        load_distiller_state(distiller, start["model"], args.init)  # --init: the weights only (stage 2 from stage 1)
         log(f"initialized the distiller from {args.init}")
     model = DDP(distiller) if world > 1 else distiller
     model = torch.compile(model) if args.compile else model
@@ -412,4 +416,4 @@ def write_bench(bench, args, log):
 
 
 if __name__ == "__main__":
-    run(get_args())
+    data.run_cli(lambda: run(get_args()))

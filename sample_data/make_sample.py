@@ -1,5 +1,5 @@
 """Writes the project's own small sample data (c4/ and metaicl/), generated from templates, so every command runs on a
-fresh machine without downloads. Deterministic: `python data/make_sample.py` rewrites the same files."""
+fresh machine without downloads. Deterministic: `python sample_data/make_sample.py` rewrites the same files."""
 import json
 import random
 from pathlib import Path
