@@ -224,7 +224,7 @@ def count_params(module, trainable_only=False):
 
 def prefix_cache(llm, prefix_ids=None, prefix_embeds=None):
     """Run the LLM once over a shared prefix, (1, P) ids or (1, P, C) vectors; return its keys/values per layer."""
-    out = llm(input_ids=prefix_ids, inputs_embeds=prefix_embeds, use_cache=True)
+    out = llm(input_ids=prefix_ids, inputs_embeds=prefix_embeds, use_cache=True, logits_to_keep=1)
     return [(layer.keys, layer.values) for layer in out.cache.layers]           # per layer (1, H, P, h) twice
 
 
@@ -268,7 +268,8 @@ def teacher_logits(llm, demo_ids, demo_mask, query_ids, query_mask, query_item=N
     -> (N, T, V). Query row r follows the demonstrations of row query_item[r] (default: row r); each demonstration row
     is read once, and its keys/values are shared by all of its queries."""
     query_item = torch.arange(len(demo_ids), device=demo_ids.device) if query_item is None else query_item
-    out = llm(input_ids=demo_ids, attention_mask=demo_mask, position_ids=position_ids(demo_mask), use_cache=True)
+    out = llm(input_ids=demo_ids, attention_mask=demo_mask, position_ids=position_ids(demo_mask), use_cache=True,
+              logits_to_keep=1)  # only the keys/values are needed, not (B, D, V) logits
     kv = [(layer.keys[query_item], layer.values[query_item]) for layer in out.cache.layers]  # per layer (N, H, D, h)
     return llm_logits(llm, query_ids, query_mask, prefix_kv=kv, prefix_mask=demo_mask[query_item])
 

@@ -369,7 +369,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(saved_llm, tmp_path, 
 
 def test_atomic_save_survives_a_crash_mid_write(tmp_path, monkeypatch):
     path = tmp_path / "ckpt.pt"
-    model.save_checkpoint(path, {"step": 1, "w": torch.ones(3)})
+    model.save_checkpoint(path, {"step": 1, "model": {"w": torch.ones(3)}, "config": {}})
 
     def crash(obj, f):
         Path(f).write_bytes(b"partial")
@@ -377,7 +377,7 @@ def test_atomic_save_survives_a_crash_mid_write(tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch, "save", crash)
     with pytest.raises(OSError):
-        model.save_checkpoint(path, {"step": 2, "w": torch.zeros(3)})
+        model.save_checkpoint(path, {"step": 2, "model": {"w": torch.zeros(3)}, "config": {}})
     assert model.load_checkpoint(path)["step"] == 1
 
 
