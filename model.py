@@ -135,14 +135,17 @@ class Distiller(nn.Module):
         # Linear+tanh only when the widths differ, as in the paper; with equal widths the hidden states are used as is
         self.proj = nn.Sequential(nn.Linear(width, llm_width), nn.Tanh()) if width != llm_width else nn.Identity()
 
-    def forward(self, demo_ids, demo_mask):
+    def backbone_inputs(self, demo_ids, demo_mask):
         """demo_ids, demo_mask: (B, D), left-padded, so the L placeholders always take the last L slots."""
         B, L = demo_ids.shape[0], self.placeholder.shape[0]
         embeds = self.backbone.get_input_embeddings()(demo_ids)                 # (B, D, c)
         x = torch.cat([embeds, self.placeholder.expand(B, L, -1).to(embeds.dtype)], dim=1)  # (B, D+L, c)
         mask = torch.cat([demo_mask, demo_mask.new_ones(B, L)], dim=1)          # (B, D+L)
-        h = self.backbone(inputs_embeds=x, attention_mask=mask, position_ids=position_ids(mask)).last_hidden_state
-        return self.proj(h[:, -L:])                                             # (B, L, c) -> (B, L, C)
+        return dict(inputs_embeds=x, attention_mask=mask, position_ids=position_ids(mask))
+
+    def forward(self, demo_ids, demo_mask):
+        h = self.backbone(**self.backbone_inputs(demo_ids, demo_mask)).last_hidden_state  # (B, D+L, c)
+        return self.proj(h[:, -self.placeholder.shape[0]:])                     # (B, L, c) -> (B, L, C)
 
 
 class PromptTuning(nn.Module):

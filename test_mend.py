@@ -501,6 +501,22 @@ def test_perturbed_demonstrations():
     assert data.perturb_demos(demos, "gold", 1) == demos
 
 
+def test_analyze_attention_maps(saved_llm, tmp_path):
+    """analyze.py: one attention row per vector over the demonstration tokens (a distribution restricted to the
+    demos, so its sum is at most 1), and per LLM layer a prefix share in [0, 1] for vectors and for demonstrations."""
+    import analyze
+    ckpt = tmp_path / "mend.pt"
+    train.run(train_args(saved_llm("llama"), ckpt, "--stage", "finetune", "--max_steps", "1", "--val_items", "0"))
+    png = tmp_path / "att.png"
+    report = analyze.main(analyze.get_args(["--ckpt", str(ckpt), "--task", "sample-opposite", "--png", str(png),
+                                            "--out", str(tmp_path / "att.json")]))
+    att = torch.tensor(report["distiller_attention"])
+    assert att.shape[0] == 3 and bool((att >= 0).all()) and bool((att.sum(-1) <= 1 + 1e-5).all())
+    shares = report["llm_share_on_vectors"] + report["llm_share_on_demos"]
+    assert len(shares) == 4 and all(0 <= s <= 1 + 1e-5 for s in shares)
+    assert png.exists() == (importlib.util.find_spec("matplotlib") is not None)
+
+
 # -----------------------------------------------------------------------------
 # the MEND API (model.MEND) and one-line errors
 

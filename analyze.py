@@ -1,0 +1,101 @@
+"""
+What the distilled vectors attend to (the paper's analysis of MEND's vectors): for one task and its demonstrations,
+
+  1. the distiller's attention from each placeholder position over the demonstration tokens (last layer, mean over
+     heads), printed as the top demonstration tokens per vector (and a PNG heatmap when matplotlib is installed);
+  2. the LLM's attention from the answer position (the last input token, which predicts the answer) to its prefix:
+     to the distilled vectors (MEND, the student) against to the real demonstrations (ICL, the teacher), per layer.
+
+    python analyze.py --ckpt mend.pt --task sample-sentiment
+    python analyze.py --ckpt results/real/mend.pt --data ../shared/data --task ag_news --png results/real/attention.png
+"""
+import argparse
+import importlib.util
+import json
+from pathlib import Path
+
+import torch
+
+import data
+from model import MEND
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--ckpt", default="mend.pt", help="a checkpoint made by train.py")
+    p.add_argument("--data", default="sample_data", help="data folder with metaicl/")
+    p.add_argument("--task", default="sample-sentiment", help="task whose {task}_16_{seed}_train.jsonl are the demos")
+    p.add_argument("--seed", type=int, default=100, help="MetaICL seed of the demonstrations")
+    p.add_argument("--top", type=int, default=5, help="demonstration tokens listed per vector")
+    p.add_argument("--png", default="", help="also draw the placeholder-to-demonstration heatmap here (matplotlib)")
+    p.add_argument("--out", default="", help="JSON with both attention maps (default: attention_{task}.json)")
+    args = p.parse_args(argv)
+    args.out = args.out or f"attention_{args.task}.json"
+    return args
+
+
+@torch.no_grad()
+def distiller_attention(mend, ids):
+    """(L, D): last-layer attention of each placeholder over the demonstration tokens, mean over heads."""
+    ids = torch.tensor([ids], device=mend.llm.device)                               # (1, D)
+    out = mend.distiller.backbone(**mend.distiller.backbone_inputs(ids, torch.ones_like(ids)), output_attentions=True)
+    L = mend.distiller.placeholder.shape[0]
+    return out.attentions[-1][0].mean(0)[-L:, :ids.shape[1]].float().cpu()        # (H, D+L, D+L) -> (L, D)
+
+
+@torch.no_grad()
+def prefix_share(mend, prefix_embeds, query_ids):
+    """Per LLM layer, the attention mass (mean over heads) that the last query position puts on the prefix."""
+    q = torch.tensor([query_ids], device=mend.llm.device)                             # (1, T)
+    x = torch.cat([prefix_embeds, mend.llm.get_input_embeddings()(q)], dim=1)       # (1, P+T, C)
+    att = mend.llm(inputs_embeds=x, output_attentions=True, logits_to_keep=1).attentions
+    P = prefix_embeds.shape[1]
+    return [float(a[0, :, -1, :P].sum(-1).mean()) for a in att]                    # per layer (H, S, S) -> share
+
+
+def heatmap(path, att, labels):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(min(24, 2 + len(labels) / 6), 2 + att.shape[0] / 4))
+    ax.imshow(att.numpy(), aspect="auto", cmap="viridis")
+    ax.set_xticks(range(len(labels)), labels, rotation=90, fontsize=5)
+    ax.set(xlabel="demonstration token", ylabel="distillation vector", title="distiller attention (last layer)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=150)
+
+
+def main(args):
+    mend = MEND.load(args.ckpt, device="cpu")
+    mend.llm.set_attn_implementation("eager")  # attention weights are only returned by the eager kernels
+    if hasattr(mend.distiller, "backbone"):
+        mend.distiller.backbone.set_attn_implementation("eager")
+    demos = data.read_metaicl(data.task_file(args.data, args.task, 16, args.seed, "train"))[:mend.config["k"]]
+    query = data.read_metaicl(data.task_file(args.data, args.task, 16, 100, "test"))[0]
+    pairs = [(d["input"], d["output"]) for d in demos]
+    teacher_ids, _ = data.demo_item(mend.toks, demos, mend.budgets, mend.max_len)
+    x, _ = data.encode_example(mend.toks[0], query, mend.max_len)
+    report = {"task": args.task, "ckpt": args.ckpt, "query": query["input"]}
+    if hasattr(mend.distiller, "backbone"):
+        ids = mend.demo_ids(pairs)
+        att = distiller_attention(mend, ids)
+        words = [mend.toks[1].decode([t]) for t in ids]
+        for v, row in enumerate(att):
+            top = row.topk(min(args.top, len(ids)))
+            print(f"vector {v:3d}: " + "  ".join(f"{words[j]!r} {w:.2f}" for w, j in zip(top.values, top.indices)))
+        report["distiller_attention"] = att.tolist()
+        if args.png and importlib.util.find_spec("matplotlib"):
+            heatmap(args.png, att, words)
+            print(f"wrote {args.png}")
+    demo_embeds = mend.llm.get_input_embeddings()(torch.tensor([teacher_ids]))      # (1, D, C)
+    report["llm_share_on_vectors"] = prefix_share(mend, mend.distill(pairs), x)
+    report["llm_share_on_demos"] = prefix_share(mend, demo_embeds, x)
+    for layer, (s, t) in enumerate(zip(report["llm_share_on_vectors"], report["llm_share_on_demos"])):
+        print(f"LLM layer {layer:2d}: answer position -> vectors {s:.3f} | -> real demonstrations {t:.3f}")
+    Path(args.out).write_text(json.dumps(report))
+    print(f"wrote {args.out}")
+    return report
+
+
+if __name__ == "__main__":
+    data.run_cli(lambda: main(get_args()))
