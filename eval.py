@@ -52,6 +52,7 @@ def get_args(argv=None):
     p.add_argument("--vectors_dir", default="", help="distill once: save/load distilled vectors here (safetensors)")
     p.add_argument("--out", default="", help="JSON results file (default: eval_{partition}.json)")
     p.add_argument("--device", default="auto", help="auto = cuda if available, else cpu")
+    p.add_argument("--compare", default="", help="A.json:METHOD,B.json:METHOD: paired bootstrap of two result files")
     p.add_argument("--bench", type=int, default=0, help="compare cached scoring with the naive forward on N examples")
     args = p.parse_args(argv)
     args.out = args.out or f"eval_{args.partition}.json"
@@ -156,13 +157,13 @@ def evaluate_task(method, llm, toks, distiller, seeds, args, meta, task):
     first_tests = seeds[args.seeds[0]][1]
     classification = data.is_classification(first_tests)
     metric = macro_f1 if classification else accuracy
-    per_seed = {}
+    per_seed, predictions, golds = {}, {}, {}
     for seed, (demos, tests) in seeds.items():
-        golds = [ex["options"].index(ex["output"]) for ex in tests]
-        preds = evaluate_seed(method, llm, toks, distiller, demos, tests, args, {**meta, "task": task, "seed": seed})
-        per_seed[seed] = metric(preds, golds)
+        golds[seed] = [ex["options"].index(ex["output"]) for ex in tests]
+        predictions[seed] = evaluate_seed(method, llm, toks, distiller, demos, tests, args, {**meta, "task": task, "seed": seed})
+        per_seed[seed] = metric(predictions[seed], golds[seed])
     return {"metric": "macro_f1" if classification else "accuracy", "score": float(np.mean(list(per_seed.values()))),
-            "per_seed": per_seed, "n_examples": len(first_tests)}
+            "per_seed": per_seed, "n_examples": len(first_tests), "predictions": predictions, "golds": golds}
 
 
 def find_tasks(args, tasks):
@@ -242,6 +243,38 @@ def refuse_seen_tasks(cfg, tests, args):
 # reports
 
 
+def paired_bootstrap(a, b, n=2000, seed=0):
+    """How far is the average of method a above method b from noise? Both are {task: evaluate_task result} on the
+    same examples. Each resample redraws every (task, seed)'s test examples with replacement, the same draw for a
+    and b, and recomputes the average. -> (observed difference, 2.5% and 97.5% quantiles, share of resamples > 0)."""
+    rng, diffs = np.random.default_rng(seed), []
+    for _ in range(n):
+        per_task = []
+        for task, ra in a.items():
+            rb, metric = b[task], macro_f1 if ra["metric"] == "macro_f1" else accuracy
+            seeds = []
+            for s, golds in ra["golds"].items():
+                i = rng.integers(len(golds), size=len(golds))
+                g = [golds[j] for j in i]
+                seeds.append(metric([ra["predictions"][s][j] for j in i], g) - metric([rb["predictions"][s][j] for j in i], g))
+            per_task.append(np.mean(seeds))
+        diffs.append(np.mean(per_task))
+    observed = np.mean([a[t]["score"] - b[t]["score"] for t in a])
+    return float(observed), float(np.quantile(diffs, 0.025)), float(np.quantile(diffs, 0.975)), float(np.mean(np.array(diffs) > 0))
+
+
+def compare(spec):
+    """--compare A.json:METHOD,B.json:METHOD -> print the paired bootstrap of A's method over B's."""
+    (fa, ma), (fb, mb) = (s.rsplit(":", 1) for s in spec.split(","))
+    a, b = (json.loads(Path(f).read_text())["methods"][m]["tasks"] for f, m in ((fa, ma), (fb, mb)))
+    if set(a) != set(b):
+        raise SystemExit(f"--compare: the two files cover different tasks ({sorted(set(a) ^ set(b))})")
+    wins = sum(a[t]["score"] > b[t]["score"] for t in a)
+    diff, lo, hi, share = paired_bootstrap(a, b)
+    print(f"{ma} ({fa}) - {mb} ({fb}): {diff:+.2f} points, 95% interval [{lo:+.2f}, {hi:+.2f}] (paired bootstrap over "
+          f"test examples, 2000 resamples; {share:.1%} of them > 0); {ma} wins {wins} of {len(a)} tasks")
+
+
 def print_table(results, methods):
     tasks = list(results[methods[0]]["tasks"])
     width = max([len(t) for t in tasks] + [7])
@@ -279,6 +312,8 @@ def bench(args, llm, toks, distiller, files, methods, meta):
 
 @torch.no_grad()
 def main(args):
+    if args.compare:
+        return compare(args.compare)
     t_start = time.time()
     methods = [m for m in args.methods.split(",") if m] or ["zeroshot", "icl"] + ["mend"] * Path(args.ckpt).exists()
     if not args.methods and "mend" not in methods:

@@ -419,6 +419,21 @@ def test_macro_f1_hand_computed():
     assert evaluate.accuracy(list("abbba"), list("aabbc")) == 60.0
 
 
+def test_paired_bootstrap_and_compare(tmp_path, capsys):
+    """Identical methods differ by exactly 0; a method right everywhere beats one right half the time in every resample."""
+    golds = {"100": [0, 1] * 20}
+    task = lambda preds: {"metric": "accuracy", "golds": golds, "predictions": {"100": preds},
+                          "score": evaluate.accuracy(preds, golds["100"])}
+    good, half = {"t": task([0, 1] * 20)}, {"t": task([0] * 40)}
+    assert evaluate.paired_bootstrap(half, half, n=50) == (0.0, 0.0, 0.0, 0.0)
+    diff, lo, hi, share = evaluate.paired_bootstrap(good, half, n=200)
+    assert diff == 50.0 and 30 < lo < diff < hi < 70 and share == 1.0
+    for name, tasks in [("a", good), ("b", half)]:
+        (tmp_path / f"{name}.json").write_text(json.dumps({"methods": {"m": {"tasks": tasks}}}))
+    evaluate.compare(f"{tmp_path / 'a.json'}:m,{tmp_path / 'b.json'}:m")
+    assert "+50.00 points" in capsys.readouterr().out
+
+
 def test_option_scores_equal_a_brute_force_forward(tmp_path):
     """Batched options over a cached ICL prefix = -(mean NLL of the option tokens) from a plain HF forward each."""
     llm, tok = tiny_llm("llama"), byte_tokenizer(tmp_path)
