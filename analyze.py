@@ -8,6 +8,9 @@ What the distilled vectors attend to (the paper's analysis of MEND's vectors): f
 
     python analyze.py --ckpt mend.pt --task sample-sentiment
     python analyze.py --ckpt results/real/mend.pt --data ../shared/data --task ag_news --png results/real/attention.png
+    python analyze.py --curves results/real/mend.log,results/real/mend_no_stage1.log --png results/real/curves.png
+
+--curves reads train.py logs instead: the selection signal (held-out tasks' macro-F1) against training wall time.
 """
 import argparse
 import importlib.util
@@ -28,6 +31,7 @@ def get_args(argv=None):
     p.add_argument("--seed", type=int, default=100, help="MetaICL seed of the demonstrations")
     p.add_argument("--top", type=int, default=5, help="demonstration tokens listed per vector")
     p.add_argument("--png", default="", help="also draw the placeholder-to-demonstration heatmap here (matplotlib)")
+    p.add_argument("--curves", default="", help="comma-separated train.py logs: print and plot the selection signal")
     p.add_argument("--out", default="", help="JSON with both attention maps (default: attention_{task}.json)")
     args = p.parse_args(argv)
     args.out = args.out or f"attention_{args.task}.json"
@@ -65,7 +69,49 @@ def heatmap(path, att, labels):
     fig.savefig(path, dpi=150)
 
 
+def signal_curve(log):
+    """[(step, training seconds, MEND signal)] from a train.py log; a --resume continues the clock of the run before."""
+    points, offset, last = [], 0.0, 0.0
+    for line in Path(log).read_text().splitlines():
+        if line.startswith("resumed from"):
+            offset = last
+        elif "| signal mend " in line:
+            step, rest = line.removeprefix("step ").split(" | signal mend ")
+            f1, seconds = rest.split(" | ")
+            last = offset + float(seconds.removesuffix("s"))
+            points.append((int(step), last, float(f1)))
+    return points
+
+
+def curves(args):
+    """Print every log's curve, with the zero-shot and ICL reference of the first log, and plot them if possible."""
+    logs = args.curves.split(",")
+    ref = next(l for l in Path(logs[0]).read_text().splitlines() if l.startswith("signal reference"))
+    print(ref)
+    table = {log: signal_curve(log) for log in logs}
+    for log, points in table.items():
+        print(f"{log}: " + "  ".join(f"step {s} {t:.0f}s {f:.2f}" for s, t, f in points))
+    if args.png and importlib.util.find_spec("matplotlib"):
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        fig, ax = plt.subplots(figsize=(7, 4))
+        for log, points in table.items():
+            ax.plot([t / 60 for _, t, _ in points], [f for _, _, f in points], marker="o", label=Path(log).stem)
+        for name, value in zip(("zero-shot", "ICL"), (ref.split("zeroshot ")[1].split()[0], ref.split("icl ")[1])):
+            ax.axhline(float(value), linestyle="--", color="gray")
+            ax.annotate(name, (0, float(value)), fontsize=8)
+        ax.set(xlabel="training minutes", ylabel="held-out tasks macro-F1", title="selection signal")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(args.png, dpi=150)
+        print(f"wrote {args.png}")
+    return table
+
+
 def main(args):
+    if args.curves:
+        return curves(args)
     mend = MEND.load(args.ckpt, device="cpu")
     mend.llm.set_attn_implementation("eager")  # attention weights are only returned by the eager kernels
     if hasattr(mend.distiller, "backbone"):

@@ -52,6 +52,7 @@ def get_args(argv=None):
     p.add_argument("--vectors_dir", default="", help="distill once: save/load distilled vectors here (safetensors)")
     p.add_argument("--out", default="", help="JSON results file (default: eval_{partition}.json)")
     p.add_argument("--device", default="auto", help="auto = cuda if available, else cpu")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default, every core)")
     p.add_argument("--compare", default="", help="A.json:METHOD,B.json:METHOD: paired bootstrap of two result files")
     p.add_argument("--bench", type=int, default=0, help="compare cached scoring with the naive forward on N examples")
     args = p.parse_args(argv)
@@ -322,6 +323,8 @@ def main(args):
     if not set(methods) <= {"zeroshot", "icl", "mend"}:
         raise SystemExit(f"--methods must be a subset of zeroshot,icl,mend, got {args.methods}")
     args.seeds = [int(s) for s in str(args.seeds).split(",")]
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     part = data.partition(args.data, args.partition)
     llm, toks, distiller, meta, cfg = load_models(args, methods, device)

@@ -532,6 +532,17 @@ def test_analyze_attention_maps(saved_llm, tmp_path):
     assert png.exists() == (importlib.util.find_spec("matplotlib") is not None)
 
 
+def test_signal_curves_follow_a_resumed_run(tmp_path):
+    """--curves: a resumed run's clock continues where the run before stopped."""
+    import analyze
+    log = write_lines(tmp_path / "r.log", ["signal reference | held-out tasks macro-F1: zeroshot 7.59 | icl 15.64",
+                                            "step 60 | signal mend 9.32 | 244s", "resumed from r.pt at step 60",
+                                            "step 120 | signal mend 12.41 | 202s"])
+    table = analyze.main(analyze.get_args(["--curves", str(log), "--png", str(tmp_path / "c.png")]))
+    assert table[str(log)] == [(60, 244.0, 9.32), (120, 446.0, 12.41)]
+    assert (tmp_path / "c.png").exists() == (importlib.util.find_spec("matplotlib") is not None)
+
+
 # -----------------------------------------------------------------------------
 # the MEND API (model.MEND) and one-line errors
 
