@@ -272,11 +272,10 @@ def make_optimizer(distiller, args):
 def run(args):
     """The recipe: config -> device -> models -> data -> optimizer -> loop -> final save. Returns the step losses."""
     device, ctx, dtype, rank, world = setup_device(args)
-    master = rank == 0
     log_path = Path(args.out).with_suffix(".log")
 
     def log(msg):
-        if master:
+        if rank == 0:
             print(msg, flush=True)
             with open(log_path, "a") as f:
                 f.write(msg + "\n")
@@ -295,28 +294,40 @@ def run(args):
         f"{count_params(llm):,} params, frozen | distiller {args.distiller}: {count_params(distiller, True):,} "
         f"trainable params (backbone + {args.n_vectors} placeholders + projection)")
     item, val_items, tasks, signal = make_items(args, toks, log)
-    if val_items:
-        kl, ce, teacher_ce = zero_shot_reference(llm, val_items, args, ctx, device)
-        log(f"val reference | the LLM reading the query alone: kl {kl:.5g} | ce {ce:.5g} | the teacher: ce {teacher_ce:.5g}")
-    if signal and master:
-        ref = {m: selection_signal(m, llm, distiller, signal, toks, args, ctx) for m in ("zeroshot", "icl")}
-        log(f"signal reference | held-out tasks macro-F1: zeroshot {ref['zeroshot']:.2f} | icl {ref['icl']:.2f}")
     config["train_tasks"], config["val_tasks_held_out"] = tasks, sorted(signal)
     optimizer = make_optimizer(distiller, args)
     scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)  # a no-op unless fp16
-    step = 0
-    if start and start["resume"]:
-        step = restore(start, distiller, optimizer, scaler)
-        log(f"resumed from {args.out} at step {step}")
-    elif start:
-        load_distiller_state(distiller, start["model"], args.init)  # --init: the weights only (stage 2 from stage 1)
-        log(f"initialized the distiller from {args.init}")
-    model = DDP(distiller) if world > 1 else distiller
-    model = torch.compile(model) if args.compile else model
-    r = SimpleNamespace(llm=llm, model=model, distiller=distiller, optimizer=optimizer, scaler=scaler, item=item,
+    r = SimpleNamespace(llm=llm, model=distiller, distiller=distiller, optimizer=optimizer, scaler=scaler, item=item,
                         val_items=val_items, config=config, ctx=ctx, device=device, rank=rank, world=world, log=log,
                         signal=signal, toks=toks)
+    log_references(r, args)
+    step = apply_start(start, r, args)
+    r.model = DDP(distiller) if world > 1 else distiller
+    r.model = torch.compile(r.model) if args.compile else r.model
     return loop(r, args, step)
+
+
+def log_references(r, args):
+    """What the vectors must beat, computed once (the LLM is frozen): the validation KL/CE of the LLM reading the
+    query alone and the teacher's CE; and zero-shot and ICL on the held-out tasks of the selection signal."""
+    if r.val_items:
+        kl, ce, teacher_ce = zero_shot_reference(r.llm, r.val_items, args, r.ctx, r.device)
+        r.log(f"val reference | the LLM reading the query alone: kl {kl:.5g} | ce {ce:.5g} | the teacher: ce {teacher_ce:.5g}")
+    if r.signal and r.rank == 0:
+        ref = {m: selection_signal(m, r.llm, r.distiller, r.signal, r.toks, args, r.ctx) for m in ("zeroshot", "icl")}
+        r.log(f"signal reference | held-out tasks macro-F1: zeroshot {ref['zeroshot']:.2f} | icl {ref['icl']:.2f}")
+
+
+def apply_start(start, r, args):
+    """--resume restores everything (-> its step); --init loads the distiller weights only (stage 2 from stage 1)."""
+    if start and start["resume"]:
+        step = restore(start, r.distiller, r.optimizer, r.scaler)
+        r.log(f"resumed from {args.out} at step {step}")
+        return step
+    if start:
+        load_distiller_state(r.distiller, start["model"], args.init)
+        r.log(f"initialized the distiller from {args.init}")
+    return 0
 
 
 def train_step(r, args, step, timings):
