@@ -9,17 +9,24 @@ What the distilled vectors attend to (the paper's analysis of MEND's vectors): f
     python analyze.py --ckpt mend.pt --task sample-sentiment
     python analyze.py --ckpt results/real/mend.pt --data ../shared/data --task ag_news --png results/real/attention.png
     python analyze.py --curves results/real/mend.log,results/real/mend_no_stage1.log --png results/real/curves.png
+    python analyze.py --held_out --ckpt runs/A_base.pt --data ../shared/data
 
 --curves reads train.py logs instead: the selection signal (held-out tasks' macro-F1) against training wall time.
+--held_out shows, per task held out by --val_tasks, how often zero-shot, ICL and MEND predict each class.
 """
 import argparse
 import importlib.util
 import json
+from collections import Counter
+from contextlib import nullcontext
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
 import data
+import train
+from eval import macro_f1
 from model import MEND
 
 
@@ -32,6 +39,7 @@ def get_args(argv=None):
     p.add_argument("--top", type=int, default=5, help="demonstration tokens listed per vector")
     p.add_argument("--png", default="", help="also draw the placeholder-to-demonstration heatmap here (matplotlib)")
     p.add_argument("--curves", default="", help="comma-separated train.py logs: print and plot the selection signal")
+    p.add_argument("--held_out", action="store_true", help="class counts of the predictions on the held-out tasks")
     p.add_argument("--out", default="", help="JSON with both attention maps (default: attention_{task}.json)")
     args = p.parse_args(argv)
     args.out = args.out or f"attention_{args.task}.json"
@@ -109,9 +117,27 @@ def curves(args):
     return table
 
 
+def held_out(args):
+    """Per held-out task: gold class counts, then each method's macro-F1 and predicted class counts (does a method
+    read the demonstrations, or predict one class whatever they say?)."""
+    mend = MEND.load(args.ckpt, device="cpu")
+    cfg = SimpleNamespace(**{**mend.config, "data": args.data})
+    pools = data.meta_train_pools(args.data, cfg.val_tasks_held_out, log=lambda msg: None)
+    signal = {t: train.signal_examples(pools[t], cfg) for t in cfg.val_tasks_held_out}
+    report = {m: train.signal_predictions(m, mend.llm, mend.distiller, signal, mend.toks, cfg, nullcontext())
+              for m in ("zeroshot", "icl", "mend")}
+    for task in signal:
+        counts = lambda xs: dict(sorted(Counter(xs).items()))
+        line = "  ".join(f"{m} {macro_f1(*report[m][task]):.1f} {counts(report[m][task][0])}" for m in report)
+        print(f"{task}: gold {counts(report['mend'][task][1])} | {line}")
+    return report
+
+
 def main(args):
     if args.curves:
         return curves(args)
+    if args.held_out:
+        return held_out(args)
     mend = MEND.load(args.ckpt, device="cpu")
     mend.llm.set_attn_implementation("eager")  # attention weights are only returned by the eager kernels
     if hasattr(mend.distiller, "backbone"):

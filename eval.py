@@ -158,11 +158,13 @@ def evaluate_task(method, llm, toks, distiller, seeds, args, meta, task):
     first_tests = seeds[args.seeds[0]][1]
     classification = data.is_classification(first_tests)
     metric = macro_f1 if classification else accuracy
-    per_seed, predictions, golds = {}, {}, {}
+    per_seed, predictions, golds, seen = {}, {}, {}, {}
     for seed, (demos, tests) in seeds.items():
         golds[seed] = [ex["options"].index(ex["output"]) for ex in tests]
-        predictions[seed] = evaluate_seed(method, llm, toks, distiller, demos, tests, args, {**meta, "task": task, "seed": seed})
-        per_seed[seed] = metric(predictions[seed], golds[seed])
+        same = next((s for s, t in seen.items() if t == tests), None) if method == "zeroshot" else None
+        predictions[seed] = predictions[same] if same is not None else evaluate_seed(  # zero-shot reads no demos
+            method, llm, toks, distiller, demos, tests, args, {**meta, "task": task, "seed": seed})
+        per_seed[seed], seen[seed] = metric(predictions[seed], golds[seed]), tests
     return {"metric": "macro_f1" if classification else "accuracy", "score": float(np.mean(list(per_seed.values()))),
             "per_seed": per_seed, "n_examples": len(first_tests), "predictions": predictions, "golds": golds}
 

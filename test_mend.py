@@ -406,6 +406,9 @@ def test_selection_signal_holds_out_tasks_and_scores_like_eval(saved_llm, tmp_pa
     preds = evaluate.evaluate_seed("mend", lm, toks, distiller, pool[:4], pool[4:12], args, {**meta, "task": "t", "seed": 1})
     f1 = evaluate.macro_f1(preds, [ex["options"].index(ex["output"]) for ex in pool[4:12]])
     assert "signal reference | held-out tasks macro-F1: zeroshot" in log and logged[-1] == pytest.approx(f1, abs=0.006)
+    import analyze
+    report = analyze.main(analyze.get_args(["--held_out", "--ckpt", str(ckpt), "--data", str(ROOT / "sample_data")]))
+    assert evaluate.macro_f1(*report["mend"]["sample-topic"]) == pytest.approx(f1)
 
 
 # -----------------------------------------------------------------------------

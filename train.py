@@ -168,7 +168,12 @@ def selection_tasks(pools, args, log):
                          f"(classification, 3-8 labels, at least {n} examples)")
     chosen = sorted(fit[int(j)] for j in np.random.default_rng(args.seed).permutation(len(fit))[:args.val_tasks])
     log(f"selection signal: held out of training: {', '.join(chosen)} ({args.val_task_examples} examples each)")
-    return {t: (pools[t][:args.k], pools[t][args.k:n]) for t in chosen}
+    return {t: signal_examples(pools[t], args) for t in chosen}
+
+
+def signal_examples(pool, args):
+    """A held-out task's (k demonstrations, test examples): the first k of its pool, then the next val_task_examples."""
+    return pool[:args.k], pool[args.k:args.k + args.val_task_examples]
 
 
 # -----------------------------------------------------------------------------
@@ -244,21 +249,27 @@ def zero_shot_reference(llm, items, args, ctx, device):
 
 
 @torch.no_grad()
-def selection_signal(method, llm, distiller, signal, toks, args, ctx):
-    """Macro-F1 of one method's option choices, averaged over the held-out tasks, scored exactly as eval.py scores:
-    the demonstrations (icl) or their distilled vectors (mend) become a cached prefix, zero-shot has none."""
-    budgets, scores = (args.teacher_demo_tokens, args.distiller_demo_tokens), []
+def signal_predictions(method, llm, distiller, signal, toks, args, ctx):
+    """{held-out task: (predicted option indices, gold indices)} of one method, scored exactly as eval.py scores: the
+    demonstrations (icl) or their distilled vectors (mend) become a cached prefix, zero-shot has none."""
+    budgets, out = (args.teacher_demo_tokens, args.distiller_demo_tokens), {}
     distiller.eval()
     with ctx:
-        for demos, tests in signal.values():
+        for task, (demos, tests) in signal.items():
             teacher_ids, distiller_ids = data.demo_item(toks, demos, budgets, args.max_len_per_example)
             ids = torch.tensor([teacher_ids if method == "icl" else distiller_ids], device=llm.device)  # (1, D)
             prefix = None if method == "zeroshot" else prefix_cache(llm, prefix_ids=ids) if method == "icl" else \
                 prefix_cache(llm, prefix_embeds=distiller(ids, torch.ones_like(ids)))
             preds = [int(option_scores(llm, toks[0], ex, args.max_len_per_example, prefix).argmax()) for ex in tests]
-            scores.append(macro_f1(preds, [ex["options"].index(ex["output"]) for ex in tests]))
+            out[task] = (preds, [ex["options"].index(ex["output"]) for ex in tests])
     distiller.train()
-    return float(np.mean(scores))
+    return out
+
+
+def selection_signal(method, llm, distiller, signal, toks, args, ctx):
+    """The selection signal: a method's macro-F1 averaged over the held-out tasks."""
+    preds = signal_predictions(method, llm, distiller, signal, toks, args, ctx)
+    return float(np.mean([macro_f1(p, g) for p, g in preds.values()]))
 
 
 def make_optimizer(distiller, args):

@@ -21,12 +21,15 @@ wait
 cp runs/A_base.log runs/C_relabel.log runs/B_q4.log runs/D_q4_relabel.log results/recipe/
 
 # 2. the final run with the chosen setting (label remapping 0.5, one query per demonstration set, lr 1e-4 constant),
-#    two chains at a time, about an hour each: (stage 1 -> stage 2) and (stage 2 alone = the ablation without stage 1,
-#    which continues the recipe-search run C exactly: --resume restores weights, optimizer, RNG and data position)
+#    two chains at a time, 65-80 minutes each: (stage 1 -> stage 2) and (stage 2 alone = the ablation without stage
+#    1, which continues the recipe-search run C). The runs were extended while they ran; --resume restores weights,
+#    optimizer, RNG and data position, so each pair of commands equals one run to the last --max_steps.
 (timed python train.py --stage pretrain $COMMON --c4_max_tokens 320 --lr 2e-4 --max_steps 200 --eval_interval 100 --out $R/stage1.pt > /dev/null
- timed python train.py $STAGE2 --init $R/stage1.pt --lr 1e-4 --relabel 0.5 --max_steps 700 --eval_interval 150 --out $R/mend.pt > /dev/null) &
+ timed python train.py $STAGE2 --init $R/stage1.pt --lr 1e-4 --relabel 0.5 --max_steps 700 --eval_interval 150 --out $R/mend.pt > /dev/null
+ timed python train.py $STAGE2 --init $R/stage1.pt --lr 1e-4 --relabel 0.5 --max_steps 1100 --eval_interval 150 --resume --out $R/mend.pt > /dev/null) &
 (cp runs/C_relabel.pt $R/mend_no_stage1.pt && cp runs/C_relabel.log $R/mend_no_stage1.log
- timed python train.py $STAGE2 --lr 1e-4 --relabel 0.5 --max_steps 900 --eval_interval 150 --resume --out $R/mend_no_stage1.pt > /dev/null) &
+ timed python train.py $STAGE2 --lr 1e-4 --relabel 0.5 --max_steps 900 --eval_interval 150 --resume --out $R/mend_no_stage1.pt > /dev/null
+ timed python train.py $STAGE2 --lr 1e-4 --relabel 0.5 --max_steps 1350 --eval_interval 150 --resume --out $R/mend_no_stage1.pt > /dev/null) &
 wait
 
 # 3. evaluation on the class2class test tasks with the protocol of the committed baselines (100 examples, seeds 100
