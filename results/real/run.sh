@@ -21,15 +21,13 @@ wait
 cp runs/A_base.log runs/C_relabel.log runs/B_q4.log runs/D_q4_relabel.log results/recipe/
 
 # 2. the final run with the chosen setting (label remapping 0.5, one query per demonstration set, lr 1e-4 constant),
-#    two chains at a time, 65-80 minutes each: (stage 1 -> stage 2) and (stage 2 alone = the ablation without stage
-#    1, which continues the recipe-search run C). The runs were extended while they ran; --resume restores weights,
-#    optimizer, RNG and data position, so each pair of commands equals one run to the last --max_steps.
+#    two chains at a time, about 50 minutes of training each: (stage 1 -> stage 2) and (stage 2 alone = the ablation
+#    without stage 1, which continues the recipe-search run C: --resume restores weights, optimizer, RNG and data
+#    position, so it equals one run of 900 steps)
 (timed python train.py --stage pretrain $COMMON --c4_max_tokens 320 --lr 2e-4 --max_steps 200 --eval_interval 100 --out $R/stage1.pt > /dev/null
- timed python train.py $STAGE2 --init $R/stage1.pt --lr 1e-4 --relabel 0.5 --max_steps 700 --eval_interval 150 --out $R/mend.pt > /dev/null
- timed python train.py $STAGE2 --init $R/stage1.pt --lr 1e-4 --relabel 0.5 --max_steps 1100 --eval_interval 150 --resume --out $R/mend.pt > /dev/null) &
+ timed python train.py $STAGE2 --init $R/stage1.pt --lr 1e-4 --relabel 0.5 --max_steps 700 --eval_interval 150 --out $R/mend.pt > /dev/null) &
 (cp runs/C_relabel.pt $R/mend_no_stage1.pt && cp runs/C_relabel.log $R/mend_no_stage1.log
- timed python train.py $STAGE2 --lr 1e-4 --relabel 0.5 --max_steps 900 --eval_interval 150 --resume --out $R/mend_no_stage1.pt > /dev/null
- timed python train.py $STAGE2 --lr 1e-4 --relabel 0.5 --max_steps 1350 --eval_interval 150 --resume --out $R/mend_no_stage1.pt > /dev/null) &
+ timed python train.py $STAGE2 --lr 1e-4 --relabel 0.5 --max_steps 900 --eval_interval 150 --resume --out $R/mend_no_stage1.pt > /dev/null) &
 wait
 
 # 3. evaluation on the class2class test tasks with the protocol of the committed baselines (100 examples, seeds 100
@@ -38,4 +36,9 @@ EVAL="--partition class2class --data $D --max_examples 100 --seeds 100,13 --thre
 timed python eval.py $EVAL --methods mend --ckpt $R/mend.pt --out $R/eval_mend.json > $R/eval_mend.log 2>&1 &
 timed python eval.py $EVAL --methods mend --ckpt $R/mend_no_stage1.pt --out $R/eval_mend_no_stage1.json > $R/eval_mend_no_stage1.log 2>&1 &
 wait
-EVAL_TAIL
+# 4. zero-shot again, now with per-example predictions (same scores as the committed baselines), for the paired
+#    bootstrap; then the comparisons, the curves and the per-class diagnosis of the recipe search
+timed python eval.py $EVAL --methods zeroshot $BUDGETS --out $R/eval_zeroshot.json > $R/eval_zeroshot.log 2>&1
+for m in mend mend_no_stage1; do python eval.py --compare $R/eval_$m.json:mend,$R/eval_zeroshot.json:zeroshot; done | tee $R/compare.log
+python analyze.py --curves $R/mend.log,$R/mend_no_stage1.log | tee $R/curves.log
+for r in A_base C_relabel; do python analyze.py --held_out --ckpt runs/$r.pt --data $D | grep -v "Loading weights" > results/recipe/held_out_$r.log; done
