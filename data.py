@@ -220,8 +220,8 @@ def meta_train_item(pools, toks, index, seed, k, budgets, max_len, queries=1, re
 
 
 def label_vocabulary(pools):
-    """Every option string of the pools' classification examples, sorted (deterministic)."""
-    return sorted({o for p in pools.values() for ex in p for o in ex["options"]})
+    """Every label word of the classification pools, sorted (deterministic)."""
+    return sorted({o for p in pools.values() if is_classification(p) for ex in p for o in ex["options"]})
 
 
 PERTURBATIONS = {  # eval.py --perturb: what is left of each demonstration (paper's analysis of the vectors)

@@ -195,7 +195,7 @@ def load_distiller_state(distiller, state, path):
     missing, unexpected = distiller.load_state_dict(state, strict=False)
     if unexpected or set(missing) - optional:
         raise CheckpointError(f"{path}: distiller weights do not match this distiller "
-                         f"(missing {sorted(set(missing) - optional)[:3]}, unexpected {sorted(unexpected)[:3]})")
+                              f"(missing {sorted(set(missing) - optional)[:3]}, unexpected {sorted(unexpected)[:3]})")
 
 
 @torch.no_grad()
