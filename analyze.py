@@ -10,9 +10,12 @@ What the distilled vectors attend to (the paper's analysis of MEND's vectors): f
     python analyze.py --ckpt results/real/mend.pt --data ../shared/data --task ag_news --png results/real/attention.png
     python analyze.py --curves results/real/mend.log,results/real/mend_no_stage1.log --png results/real/curves.png
     python analyze.py --held_out --ckpt runs/A_base.pt --data ../shared/data
+    python analyze.py --sweep results/sweep/l4.json,results/sweep/l32.json --png results/sweep/sweep.png
 
 --curves reads train.py logs instead: the selection signal (held-out tasks' macro-F1) against training wall time.
 --held_out shows, per task held out by --val_tasks, how often zero-shot, ICL and MEND predict each class.
+--sweep reads eval.py JSON files (the l and K sweep of results/sweep/run.sh): each method's score next to the FLOPs
+per query of its configuration (flops.method_flops with the demonstration tokens that eval.py measured).
 """
 import argparse
 import importlib.util
@@ -25,9 +28,10 @@ from types import SimpleNamespace
 import torch
 
 import data
+import flops
 import train
 from eval import macro_f1
-from model import MEND
+from model import MEND, PROMPT
 
 
 def get_args(argv=None):
@@ -40,6 +44,8 @@ def get_args(argv=None):
     p.add_argument("--png", default="", help="also draw the placeholder-to-demonstration heatmap here (matplotlib)")
     p.add_argument("--curves", default="", help="comma-separated train.py logs: print and plot the selection signal")
     p.add_argument("--held_out", action="store_true", help="class counts of the predictions on the held-out tasks")
+    p.add_argument("--sweep", default="", help="comma-separated eval.py JSON files: score against FLOPs per query")
+    p.add_argument("--query_tokens", type=int, default=64, help="--sweep: T, tokens of one query row (flops.py's)")
     p.add_argument("--out", default="", help="JSON with both attention maps (default: attention_{task}.json)")
     args = p.parse_args(argv)
     args.out = args.out or f"attention_{args.task}.json"
@@ -65,10 +71,18 @@ def prefix_share(mend, prefix_embeds, query_ids):
     return [float(a[0, :, -1, :P].sum(-1).mean()) for a in att]                    # per layer (H, S, S) -> share
 
 
-def heatmap(path, att, labels):
+def pyplot():
+    """matplotlib.pyplot drawing to files only, or None when matplotlib is not installed (plots are optional)."""
+    if importlib.util.find_spec("matplotlib") is None:
+        return None
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    return plt
+
+
+def heatmap(path, att, labels):
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(min(24, 2 + len(labels) / 6), 2 + att.shape[0] / 4))
     ax.imshow(att.numpy(), aspect="auto", cmap="viridis")
     ax.set_xticks(range(len(labels)), labels, rotation=90, fontsize=5)
@@ -99,10 +113,8 @@ def curves(args):
     table = {log: signal_curve(log) for log in logs}
     for log, points in table.items():
         print(f"{log}: " + "  ".join(f"step {s} {t:.0f}s {f:.2f}" for s, t, f in points))
-    if args.png and importlib.util.find_spec("matplotlib"):
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+    plt = pyplot() if args.png else None
+    if plt:
         fig, ax = plt.subplots(figsize=(7, 4))
         for log, points in table.items():
             ax.plot([t / 60 for _, t, _ in points], [f for _, _, f in points], marker="o", label=Path(log).stem)
@@ -133,9 +145,54 @@ def held_out(args):
     return report
 
 
+FLOPS_KEY = {"zeroshot": "zeroshot", "icl": "icl", "mend": "mend", "mend_no_kd": "mend", "prompt_tuning": "mend_llm_only"}
+
+
+def sweep_rows(args):
+    """One row per (eval.py JSON, method): K, l, demonstration tokens D, average score and GFLOPs per query (no reuse)."""
+    rows = []
+    for path in args.sweep.split(","):
+        report = json.loads(Path(path).read_text())
+        if "demo_tokens" not in report:
+            raise SystemExit(f"{path}: no demo_tokens; rerun eval.py (files written before the sweep lack them)")
+        spec = report["distiller"] if report["distiller"] not in (None, PROMPT) else None
+        for method, result in report["methods"].items():
+            key, L = FLOPS_KEY[method], report["n_vectors"] or 0
+            D = report["demo_tokens"]["icl" if method == "icl" else "mend"]
+            f = flops.method_flops(report["llm"], D, args.query_tokens, L, 1, spec)[key]
+            rows.append(dict(file=path, method=method, k=report["k"], l=L if key.startswith("mend") else 0, D=round(D),
+                             score=result["average"], gflops=f / 1e9))
+    return rows
+
+
+def sweep(args):
+    """Print the sweep's table and plot score against GFLOPs per query (one marker per point, labelled l and K)."""
+    rows = sweep_rows(args)
+    print(f"{'file':40s} {'method':14s} {'K':>3s} {'l':>4s} {'D':>5s} {'score':>6s} {'GFLOPs':>7s}  (T={args.query_tokens})")
+    for r in rows:
+        print(f"{r['file']:40s} {r['method']:14s} {r['k']:3d} {r['l']:4d} {r['D']:5d} {r['score']:6.1f} {r['gflops']:7.2f}")
+    plt = pyplot() if args.png else None
+    if plt:
+        fig, ax = plt.subplots(figsize=(7, 4))
+        for method in dict.fromkeys(r["method"] for r in rows):
+            points = [r for r in rows if r["method"] == method]
+            ax.plot([r["gflops"] for r in points], [r["score"] for r in points], "o", label=method)
+            for r in points:
+                ax.annotate(f"l={r['l']} K={r['k']}" if r["l"] else f"K={r['k']}", (r["gflops"], r["score"]), fontsize=7)
+        ax.set(xlabel=f"GFLOPs per query (T={args.query_tokens}, no reuse)", ylabel="average score",
+               title="score against cost")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(args.png, dpi=150)
+        print(f"wrote {args.png}")
+    return rows
+
+
 def main(args):
     if args.curves:
         return curves(args)
+    if args.sweep:
+        return sweep(args)
     if args.held_out:
         return held_out(args)
     mend = MEND.load(args.ckpt, device="cpu")
@@ -156,7 +213,7 @@ def main(args):
             top = row.topk(min(args.top, len(ids)))
             print(f"vector {v:3d}: " + "  ".join(f"{words[j]!r} {w:.2f}" for w, j in zip(top.values, top.indices)))
         report["distiller_attention"] = att.tolist()
-        if args.png and importlib.util.find_spec("matplotlib"):
+        if args.png and pyplot():
             heatmap(args.png, att, words)
             print(f"wrote {args.png}")
     demo_embeds = mend.llm.get_input_embeddings()(torch.tensor([teacher_ids]))      # (1, D, C)

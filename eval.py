@@ -169,6 +169,14 @@ def evaluate_task(method, llm, toks, distiller, seeds, args, meta, task):
             "per_seed": per_seed, "n_examples": len(first_tests), "predictions": predictions, "golds": golds}
 
 
+def demo_lengths(files, toks, args):
+    """Mean demonstration tokens that ICL and the distiller read over the evaluated (task, seed) sets: flops.py's D."""
+    budgets = (args.teacher_demo_tokens, args.distiller_demo_tokens)
+    sizes = [[len(ids) for ids in data.demo_item(toks, demos, budgets, args.max_len_per_example)]
+             for seeds in files.values() for demos, _ in seeds.values()]                # (sets, 2)
+    return dict(zip(("icl", "mend"), np.mean(sizes, axis=0).tolist())) if sizes else {}
+
+
 def find_tasks(args, tasks):
     """-> ({task: {seed: (demos, tests)}}, {skipped task: reason}); each skip is reported in one line."""
     files, skipped = {}, {}
@@ -353,6 +361,7 @@ def main(args):
         results[trained_method(cfg)] = results.pop("mend")
     report = {"partition": args.partition, "perturb": args.perturb, "llm": args.llm, "distiller": cfg.get("distiller"),
               "ckpt": args.ckpt if distiller is not None else None, "seeds": args.seeds, "max_examples": args.max_examples,
+              "k": args.k, "n_vectors": cfg.get("n_vectors"), "demo_tokens": demo_lengths(files, toks, args),
               "seconds": time.time() - t_start, "methods": results, "skipped_tasks": skipped}
     Path(args.out).write_text(json.dumps(report, indent=1))
     print(f"wrote {args.out} ({report['seconds']:.0f}s)")

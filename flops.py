@@ -119,11 +119,12 @@ def get_args(argv=None):
     return args
 
 
-def distiller_config(llm_name):
-    """The distiller's config: a named config, or a copy of the LLM's cut to its first N layers."""
-    spec = PAIRS[llm_name]
+def distiller_config(llm_name, spec=None):
+    """The distiller's config (spec defaults to the LLM's pair): a named config, or a copy of the LLM's cut to its
+    first N layers."""
+    spec = spec or PAIRS[llm_name]
     if not spec.startswith("layers:"):
-        return CONFIGS[spec]
+        return CONFIGS[known(spec)]
     cfg = copy.deepcopy(CONFIGS[llm_name])
     cfg.num_hidden_layers = int(spec.split(":", 1)[1])
     return cfg
@@ -158,9 +159,15 @@ def total_flops(cfg, new, context, logits):
     return sum(forward_flops(cfg, new, context, logits).values())
 
 
-def method_flops(llm_name, D, T, L, Q):
+def known(name):
+    if name not in CONFIGS:
+        raise SystemExit(f"flops.py has no config for {name!r}; add it to flops.CONFIGS (known: {', '.join(CONFIGS)})")
+    return name
+
+
+def method_flops(llm_name, D, T, L, Q, distiller=None):
     """FLOPs per test query of each method, with no reuse and amortised over Q queries sharing the demos."""
-    llm, dis = CONFIGS[llm_name], distiller_config(llm_name)
+    llm, dis = CONFIGS[known(llm_name)], distiller_config(llm_name, distiller)
     c, C = dis.hidden_size, llm.hidden_size
     distill = total_flops(dis, D + L, D + L, 0) + (2 * L * c * C if c != C else 0)
     return {

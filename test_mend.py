@@ -22,7 +22,7 @@ import importlib.util
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import AutoConfig, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 import data
 import distill
@@ -544,6 +544,28 @@ def test_signal_curves_follow_a_resumed_run(tmp_path):
     table = analyze.main(analyze.get_args(["--curves", str(log), "--png", str(tmp_path / "c.png")]))
     assert table[str(log)] == [(60, 244.0, 9.32), (120, 446.0, 12.41)]
     assert (tmp_path / "c.png").exists() == (importlib.util.find_spec("matplotlib") is not None)
+
+
+def test_sweep_scores_each_configuration_against_its_flops(saved_llm, tmp_path, monkeypatch):
+    """--sweep: per eval.py JSON and method, K, l, the demonstration tokens eval.py read and flops.method_flops of that
+    configuration; more demonstrations are more tokens and more ICL FLOPs, and the plot is drawn when it can be."""
+    import analyze
+    import flops
+    llm, ckpt = saved_llm("llama"), tmp_path / "mend.pt"
+    monkeypatch.setitem(flops.CONFIGS, llm, AutoConfig.from_pretrained(llm))
+    train.run(train_args(llm, ckpt, "--stage", "finetune", "--max_steps", "1", "--val_items", "0"))
+    files = [str(tmp_path / f"k{k}.json") for k in (1, 4)]
+    for k, out in zip((1, 4), files):
+        report = evaluate.main(evaluate.get_args(["--ckpt", str(ckpt), "--methods", "icl,mend", "--seeds", "100",
+                                                  "--max_examples", "2", "--k", str(k), "--out", out]))
+    rows = analyze.main(analyze.get_args(["--sweep", ",".join(files), "--png", str(tmp_path / "s.png")]))
+    assert [(r["method"], r["k"], r["l"]) for r in rows] == [("icl", 1, 0), ("mend", 1, 3), ("icl", 4, 0), ("mend", 4, 3)]
+    icl1, _, icl4, mend4 = rows
+    assert icl1["D"] < icl4["D"] and icl1["gflops"] < icl4["gflops"]
+    D = report["demo_tokens"]["mend"]  # the K=4 file
+    assert mend4["gflops"] == flops.method_flops(llm, D, 64, 3, 1, "layers:1")["mend"] / 1e9
+    assert mend4["score"] == report["methods"]["mend"]["average"]
+    assert (tmp_path / "s.png").exists() == (importlib.util.find_spec("matplotlib") is not None)
 
 
 # -----------------------------------------------------------------------------
