@@ -120,7 +120,7 @@ def curves(args):
             ax.plot([t / 60 for _, t, _ in points], [f for _, _, f in points], marker="o", label=Path(log).stem)
         for name, value in zip(("zero-shot", "ICL"), (ref.split("zeroshot ")[1].split()[0], ref.split("icl ")[1])):
             ax.axhline(float(value), linestyle="--", color="gray")
-            ax.annotate(name, (0, float(value)), fontsize=8)
+            ax.annotate(name, (0.01, float(value)), xycoords=("axes fraction", "data"), fontsize=8)
         ax.set(xlabel="training minutes", ylabel="held-out tasks macro-F1", title="selection signal")
         ax.legend(fontsize=7)
         fig.tight_layout()

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Issue 10, section 3 at CPU scale, from the repository root after results/real/run.sh (it needs results/real/mend.pt):
 #  - distillation length l: stage 2 alone with the recipe of results/real/run.sh (label remapping 0.5, lr 1e-4) for
-#    an equal budget of 150 steps per point, l in 4 16 32 64 (a short run: the curves of results/real show the
-#    signal still rising at 900 steps, so this compares early learning, not converged models);
+#    an equal budget of 100 steps per point, l in 4 16 32 64 (a short run: the curves of results/real show the
+#    signal still rising at 900 steps, so this compares the start of learning, not converged models);
 #  - demonstrations K: the trained results/real/mend.pt (K=16 in training) and vanilla ICL given K in 2 4 8 16 at
 #    test time;
 # every point on the class2class test tasks, 30 examples, seed 100 (compare rows here only), then the table and the
@@ -13,7 +13,7 @@ R=results/sweep
 BUDGETS="--k 16 --max_len_per_example 96 --teacher_demo_tokens 384 --distiller_demo_tokens 384"
 STAGE2="--stage finetune --partition class2class --val_tasks 4 --val_task_examples 40 --data $D --llm smollm2-135m
         --distiller layers:4 $BUDGETS --batch 1 --warmup 20 --schedule constant --log_interval 10 --val_items 8
-        --threads 1 --lr 1e-4 --relabel 0.5 --max_steps 150 --eval_interval 150"
+        --threads 1 --lr 1e-4 --relabel 0.5 --max_steps 100 --eval_interval 100"
 EVAL="--partition class2class --data $D --max_examples 30 --seeds 100 --threads 1"
 l_point() {
   [ -f $R/l$1.pt ] || python train.py $STAGE2 --n_vectors $1 --out $R/l$1.pt > /dev/null
