@@ -26,3 +26,6 @@ wait
 for m in prompt_tuning mend_no_kd mend_no_kd_no_stage1; do
   python eval.py --compare $R/eval_$m.json:$(python -c "import json;print(*json.load(open('$R/eval_$m.json'))['methods'])"),results/real/eval_zeroshot.json:zeroshot
 done | tee $R/compare.log
+# with against without distillation (the MEND rows of results/real)
+python eval.py --compare results/real/eval_mend.json:mend,$R/eval_mend_no_kd.json:mend_no_kd | tee -a $R/compare.log
+python eval.py --compare results/real/eval_mend_no_stage1.json:mend,$R/eval_mend_no_kd_no_stage1.json:mend_no_kd | tee -a $R/compare.log
