@@ -29,3 +29,4 @@ done | tee $R/compare.log
 # with against without distillation (the MEND rows of results/real)
 python eval.py --compare results/real/eval_mend.json:mend,$R/eval_mend_no_kd.json:mend_no_kd | tee -a $R/compare.log
 python eval.py --compare results/real/eval_mend_no_stage1.json:mend,$R/eval_mend_no_kd_no_stage1.json:mend_no_kd | tee -a $R/compare.log
+python analyze.py --curves results/real/mend.log,$R/mend_no_kd.log,$R/prompt_tuning.log,results/real/mend_no_stage1.log,$R/mend_no_kd_no_stage1.log --png $R/curves.png | tee $R/curves.log
