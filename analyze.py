@@ -160,13 +160,15 @@ def sweep_rows(args):
             key, L = FLOPS_KEY[method], report["n_vectors"] or 0
             D = report["demo_tokens"]["icl" if method == "icl" else "mend"]
             f = flops.method_flops(report["llm"], D, args.query_tokens, L, 1, spec)[key]
-            rows.append(dict(file=path, method=method, k=report["k"], l=L if key.startswith("mend") else 0, D=round(D),
-                             score=result["average"], gflops=f / 1e9))
+            series = f"{method} ({Path(report['ckpt']).stem})" if report["ckpt"] and method != "icl" else method
+            rows.append(dict(file=path, method=method, series=series, k=report["k"], l=L if key.startswith("mend") else 0,
+                             D=round(D), score=result["average"], gflops=f / 1e9))
     return rows
 
 
 def sweep(args):
-    """Print the sweep's table and plot score against GFLOPs per query (one marker per point, labelled l and K)."""
+    """Print the sweep's table and plot score against GFLOPs per query (one marker per point, labelled l and K; one
+    colour per method and checkpoint)."""
     rows = sweep_rows(args)
     print(f"{'file':40s} {'method':14s} {'K':>3s} {'l':>4s} {'D':>5s} {'score':>6s} {'GFLOPs':>7s}  (T={args.query_tokens})")
     for r in rows:
@@ -174,9 +176,9 @@ def sweep(args):
     plt = pyplot() if args.png else None
     if plt:
         fig, ax = plt.subplots(figsize=(7, 4))
-        for method in dict.fromkeys(r["method"] for r in rows):
-            points = [r for r in rows if r["method"] == method]
-            ax.plot([r["gflops"] for r in points], [r["score"] for r in points], "o", label=method)
+        for series in dict.fromkeys(r["series"] for r in rows):  # one marker colour per method and checkpoint
+            points = [r for r in rows if r["series"] == series]
+            ax.plot([r["gflops"] for r in points], [r["score"] for r in points], "o", label=series)
             for r in points:
                 ax.annotate(f"l={r['l']} K={r['k']}" if r["l"] else f"K={r['k']}", (r["gflops"], r["score"]), fontsize=7)
         ax.set(xlabel=f"GFLOPs per query (T={args.query_tokens}, no reuse)", ylabel="average score",

@@ -6,12 +6,13 @@
 #  - demonstrations K: the trained results/real/mend.pt (K=16 in training) and vanilla ICL given K in 2 4 8 16 at
 #    test time;
 # every point on the class2class test tasks, 30 examples, seed 100 (compare rows here only), then the table and the
-# plot of score against FLOPs per query. Every job runs on one thread, two at a time; a rerun skips finished jobs.
+# plot of score against FLOPs per query. The same 4 meta-train tasks as in results/real are held out of training
+# (20 examples each for the signal at the end). Every job runs on one thread, two at a time; a rerun skips finished jobs.
 set -euo pipefail
 D=../shared/data
 R=results/sweep
 BUDGETS="--k 16 --max_len_per_example 96 --teacher_demo_tokens 384 --distiller_demo_tokens 384"
-STAGE2="--stage finetune --partition class2class --val_tasks 4 --val_task_examples 40 --data $D --llm smollm2-135m
+STAGE2="--stage finetune --partition class2class --val_tasks 4 --val_task_examples 20 --data $D --llm smollm2-135m
         --distiller layers:4 $BUDGETS --batch 1 --warmup 20 --schedule constant --log_interval 10 --val_items 8
         --threads 1 --lr 1e-4 --relabel 0.5 --max_steps 100 --eval_interval 100"
 EVAL="--partition class2class --data $D --max_examples 30 --seeds 100 --threads 1"
