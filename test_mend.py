@@ -625,9 +625,10 @@ def test_bad_input_gives_one_error_line_and_status_2(saved_llm, tmp_path):
     (tmp_path / "trunc.pt").write_bytes(b"PK\x03\x04 truncated")
     torch.save({"weights": torch.ones(2)}, tmp_path / "foreign.pt")
     cases = [
-        (["train.py", "--stage", "pretrain", "--llm", llm, "--data", str(tmp_path / "bad")], "a.jsonl:2: not valid JSON"),
-        (["train.py", "--stage", "finetune", "--llm", "no/such-llm", "--init", str(tmp_path / "trunc.pt")],
-         "trunc.pt: not a readable checkpoint"),
+        (["train.py", "--stage", "pretrain", "--llm", llm, "--data", str(tmp_path / "bad"), "--out", str(tmp_path / "p.pt")],
+         "a.jsonl:2: not valid JSON"),
+        (["train.py", "--stage", "finetune", "--llm", "no/such-llm", "--init", str(tmp_path / "trunc.pt"),
+          "--out", str(tmp_path / "f.pt")], "trunc.pt: not a readable checkpoint"),
         (["eval.py", "--methods", "mend", "--ckpt", str(tmp_path / "foreign.pt")], "foreign.pt: not a MEND checkpoint"),
         (["eval.py", "--methods", "zeroshot,icl", "--llm", llm, "--data", str(tmp_path / "bad"), "--max_examples", "2"],
          "sample-opposite_16_100_train.jsonl:17: missing string field 'output'"),
@@ -637,6 +638,7 @@ def test_bad_input_gives_one_error_line_and_status_2(saved_llm, tmp_path):
     for argv, message in cases:
         status, lines = run_script(*argv)
         assert (status, len(lines)) == (2, 1) and lines[0].startswith("error: ") and message in lines[0], (argv, lines)
+    assert not (tmp_path / "f.log").exists()  # a refused --init leaves no log behind
 
 
 # -----------------------------------------------------------------------------

@@ -294,9 +294,9 @@ def run(args):
     torch.manual_seed(args.seed)
     if args.threads:
         torch.set_num_threads(args.threads)
+    start = starting_state(args)  # a bad --init/--resume fails here, before the log or the LLM is touched
     config = {**vars(args), "world_size": world}
     log(f"config: {json.dumps(config)}")
-    start = starting_state(args)
     llm_dtype = dtype if device.startswith("cuda") else torch.float32  # the frozen LLM may be held in bf16/fp16 on GPU
     llm = load_llm(args.llm, device, llm_dtype)
     distiller = build_distiller(args.distiller, llm, args.n_vectors, freeze_embeddings=args.freeze_embeddings)
