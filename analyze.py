@@ -81,14 +81,19 @@ def pyplot():
     return plt
 
 
+def save_figure(fig, path):
+    fig.tight_layout()
+    fig.savefig(path, dpi=150)
+    print(f"wrote {path}")
+
+
 def heatmap(path, att, labels):
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(min(24, 2 + len(labels) / 6), 2 + att.shape[0] / 4))
     ax.imshow(att.numpy(), aspect="auto", cmap="viridis")
     ax.set_xticks(range(len(labels)), labels, rotation=90, fontsize=5)
     ax.set(xlabel="demonstration token", ylabel="distillation vector", title="distiller attention (last layer)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=150)
+    save_figure(fig, path)
 
 
 def signal_curve(log):
@@ -123,9 +128,7 @@ def curves(args):
             ax.annotate(name, (0.01, float(value)), xycoords=("axes fraction", "data"), fontsize=8)
         ax.set(xlabel="training minutes", ylabel="held-out tasks macro-F1", title="selection signal")
         ax.legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(args.png, dpi=150)
-        print(f"wrote {args.png}")
+        save_figure(fig, args.png)
     return table
 
 
@@ -184,9 +187,7 @@ def sweep(args):
         ax.set(xlabel=f"GFLOPs per query (T={args.query_tokens}, no reuse)", ylabel="average score",
                title="score against cost")
         ax.legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(args.png, dpi=150)
-        print(f"wrote {args.png}")
+        save_figure(fig, args.png)
     return rows
 
 
@@ -217,7 +218,6 @@ def main(args):
         report["distiller_attention"] = att.tolist()
         if args.png and pyplot():
             heatmap(args.png, att, words)
-            print(f"wrote {args.png}")
     demo_embeds = mend.llm.get_input_embeddings()(torch.tensor([teacher_ids]))      # (1, D, C)
     report["llm_share_on_vectors"] = prefix_share(mend, mend.distill(pairs), x)
     report["llm_share_on_demos"] = prefix_share(mend, demo_embeds, x)

@@ -160,6 +160,7 @@ def total_flops(cfg, new, context, logits):
 
 
 def known(name):
+    """name itself, when CONFIGS has its config."""
     if name not in CONFIGS:
         raise SystemExit(f"flops.py has no config for {name!r}; add it to flops.CONFIGS (known: {', '.join(CONFIGS)})")
     return name
