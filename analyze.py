@@ -7,7 +7,7 @@ What the distilled vectors attend to (the paper's analysis of MEND's vectors): f
      to the distilled vectors (MEND, the student) against to the real demonstrations (ICL, the teacher), per layer.
 
     python analyze.py --ckpt mend.pt --task sample-sentiment
-    python analyze.py --ckpt results/real/mend.pt --data ../shared/data --task ag_news --png results/real/attention.png
+    python analyze.py --ckpt results/real/mend.pt --data ../shared/data --task ag_news --png results/analysis/attention_ag_news.png
     python analyze.py --curves results/real/mend.log,results/real/mend_no_stage1.log --png results/real/curves.png
     python analyze.py --held_out --ckpt runs/A_base.pt --data ../shared/data
     python analyze.py --sweep results/sweep/l4.json,results/sweep/l32.json --png results/sweep/sweep.png
@@ -89,6 +89,8 @@ def save_figure(fig, path):
 
 def heatmap(path, att, labels):
     plt = pyplot()
+    if plt is None:
+        return
     fig, ax = plt.subplots(figsize=(min(24, 2 + len(labels) / 6), 2 + att.shape[0] / 4))
     ax.imshow(att.numpy(), aspect="auto", cmap="viridis")
     ax.set_xticks(range(len(labels)), labels, rotation=90, fontsize=5)
@@ -216,7 +218,7 @@ def main(args):
             top = row.topk(min(args.top, len(ids)))
             print(f"vector {v:3d}: " + "  ".join(f"{words[j]!r} {w:.2f}" for w, j in zip(top.values, top.indices)))
         report["distiller_attention"] = att.tolist()
-        if args.png and pyplot():
+        if args.png:
             heatmap(args.png, att, words)
     demo_embeds = mend.llm.get_input_embeddings()(torch.tensor([teacher_ids]))      # (1, D, C)
     report["llm_share_on_vectors"] = prefix_share(mend, mend.distill(pairs), x)
