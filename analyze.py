@@ -11,27 +11,35 @@ What the distilled vectors attend to (the paper's analysis of MEND's vectors): f
     python analyze.py --curves results/real/mend.log,results/real/mend_no_stage1.log --png results/real/curves.png
     python analyze.py --held_out --ckpt runs/A_base.pt --data ../shared/data
     python analyze.py --sweep results/sweep/l4.json,results/sweep/l32.json --png results/sweep/sweep.png
+    python analyze.py --ceiling --data ../shared/data --ckpt mend.pt --partition class2class --max_examples 100
 
 --curves reads train.py logs instead: the selection signal (held-out tasks' macro-F1) against training wall time.
 --held_out shows, per task held out by --val_tasks, how often zero-shot, ICL and MEND predict each class.
+--ceiling fits l free vectors per test task (distill.fit_vectors: KL to the LLM reading the demonstrations, on the
+option rows of the task's unlabeled inputs from its other seeds' training files) and scores them next to zero-shot,
+ICL, truncated demonstrations and, with --ckpt, MEND and MEND refined (fitted starting from the distiller's output).
 --sweep reads eval.py JSON files (the l and K sweep of results/sweep/run.sh): each method's score next to the FLOPs
 per query of its configuration (flops.method_flops with the demonstration tokens that eval.py measured).
 """
 import argparse
 import importlib.util
 import json
+import time
 from collections import Counter
 from contextlib import nullcontext
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import torch
 
 import data
+import eval as evaluate
 import flops
 import train
+from distill import fit_vectors
 from eval import macro_f1
-from model import MEND, PROMPT
+from model import MEND, PROMPT, PromptTuning, prefix_cache
 
 
 def get_args(argv=None):
@@ -46,9 +54,16 @@ def get_args(argv=None):
     p.add_argument("--held_out", action="store_true", help="class counts of the predictions on the held-out tasks")
     p.add_argument("--sweep", default="", help="comma-separated eval.py JSON files: score against FLOPs per query")
     p.add_argument("--query_tokens", type=int, default=64, help="--sweep: T, tokens of one query row (flops.py's)")
-    p.add_argument("--out", default="", help="JSON with both attention maps (default: attention_{task}.json)")
-    args = p.parse_args(argv)
-    args.out = args.out or f"attention_{args.task}.json"
+    p.add_argument("--ceiling", action="store_true", help="fitted vectors against zero-shot, ICL, truncated (and MEND, "
+                   "MEND refined with --ckpt) on a partition's test tasks; eval.py's flags that follow set the protocol")
+    p.add_argument("--fit_steps", type=int, default=60, help="--ceiling: Adam steps of each fit")
+    p.add_argument("--fit_lr", type=float, default=0.1, help="--ceiling: lr relative to the RMS of the token embeddings")
+    p.add_argument("--out", default="", help="JSON with both attention maps (default: attention_{task}.json), or "
+                   "with --ceiling its results (default: ceiling_{partition}.json)")
+    args, rest = p.parse_known_args(argv)
+    if rest and not args.ceiling:
+        p.error(f"unrecognized arguments: {' '.join(rest)}")
+    args.protocol = rest
     return args
 
 
@@ -99,16 +114,18 @@ def heatmap(path, att, labels):
 
 
 def signal_curve(log):
-    """[(step, training seconds, MEND signal)] from a train.py log; a --resume continues the clock of the run before."""
+    """[(step, training seconds, MEND signal, MEND signal with random labels or None)] from a train.py log; a --resume
+    continues the clock of the run before."""
     points, offset, last = [], 0.0, 0.0
     for line in Path(log).read_text().splitlines():
         if line.startswith("resumed from"):
             offset = last
         elif "| signal mend " in line:
             step, rest = line.removeprefix("step ").split(" | signal mend ")
-            f1, seconds = rest.split(" | ")
-            last = offset + float(seconds.removesuffix("s"))
-            points.append((int(step), last, float(f1)))
+            fields = rest.split(" | ")  # f1 [| mend_random f1] | seconds
+            last = offset + float(fields[-1].removesuffix("s"))
+            random = float(fields[1].split()[1]) if len(fields) == 3 else None
+            points.append((int(step), last, float(fields[0]), random))
     return points
 
 
@@ -119,13 +136,17 @@ def curves(args):
     print(ref)
     table = {log: signal_curve(log) for log in logs}
     for log, points in table.items():
-        print(f"{log}: " + "  ".join(f"step {s} {t:.0f}s {f:.2f}" for s, t, f in points))
+        print(f"{log}: " + "  ".join(f"step {s} {t:.0f}s {f:.2f}" + (f" (random labels {x:.2f})" if x is not None else "")
+                                      for s, t, f, x in points))
     plt = pyplot() if args.png else None
     if plt:
         fig, ax = plt.subplots(figsize=(7, 4))
         for log, points in table.items():
-            ax.plot([t / 60 for _, t, _ in points], [f for _, _, f in points], marker="o", label=Path(log).stem)
-        for name, value in zip(("zero-shot", "ICL"), (ref.split("zeroshot ")[1].split()[0], ref.split("icl ")[1])):
+            line, = ax.plot([p[1] / 60 for p in points], [p[2] for p in points], marker="o", label=Path(log).stem)
+            if points and points[0][3] is not None:
+                ax.plot([p[1] / 60 for p in points], [p[3] for p in points], marker="x", linestyle=":",
+                        color=line.get_color(), label=f"{Path(log).stem}, random labels")
+        for name, value in zip(("zero-shot", "ICL"), (ref.split("zeroshot ")[1].split()[0], ref.split("icl ")[1].split()[0])):
             ax.axhline(float(value), linestyle="--", color="gray")
             ax.annotate(name, (0.01, float(value)), xycoords=("axes fraction", "data"), fontsize=8)
         ax.set(xlabel="training minutes", ylabel="held-out tasks macro-F1", title="selection signal")
@@ -193,7 +214,93 @@ def sweep(args):
     return rows
 
 
+# -----------------------------------------------------------------------------
+# --ceiling: how far MEND is from the best l vectors
+
+
+def fit_inputs(args, task, seed, demos, tests):
+    """Unlabeled inputs (with their options) of a task for fitting: the other seeds' training files, each input once,
+    none of them a test example or one of this seed's demonstrations. No label is kept."""
+    taken = {ex["input"] for ex in demos + tests}
+    found = {}
+    for other in args.seeds_all:
+        path = data.task_file(args.data, task, 16, other, "train")
+        if other != seed and path.exists():
+            found.update({ex["input"]: ex["options"] for ex in data.read_metaicl(path) if ex["input"] not in taken})
+    return [{"input": x, "options": o} for x, o in found.items()]
+
+
+def fitted(start, llm, teacher_ids, inputs, args, tok):
+    """fit_vectors from `start` (1, L, C) on the inputs -> (vectors, fit record)."""
+    item = dict(teacher_demo=teacher_ids, distiller_demo=teacher_ids,
+                **data.option_fields(tok, inputs, args.max_len_per_example))
+    t = time.time()
+    with torch.enable_grad():
+        vectors, history = fit_vectors(llm, start, item, args.fit_steps, args.fit_lr, seed=0)
+    return vectors, {"kl_first": history[0], "kl_last": history[-1], "seconds": time.time() - t} if history else {}
+
+
+def ceiling_task(args, llm, toks, distiller, meta, task, seeds):
+    """Every method on one task and seed -> ({method: predictions}, golds, fit records)."""
+    seed, (demos, tests) = next(iter(seeds.items()))
+    inputs = fit_inputs(args, task, seed, demos, tests)
+    teacher_ids, distiller_ids = data.demo_item(toks, demos, (args.teacher_demo_tokens, args.distiller_demo_tokens),
+                                                args.max_len_per_example)
+    score = lambda prefix: evaluate.predict(llm, toks[0], tests, args.max_len_per_example, prefix)
+    preds = {m: score(evaluate.make_prefix(m, llm, toks, distiller, demos, args, meta)) for m in ("zeroshot", "icl", "truncated")}
+    start = PromptTuning(llm, args.n_vectors).placeholder.detach()[None]                 # (1, L, C) random tokens
+    fits = {"inputs": len(inputs)}
+    vectors, fits["fitted"] = fitted(start, llm, teacher_ids, inputs, args, toks[0])
+    preds["fitted"] = score(prefix_cache(llm, prefix_embeds=vectors))
+    if distiller is not None:
+        ids = torch.tensor([distiller_ids])                                              # (1, D)
+        mend = distiller(ids, torch.ones_like(ids))                                      # (1, L, C)
+        preds["mend"] = score(prefix_cache(llm, prefix_embeds=mend))
+        vectors, fits["mend_refined"] = fitted(mend, llm, teacher_ids, inputs, args, toks[0])
+        preds["mend_refined"] = score(prefix_cache(llm, prefix_embeds=vectors))
+    return preds, [ex["options"].index(ex["output"]) for ex in tests], fits
+
+
+@torch.no_grad()
+def ceiling(args):
+    """Per test task (first --seeds seed): zero-shot, ICL, truncated, vectors fitted from random token embeddings and,
+    with a checkpoint, MEND and MEND refined. The JSON (eval.py's layout, so eval.py --compare reads it) is rewritten
+    after every task."""
+    ev = evaluate.get_args(["--data", args.data, "--ckpt", args.ckpt, *args.protocol])
+    ev.fit_steps, ev.fit_lr, ev.out = args.fit_steps, args.fit_lr, args.out or f"ceiling_{ev.partition}.json"
+    ev.seeds_all = [100, 13, 21, 42, 87]
+    ev.seeds = [int(s) for s in str(ev.seeds).split(",")][:1]
+    if ev.threads:
+        torch.set_num_threads(ev.threads)
+    with_mend = Path(ev.ckpt).exists()
+    llm, toks, distiller, meta, cfg = evaluate.load_models(ev, ["mend"] if with_mend else [], "cpu")
+    evaluate.refuse_seen_tasks(cfg, data.partition(ev.data, ev.partition)["test"], ev)
+    files, skipped = evaluate.find_tasks(ev, data.partition(ev.data, ev.partition)["test"])
+    report = {"partition": ev.partition, "llm": ev.llm, "ckpt": ev.ckpt if with_mend else None, "seeds": ev.seeds,
+              "max_examples": ev.max_examples, "k": ev.k, "n_vectors": ev.n_vectors, "fit_steps": ev.fit_steps,
+              "fit_lr": ev.fit_lr, "methods": {}, "fits": {}, "skipped_tasks": skipped}
+    for n, (task, seeds) in enumerate(files.items(), 1):
+        t = time.time()
+        preds, golds, report["fits"][task] = ceiling_task(ev, llm, toks, distiller, {**meta, "task": task, "seed": ev.seeds[0]}, task, seeds)
+        metric = macro_f1 if data.is_classification(seeds[ev.seeds[0]][1]) else evaluate.accuracy
+        for m, p in preds.items():
+            score = metric(p, golds)
+            report["methods"].setdefault(m, {"tasks": {}})["tasks"][task] = {
+                "metric": metric.__name__, "score": score, "per_seed": {ev.seeds[0]: score}, "n_examples": len(golds),
+                "predictions": {ev.seeds[0]: p}, "golds": {ev.seeds[0]: golds}}
+            report["methods"][m]["average"] = float(np.mean([r["score"] for r in report["methods"][m]["tasks"].values()]))
+        print(f"[{n}/{len(files)}] {task} ({report['fits'][task]['inputs']} fit inputs): " +
+              " | ".join(f"{m} {report['methods'][m]['tasks'][task]['score']:.1f}" for m in preds) + f" | {time.time() - t:.0f}s",
+              flush=True)
+        Path(ev.out).write_text(json.dumps(report, indent=1))
+    print("average over " + f"{len(files)} tasks: " + " | ".join(f"{m} {r['average']:.1f}" for m, r in report["methods"].items()))
+    print(f"wrote {ev.out}")
+    return report
+
+
 def main(args):
+    if args.ceiling:
+        return ceiling(args)
     if args.curves:
         return curves(args)
     if args.sweep:
@@ -225,8 +332,9 @@ def main(args):
     report["llm_share_on_demos"] = prefix_share(mend, demo_embeds, x)
     for layer, (s, t) in enumerate(zip(report["llm_share_on_vectors"], report["llm_share_on_demos"])):
         print(f"LLM layer {layer:2d}: answer position -> vectors {s:.3f} | -> real demonstrations {t:.3f}")
-    Path(args.out).write_text(json.dumps(report))
-    print(f"wrote {args.out}")
+    out = args.out or f"attention_{args.task}.json"
+    Path(out).write_text(json.dumps(report))
+    print(f"wrote {out}")
     return report
 
 

@@ -184,11 +184,27 @@ def meta_item(toks, targets, demo_pool, rng, k, budgets, max_len, exclude=(), re
     """One stage-2 item: the target examples as Q queries, k examples of demo_pool (none of `exclude`) in random order
     as demonstrations; relabel maps output words to other words, the same for demonstrations and queries."""
     others = [j for j in rng.permutation(len(demo_pool))[:k + len(exclude)] if j not in exclude][:k]
-    swap = (lambda ex: {**ex, "output": relabel.get(ex["output"], ex["output"])}) if relabel else (lambda ex: ex)
+    swap = (lambda ex: {**ex, "output": relabel.get(ex["output"], ex["output"]),
+                        "options": [relabel.get(o, o) for o in ex["options"]]}) if relabel else (lambda ex: ex)
     teacher, distiller = demo_item(toks, [swap(demo_pool[j]) for j in others], budgets, max_len)
-    pairs = [encode_example(toks[0], swap(t), max_len) for t in targets]
+    targets = [swap(t) for t in targets]
+    pairs = [encode_example(toks[0], t, max_len) for t in targets]
     return dict(teacher_demo=teacher, distiller_demo=distiller, queries=[x + y for x, y in pairs],
-                answer_masks=[[0] * len(x) + [1] * len(y) for x, y in pairs])
+                answer_masks=[[0] * len(x) + [1] * len(y) for x, y in pairs], **option_fields(toks[0], targets, max_len))
+
+
+def option_fields(tok, examples, max_len):
+    """The queries as the option scorer reads them (train.py --kl_rows options): the input ids, cut for the longest
+    option as at test time; each option's ids (a generation example's only option is its output); and the index of
+    the gold option (-1 for an unlabeled example, as in fitting vectors)."""
+    out = dict(inputs=[], options=[], gold=[])
+    for ex in examples:
+        texts = ex.get("options") or [ex["output"]]
+        options = [encode(tok, o) for o in texts]
+        out["inputs"].append(encode_example(tok, ex, max_len, answer_len=max(map(len, options)))[0])
+        out["options"].append(options)
+        out["gold"].append(texts.index(ex["output"]) if "output" in ex else -1)
+    return out
 
 
 def label_map(options, vocabulary, rng):
@@ -280,18 +296,35 @@ def pad(seqs, value, left):
     return ids, mask
 
 
-def collate(items, device="cpu"):
+def collate(items, device="cpu", options=False):
     """Items -> a batch of tensors: demonstrations left-padded (so the distiller's placeholders and the teacher's query
     sit at the end), queries right-padded (so teacher and student query rows line up column by column). An item with Q
-    queries gives Q query rows; query_item[r] is the item (demonstration row) that query row r belongs to."""
+    queries gives Q query rows; query_item[r] is the item (demonstration row) that query row r belongs to.
+    With options=True the batch carries the queries' inputs and options instead (the option objective)."""
     t, tm = pad([it["teacher_demo"] for it in items], 0, left=True)             # (B, D)
     d, dm = pad([it["distiller_demo"] for it in items], 0, left=True)           # (B, D')
+    owner = torch.tensor([b for b, it in enumerate(items) for _ in it["gold" if options else "queries"]])  # (B*Q,)
+    batch = dict(teacher_demo_ids=t, teacher_demo_mask=tm, distiller_demo_ids=d, distiller_demo_mask=dm,
+                 query_item=owner, **(collate_options(items) if options else collate_queries(items)))
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def collate_queries(items):
     q, qm = pad([x for it in items for x in it["queries"]], 0, left=False)      # (B*Q, T)
     a, _ = pad([x for it in items for x in it["answer_masks"]], 0, left=False)  # (B*Q, T)
-    owner = torch.tensor([b for b, it in enumerate(items) for _ in it["queries"]])  # (B*Q,)
-    batch = dict(teacher_demo_ids=t, teacher_demo_mask=tm, distiller_demo_ids=d, distiller_demo_mask=dm,
-                 query_ids=q, query_mask=qm, answer_mask=a, query_item=owner)
-    return {k: v.to(device) for k, v in batch.items()}
+    return dict(query_ids=q, query_mask=qm, answer_mask=a)
+
+
+def collate_options(items):
+    """Inputs (N, T) left-padded, so their last rows line up; all their options (M, To) right-padded, option_query[m]
+    = the input of option m; gold_option[n] = the row of input n's gold option (-1: unlabeled)."""
+    x, xm = pad([x for it in items for x in it["inputs"]], 0, left=True)       # (N, T)
+    per_input = [opts for it in items for opts in it["options"]]
+    o, om = pad([o for opts in per_input for o in opts], 0, left=False)         # (M, To)
+    first = np.cumsum([0] + [len(opts) for opts in per_input])[:-1]
+    gold = [int(f) + g if g >= 0 else -1 for f, g in zip(first, (g for it in items for g in it["gold"]))]
+    return dict(input_ids=x, input_mask=xm, option_ids=o, option_mask=om, gold_option=torch.tensor(gold),
+                option_query=torch.tensor([n for n, opts in enumerate(per_input) for _ in opts]))
 
 
 # -----------------------------------------------------------------------------

@@ -7,25 +7,47 @@ The MEND objectives (paper section 3.2, knowledge distillation with the frozen L
     stage 1  = KL                       (pretraining on C4: query = the last 20% of a document)
     stage 2  = CE(answer tokens) + lambda * KL   (finetuning on MetaICL meta-train tasks: query = input ; output)
 
+The option objective (train.py --kl_rows options, our addition) takes both terms on the rows the option scorer reads
+instead: each input is teacher-forced with every option, sharing the input's keys/values among its options; the KL is
+on the input's last rows and every option-token row, the CE on the gold option. fit_vectors is the same distillation
+without a distiller: free vectors for one demonstration set, the ceiling of what l vectors can carry.
+
 Both terms are averaged per example first (over its query or answer tokens), then over the batch. With batch 1 per
 GPU under DDP, which is what the official runs use, that is exactly their objective; it also makes a 2-process run,
 gradient accumulation and a single large batch give identical gradients.
 """
+import math
 import time
 from contextlib import contextmanager
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from transformers import DynamicCache
 
-from model import llm_logits, teacher_logits
+import data
+from model import demo_cache, llm_logits, position_ids, teacher_logits
+
+INPUT_ROWS = 4   # the option objective's KL rows of an input: its last 4 (the last one predicts each option's first token)
+FIT_BATCH = 8    # fit_vectors: inputs per step
 
 
 def kl_per_example(teacher, student, mask, temperature=1.0):
     """KL(p_teacher || p_student) per example: logits (B, T, V), mask (B, T) -> (B,), the mean over masked rows."""
-    log_p = F.log_softmax(teacher.float() / temperature, dim=-1)               # (B, T, V)
-    log_q = F.log_softmax(student.float() / temperature, dim=-1)               # (B, T, V)
-    kl_rows = (log_p.exp() * (log_p - log_q)).sum(-1)                          # (B, T)
-    return masked_mean(kl_rows, mask)
+    return masked_mean(row_kl(teacher, student, temperature), mask)
+
+
+def row_kl(teacher, student, temperature=1.0):
+    """KL(p_teacher || p_student) of every row, summed over the vocabulary: logits (..., V) -> (...)."""
+    log_p = F.log_softmax(teacher.float() / temperature, dim=-1)               # (..., V)
+    log_q = F.log_softmax(student.float() / temperature, dim=-1)               # (..., V)
+    return (log_p.exp() * (log_p - log_q)).sum(-1)
+
+
+def option_ce(logits, option_ids, option_mask):
+    """Mean NLL of each option's tokens: logits (M, To, V) whose row t predicts option token t -> (M,)."""
+    nll = F.cross_entropy(logits.float().transpose(1, 2), option_ids, reduction="none")   # (M, To)
+    return masked_mean(nll, option_mask)
 
 
 def answer_ce_per_example(student, query_ids, answer_mask):
@@ -65,32 +87,156 @@ def per_item_mean(values, query_item, n_items):
     return (values / counts[query_item]).sum() / n_items
 
 
+# -----------------------------------------------------------------------------
+# the rows the option scorer reads (train.py --kl_rows options; fitting vectors)
+
+
+def read_options(llm, batch, prefix):
+    """The LLM reads [prefix ; input] once per input, then every option of the input after those keys/values, as the
+    option scorer reads them. prefix: dict(embeds=(N, P, C)) or dict(kv=per layer (N, H, P, h)), and mask=(N, P).
+    -> (logits of the inputs' last INPUT_ROWS rows (N, R, V), option logits (M, To, V): row t predicts token t).
+    Inputs are left-padded, so their last rows share positions and only those rows go through the LM head."""
+    x, xm, owner = batch["input_ids"], batch["input_mask"], batch["option_query"]
+    embeds = llm.get_input_embeddings()(x)                                           # (N, T, C)
+    if "embeds" in prefix:
+        embeds = torch.cat([prefix["embeds"].to(embeds.dtype), embeds], dim=1)       # (N, P+T, C)
+    mask = torch.cat([prefix["mask"], xm], dim=1)                                    # (N, P+T)
+    cache = DynamicCache(prefix["kv"]) if "kv" in prefix else None
+    out = llm(inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids(mask)[:, -embeds.shape[1]:],
+              cache=cache, use_cache=True, logits_to_keep=INPUT_ROWS)
+    tail = out.logits                                                                # (N, R, V)
+    kv = [(layer.keys[owner], layer.values[owner]) for layer in out.cache.layers]    # per layer (M, H, P+T, h)
+    options = llm_logits(llm, batch["option_ids"], batch["option_mask"], prefix_kv=kv, prefix_mask=mask[owner])
+    return tail, torch.cat([tail[owner, -1:], options[:, :-1]], dim=1)              # (M, To, V)
+
+
+def at_least_input_rows(batch):
+    """Left-pad inputs shorter than INPUT_ROWS tokens (the padding is masked), so the objective's rows exist."""
+    short = INPUT_ROWS - batch["input_ids"].shape[1]
+    if short <= 0:
+        return batch
+    return {**batch, "input_ids": F.pad(batch["input_ids"], (short, 0)), "input_mask": F.pad(batch["input_mask"], (short, 0))}
+
+
+@torch.no_grad()
+def teacher_options(llm, batch):
+    """The teacher on the option rows: the LLM reading the real demonstrations (keys/values computed once per item)."""
+    owner = batch["query_item"]
+    kv = demo_cache(llm, batch["teacher_demo_ids"], batch["teacher_demo_mask"], owner)     # per layer (N, H, D, h)
+    return read_options(llm, batch, dict(kv=kv, mask=batch["teacher_demo_mask"][owner]))
+
+
+def option_terms(teacher, student, batch, temperature):
+    """Per input: KL on its last INPUT_ROWS rows and on its options' rows that predict option tokens 2.. (the first is
+    predicted by the last input row, counted once), and the NLL of its gold option (0 when unlabeled) -> (N,), (N,)."""
+    owner, om, gold = batch["option_query"], batch["option_mask"], batch["gold_option"]
+    valid = batch["input_mask"][:, -INPUT_ROWS:]                                      # (N, R), inputs left-padded
+    later = om.clone()
+    later[:, 0] = 0                                                                   # (M, To)
+    kl = None
+    if teacher is not None:
+        total = (row_kl(teacher[0], student[0], temperature) * valid).sum(-1)       # (N,)
+        total = total.index_add(0, owner, (row_kl(teacher[1], student[1], temperature) * later).sum(-1))
+        kl = total / valid.sum(-1).add(torch.zeros_like(total).index_add(0, owner, later.sum(-1).to(total.dtype)))
+    rows = gold.clamp(min=0)
+    ce = option_ce(student[1][rows], batch["option_ids"][rows], om[rows]) * (gold >= 0)  # (N,)
+    return kl, ce
+
+
+def query_terms(teacher, student, batch, temperature):
+    """The paper's rows: KL on every query row, CE on the answer tokens -> (N,), (N,)."""
+    q, qm = batch["query_ids"], batch["query_mask"]
+    kl = kl_per_example(teacher, student, qm, temperature) if teacher is not None else None
+    return kl, answer_ce_per_example(student, q, batch["answer_mask"])
+
+
+# -----------------------------------------------------------------------------
+# the loss of one step
+
+
 def mend_loss(llm, distiller, batch, lam=1.0, temperature=1.0, timings=None):
     """One MEND step's loss on a collated batch (see data.collate). Returns (loss, kl, ce) as 0-d tensors.
 
-    Stage-1 batches have no answer tokens, so their loss is the KL alone; stage 2 adds the answer CE: CE + lam * KL
-    (with lam = 0 the teacher is not run and the logged KL is 0).
+    A batch of queries (the paper's objective) takes the KL on every query row and the CE on the answer tokens; a
+    batch of inputs with options (collate(..., options=True): the option objective) takes them on the rows the option
+    scorer reads (option_terms). Without answers (stage 1, unlabeled inputs) the loss is the KL alone; stage 2 adds
+    the answer CE: CE + lam * KL (with lam = 0 the teacher is not run and the logged KL is 0).
     An item with Q queries is read once by the teacher (keys/values of its demonstrations) and once by the distiller;
     its vectors then precede each of its Q queries. With a timings dict, the forward phases are timed, and
     timings["grad_at_vectors"] records when the backward pass reaches the distilled vectors.
     """
-    q, qm, owner = batch["query_ids"], batch["query_mask"], batch["query_item"]
-    B, has_answer = batch["distiller_demo_ids"].shape[0], bool(batch["answer_mask"].any())
+    options, owner = "option_ids" in batch, batch["query_item"]
+    batch = at_least_input_rows(batch) if options else batch
+    B = batch["distiller_demo_ids"].shape[0]
+    has_answer = bool((batch["gold_option"] >= 0).any() if options else batch["answer_mask"].any())
     teacher = None  # lam = 0 in stage 2 (CE only: MEND without distillation, PromptTuning) needs no teacher
     with phase(timings, "teacher_forward"):
         if lam or not has_answer:
-            teacher = teacher_logits(llm, batch["teacher_demo_ids"], batch["teacher_demo_mask"], q, qm, owner)  # (B*Q, T, V)
+            teacher = teacher_options(llm, batch) if options else teacher_logits(
+                llm, batch["teacher_demo_ids"], batch["teacher_demo_mask"], batch["query_ids"], batch["query_mask"], owner)
     with phase(timings, "distiller_forward"):
         vectors = distiller(batch["distiller_demo_ids"], batch["distiller_demo_mask"])         # (B, L, C)
     if timings is not None and vectors.requires_grad:
         vectors.register_hook(lambda g: timings.__setitem__("grad_at_vectors", (sync(), time.perf_counter())[1]))
     with phase(timings, "student_forward"):
-        prefix = vectors[owner]                                                                  # (B*Q, L, C)
-        vmask = qm.new_ones(prefix.shape[:2])                                                    # (B*Q, L)
-        student = llm_logits(llm, q, qm, prefix_embeds=prefix, prefix_mask=vmask)              # (B*Q, T, V)
-        kl = per_item_mean(kl_per_example(teacher, student, qm, temperature), owner, B) if teacher is not None \
-            else student.new_zeros(())
-        ce = per_item_mean(answer_ce_per_example(student, q, batch["answer_mask"]), owner, B) if has_answer \
-            else kl.new_zeros(())
+        prefix = vectors[owner]                                                                  # (N, L, C)
+        vmask = owner.new_ones(prefix.shape[:2])                                                 # (N, L)
+        student = read_options(llm, batch, dict(embeds=prefix, mask=vmask)) if options else llm_logits(
+            llm, batch["query_ids"], batch["query_mask"], prefix_embeds=prefix, prefix_mask=vmask)
+        kl, ce = (option_terms if options else query_terms)(teacher, student, batch, temperature)
+        kl = per_item_mean(kl, owner, B) if kl is not None else vectors.new_zeros((), dtype=torch.float32)
+        ce = per_item_mean(ce, owner, B) if has_answer else kl.new_zeros(())
     loss = ce + lam * kl if has_answer else kl
     return loss, kl.detach(), ce.detach()
+
+
+# -----------------------------------------------------------------------------
+# distillation without a distiller: the best l vectors for one demonstration set (the ceiling of the channel)
+
+
+def fit_vectors(llm, vectors, item, steps=60, lr=0.1, seed=0):
+    """Free vectors (1, L, C), optimised by Adam so that the LLM reading them matches the LLM reading the item's
+    demonstrations (teacher_demo) on the option rows of the item's unlabeled inputs (data.option_fields; KL only, no
+    label is read). lr is relative to the RMS of the LLM's token embeddings; cosine decay to 0; FIT_BATCH inputs per
+    step, drawn by the seed. steps=0 returns the vectors unchanged. -> (vectors (1, L, C), fit KL per step)."""
+    if steps == 0:
+        return vectors, []
+    free = torch.nn.Parameter(vectors.detach().float().clone())                     # (1, L, C)
+    rms = float(llm.get_input_embeddings().weight.float().pow(2).mean().sqrt())
+    optimizer = torch.optim.Adam([free], lr=lr * rms)
+    tails, options = teacher_targets(llm, item)
+    rng, n, history = np.random.default_rng(seed), len(item["inputs"]), []
+    for step in range(steps):
+        optimizer.param_groups[0]["lr"] = lr * rms * 0.5 * (1 + math.cos(math.pi * step / steps))
+        pick = [int(j) for j in rng.choice(n, size=min(FIT_BATCH, n), replace=False)]
+        batch = at_least_input_rows(data.collate([subset(item, pick)], llm.device, options=True))
+        teacher = (torch.stack([tails[j] for j in pick]),                            # (N, R, V)
+                   torch.nn.utils.rnn.pad_sequence([o for j in pick for o in options[j]], batch_first=True))  # (M, To, V)
+        prefix = free.expand(len(pick), -1, -1)                                      # (N, L, C)
+        student = read_options(llm, batch, dict(embeds=prefix, mask=batch["input_mask"].new_ones(prefix.shape[:2])))
+        kl = option_terms(teacher, student, batch, 1.0)[0].mean()
+        optimizer.zero_grad(set_to_none=True)
+        kl.backward()
+        optimizer.step()
+        history.append(kl.item())
+    return free.detach().to(vectors.dtype), history
+
+
+def subset(item, picked):
+    """The item with only the picked inputs (and their options and gold indices), in the picked order."""
+    return {**item, **{k: [item[k][j] for j in picked] for k in ("inputs", "options", "gold")}}
+
+
+@torch.no_grad()
+def teacher_targets(llm, item):
+    """The teacher's logits on the option rows of every input of an item, computed once (the LLM is frozen and the
+    demonstrations fixed): per input its last rows (R, V), and per input a list of its options' rows (len_o, V)."""
+    tails, options = [], []
+    for i in range(0, len(item["inputs"]), FIT_BATCH):
+        batch = at_least_input_rows(data.collate([subset(item, range(i, min(i + FIT_BATCH, len(item["inputs"]))))],
+                                                 llm.device, options=True))
+        tail, rows = teacher_options(llm, batch)                                    # (N, R, V), (M, To, V)
+        lengths, owner = batch["option_mask"].sum(-1).tolist(), batch["option_query"].tolist()
+        tails += list(tail)
+        options += [[rows[m, :lengths[m]] for m in range(len(rows)) if owner[m] == n] for n in range(len(tail))]
+    return tails, options

@@ -29,15 +29,17 @@ from distill import answer_ce_per_example
 from model import (EMBEDDED, PROMPT, build_distiller, demos_hash, file_hash, load_checkpoint,
                    load_distiller_state, load_llm, load_vectors, option_scores, prefix_cache, save_vectors, tokenizers)
 
-PAPER_DEFAULTS = dict(k=16, max_len_per_example=256, teacher_demo_tokens=767, distiller_demo_tokens=643)
+PAPER_DEFAULTS = dict(k=16, max_len_per_example=256, teacher_demo_tokens=767, distiller_demo_tokens=643, n_vectors=100)
+METHODS = ("zeroshot", "icl", "truncated", "mend")
 
 
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--partition", default="qa2qa", help="hr2lr class2class nonclass2class qa2qa nonqa2qa nonnli2nli nonpara2para")
     p.add_argument("--data", default="sample_data", help="data folder with metaicl/ (real data: ../shared/data)")
-    p.add_argument("--methods", default="", help="comma-separated subset of zeroshot,icl,mend (default: zeroshot,icl "
-                   "and mend when --ckpt exists)")
+    p.add_argument("--methods", default="", help="comma-separated subset of zeroshot,icl,truncated,mend (default: "
+                   "zeroshot,icl and mend when --ckpt exists); truncated = ICL reading the last l demonstration tokens")
+    p.add_argument("--n_vectors", type=int, default=None, help="l for truncated (default: the checkpoint's, else 100)")
     p.add_argument("--ckpt", default="mend.pt", help="finetuned MEND checkpoint (made by train.py --stage finetune)")
     p.add_argument("--llm", default="", help="frozen LLM (default: the checkpoint's, else smollm2-135m)")
     p.add_argument("--seeds", default="100,13,21,42,87", help="comma-separated MetaICL seeds")
@@ -115,14 +117,16 @@ def naive_option_scores(llm, tok, ex, max_len, prefix_ids=None, prefix_embeds=No
 
 
 def make_prefix(method, llm, toks, distiller, demos, args, vector_meta):
-    """The cached prefix of a demonstration set: None (zero-shot), the demos' keys/values (ICL), or the keys/values
-    of the distilled vectors (MEND, loaded from --vectors_dir when they were distilled before)."""
+    """The cached prefix of a demonstration set: None (zero-shot), the demos' keys/values (ICL), those of their last
+    l tokens only (truncated: MEND's prefix length, no training), or the keys/values of the distilled vectors (MEND,
+    loaded from --vectors_dir when they were distilled before)."""
     if method == "zeroshot":
         return None
     budgets = (args.teacher_demo_tokens, args.distiller_demo_tokens)
     teacher_ids, distiller_ids = data.demo_item(toks, demos, budgets, args.max_len_per_example)
-    if method == "icl":
-        return prefix_cache(llm, prefix_ids=torch.tensor([teacher_ids], device=llm.device))
+    if method in ("icl", "truncated"):
+        keep = teacher_ids[-args.n_vectors:] if method == "truncated" else teacher_ids
+        return prefix_cache(llm, prefix_ids=torch.tensor([keep], device=llm.device))
     return prefix_cache(llm, prefix_embeds=distill(distiller, distiller_ids, vector_meta, args))
 
 
@@ -143,14 +147,20 @@ def distill(distiller, ids, vector_meta, args):
 
 def evaluate_seed(method, llm, toks, distiller, demos, tests, args, vector_meta):
     """Predicted option index for each test example of one (task, seed)."""
-    prefix = make_prefix(method, llm, toks, distiller, demos, args, vector_meta) if args.protocol == "fixed" else None
+    if args.protocol == "fixed":
+        return predict(llm, toks[0], tests, args.max_len_per_example,
+                       make_prefix(method, llm, toks, distiller, demos, args, vector_meta))
     predictions = []
-    for i, ex in enumerate(tests):
-        if args.protocol == "random":  # the official code: a fresh random draw and order of demos per test example
-            order = np.random.default_rng([vector_meta["seed"], i]).permutation(len(demos))[:args.k]
-            prefix = make_prefix(method, llm, toks, distiller, [demos[j] for j in order], args, vector_meta)
-        predictions.append(int(option_scores(llm, toks[0], ex, args.max_len_per_example, prefix).argmax()))
+    for i, ex in enumerate(tests):  # the official code: a fresh random draw and order of demos per test example
+        order = np.random.default_rng([vector_meta["seed"], i]).permutation(len(demos))[:args.k]
+        prefix = make_prefix(method, llm, toks, distiller, [demos[j] for j in order], args, vector_meta)
+        predictions += predict(llm, toks[0], [ex], args.max_len_per_example, prefix)
     return predictions
+
+
+def predict(llm, tok, tests, max_len, prefix):
+    """The best-scoring option index of each test example after one cached prefix (None = zero-shot)."""
+    return [int(option_scores(llm, tok, ex, max_len, prefix).argmax()) for ex in tests]
 
 
 def evaluate_task(method, llm, toks, distiller, seeds, args, meta, task):
@@ -308,6 +318,7 @@ def bench(args, llm, toks, distiller, files, methods, meta):
         fast = [option_scores(llm, toks[0], ex, args.max_len_per_example, prefix) for ex in tests]
         t1 = time.perf_counter()
         kw = {"icl": dict(prefix_ids=torch.tensor([teacher_ids], device=llm.device)), "zeroshot": {},
+              "truncated": dict(prefix_ids=torch.tensor([teacher_ids[-args.n_vectors:]], device=llm.device)),
               "mend": dict(prefix_embeds=distiller(torch.tensor([distiller_ids], device=llm.device),
                                                    torch.ones(1, len(distiller_ids), dtype=torch.long, device=llm.device))
                            if distiller is not None else None)}[method]
@@ -330,8 +341,8 @@ def main(args):
     if not args.methods and "mend" not in methods:
         print(f"note: {args.ckpt} not found, so no mend (make it with: python train.py --stage pretrain && "
               f"python train.py --stage finetune --init ckpt.pt)")
-    if not set(methods) <= {"zeroshot", "icl", "mend"}:
-        raise SystemExit(f"--methods must be a subset of zeroshot,icl,mend, got {args.methods}")
+    if not set(methods) <= set(METHODS):
+        raise SystemExit(f"--methods must be a subset of {','.join(METHODS)}, got {args.methods}")
     args.seeds = [int(s) for s in str(args.seeds).split(",")]
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -361,7 +372,7 @@ def main(args):
         results[trained_method(cfg)] = results.pop("mend")
     report = {"partition": args.partition, "perturb": args.perturb, "llm": args.llm, "distiller": cfg.get("distiller"),
               "ckpt": args.ckpt if distiller is not None else None, "seeds": args.seeds, "max_examples": args.max_examples,
-              "k": args.k, "n_vectors": cfg.get("n_vectors"), "demo_tokens": demo_lengths(files, toks, args),
+              "k": args.k, "n_vectors": args.n_vectors, "demo_tokens": demo_lengths(files, toks, args),
               "seconds": time.time() - t_start, "methods": results, "skipped_tasks": skipped}
     Path(args.out).write_text(json.dumps(report, indent=1))
     print(f"wrote {args.out} ({report['seconds']:.0f}s)")

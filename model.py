@@ -271,10 +271,15 @@ def teacher_logits(llm, demo_ids, demo_mask, query_ids, query_mask, query_item=N
     -> (N, T, V). Query row r follows the demonstrations of row query_item[r] (default: row r); each demonstration row
     is read once, and its keys/values are shared by all of its queries."""
     query_item = torch.arange(len(demo_ids), device=demo_ids.device) if query_item is None else query_item
+    kv = demo_cache(llm, demo_ids, demo_mask, query_item)
+    return llm_logits(llm, query_ids, query_mask, prefix_kv=kv, prefix_mask=demo_mask[query_item])
+
+
+def demo_cache(llm, demo_ids, demo_mask, query_item):
+    """Keys/values of left-padded demonstrations (B, D), read once, one copy per query row: per layer (N, H, D, h)."""
     out = llm(input_ids=demo_ids, attention_mask=demo_mask, position_ids=position_ids(demo_mask), use_cache=True,
               logits_to_keep=1)  # only the keys/values are needed, not (B, D, V) logits
-    kv = [(layer.keys[query_item], layer.values[query_item]) for layer in out.cache.layers]  # per layer (N, H, D, h)
-    return llm_logits(llm, query_ids, query_mask, prefix_kv=kv, prefix_mask=demo_mask[query_item])
+    return [(layer.keys[query_item], layer.values[query_item]) for layer in out.cache.layers]
 
 
 @torch.no_grad()
@@ -367,6 +372,15 @@ def file_hash(path):
 # using a trained MEND: distill your demonstrations once, then score, classify or generate at zero-shot cost
 
 
+def options_per_input(inputs, options):
+    """One option list for every input, or one per input -> one list per input; empty options: ValueError."""
+    per_input = [list(o) for o in options] if options and isinstance(options[0], (list, tuple)) else [list(options)] * len(inputs)
+    if len(per_input) != len(inputs) or not all(per_input):
+        raise ValueError(f"options must be one non-empty list for every input or one non-empty list per input "
+                         f"({len(inputs)} inputs), got {options!r}")
+    return per_input
+
+
 class MEND:
     """A trained MEND from one checkpoint: the frozen LLM, the distiller and both tokenizers.
 
@@ -393,12 +407,21 @@ class MEND:
         load_distiller_state(distiller, state["model"], ckpt)
         return cls(lm, freeze(distiller), tokenizers(cfg["distiller"], cfg["llm"]), cfg, file_hash(ckpt))
 
-    def demo_ids(self, demos):
-        """Distiller token ids of (input, output) pairs (formatted and budgeted as in training) or of one string."""
+    def demo_ids(self, demos, reader=1):
+        """Token ids of (input, output) pairs (formatted and budgeted as in training) or of one formatted string, as
+        the distiller (reader=1) or the LLM (reader=0, the teacher) reads them. Bad demonstrations: ValueError."""
         if isinstance(demos, str):
-            return data.encode(self.toks[1], demos)[-self.budgets[1]:]  # keep the end, nearest the query
+            if not demos.strip():
+                raise ValueError("the demonstration text is empty")
+            return data.encode(self.toks[reader], demos)[-self.budgets[reader]:]  # keep the end, nearest the query
+        demos = list(demos)
+        if not demos:
+            raise ValueError("no demonstrations: give a non-empty list of (input, output) pairs or a formatted string")
+        for i, d in enumerate(demos):
+            if not (isinstance(d, (tuple, list)) and len(d) == 2 and all(isinstance(t, str) for t in d)):
+                raise ValueError(f"demonstration {i} is {d!r}, not an (input, output) pair of strings")
         pairs = [{"input": x, "output": y} for x, y in demos]
-        return data.demo_item(self.toks, pairs, self.budgets, self.max_len)[1]
+        return data.demo_item(self.toks, pairs, self.budgets, self.max_len)[reader]
 
     @torch.no_grad()
     def distill(self, demos):
@@ -416,14 +439,24 @@ class MEND:
         """Per input, one score per option: -(mean NLL of the option's tokens) after [vectors ; input]. options is
         one list for every input, or one list per input. The vectors' keys/values are computed once."""
         kv = prefix_cache(self.llm, prefix_embeds=vectors.to(self.llm.device))
-        per_input = options if options and isinstance(options[0], (list, tuple)) else [options] * len(inputs)
-        return [option_scores(self.llm, self.toks[0], {"input": x, "options": list(o)}, self.max_len, kv)
-                for x, o in zip(inputs, per_input)]
+        return [option_scores(self.llm, self.toks[0], {"input": x, "options": o}, self.max_len, kv)
+                for x, o in zip(inputs, options_per_input(inputs, options))]
 
     def classify(self, vectors, inputs, options):
         """The best option per input."""
-        per_input = options if options and isinstance(options[0], (list, tuple)) else [options] * len(inputs)
+        per_input = options_per_input(inputs, options)
         return [o[int(s.argmax())] for s, o in zip(self.score(vectors, inputs, options), per_input)]
+
+    def refine(self, vectors, demos, inputs, options, steps=60, lr=0.1, seed=0):
+        """Fit the vectors further (distill.fit_vectors) so that the LLM reading them matches the LLM reading `demos`
+        on these unlabeled inputs and their options (no label is read): -> refined vectors (1, L, C). lr is relative to
+        the RMS of the LLM's token embeddings; steps=0 returns the vectors unchanged; the same seed, the same result."""
+        from distill import fit_vectors  # distill imports this module
+        teacher = self.demo_ids(demos, reader=0)
+        examples = [{"input": x, "options": o} for x, o in zip(inputs, options_per_input(inputs, options))]
+        item = dict(teacher_demo=teacher, distiller_demo=teacher, **data.option_fields(self.toks[0], examples, self.max_len))
+        with torch.enable_grad():
+            return fit_vectors(self.llm, vectors, item, steps, lr, seed)[0]
 
     @torch.no_grad()
     def generate(self, vectors, input, max_new_tokens=32):

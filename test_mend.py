@@ -247,6 +247,61 @@ def test_c4_reader_streams_plain_and_gzip_and_rejects_missing_text(tmp_path):
         list(data.read_c4(tmp_path / "c4"))
 
 
+OPTION_ITEM = dict(teacher_demo=[5, 6, 7, 8, 9], distiller_demo=[5, 6, 7, 8, 9], inputs=[[10, 11, 12, 13, 14], [15, 16]],
+                   options=[[[20, 21, 22], [23]], [[24, 25], [26, 27, 28], [29]]], gold=[0, 1])
+
+
+def brute_force_option_terms(llm, vectors, item):
+    """The option objective by hand: one full forward of [demos ; input ; option] (teacher) and of [vectors ; input ;
+    option] (student) per (input, option), no cache; KL on the input's last 4 rows and the option rows predicting
+    option tokens 2.., CE on the gold option's tokens. -> (mean KL, mean CE) over the inputs."""
+    emb, kls, ces = llm.get_input_embeddings(), [], []
+    for x, opts, gold in zip(item["inputs"], item["options"], item["gold"]):
+        rows, ce = [], None
+        for j, o in enumerate(opts):
+            seq = torch.tensor([x + o])
+            t = llm(torch.tensor([item["teacher_demo"] + x + o])).logits[0, len(item["teacher_demo"]):]  # (T, V)
+            s = llm(inputs_embeds=torch.cat([vectors, emb(seq)], 1)).logits[0, vectors.shape[1]:]      # (T, V)
+            picked = list(range(max(0, len(x) - 4), len(x))) * (j == 0) + list(range(len(x), len(x) + len(o) - 1))
+            rows += [distill.row_kl(t[r], s[r]) for r in picked]
+            if j == gold:
+                ce = F.cross_entropy(s[len(x) - 1:len(x) + len(o) - 1], torch.tensor(o))
+        kls.append(torch.stack(rows).mean())
+        ces.append(ce)
+    return torch.stack(kls).mean(), torch.stack(ces).mean()
+
+
+def test_option_objective_equals_a_brute_force_loop_over_options():
+    """--kl_rows options shares each input's keys/values among its options (teacher and student); its KL, CE and the
+    distiller's gradients equal one full forward per (input, option)."""
+    llm = tiny_llm("llama")
+    distiller = model.build_distiller("layers:1", llm, n_vectors=3)
+    loss, kl, ce = distill.mend_loss(llm, distiller, data.collate([OPTION_ITEM], options=True), lam=0.5)
+    loss.backward()
+    fast = [p.grad.clone() for p in distiller.parameters() if p.grad is not None]
+    distiller.zero_grad()
+    vectors = distiller(ids(OPTION_ITEM["distiller_demo"]), torch.ones(1, 5, dtype=torch.long))
+    bkl, bce = brute_force_option_terms(llm, vectors, OPTION_ITEM)
+    torch.testing.assert_close((kl, ce), (bkl.detach(), bce.detach()), rtol=1e-4, atol=1e-6)
+    (bce + 0.5 * bkl).backward()
+    slow = [p.grad for p in distiller.parameters() if p.grad is not None]
+    assert len(fast) == len(slow) > 0 and kl > 0
+    for a, b in zip(fast, slow):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_fitted_vectors_lower_the_kl_deterministically_and_zero_steps_change_nothing():
+    """fit_vectors: the fit KL falls; the same seed gives the same vectors; steps=0 returns the input vectors."""
+    llm = tiny_llm("llama")
+    item = {**OPTION_ITEM, "gold": [-1, -1]}
+    start = torch.randn(1, 3, 32) * 0.02
+    same, history = distill.fit_vectors(llm, start, item, steps=0)
+    assert same is start and history == []
+    a, history = distill.fit_vectors(llm, start, item, steps=25, lr=0.5, seed=3)
+    b, _ = distill.fit_vectors(llm, start, item, steps=25, lr=0.5, seed=3)
+    assert torch.equal(a, b) and a.shape == start.shape and history[-1] < 0.5 * history[0]
+
+
 def test_c4_item_split_and_meta_train_item(tmp_path):
     """80/20 split of a document; a meta-train item is deterministic, has k demos of its own task, answer-masked."""
     tok = byte_tokenizer(tmp_path)
@@ -388,13 +443,18 @@ def test_init_from_another_llm_is_refused(saved_llm, tmp_path):
         train.run(train_args(saved_llm("llama"), tmp_path / "x.pt", "--stage", "finetune", "--init", str(ckpt)))
 
 
-def test_selection_signal_holds_out_tasks_and_scores_like_eval(saved_llm, tmp_path):
-    """--val_tasks: the held-out task never enters training, the checkpoint leaves out the frozen embeddings, and the
-    logged MEND signal is what eval.py's scorer gives for that task's examples with the saved distiller."""
+def test_selection_signal_holds_out_tasks_and_scores_like_eval(saved_llm, tmp_path, monkeypatch):
+    """--val_tasks: a task where zero-shot sits at the one-class floor is refused (the random tiny model collapses on
+    all three); with the margin lifted, the held-out task never enters training, the checkpoint leaves out the frozen
+    embeddings, the logged MEND signal is what eval.py's scorer gives for that task's examples with the saved
+    distiller, and the judge logs ICL and MEND with random labels too."""
     llm, ckpt = saved_llm("llama"), tmp_path / "m.pt"
-    train.run(train_args(llm, ckpt, "--stage", "finetune", "--partition", "class2class", "--data", str(ROOT / "sample_data"),
-                         "--k", "4", "--max_steps", "2", "--eval_interval", "2", "--val_tasks", "1",
-                         "--val_task_examples", "8"))
+    argv = ["--stage", "finetune", "--partition", "class2class", "--data", str(ROOT / "sample_data"), "--k", "4",
+            "--max_steps", "2", "--eval_interval", "2", "--val_tasks", "1", "--val_task_examples", "8"]
+    with pytest.raises(SystemExit, match="only 0 of 3 meta-train tasks qualify"):
+        train.run(train_args(llm, ckpt, *argv))
+    monkeypatch.setattr(train, "FLOOR_MARGIN", -100.0)
+    train.run(train_args(llm, ckpt, *argv))
     state = model.load_checkpoint(ckpt)
     assert state["config"]["val_tasks_held_out"] == ["sample-topic"] and "sample-topic" not in state["config"]["train_tasks"]
     assert not any("embed" in k for k in state["model"]) and any("placeholder" in k for k in state["model"])
@@ -406,6 +466,7 @@ def test_selection_signal_holds_out_tasks_and_scores_like_eval(saved_llm, tmp_pa
     preds = evaluate.evaluate_seed("mend", lm, toks, distiller, pool[:4], pool[4:12], args, {**meta, "task": "t", "seed": 1})
     f1 = evaluate.macro_f1(preds, [ex["options"].index(ex["output"]) for ex in pool[4:12]])
     assert "signal reference | held-out tasks macro-F1: zeroshot" in log and logged[-1] == pytest.approx(f1, abs=0.006)
+    assert "| icl_random " in log and "| mend_random " in log
     import analyze
     report = analyze.main(analyze.get_args(["--held_out", "--ckpt", str(ckpt), "--data", str(ROOT / "sample_data")]))
     assert evaluate.macro_f1(*report["mend"]["sample-topic"]) == pytest.approx(f1)
@@ -479,6 +540,72 @@ def test_eval_reports_skipped_tasks_refuses_seen_tasks_and_writes_the_json(saved
         evaluate.main(evaluate.get_args(["--partition", "nonclass2class", *common]))
 
 
+def test_truncated_reads_the_last_l_demonstration_tokens(saved_llm):
+    """--methods truncated: ICL on the last l tokens of the demonstration prefix; its scores equal a plain forward of
+    those tokens + input + option, and with l at least the prefix length it is ICL."""
+    args = evaluate.get_args(["--llm", saved_llm("llama"), "--n_vectors", "5", "--max_len_per_example", "32",
+                              "--teacher_demo_tokens", "96", "--distiller_demo_tokens", "96"])
+    llm, toks, _, _, _ = evaluate.load_models(args, ["truncated"], "cpu")
+    pool = data.read_metaicl(data.task_file(ROOT / "sample_data", "sample-sentiment", 16, 100, "train"))
+    demos, ex = pool[:4], pool[5]
+    teacher_ids, _ = data.demo_item(toks, demos, (96, 96), 32)
+    fast = model.option_scores(llm, toks[0], ex, 32, evaluate.make_prefix("truncated", llm, toks, None, demos, args, {}))
+    slow = evaluate.naive_option_scores(llm, toks[0], ex, 32, prefix_ids=torch.tensor([teacher_ids[-5:]]))
+    torch.testing.assert_close(fast, slow, rtol=1e-4, atol=1e-5)
+    args.n_vectors = len(teacher_ids)
+    icl = model.option_scores(llm, toks[0], ex, 32, evaluate.make_prefix("icl", llm, toks, None, demos, args, {}))
+    truncated = model.option_scores(llm, toks[0], ex, 32, evaluate.make_prefix("truncated", llm, toks, None, demos, args, {}))
+    assert torch.equal(icl, truncated) and not torch.allclose(fast, icl)
+
+
+def test_ceiling_fits_vectors_per_task_from_unlabeled_inputs_of_other_seeds(saved_llm, tmp_path):
+    """analyze.py --ceiling: per test task, fit inputs are the other seeds' inputs minus the test examples and the
+    demonstrations, without labels; the JSON has every method in eval.py's layout (so --compare reads it), and MEND
+    refined starts from MEND's vectors."""
+    import analyze
+    llm, ckpt = saved_llm("llama"), tmp_path / "mend.pt"
+    train.run(train_args(llm, ckpt, "--stage", "finetune", "--partition", "nonnli2nli", "--data",
+                         str(ROOT / "sample_data"), "--max_steps", "1", "--val_items", "0"))
+    out = tmp_path / "ceiling.json"
+    report = analyze.main(analyze.get_args(["--ceiling", "--data", str(ROOT / "sample_data"), "--ckpt", str(ckpt),
+                                            "--fit_steps", "2", "--partition", "nonnli2nli", "--max_examples", "6",
+                                            "--k", "4", "--out", str(out)]))
+    assert json.loads(out.read_text())["methods"].keys() == {"zeroshot", "icl", "truncated", "fitted", "mend", "mend_refined"}
+    fits = report["fits"]["sample-same_words"]
+    assert fits["fitted"]["kl_first"] > 0 and fits["mend_refined"]["kl_first"] > 0
+    ev = evaluate.get_args(["--data", str(ROOT / "sample_data"), "--max_examples", "6", "--k", "4"])
+    ev.seeds, ev.seeds_all = [100], [100, 13, 21, 42, 87]
+    demos, tests = evaluate.task_files(ev, "sample-same_words")[100]
+    inputs = analyze.fit_inputs(ev, "sample-same_words", 100, demos, tests)
+    taken = {ex["input"] for ex in demos + tests}
+    assert fits["inputs"] == len(inputs) > 0 and not taken & {x["input"] for x in inputs}
+    assert all(set(x) == {"input", "options"} for x in inputs)
+    assert report["methods"]["fitted"]["tasks"]["sample-same_words"]["n_examples"] == 6
+
+
+def test_refine_and_clear_api_errors(saved_llm, tmp_path):
+    """MEND.refine: steps=0 returns the vectors unchanged, refining is deterministic and changes them; distill([]),
+    a demonstration that is not an (input, output) pair and empty options raise ValueError naming the problem."""
+    llm, ckpt = saved_llm("llama"), tmp_path / "mend.pt"
+    train.run(train_args(llm, ckpt, "--stage", "finetune", "--max_steps", "1", "--val_items", "0"))
+    mend = model.MEND.load(str(ckpt), device="cpu")
+    demos = [("good film", "yes"), ("bad film", "no")]
+    vectors = mend.distill(demos)
+    inputs, options = ["nice film", "awful", "so-so"], ["yes", "no"]
+    assert mend.refine(vectors, demos, inputs, options, steps=0) is vectors
+    a = mend.refine(vectors, demos, inputs, options, steps=3, lr=0.5, seed=1)
+    assert torch.equal(a, mend.refine(vectors, demos, inputs, options, steps=3, lr=0.5, seed=1))
+    assert a.shape == vectors.shape and not torch.allclose(a, vectors)
+    with pytest.raises(ValueError, match="no demonstrations"):
+        mend.distill([])
+    with pytest.raises(ValueError, match="demonstration 1 is 'bad film', not an \\(input, output\\) pair"):
+        mend.distill([("good film", "yes"), "bad film"])
+    with pytest.raises(ValueError, match="options must be one non-empty list"):
+        mend.score(vectors, ["nice film"], [])
+    with pytest.raises(ValueError, match="options must be one non-empty list"):
+        mend.classify(vectors, ["nice film", "awful"], [["yes"], []])
+
+
 def test_distilled_vectors_round_trip_and_refuse_a_mismatch(tmp_path):
     vectors, meta = torch.randn(1, 4, 8), {"llm": "a", "distiller": "layers:2", "ckpt_hash": "h", "demos_hash": "d"}
     model.save_vectors(tmp_path / "v.safetensors", vectors, meta)
@@ -536,13 +663,14 @@ def test_analyze_attention_maps(saved_llm, tmp_path):
 
 
 def test_signal_curves_follow_a_resumed_run(tmp_path):
-    """--curves: a resumed run's clock continues where the run before stopped."""
+    """--curves: a resumed run's clock continues where the run before stopped; logs with and without the judge's
+    random-label column both parse."""
     import analyze
-    log = write_lines(tmp_path / "r.log", ["signal reference | held-out tasks macro-F1: zeroshot 7.59 | icl 15.64",
-                                            "step 60 | signal mend 9.32 | 244s", "resumed from r.pt at step 60",
-                                            "step 120 | signal mend 12.41 | 202s"])
+    log = write_lines(tmp_path / "r.log", ["signal reference | held-out tasks macro-F1: zeroshot 7.59 | icl 15.64 | "
+                                            "icl_random 11.00", "step 60 | signal mend 9.32 | mend_random 8.10 | 244s",
+                                            "resumed from r.pt at step 60", "step 120 | signal mend 12.41 | 202s"])
     table = analyze.main(analyze.get_args(["--curves", str(log), "--png", str(tmp_path / "c.png")]))
-    assert table[str(log)] == [(60, 244.0, 9.32), (120, 446.0, 12.41)]
+    assert table[str(log)] == [(60, 244.0, 9.32, 8.10), (120, 446.0, 12.41, None)]
     assert (tmp_path / "c.png").exists() == (importlib.util.find_spec("matplotlib") is not None)
 
 

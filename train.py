@@ -39,11 +39,12 @@ PAPER = {  # spec section 6 (the official pretrain.sh / finetune.sh); batch is p
     "common": dict(llm="gpt2-large", distiller="gpt2", n_vectors=100, k=16, batch=1, grad_accum=1, max_steps=30000,
                    warmup=0, schedule="linear", lam=1.0, temperature=1.0, max_len_per_example=256,
                    teacher_demo_tokens=767, distiller_demo_tokens=643, c4_max_tokens=1024, eval_interval=2000,
-                   queries_per_demo=1, relabel=0.0, freeze_embeddings=False),
+                   queries_per_demo=1, relabel=0.0, freeze_embeddings=False, kl_rows="query"),
     "pretrain": dict(lr=5e-5),
     "finetune": dict(lr=1e-5),
 }
 OUT = {"pretrain": "ckpt.pt", "finetune": "mend.pt"}
+FLOOR_MARGIN = 5.0  # --val_tasks keeps tasks where zero-shot beats the best one-class prediction by this much macro-F1
 
 
 def get_args(argv=None):
@@ -66,6 +67,8 @@ def get_args(argv=None):
     p.add_argument("--queries_per_demo", type=int, default=1, help="stage 2: queries of a task read after one demo set")
     p.add_argument("--relabel", type=float, default=0.0, help="stage 2: chance an item's label words are swapped for "
                    "other tasks' labels, in its demos and queries alike (symbol tuning, against label priors)")
+    p.add_argument("--kl_rows", default="query", choices=["query", "options"], help="stage 2: KL on every query row "
+                   "and CE on the answer (paper), or both on the rows the option scorer reads, every option teacher-forced")
     p.add_argument("--freeze_embeddings", action=argparse.BooleanOptionalAction, default=True,
                    help="keep the distiller's token embeddings frozen (paper: trained)")
     p.add_argument("--lr", type=float, default=1e-4, help="peak AdamW learning rate (paper: 5e-5 / 1e-5)")
@@ -133,8 +136,9 @@ def get_lr(args, step):
 # data: item number i of the run, the same whatever the number of processes
 
 
-def make_items(args, toks, log):
-    """-> (item(i) for training item number i, fixed validation items, trained-on tasks, held-out selection tasks)."""
+def make_items(args, toks, log, zero_shot=None):
+    """-> (item(i) for training item number i, fixed validation items, trained-on tasks, held-out selection tasks).
+    zero_shot(task, examples) -> (predictions, golds) judges the candidates of the selection signal."""
     budgets = (args.teacher_demo_tokens, args.distiller_demo_tokens)
     if args.stage == "pretrain":
         docs = [d for d in (data.c4_item(t, toks, args.c4_max_tokens) for t in data.read_c4(Path(args.data) / "c4")) if d]
@@ -146,7 +150,7 @@ def make_items(args, toks, log):
             args.seed + i // len(train)))[i % len(train)]]), val, [], {}
     part = data.partition(args.data, args.partition)
     pools = data.meta_train_pools(args.data, part["train"], log)
-    signal = selection_tasks(pools, args, log)
+    signal = selection_tasks(pools, args, log, zero_shot)
     pools = {t: p for t, p in pools.items() if t not in signal}
     n_held = 2 if args.val_items else 0
     train_pools, held = data.split_pools(pools, n_held) if n_held else (pools, {})
@@ -156,17 +160,28 @@ def make_items(args, toks, log):
                                            args.queries_per_demo, args.relabel)), val, sorted(pools), signal
 
 
-def selection_tasks(pools, args, log):
-    """--val_tasks: meta-train tasks held out of training entirely, as {task: (k demos, test examples)}. Chosen by
-    the seed among the classification tasks with 3 to 8 labels and enough examples (several labels judge best)."""
+def selection_tasks(pools, args, log, zero_shot):
+    """--val_tasks: meta-train tasks held out of training entirely, as {task: (k demos, test examples)}. The rule:
+    classification tasks with 2 to 8 labels and enough examples, in the seed's order, kept when zero-shot (the
+    callable zero_shot(task, examples) -> (predictions, golds)) scores at least FLOOR_MARGIN points of macro-F1 above
+    the best one-class prediction: there, a method that ignores the demonstrations' labels cannot look good by merely
+    not collapsing onto one class."""
     if not args.val_tasks:
         return {}
     n = args.k + args.val_task_examples
-    fit = sorted(t for t, p in pools.items() if len(p) >= n and data.is_classification(p) and 3 <= len(p[0]["options"]) <= 8)
-    if len(fit) < args.val_tasks or len(pools) - args.val_tasks < 1:
-        raise SystemExit(f"--val_tasks {args.val_tasks}: only {len(fit)} of {len(pools)} meta-train tasks qualify "
-                         f"(classification, 3-8 labels, at least {n} examples)")
-    chosen = sorted(fit[int(j)] for j in np.random.default_rng(args.seed).permutation(len(fit))[:args.val_tasks])
+    fit = sorted(t for t, p in pools.items() if len(p) >= n and data.is_classification(p) and 2 <= len(p[0]["options"]) <= 8)
+    chosen = []
+    for j in np.random.default_rng(args.seed).permutation(len(fit)):
+        if len(chosen) < args.val_tasks and len(pools) - len(chosen) > 1:
+            preds, golds = zero_shot(fit[j], signal_examples(pools[fit[j]], args))
+            floor = max(macro_f1([c] * len(golds), golds) for c in set(golds))
+            log(f"selection signal candidate {fit[j]}: zero-shot {macro_f1(preds, golds):.1f}, one-class floor {floor:.1f}")
+            chosen += [fit[j]] * (macro_f1(preds, golds) >= floor + FLOOR_MARGIN)
+    if len(chosen) < args.val_tasks:
+        raise SystemExit(f"--val_tasks {args.val_tasks}: only {len(chosen)} of {len(pools)} meta-train tasks qualify "
+                         f"(classification, 2-8 labels, at least {n} examples, zero-shot {FLOOR_MARGIN} points above "
+                         f"the one-class floor)")
+    chosen.sort()
     log(f"selection signal: held out of training: {', '.join(chosen)} ({args.val_task_examples} examples each)")
     return {t: signal_examples(pools[t], args) for t in chosen}
 
@@ -219,6 +234,11 @@ def restore(state, distiller, optimizer, scaler):
 # the run
 
 
+def option_rows(args):
+    """--kl_rows options applies to stage 2 (C4 text has no options)."""
+    return args.kl_rows == "options" and args.stage == "finetune"
+
+
 def validate(llm, distiller, items, args, ctx, device):
     """Mean loss, KL and CE on the held-out items (distiller in eval mode, no gradients)."""
     distiller.eval()
@@ -226,7 +246,7 @@ def validate(llm, distiller, items, args, ctx, device):
     with torch.no_grad(), ctx:
         for i in range(0, len(items), args.batch):
             chunk = items[i:i + args.batch]
-            out = mend_loss(llm, distiller, data.collate(chunk, device), args.lam, args.temperature)
+            out = mend_loss(llm, distiller, data.collate(chunk, device, option_rows(args)), args.lam, args.temperature)
             totals += torch.stack([o.float().cpu() for o in out]) * len(chunk)
     distiller.train()
     return (totals / max(1, len(items))).tolist()
@@ -272,6 +292,18 @@ def selection_signal(method, llm, distiller, signal, toks, args, ctx):
     return float(np.mean([macro_f1(p, g) for p, g in preds.values()]))
 
 
+def random_labels(signal, seed):
+    """The held-out tasks with their demonstrations' labels replaced at random: a method that reads the labels scores
+    lower on them than with the gold labels, as ICL does."""
+    return {t: (data.perturb_demos(demos, "random_labels", seed), tests) for t, (demos, tests) in signal.items()}
+
+
+def judge(methods, r, args):
+    """' | '-joined macro-F1 of each (label, method, signal) on the held-out tasks."""
+    return " | ".join(f"{label} {selection_signal(m, r.llm, r.distiller, sig, r.toks, args, r.ctx):.2f}"
+                      for label, m, sig in methods)
+
+
 def make_optimizer(distiller, args):
     """Fused AdamW (10x faster on CPU too); the placeholders and projection get --lr_vectors when it is set."""
     vec = [p for n, p in distiller.named_parameters() if p.requires_grad and n.startswith(("placeholder", "proj"))]
@@ -304,13 +336,14 @@ def run(args):
     log(f"device={device} dtype={str(dtype).removeprefix('torch.')} world={world} threads={torch.get_num_threads()} | llm {args.llm}: "
         f"{count_params(llm):,} params, frozen | distiller {args.distiller}: {count_params(distiller, True):,} "
         f"trainable params (backbone + {args.n_vectors} placeholders + projection)")
-    item, val_items, tasks, signal = make_items(args, toks, log)
+    zero_shot = lambda task, ex: signal_predictions("zeroshot", llm, distiller, {task: ex}, toks, args, ctx)[task]
+    item, val_items, tasks, signal = make_items(args, toks, log, zero_shot)
     config["train_tasks"], config["val_tasks_held_out"] = tasks, sorted(signal)
     optimizer = make_optimizer(distiller, args)
     scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)  # a no-op unless fp16
     r = SimpleNamespace(llm=llm, model=distiller, distiller=distiller, optimizer=optimizer, scaler=scaler, item=item,
                         val_items=val_items, config=config, ctx=ctx, device=device, rank=rank, world=world, log=log,
-                        signal=signal, toks=toks)
+                        signal=signal, signal_random=random_labels(signal, args.seed), toks=toks)
     log_references(r, args)
     step = apply_start(start, r, args)
     r.model = DDP(distiller) if world > 1 else distiller
@@ -325,8 +358,8 @@ def log_references(r, args):
         kl, ce, teacher_ce = zero_shot_reference(r.llm, r.val_items, args, r.ctx, r.device)
         r.log(f"val reference | the LLM reading the query alone: kl {kl:.5g} | ce {ce:.5g} | the teacher: ce {teacher_ce:.5g}")
     if r.signal and r.rank == 0:
-        ref = {m: selection_signal(m, r.llm, r.distiller, r.signal, r.toks, args, r.ctx) for m in ("zeroshot", "icl")}
-        r.log(f"signal reference | held-out tasks macro-F1: zeroshot {ref['zeroshot']:.2f} | icl {ref['icl']:.2f}")
+        r.log("signal reference | held-out tasks macro-F1: " + judge(
+            [("zeroshot", "zeroshot", r.signal), ("icl", "icl", r.signal), ("icl_random", "icl", r.signal_random)], r, args))
 
 
 def apply_start(start, r, args):
@@ -352,7 +385,8 @@ def train_step(r, args, step, timings):
         tokens += sum(len(it["teacher_demo"]) + sum(map(len, it["queries"])) for it in items)
         queries += sum(len(it["queries"]) for it in items)
         with r.ctx:
-            loss, kl, ce = mend_loss(r.llm, r.model, data.collate(items, r.device), args.lam, args.temperature, timings)
+            batch = data.collate(items, r.device, option_rows(args))
+            loss, kl, ce = mend_loss(r.llm, r.model, batch, args.lam, args.temperature, timings)
         if not torch.isfinite(loss):
             r.log(f"step {step + 1}: loss is {loss.item()}; stopping. The last good checkpoint {args.out} is kept.")
             raise SystemExit(1)
@@ -403,8 +437,8 @@ def loop(r, args, step):
                     v = validate(r.llm, r.distiller, r.val_items, args, r.ctx, r.device)
                     r.log(f"step {step} | val loss {v[0]:.5g} | val kl {v[1]:.5g} | val ce {v[2]:.5g}")
                 if r.signal and r.rank == 0:
-                    f1 = selection_signal("mend", r.llm, r.distiller, r.signal, r.toks, args, r.ctx)
-                    r.log(f"step {step} | signal mend {f1:.2f} | {time.time() - t_start:.0f}s")
+                    f1 = judge([("mend", "mend", r.signal), ("mend_random", "mend", r.signal_random)], r, args)
+                    r.log(f"step {step} | signal {f1} | {time.time() - t_start:.0f}s")
                 save(step)
     except KeyboardInterrupt:
         save(step)
