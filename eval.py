@@ -26,8 +26,9 @@ import torch
 
 import data
 from distill import answer_ce_per_example
-from model import (EMBEDDED, PROMPT, build_distiller, demos_hash, file_hash, load_checkpoint,
-                   load_distiller_state, load_llm, load_vectors, option_scores, prefix_cache, save_vectors, tokenizers)
+from model import (EMBEDDED, PROMPT, autocast, build_distiller, demos_hash, file_hash, load_checkpoint,
+                   load_distiller_state, load_llm, load_vectors, option_scores, prefix_cache, resolve_device,
+                   save_vectors, tokenizers)
 
 PAPER_DEFAULTS = dict(k=16, max_len_per_example=256, teacher_demo_tokens=767, distiller_demo_tokens=643, n_vectors=100)
 METHODS = ("zeroshot", "icl", "truncated", "mend")
@@ -54,6 +55,8 @@ def get_args(argv=None):
     p.add_argument("--vectors_dir", default="", help="distill once: save/load distilled vectors here (safetensors)")
     p.add_argument("--out", default="", help="JSON results file (default: eval_{partition}.json)")
     p.add_argument("--device", default="auto", help="auto = cuda if available, else cpu")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="autocast dtype, and the LLM's; auto = bf16 on CUDA when supported, fp32 on CPU")
     p.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default, every core)")
     p.add_argument("--compare", default="", help="A.json:METHOD,B.json:METHOD: paired bootstrap of two result files")
     p.add_argument("--bench", type=int, default=0, help="compare cached scoring with the naive forward on N examples")
@@ -222,7 +225,7 @@ def task_files(args, task):
 # models
 
 
-def load_models(args, methods, device):
+def load_models(args, methods, device, dtype=torch.float32):
     """LLM, (LLM tokenizer, distiller tokenizer), distiller (None without mend) and the vector metadata.
     Lengths and budgets default to the checkpoint's training config, else to the paper's values."""
     distiller, cfg = None, {}
@@ -238,7 +241,7 @@ def load_models(args, methods, device):
         if getattr(args, key) is None:
             setattr(args, key, cfg.get(key, paper_value))
     args.llm = args.llm or cfg.get("llm", EMBEDDED)
-    llm, toks, meta = load_llm(args.llm, device), tokenizers(cfg.get("distiller", "layers:1"), args.llm), {}
+    llm, toks, meta = load_llm(args.llm, device, dtype), tokenizers(cfg.get("distiller", "layers:1"), args.llm), {}
     if cfg:
         distiller = build_distiller(cfg["distiller"], llm, cfg["n_vectors"])
         load_distiller_state(distiller, state["model"], args.ckpt)
@@ -346,22 +349,25 @@ def main(args):
     args.seeds = [int(s) for s in str(args.seeds).split(",")]
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    device = resolve_device(args.device)
+    dtype, ctx = autocast(device, args.dtype)
     part = data.partition(args.data, args.partition)
-    llm, toks, distiller, meta, cfg = load_models(args, methods, device)
+    llm, toks, distiller, meta, cfg = load_models(args, methods, device, dtype)
     refuse_seen_tasks(cfg, part["test"], args)
     files, skipped = find_tasks(args, part["test"])
     print(f"{args.partition}: evaluating {len(files)} of {len(part['test'])} test tasks ({len(skipped)} skipped), "
-          f"seeds {args.seeds}, methods {methods}, llm {args.llm}, device {device}")
+          f"seeds {args.seeds}, methods {methods}, llm {args.llm}, device {device}, dtype {str(dtype)[6:]}")
     if args.bench:
-        report = {"device": device, "llm": args.llm, **bench(args, llm, toks, distiller, files, methods, meta)}
+        with ctx:
+            report = {"device": device, "llm": args.llm, **bench(args, llm, toks, distiller, files, methods, meta)}
         Path(args.out).write_text(json.dumps(report, indent=1))
         return report
     results = {m: {"tasks": {}} for m in methods}
     for n, (task, seeds) in enumerate(files.items(), 1):
         for method in methods:
             t0 = time.time()
-            results[method]["tasks"][task] = score = evaluate_task(method, llm, toks, distiller, seeds, args, meta, task)
+            with ctx:
+                results[method]["tasks"][task] = score = evaluate_task(method, llm, toks, distiller, seeds, args, meta, task)
             print(f"[{n}/{len(files)}] {task} {method}: {score['score']:.1f} "
                   f"({' '.join(f'{v:.1f}' for v in score['per_seed'].values())}) {time.time() - t0:.0f}s", flush=True)
     for m in methods:
@@ -370,7 +376,7 @@ def main(args):
         print_table(results, methods)
     if "mend" in results and cfg:  # name what was trained: mend, mend_no_kd (lam 0) or prompt_tuning
         results[trained_method(cfg)] = results.pop("mend")
-    report = {"partition": args.partition, "perturb": args.perturb, "llm": args.llm, "distiller": cfg.get("distiller"),
+    report = {"partition": args.partition, "perturb": args.perturb, "llm": args.llm, "dtype": str(dtype)[6:], "distiller": cfg.get("distiller"),
               "ckpt": args.ckpt if distiller is not None else None, "seeds": args.seeds, "max_examples": args.max_examples,
               "k": args.k, "n_vectors": args.n_vectors, "demo_tokens": demo_lengths(files, toks, args),
               "seconds": time.time() - t_start, "methods": results, "skipped_tasks": skipped}

@@ -18,6 +18,8 @@ import importlib.metadata
 import importlib.util
 import json
 import os
+import warnings
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -86,6 +88,34 @@ def load_llm(name, device="cpu", dtype=torch.float32, cache_dir=None):
     """A frozen causal LM (hub name, local path or 'smollm2-135m'): eval mode, no gradients, given device and dtype."""
     llm = AutoModelForCausalLM.from_pretrained(resolve_name(name, cache_dir), dtype=dtype)
     return freeze(llm.to(device))
+
+
+def resolve_device(device="auto"):
+    """'auto' -> cuda when available, else cpu; asking for cuda where there is none is an error, not a silent cpu."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit(f"--device {device}: CUDA is not available on this machine; use --device cpu")
+    return device
+
+
+def autocast(device, dtype="auto"):
+    """The precision of a run on `device` -> (dtype, autocast context). auto = bf16 on CUDA where supported, else fp16
+    there (training adds a GradScaler), fp32 on CPU. bf16 and fp16 autocast also run on CPU (slowly), so the GPU's
+    reduced-precision code path is tested without a GPU. The frozen LLM is held in this dtype; trained weights stay fp32."""
+    kind = "cuda" if str(device).startswith("cuda") else "cpu"
+    name = dtype if dtype != "auto" else "float32" if kind == "cpu" else (
+        "bfloat16" if torch.cuda.is_bf16_supported() else "float16")
+    if name == "float32":
+        return torch.float32, nullcontext()
+    if kind == "cuda" and name == "bfloat16" and not torch.cuda.is_bf16_supported():
+        raise SystemExit("--dtype bfloat16: this GPU does not support bf16; use --dtype float16")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # torch warns, then silently disables autocast, for a dtype it does not support
+        try:
+            return getattr(torch, name), torch.autocast(kind, dtype=getattr(torch, name))
+        except UserWarning as e:
+            raise SystemExit(f"--dtype {name} is not supported on {kind}: {str(e).splitlines()[0]}") from None
 
 
 def freeze(module):
@@ -389,23 +419,26 @@ class MEND:
         mend.classify(vectors, ["what a film", "I fell asleep"], ["positive", "negative"])  # -> ['positive', ...]
     """
 
-    def __init__(self, llm, distiller, toks, config, ckpt_hash):
+    def __init__(self, llm, distiller, toks, config, ckpt_hash, ctx=None):
         self.llm, self.distiller, self.toks, self.config, self.ckpt_hash = llm, distiller, toks, config, ckpt_hash
+        self.ctx = ctx or nullcontext()  # autocast when the LLM is held in bf16/fp16
         self.max_len = config["max_len_per_example"]
         self.budgets = (config["teacher_demo_tokens"], config["distiller_demo_tokens"])
 
     @classmethod
-    def load(cls, ckpt, llm=None, device=None):
-        """Refuses an `llm` other than the one the checkpoint was trained for, naming both."""
+    def load(cls, ckpt, llm=None, device="auto", dtype="auto"):
+        """Refuses an `llm` other than the one the checkpoint was trained for, naming both. device auto = cuda when
+        available; dtype auto = bf16 there where supported (see autocast), fp32 on CPU."""
         state = load_checkpoint(ckpt)
         cfg = state["config"]
         if llm and llm != cfg["llm"]:
             raise CheckpointError(f"{ckpt} was trained for llm={cfg['llm']}, not llm={llm}")
-        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        lm = load_llm(cfg["llm"], device)
+        device = resolve_device(device)
+        dtype, ctx = autocast(device, dtype)
+        lm = load_llm(cfg["llm"], device, dtype)
         distiller = build_distiller(cfg["distiller"], lm, cfg["n_vectors"])
         load_distiller_state(distiller, state["model"], ckpt)
-        return cls(lm, freeze(distiller), tokenizers(cfg["distiller"], cfg["llm"]), cfg, file_hash(ckpt))
+        return cls(lm, freeze(distiller), tokenizers(cfg["distiller"], cfg["llm"]), cfg, file_hash(ckpt), ctx)
 
     def demo_ids(self, demos, reader=1):
         """Token ids of (input, output) pairs (formatted and budgeted as in training) or of one formatted string, as
@@ -427,7 +460,8 @@ class MEND:
     def distill(self, demos):
         """Demonstrations -> distillation vectors (1, L, C): list of (input, output) pairs, or formatted text."""
         ids = torch.tensor([self.demo_ids(demos)], device=self.llm.device)              # (1, D)
-        return self.distiller(ids, torch.ones_like(ids))
+        with self.ctx:
+            return self.distiller(ids, torch.ones_like(ids))
 
     def vector_meta(self, demos):
         """What save_vectors records, and load_vectors checks, for vectors distilled from `demos`."""
@@ -438,9 +472,10 @@ class MEND:
     def score(self, vectors, inputs, options):
         """Per input, one score per option: -(mean NLL of the option's tokens) after [vectors ; input]. options is
         one list for every input, or one list per input. The vectors' keys/values are computed once."""
-        kv = prefix_cache(self.llm, prefix_embeds=vectors.to(self.llm.device))
-        return [option_scores(self.llm, self.toks[0], {"input": x, "options": o}, self.max_len, kv)
-                for x, o in zip(inputs, options_per_input(inputs, options))]
+        with self.ctx:
+            kv = prefix_cache(self.llm, prefix_embeds=vectors.to(self.llm.device))
+            return [option_scores(self.llm, self.toks[0], {"input": x, "options": o}, self.max_len, kv)
+                    for x, o in zip(inputs, options_per_input(inputs, options))]
 
     def classify(self, vectors, inputs, options):
         """The best option per input."""
@@ -455,7 +490,7 @@ class MEND:
         teacher = self.demo_ids(demos, reader=0)
         examples = [{"input": x, "options": o} for x, o in zip(inputs, options_per_input(inputs, options))]
         item = dict(teacher_demo=teacher, distiller_demo=teacher, **data.option_fields(self.toks[0], examples, self.max_len))
-        with torch.enable_grad():
+        with torch.enable_grad(), self.ctx:
             return fit_vectors(self.llm, vectors, item, steps, lr, seed)[0]
 
     @torch.no_grad()
@@ -463,12 +498,13 @@ class MEND:
         """Greedy continuation of `input` (formatted as a query) after the vectors, whose keys/values are computed
         once; each new token extends the cache. Stops at the tokenizer's end-of-sequence token."""
         x, _ = data.encode_example(self.toks[0], {"input": input}, self.max_len, answer_len=max_new_tokens)
-        kv = prefix_cache(self.llm, prefix_embeds=vectors.to(self.llm.device))
-        logits, kv = extend_prefix(self.llm, torch.tensor([x], device=self.llm.device), kv)  # (1, V)
         out = []
-        while len(out) < max_new_tokens:
-            out.append(int(logits.argmax(-1)))
-            if out[-1] == self.toks[0].eos_token_id:
-                break
-            logits, kv = extend_prefix(self.llm, torch.tensor([out[-1:]], device=self.llm.device), kv)
+        with self.ctx:
+            kv = prefix_cache(self.llm, prefix_embeds=vectors.to(self.llm.device))
+            logits, kv = extend_prefix(self.llm, torch.tensor([x], device=self.llm.device), kv)  # (1, V)
+            while len(out) < max_new_tokens:
+                out.append(int(logits.argmax(-1)))
+                if out[-1] == self.toks[0].eos_token_id:
+                    break
+                logits, kv = extend_prefix(self.llm, torch.tensor([out[-1:]], device=self.llm.device), kv)
         return self.toks[0].decode(out, skip_special_tokens=True)

@@ -762,11 +762,96 @@ def test_bad_input_gives_one_error_line_and_status_2(saved_llm, tmp_path):
          "sample-opposite_16_100_train.jsonl:17: missing string field 'output'"),
         (["flops.py", "--data", str(tmp_path / "bad"), "--tokenizer", llm, "--lengths", "qa2qa", "--bench_pair", "none"],
          "sample-opposite_16_100_train.jsonl:17: missing string field 'output'"),
+        (["train.py", "--stage", "pretrain", "--llm", llm, "--device", "cuda"], "--device cuda: CUDA is not available"),
+        (["eval.py", "--methods", "zeroshot", "--llm", llm, "--device", "cuda:0"], "--device cuda:0: CUDA is not available"),
     ]
     for argv, message in cases:
         status, lines = run_script(*argv)
         assert (status, len(lines)) == (2, 1) and lines[0].startswith("error: ") and message in lines[0], (argv, lines)
     assert not (tmp_path / "f.log").exists()  # a refused --init leaves no log behind
+
+
+# -----------------------------------------------------------------------------
+# the GPU's reduced-precision code path, run on CPU (autocast bf16/fp16 works on any CPU, slowly)
+
+
+@pytest.mark.parametrize("stage", ["pretrain", "finetune"])
+def test_bf16_training_holds_the_llm_in_bf16_keeps_fp32_weights_and_resumes_exactly(saved_llm, tmp_path, monkeypatch, stage):
+    """--dtype bfloat16: the frozen LLM is held in bf16, the loss is finite, the distiller learns, its checkpoint is
+    fp32, and 2 steps + --resume to 4 give the losses of 4 steps in one go."""
+    llm, held = saved_llm("llama"), []
+    monkeypatch.setattr(train, "load_llm", lambda *a, real=train.load_llm: held.append(real(*a)) or held[-1])
+    common = ["--stage", stage, "--dtype", "bfloat16", "--eval_interval", "2", "--lr", "1e-2", "--schedule", "constant"]
+    full = train.run(train_args(llm, tmp_path / "full.pt", *common, "--max_steps", "4"))
+    train.run(train_args(llm, tmp_path / "part.pt", *common, "--max_steps", "2"))
+    at_2 = model.load_checkpoint(tmp_path / "part.pt")["model"]
+    resumed = train.run(train_args(llm, tmp_path / "part.pt", *common, "--max_steps", "4", "--resume"))
+    final = model.load_checkpoint(tmp_path / "full.pt")["model"]
+    assert held[0].dtype == torch.bfloat16 and all(math.isfinite(loss) for _, loss in full)
+    assert all(v.dtype == torch.float32 for v in final.values()) and any(not torch.equal(final[k], at_2[k]) for k in final)
+    assert resumed == full[2:]
+
+
+def test_bf16_scores_agree_with_float32(saved_llm, tmp_path):
+    """MEND.score/generate and eval.py in bf16 against float32 on the tiny model. Tolerance: bf16 keeps 8 significant
+    bits (relative rounding 2^-9); a score here is a mean NLL of 8-12 nats, so rounding through 2 layers and the LM head
+    moves it by a few hundredths (0.016 measured); we allow 0.1 nats, and require the same best option wherever
+    float32's margin between the two best options exceeds twice that (the LM head is scaled up so that margins are
+    decisive), and eval.py's predictions in bf16 to equal float32's."""
+    llm, ckpt = str(tmp_path / "sharp"), tmp_path / "mend.pt"
+    sharp = tiny_llm("llama")
+    sharp.lm_head.weight.data *= 30  # decisive next-token choices, so that "same best option" can be tested
+    sharp.save_pretrained(llm)
+    byte_tokenizer(tmp_path).save_pretrained(llm)
+    train.run(train_args(llm, ckpt, "--stage", "finetune", "--max_steps", "1", "--val_items", "0"))
+    full, half = (model.MEND.load(str(ckpt), device="cpu", dtype=d) for d in ("float32", "bfloat16"))
+    assert half.llm.dtype == torch.bfloat16 and half.distiller.placeholder.dtype == torch.float32
+    demos, inputs, options = [("good film", "yes"), ("bad film", "no")], ["nice film", "awful", "dull"], ["yes", "no!", "maybe so"]
+    a, b = full.score(full.distill(demos), inputs, options), half.score(half.distill(demos), inputs, options)
+    decided = 0
+    for x, y in zip(a, b):
+        assert (x - y).abs().max() < 0.1
+        top = x.topk(2).values
+        decided += int(top[0] - top[1] > 0.2)
+        assert top[0] - top[1] <= 0.2 or x.argmax() == y.argmax()
+    assert decided > 0 and isinstance(half.generate(half.distill(demos), "nice film", max_new_tokens=4), str)
+    args = ["--partition", "qa2qa", "--data", str(ROOT / "sample_data"), "--ckpt", str(ckpt), "--seeds", "100",
+            "--max_examples", "4", "--methods", "zeroshot,icl,mend"]
+    r32, r16 = (evaluate.main(evaluate.get_args([*args, "--dtype", d, "--out", str(tmp_path / f"{d}.json")]))
+                for d in ("float32", "bfloat16"))
+    assert r16["dtype"] == "bfloat16"
+    for m in ("zeroshot", "icl", "mend"):
+        assert [t["predictions"] for t in r32["methods"][m]["tasks"].values()] == \
+               [t["predictions"] for t in r16["methods"][m]["tasks"].values()]
+
+
+def test_fp16_runs_with_a_grad_scaler_that_skips_inf_steps(saved_llm, tmp_path):
+    """--dtype float16 trains through the GradScaler (on CPU too); a step whose gradients hold an inf is skipped (the
+    weights stay, the scale halves) and the next finite step is applied."""
+    losses = train.run(train_args(saved_llm("llama"), tmp_path / "h.pt", "--stage", "finetune", "--dtype", "float16",
+                                  "--max_steps", "2", "--val_items", "0"))
+    assert len(losses) == 2 and all(math.isfinite(loss) for _, loss in losses)
+    layer = torch.nn.Linear(2, 1)
+    optimizer = torch.optim.AdamW(layer.parameters(), lr=0.1, fused=True)
+    scaler = torch.amp.GradScaler("cpu", init_scale=16.0)
+    before = [p.detach().clone() for p in layer.parameters()]
+    scaler.scale(layer(torch.ones(1, 2)).sum()).backward()
+    layer.weight.grad[0, 0] = float("inf")
+    train.optimizer_step(optimizer, scaler, layer, clip=1.0)
+    assert all(torch.equal(p, q) for p, q in zip(layer.parameters(), before)) and scaler.get_scale() == 8.0
+    scaler.scale(layer(torch.ones(1, 2)).sum()).backward()
+    train.optimizer_step(optimizer, scaler, layer, clip=1.0)
+    assert not torch.equal(layer.weight, before[0])
+
+
+def test_unsupported_precision_is_refused(monkeypatch):
+    """A dtype torch cannot autocast to on the device, or bf16 on a GPU without it, is an error, not a silent fp32."""
+    with pytest.raises(SystemExit, match="--dtype float64 is not supported on cpu"):
+        model.autocast("cpu", "float64")
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    with pytest.raises(SystemExit, match="this GPU does not support bf16"):
+        model.autocast("cuda", "bfloat16")
+    assert model.autocast("cpu", "auto")[0] == torch.float32
 
 
 # -----------------------------------------------------------------------------

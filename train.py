@@ -19,7 +19,6 @@ import json
 import math
 import os
 import time
-from contextlib import nullcontext
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -31,9 +30,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import data
 from distill import answer_ce_per_example, kl_per_example, mend_loss, phase
 from eval import macro_f1
-from model import (EMBEDDED, build_distiller, check_compatible, count_params, distiller_state, llm_logits,
-                   load_checkpoint, load_distiller_state, load_llm, option_scores, prefix_cache, save_checkpoint,
-                   teacher_logits, tokenizers)
+from model import (EMBEDDED, autocast, build_distiller, check_compatible, count_params, distiller_state, llm_logits,
+                   load_checkpoint, load_distiller_state, load_llm, option_scores, prefix_cache, resolve_device,
+                   save_checkpoint, teacher_logits, tokenizers)
 
 PAPER = {  # spec section 6 (the official pretrain.sh / finetune.sh); batch is per GPU: 8 GPUs give the global 8
     "common": dict(llm="gpt2-large", distiller="gpt2", n_vectors=100, k=16, batch=1, grad_accum=1, max_steps=30000,
@@ -85,7 +84,8 @@ def get_args(argv=None):
     p.add_argument("--seed", type=int, default=100, help="seed of the data order and of torch")
     p.add_argument("--device", default="auto", help="auto = cuda if available, else cpu")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                   help="autocast dtype; auto = bf16 on CUDA when supported, fp16 on older CUDA, fp32 on CPU")
+                   help="autocast dtype, and the frozen LLM's; auto = bf16 on CUDA when supported, fp16 on older "
+                   "CUDA, fp32 on CPU (bf16/fp16 run on CPU too, slowly: the GPU's code path)")
     p.add_argument("--eval_interval", type=int, default=10, help="steps between validation + checkpoint")
     p.add_argument("--val_items", type=int, default=8, help="held-out validation examples")
     p.add_argument("--val_tasks", type=int, default=0, help="stage 2: meta-train tasks held out of training, on which "
@@ -108,18 +108,16 @@ def get_args(argv=None):
 
 
 def setup_device(args):
-    """-> (device, autocast context, autocast dtype, rank, world size); joins the torchrun process group if any."""
+    """-> (device, autocast context, autocast dtype, rank, world size); joins the torchrun process group if any.
+    The autocast dtype (model.autocast) applies on CPU too: --dtype bfloat16 there runs the GPU's code path."""
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    cuda = torch.cuda.is_available() if args.device == "auto" else args.device.startswith("cuda")
+    cuda = resolve_device(args.device).startswith("cuda")
     device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if cuda else "cpu"
+    dtype, ctx = autocast(device, args.dtype)
     if world > 1:
         dist.init_process_group("nccl" if cuda else "gloo")
     if cuda:
         torch.cuda.set_device(device)
-    name = args.dtype if args.dtype != "auto" else (
-        "float32" if not cuda else "bfloat16" if torch.cuda.is_bf16_supported() else "float16")
-    dtype = getattr(torch, name)
-    ctx = torch.autocast("cuda", dtype=dtype) if cuda and dtype != torch.float32 else nullcontext()
     return device, ctx, dtype, rank, world
 
 
@@ -329,8 +327,7 @@ def run(args):
     start = starting_state(args)  # a bad --init/--resume fails here, before the log or the LLM is touched
     config = {**vars(args), "world_size": world}
     log(f"config: {json.dumps(config)}")
-    llm_dtype = dtype if device.startswith("cuda") else torch.float32  # the frozen LLM may be held in bf16/fp16 on GPU
-    llm = load_llm(args.llm, device, llm_dtype)
+    llm = load_llm(args.llm, device, dtype)  # the frozen LLM is held in the autocast dtype; the distiller stays fp32
     distiller = build_distiller(args.distiller, llm, args.n_vectors, freeze_embeddings=args.freeze_embeddings)
     toks = tokenizers(args.distiller, args.llm)
     log(f"device={device} dtype={str(dtype).removeprefix('torch.')} world={world} threads={torch.get_num_threads()} | llm {args.llm}: "
@@ -340,7 +337,7 @@ def run(args):
     item, val_items, tasks, signal = make_items(args, toks, log, zero_shot)
     config["train_tasks"], config["val_tasks_held_out"] = tasks, sorted(signal)
     optimizer = make_optimizer(distiller, args)
-    scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)  # a no-op unless fp16
+    scaler = torch.amp.GradScaler(device.split(":")[0], enabled=dtype == torch.float16)  # a no-op unless fp16
     r = SimpleNamespace(llm=llm, model=distiller, distiller=distiller, optimizer=optimizer, scaler=scaler, item=item,
                         val_items=val_items, config=config, ctx=ctx, device=device, rank=rank, world=world, log=log,
                         signal=signal, signal_random=random_labels(signal, args.seed), toks=toks)
@@ -397,15 +394,21 @@ def train_step(r, args, step, timings):
             timings["student_backward"] = timings.get("student_backward", 0) + timings["grad_at_vectors"] - t_backward
         stats += torch.stack([loss.detach(), kl, ce]) / args.grad_accum
     with phase(timings, "optimizer"):
-        r.scaler.unscale_(r.optimizer)
-        torch.nn.utils.clip_grad_norm_(r.distiller.parameters(), args.clip)
-        r.scaler.step(r.optimizer)
-        r.scaler.update()
-        r.optimizer.zero_grad(set_to_none=True)
+        optimizer_step(r.optimizer, r.scaler, r.distiller, args.clip)
     if r.world > 1:
         dist.all_reduce(stats)
         stats /= r.world
     return stats, tokens, queries
+
+
+def optimizer_step(optimizer, scaler, model, clip):
+    """Unscale, clip, step, update the scale, zero the gradients. With fp16 the GradScaler skips a step whose gradients
+    hold an inf or NaN (and lowers the scale) instead of applying it; otherwise it is a plain clipped step."""
+    scaler.unscale_(optimizer)
+    torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
 
 
 def loop(r, args, step):
