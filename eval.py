@@ -4,6 +4,9 @@ Evaluate zero-shot, vanilla ICL and MEND on the unseen test tasks of a MetaICL p
     python eval.py --partition qa2qa                                   # sample data, after the two train.py commands
     python eval.py --partition class2class --data ../shared/data --methods zeroshot,icl --max_examples 100
 
+`--methods truncated` is the baseline that costs nothing: vanilla ICL reading only the last l tokens of the
+demonstration prefix (l = the checkpoint's n_vectors, else --n_vectors), the prefix length of MEND, no training.
+
 Protocol (MetaICL's): for each seed in 100,13,21,42,87 the demonstrations are {task}_16_{seed}_train.jsonl, in file
 order, and the test examples {task}_16_{seed}_test.jsonl (or the seed-100 file, which MetaICL makes identical across
 seeds). Each option is scored by the mean per-token NLL of its tokens; the lowest wins. A task is classification when
