@@ -231,11 +231,16 @@ def subset(item, picked):
 def teacher_targets(llm, item):
     """The teacher's logits on the option rows of every input of an item, computed once (the LLM is frozen and the
     demonstrations fixed): per input its last rows (R, V), and per input a list of its options' rows (len_o, V)."""
+    demo = torch.tensor([item["teacher_demo"]], device=llm.device)                   # (1, D)
+    kv = demo_cache(llm, demo, torch.ones_like(demo), torch.zeros(1, dtype=torch.long, device=llm.device))  # read once
     tails, options = [], []
     for i in range(0, len(item["inputs"]), FIT_BATCH):
         batch = at_least_input_rows(data.collate([subset(item, range(i, min(i + FIT_BATCH, len(item["inputs"]))))],
                                                  llm.device, options=True))
-        tail, rows = teacher_options(llm, batch)                                    # (N, R, V), (M, To, V)
+        n = len(batch["input_ids"])
+        prefix = dict(kv=[(k.expand(n, -1, -1, -1), v.expand(n, -1, -1, -1)) for k, v in kv],  # (n, H, D, h)
+                      mask=demo.new_ones(n, demo.shape[1]))
+        tail, rows = read_options(llm, batch, prefix)                               # (N, R, V), (M, To, V)
         lengths, owner = batch["option_mask"].sum(-1).tolist(), batch["option_query"].tolist()
         tails += list(tail)
         options += [[rows[m, :lengths[m]] for m in range(len(rows)) if owner[m] == n] for n in range(len(tail))]

@@ -291,7 +291,8 @@ def test_option_objective_equals_a_brute_force_loop_over_options():
 
 
 def test_fitted_vectors_lower_the_kl_deterministically_and_zero_steps_change_nothing():
-    """fit_vectors: the fit KL falls; the same seed gives the same vectors; steps=0 returns the input vectors."""
+    """fit_vectors: its first KL is the option objective's on the same inputs (the teacher's targets, computed once,
+    are right); the fit KL falls; the same seed gives the same vectors; steps=0 returns the input vectors."""
     llm = tiny_llm("llama")
     item = {**OPTION_ITEM, "gold": [-1, -1]}
     start = torch.randn(1, 3, 32) * 0.02
@@ -300,6 +301,9 @@ def test_fitted_vectors_lower_the_kl_deterministically_and_zero_steps_change_not
     a, history = distill.fit_vectors(llm, start, item, steps=25, lr=0.5, seed=3)
     b, _ = distill.fit_vectors(llm, start, item, steps=25, lr=0.5, seed=3)
     assert torch.equal(a, b) and a.shape == start.shape and history[-1] < 0.5 * history[0]
+    free = model.PromptTuning(llm, 3)
+    free.placeholder.data = start[0].clone()  # the first step's KL (both inputs) is the option objective's, unlabeled
+    assert history[0] == pytest.approx(distill.mend_loss(llm, free, data.collate([item], options=True))[0].item(), rel=1e-5)
 
 
 def test_c4_item_split_and_meta_train_item(tmp_path):
