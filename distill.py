@@ -137,7 +137,8 @@ def option_terms(teacher, student, batch, temperature):
     if teacher is not None:
         total = (row_kl(teacher[0], student[0], temperature) * valid).sum(-1)       # (N,)
         total = total.index_add(0, owner, (row_kl(teacher[1], student[1], temperature) * later).sum(-1))
-        kl = total / valid.sum(-1).add(torch.zeros_like(total).index_add(0, owner, later.sum(-1).to(total.dtype)))
+        n_rows = valid.sum(-1).to(total.dtype).index_add(0, owner, later.sum(-1).to(total.dtype))  # (N,)
+        kl = total / n_rows
     rows = gold.clamp(min=0)
     ce = option_ce(student[1][rows], batch["option_ids"][rows], om[rows]) * (gold >= 0)  # (N,)
     return kl, ce
