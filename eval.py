@@ -293,6 +293,9 @@ def paired_bootstrap(a, b, n=2000, seed=0):
 def compare(spec):
     """--compare A.json:METHOD,B.json:METHOD -> print the paired bootstrap of A's method over B's."""
     (fa, ma), (fb, mb) = (s.rsplit(":", 1) for s in spec.split(","))
+    missing = [f for f in (fa, fb) if not Path(f).is_file()]
+    if missing:
+        raise SystemExit(f"--compare: {missing[0]}: no such file")
     a, b = (json.loads(Path(f).read_text())["methods"][m]["tasks"] for f, m in ((fa, ma), (fb, mb)))
     if set(a) != set(b):
         raise SystemExit(f"--compare: the two files cover different tasks ({sorted(set(a) ^ set(b))})")
