@@ -450,9 +450,30 @@ def test_init_from_another_llm_is_refused(saved_llm, tmp_path):
         train.run(train_args(saved_llm("llama"), tmp_path / "x.pt", "--stage", "finetune", "--init", str(ckpt)))
 
 
+def test_selection_rule_keeps_only_tasks_where_icl_reads_labels():
+    """A candidate is kept when ICL with the gold labels clears the one-class floor by FLOOR_MARGIN and beats ICL with
+    random labels by LABEL_MARGIN; the random-label pass runs only after the floor test passes, and its labels are
+    really random (the demonstrations it sees differ from the gold ones)."""
+    golds = [0, 1] * 10
+    demos = [{"input": f"x{i}", "output": "yes" if i % 2 else "no", "options": ["no", "yes"]} for i in range(16)]
+    def predictor(icl, icl_random):
+        calls = []
+        def predict(method, task, examples):
+            calls.append(method if method == "zeroshot" or examples[0] == demos else "icl_random")
+            right = {"zeroshot": 0, "icl": icl, "icl_random": icl_random}[calls[-1]]
+            return golds[:right] + [1 - g for g in golds[right:]], golds  # the first `right` predictions are correct
+        return predict, calls
+    predict, calls = predictor(icl=20, icl_random=10)   # macro-F1 100 vs 50 (floor 33.3)
+    assert train.label_sensitive("t", (demos, golds), predict, 100, print) and calls == ["zeroshot", "icl", "icl_random"]
+    predict, calls = predictor(icl=20, icl_random=20)
+    assert not train.label_sensitive("t", (demos, golds), predict, 100, print)
+    predict, calls = predictor(icl=0, icl_random=20)    # ICL below the floor: no random-label pass
+    assert not train.label_sensitive("t", (demos, golds), predict, 100, print) and calls == ["zeroshot", "icl"]
+
+
 def test_selection_signal_holds_out_tasks_and_scores_like_eval(saved_llm, tmp_path, monkeypatch):
-    """--val_tasks: a task where zero-shot sits at the one-class floor is refused (the random tiny model collapses on
-    all three); with the margin lifted, the held-out task never enters training, the checkpoint leaves out the frozen
+    """--val_tasks: a task where ICL sits at the one-class floor is refused (the random tiny model collapses on all
+    three); with the margin lifted, the held-out task never enters training, the checkpoint leaves out the frozen
     embeddings, the logged MEND signal is what eval.py's scorer gives for that task's examples with the saved
     distiller, and the judge logs ICL and MEND with random labels too."""
     llm, ckpt = saved_llm("llama"), tmp_path / "m.pt"
@@ -461,6 +482,7 @@ def test_selection_signal_holds_out_tasks_and_scores_like_eval(saved_llm, tmp_pa
     with pytest.raises(SystemExit, match="only 0 of 3 meta-train tasks qualify"):
         train.run(train_args(llm, ckpt, *argv))
     monkeypatch.setattr(train, "FLOOR_MARGIN", -100.0)
+    monkeypatch.setattr(train, "LABEL_MARGIN", -100.0)
     train.run(train_args(llm, ckpt, *argv))
     state = model.load_checkpoint(ckpt)
     assert state["config"]["val_tasks_held_out"] == ["sample-topic"] and "sample-topic" not in state["config"]["train_tasks"]

@@ -43,7 +43,8 @@ PAPER = {  # spec section 6 (the official pretrain.sh / finetune.sh); batch is p
     "finetune": dict(lr=1e-5),
 }
 OUT = {"pretrain": "ckpt.pt", "finetune": "mend.pt"}
-FLOOR_MARGIN = 5.0  # --val_tasks keeps tasks where zero-shot beats the best one-class prediction by this much macro-F1
+FLOOR_MARGIN = 5.0  # --val_tasks keeps tasks where ICL beats the best one-class prediction by this much macro-F1
+LABEL_MARGIN = 5.0  # ... and ICL with random labels by this much
 
 
 def get_args(argv=None):
@@ -134,9 +135,9 @@ def get_lr(args, step):
 # data: item number i of the run, the same whatever the number of processes
 
 
-def make_items(args, toks, log, zero_shot=None):
+def make_items(args, toks, log, predict=None):
     """-> (item(i) for training item number i, fixed validation items, trained-on tasks, held-out selection tasks).
-    zero_shot(task, examples) -> (predictions, golds) judges the candidates of the selection signal."""
+    predict(method, task, (demos, tests)) -> (predictions, golds) judges the candidates of the selection signal."""
     budgets = (args.teacher_demo_tokens, args.distiller_demo_tokens)
     if args.stage == "pretrain":
         docs = [d for d in (data.c4_item(t, toks, args.c4_max_tokens) for t in data.read_c4(Path(args.data) / "c4")) if d]
@@ -148,7 +149,7 @@ def make_items(args, toks, log, zero_shot=None):
             args.seed + i // len(train)))[i % len(train)]]), val, [], {}
     part = data.partition(args.data, args.partition)
     pools = data.meta_train_pools(args.data, part["train"], log)
-    signal = selection_tasks(pools, args, log, zero_shot)
+    signal = selection_tasks(pools, args, log, predict)
     pools = {t: p for t, p in pools.items() if t not in signal}
     n_held = 2 if args.val_items else 0
     train_pools, held = data.split_pools(pools, n_held) if n_held else (pools, {})
@@ -158,12 +159,10 @@ def make_items(args, toks, log, zero_shot=None):
                                            args.queries_per_demo, args.relabel)), val, sorted(pools), signal
 
 
-def selection_tasks(pools, args, log, zero_shot):
-    """--val_tasks: meta-train tasks held out of training entirely, as {task: (k demos, test examples)}. The rule:
-    classification tasks with 2 to 8 labels and enough examples, in the seed's order, kept when zero-shot (the
-    callable zero_shot(task, examples) -> (predictions, golds)) scores at least FLOOR_MARGIN points of macro-F1 above
-    the best one-class prediction: there, a method that ignores the demonstrations' labels cannot look good by merely
-    not collapsing onto one class."""
+def selection_tasks(pools, args, log, predict):
+    """--val_tasks: meta-train tasks held out of training entirely, as {task: (k demos, test examples)}: classification
+    tasks with 2 to 8 labels and enough examples, in the seed's order, kept where the teacher reads the labels (see
+    label_sensitive). predict(method, task, (demos, tests)) -> (predictions, golds)."""
     if not args.val_tasks:
         return {}
     n = args.k + args.val_task_examples
@@ -171,17 +170,32 @@ def selection_tasks(pools, args, log, zero_shot):
     chosen = []
     for j in np.random.default_rng(args.seed).permutation(len(fit)):
         if len(chosen) < args.val_tasks and len(pools) - len(chosen) > 1:
-            preds, golds = zero_shot(fit[j], signal_examples(pools[fit[j]], args))
-            floor = max(macro_f1([c] * len(golds), golds) for c in set(golds))
-            log(f"selection signal candidate {fit[j]}: zero-shot {macro_f1(preds, golds):.1f}, one-class floor {floor:.1f}")
-            chosen += [fit[j]] * (macro_f1(preds, golds) >= floor + FLOOR_MARGIN)
+            chosen += [fit[j]] * label_sensitive(fit[j], signal_examples(pools[fit[j]], args), predict, args.seed, log)
     if len(chosen) < args.val_tasks:
         raise SystemExit(f"--val_tasks {args.val_tasks}: only {len(chosen)} of {len(pools)} meta-train tasks qualify "
-                         f"(classification, 2-8 labels, at least {n} examples, zero-shot {FLOOR_MARGIN} points above "
-                         f"the one-class floor)")
+                         f"(classification, 2-8 labels, at least {n} examples, ICL {FLOOR_MARGIN} points above the "
+                         f"one-class floor and {LABEL_MARGIN} points above ICL with random labels)")
     chosen.sort()
     log(f"selection signal: held out of training: {', '.join(chosen)} ({args.val_task_examples} examples each)")
     return {t: signal_examples(pools[t], args) for t in chosen}
+
+
+def label_sensitive(task, examples, predict, seed, log):
+    """The rule of selection_tasks for one candidate: ICL with the gold labels scores FLOOR_MARGIN points of macro-F1
+    above the best one-class prediction (the teacher does better than collapsing onto one class) and LABEL_MARGIN
+    points above ICL with random labels (the teacher reads the labels, so a student can be shown to). Zero-shot is
+    logged beside them; the random-label pass runs only when the first test passes."""
+    preds, golds = predict("zeroshot", task, examples)
+    floor = max(macro_f1([c] * len(golds), golds) for c in set(golds))
+    zero_shot, icl = macro_f1(preds, golds), macro_f1(*predict("icl", task, examples))
+    line = f"selection signal candidate {task}: one-class floor {floor:.1f}, zero-shot {zero_shot:.1f}, icl {icl:.1f}"
+    ok = icl >= floor + FLOOR_MARGIN
+    if ok:
+        icl_random = macro_f1(*predict("icl", task, random_labels({task: examples}, seed)[task]))
+        line += f", icl random labels {icl_random:.1f}"
+        ok = icl >= icl_random + LABEL_MARGIN
+    log(line + (" -> kept" if ok else ""))
+    return ok
 
 
 def signal_examples(pool, args):
@@ -333,8 +347,8 @@ def run(args):
     log(f"device={device} dtype={str(dtype).removeprefix('torch.')} world={world} threads={torch.get_num_threads()} | llm {args.llm}: "
         f"{count_params(llm):,} params, frozen | distiller {args.distiller}: {count_params(distiller, True):,} "
         f"trainable params (backbone + {args.n_vectors} placeholders + projection)")
-    zero_shot = lambda task, ex: signal_predictions("zeroshot", llm, distiller, {task: ex}, toks, args, ctx)[task]
-    item, val_items, tasks, signal = make_items(args, toks, log, zero_shot)
+    predict = lambda method, task, ex: signal_predictions(method, llm, distiller, {task: ex}, toks, args, ctx)[task]
+    item, val_items, tasks, signal = make_items(args, toks, log, predict)
     config["train_tasks"], config["val_tasks_held_out"] = tasks, sorted(signal)
     optimizer = make_optimizer(distiller, args)
     scaler = torch.amp.GradScaler(device.split(":")[0], enabled=dtype == torch.float16)  # a no-op unless fp16

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Issue 10, section 1 at CPU scale: the paper's baselines trained with the recipe and budget of results/real/run.sh
-# (same meta-train tasks, items, steps, budgets), from the repository root after results/real/run.sh (it needs
+# Issue 10, section 1 at CPU scale: the paper's baselines trained with the recipe and budget of results/real/issue9.sh
+# (same meta-train tasks, items, steps, budgets), from the repository root after results/real/issue9.sh (it needs
 # results/real/stage1.pt). Every job runs on one thread, two at a time, as the logs were made.
 #  - PromptTuning: 32 shared vectors, answer CE only; lr 1e-3 (soft prompts are usually trained with a larger rate than
 #    a network; one untuned point) and no label remapping (vectors that never read the demonstrations cannot follow a

@@ -3,7 +3,7 @@
 # test examples), zero-shot, ICL, the last 32 demonstration tokens (truncated) and 32 vectors fitted to the LLM
 # reading the demonstrations (20 Adam steps of 8 unlabeled inputs of the task's other seeds' training files). One
 # thread, so a training run can share the 2-core machine. The protocol is the committed baselines' (budgets of
-# results/real/run.sh). Add --ckpt CKPT for MEND and MEND refined.
+# results/real/issue9.sh). Add --ckpt CKPT for MEND and MEND refined.
 set -euo pipefail
 mkdir -p results/ceiling
 t=$(date +%s)

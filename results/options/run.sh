@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 16, one recipe with the new instruments, from the repository root: stage 1 as in results/real/run.sh, then
+# Issue 16, one recipe with the new instruments, from the repository root: stage 1 as in results/real/issue9.sh, then
 # stage 2 with the option objective (--kl_rows options), label remapping 0.5 and 4 queries per demonstration set,
 # judged every 40 steps on held-out meta-train tasks where zero-shot beats the one-class floor (MEND with gold and
 # with random labels). One thread: the ceiling run shares the 2-core machine. Then class2class with the committed

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Issue 10, section 2 at CPU scale: ICL and MEND (results/real/mend.pt) on class2class with perturbed demonstrations,
 # 30 test examples per task and seed 100 only (a smaller protocol than the main table, so compare rows here only).
-# One job at a time on one thread, from the repository root after results/real/run.sh; a rerun skips finished jobs.
+# One job at a time on one thread, from the repository root after results/real/issue9.sh; a rerun skips finished jobs.
 set -euo pipefail
 D=../shared/data
 R=results/perturb

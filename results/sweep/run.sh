@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Issue 10, section 3 at CPU scale, from the repository root after results/real/run.sh (it needs results/real/mend.pt):
-#  - distillation length l: stage 2 alone with the recipe of results/real/run.sh (label remapping 0.5, lr 1e-4) for
+# Issue 10, section 3 at CPU scale, from the repository root after results/real/issue9.sh (it needs results/real/mend.pt):
+#  - distillation length l: stage 2 alone with the recipe of results/real/issue9.sh (label remapping 0.5, lr 1e-4) for
 #    an equal budget of 100 steps per point, l in 4 16 32 64 (a short run: the curves of results/real show the
 #    signal still rising at 900 steps, so this compares the start of learning, not converged models);
 #  - demonstrations K: the trained results/real/mend.pt (K=16 in training) and vanilla ICL given K in 2 4 8 16 at
