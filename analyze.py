@@ -132,7 +132,9 @@ def signal_curve(log):
 def curves(args):
     """Print every log's curve, with the zero-shot and ICL reference of the first log, and plot them if possible."""
     logs = args.curves.split(",")
-    ref = next(l for l in Path(logs[0]).read_text().splitlines() if l.startswith("signal reference"))
+    ref = next((l for l in Path(logs[0]).read_text().splitlines() if l.startswith("signal reference")), None)
+    if ref is None:
+        raise SystemExit(f"--curves: {logs[0]} holds no selection signal (the run had no --val_tasks)")
     print(ref)
     table = {log: signal_curve(log) for log in logs}
     for log, points in table.items():

@@ -701,6 +701,9 @@ def test_signal_curves_follow_a_resumed_run(tmp_path):
     table = analyze.main(analyze.get_args(["--curves", str(log), "--png", str(tmp_path / "c.png")]))
     assert table[str(log)] == [(60, 244.0, 9.32, 8.10), (120, 446.0, 12.41, None)]
     assert (tmp_path / "c.png").exists() == (importlib.util.find_spec("matplotlib") is not None)
+    judgeless = write_lines(tmp_path / "n.log", ["step 50 | val loss 8.6 | val kl 1.4 | val ce 7.2"])
+    with pytest.raises(SystemExit, match="n.log holds no selection signal"):
+        analyze.main(analyze.get_args(["--curves", str(judgeless)]))
 
 
 def test_sweep_scores_each_configuration_against_its_flops(saved_llm, tmp_path, monkeypatch):

@@ -42,6 +42,6 @@ Z=results/real/eval_zeroshot.json:zeroshot; T=results/options/eval_truncated.jso
   python eval.py --compare $R/mend.json:mend,$R/mend_random.json:mend
   python eval.py --compare $R/para_mend.json:mend,$R/para_baselines.json:zeroshot
   python eval.py --compare $R/para_mend.json:mend,$R/para_baselines.json:truncated; } | tee $R/compare.log
-python analyze.py --curves $R/mend.log,$R/mend_no_stage1.log,$R/mend_para.log | tee $R/curves.log
+grep -H "val loss" $R/mend.log $R/mend_no_stage1.log $R/mend_para.log | tee $R/curves.log   # no judge: validation curves
 # 4. the fraction of the fitted vectors' gain (results/ceiling, seed 100, first 50 examples) that MEND closes there
 python results/options/gap.py results/ceiling/class2class.json $R/mend.json:mend | tee $R/gap.log
