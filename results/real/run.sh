@@ -24,14 +24,14 @@ ev() { local out=$1; shift; timed python eval.py $EVAL "$@" --out $R/$out.json 2
  timed python train.py $STAGE2 --partition class2class --init runs/final_stage1.pt --out runs/final_mend.pt > /dev/null) &
 timed python train.py $STAGE2 --partition class2class --out runs/final_no_stage1.pt > /dev/null &
 wait
-cp runs/final_stage1.log $R/stage1.log; cp runs/final_mend.log $R/mend.log; cp runs/final_no_stage1.log $R/mend_no_stage1.log
+cp runs/final_stage1.log $R/train_stage1.log; cp runs/final_mend.log $R/train_mend.log; cp runs/final_no_stage1.log $R/train_no_stage1.log
 
 # 2. class2class with the committed protocol (100 examples, seeds 100 and 13), beside the nonpara2para chain
 (ev mend --partition class2class --methods mend --ckpt runs/final_mend.pt
  ev mend_random --partition class2class --methods mend --ckpt runs/final_mend.pt --perturb random_labels
  ev mend_no_stage1 --partition class2class --methods mend --ckpt runs/final_no_stage1.pt) &
 (timed python train.py $STAGE2 --partition nonpara2para --init runs/final_stage1.pt --out runs/final_para.pt > /dev/null
- cp runs/final_para.log $R/mend_para.log
+ cp runs/final_para.log $R/train_para.log
  ev para_mend --partition nonpara2para --methods mend --ckpt runs/final_para.pt
  ev para_baselines --partition nonpara2para --methods zeroshot,icl,truncated --n_vectors 32 $BUDGETS) &
 wait
@@ -42,6 +42,6 @@ Z=results/real/eval_zeroshot.json:zeroshot; T=results/options/eval_truncated.jso
   python eval.py --compare $R/mend.json:mend,$R/mend_random.json:mend
   python eval.py --compare $R/para_mend.json:mend,$R/para_baselines.json:zeroshot
   python eval.py --compare $R/para_mend.json:mend,$R/para_baselines.json:truncated; } | tee $R/compare.log
-grep -H "val loss" $R/mend.log $R/mend_no_stage1.log $R/mend_para.log | tee $R/curves.log   # no judge: validation curves
+grep -H "val loss" $R/train_*.log | tee $R/curves.log   # no judge: validation curves
 # 4. the fraction of the fitted vectors' gain (results/ceiling, seed 100, first 50 examples) that MEND closes there
 python results/options/gap.py results/ceiling/class2class.json $R/mend.json:mend | tee $R/gap.log
