@@ -40,6 +40,8 @@ wait
 Z=results/real/eval_zeroshot.json:zeroshot; T=results/options/eval_truncated.json:truncated
 { for m in mend mend_no_stage1; do python eval.py --compare $R/$m.json:mend,$Z; python eval.py --compare $R/$m.json:mend,$T; done
   python eval.py --compare $R/mend.json:mend,$R/mend_random.json:mend
+  python eval.py --compare $R/mend.json:mend,$R/mend_no_stage1.json:mend
+  python eval.py --compare $R/mend.json:mend,results/options/eval_mend_query.json:mend
   python eval.py --compare $R/para_mend.json:mend,$R/para_baselines.json:zeroshot
   python eval.py --compare $R/para_mend.json:mend,$R/para_baselines.json:truncated; } | tee $R/compare.log
 grep -H "val loss" $R/train_*.log | tee $R/curves.log   # no judge: validation curves
