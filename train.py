@@ -462,7 +462,7 @@ def loop(r, args, step):
         r.log(f"interrupted: saved step {step} to {args.out}; continue with --resume")
         raise SystemExit(130)
     r.log(f"done: {step} steps in {time.time() - t_start:.0f}s, final loss {losses[-1][1] if losses else float('nan'):.4f}"
-          f" -> {args.out}")
+          + (f" -> {args.out}" if losses else " (no step taken, nothing saved)"))
     if bench:
         write_bench(bench, args, r.log)
     return losses

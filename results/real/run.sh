@@ -47,7 +47,11 @@ Z=results/real/eval_zeroshot.json:zeroshot; T=results/options/eval_truncated.jso
 grep -H "val loss" $R/train_*.log | tee $R/curves.log   # no judge: validation curves
 # 4. the fraction of the fitted vectors' gain (results/ceiling, seed 100, first 50 examples) that MEND closes there
 python results/options/gap.py results/ceiling/class2class.json $R/mend.json:mend | tee $R/gap.log
-# 5. the label-sensitive judge's scan (no training: it only picks the tasks), then the label probe on those tasks
+# 5. the ceiling of results/ceiling/run.sh with the final checkpoint: MEND and MEND refined beside the fitted vectors
+#    (seed 100, first 50 examples, 20 fit steps; the JSON is rewritten after each task, so a stopped run keeps its tasks)
+python analyze.py --ceiling --data $D --partition class2class --max_examples 50 --seeds 100 $BUDGETS --n_vectors 32 \
+  --fit_steps 20 --threads 2 --ckpt runs/final_mend.pt --out $R/ceiling.json 2>&1 | grep --line-buffered -v "Loading weights" > $R/ceiling.log
+# 6. the label-sensitive judge's scan (no training: it only picks the tasks), then the label probe on those tasks
 python train.py --stage finetune --partition class2class --val_tasks 4 --val_task_examples 40 $COMMON --max_steps 0 --out runs/scan.pt > /dev/null
 cp runs/scan.log $R/judge_scan.log
 OMP_NUM_THREADS=1 python results/real/label_probe.py $R/judge_scan.log runs/final_mend.pt runs/final_no_stage1.pt 2>&1 | grep -v "Loading weights" | tee $R/label_probe.log
