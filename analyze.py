@@ -253,13 +253,13 @@ def ceiling_task(args, llm, toks, distiller, meta, task, seeds):
     start = PromptTuning(llm, args.n_vectors).placeholder.detach()[None]                 # (1, L, C) random tokens
     fits = {"inputs": len(inputs)}
     vectors, fits["fitted"] = fitted(start, llm, teacher_ids, inputs, args, toks[0])
-    preds["fitted"] = score(prefix_cache(llm, prefix_embeds=vectors))
+    preds["fitted"] = score((prefix_cache(llm, prefix_embeds=vectors), None))
     if distiller is not None:
         ids = torch.tensor([distiller_ids])                                              # (1, D)
         mend = distiller(ids, torch.ones_like(ids))                                      # (1, L, C)
-        preds["mend"] = score(prefix_cache(llm, prefix_embeds=mend))
+        preds["mend"] = score((prefix_cache(llm, prefix_embeds=mend), None))
         vectors, fits["mend_refined"] = fitted(mend, llm, teacher_ids, inputs, args, toks[0])
-        preds["mend_refined"] = score(prefix_cache(llm, prefix_embeds=vectors))
+        preds["mend_refined"] = score((prefix_cache(llm, prefix_embeds=vectors), None))
     return preds, [ex["options"].index(ex["output"]) for ex in tests], fits
 
 

@@ -180,6 +180,22 @@ def demo_item(toks, demos, budgets, max_len):
     return fit_demos(encoded, budgets)
 
 
+def answer_rows(tok, demos, n_tokens, max_len):
+    """Where the labels sit in a joined prefix of n_tokens LLM tokens (demo_item's teacher ids, which hold whole
+    demonstrations in order): per demonstration, the positions of its last input token (the row that predicts the
+    label), its output tokens and its DEMO_SEP. eval.py's anchors baseline keeps the keys/values of these rows."""
+    rows, start = [], 0
+    for x, y in (encode_example(tok, d, max_len) for d in demos):
+        end = start + len(x) + len(y) + len(encode(tok, DEMO_SEP))
+        if end > n_tokens:
+            break
+        rows.append(list(range(start + len(x) - 1, end)))
+        start = end
+    if start != n_tokens:
+        raise ValueError(f"answer_rows: {n_tokens} tokens are not a prefix of whole demonstrations")
+    return rows
+
+
 def meta_item(toks, targets, demo_pool, rng, k, budgets, max_len, exclude=(), relabel=None):
     """One stage-2 item: the target examples as Q queries, k examples of demo_pool (none of `exclude`) in random order
     as demonstrations; relabel maps output words to other words, the same for demonstrations and queries."""

@@ -4,8 +4,12 @@ Evaluate zero-shot, vanilla ICL and MEND on the unseen test tasks of a MetaICL p
     python eval.py --partition qa2qa                                   # sample data, after the two train.py commands
     python eval.py --partition class2class --data ../shared/data --methods zeroshot,icl --max_examples 100
 
-`--methods truncated` is the baseline that costs nothing: vanilla ICL reading only the last l tokens of the
-demonstration prefix (l = the checkpoint's n_vectors, else --n_vectors), the prefix length of MEND, no training.
+Free prefixes at MEND's length l (the checkpoint's n_vectors, else --n_vectors), no training:
+  truncated  vanilla ICL reading only the last l tokens of the demonstration prefix;
+  labels     the same over the demonstrations with their inputs removed (mostly their labels);
+  anchors    the LLM reads the whole prefix once, then the query attends only to the keys/values of l positions: the
+             first 4 (the attention sink) and the label rows of the latest demonstrations (Wang et al. 2023), at the
+             positions the query has in full ICL. With l at least the prefix length, it is ICL.
 
 Protocol (MetaICL's): for each seed in 100,13,21,42,87 the demonstrations are {task}_16_{seed}_train.jsonl, in file
 order, and the test examples {task}_16_{seed}_test.jsonl (or the seed-100 file, which MetaICL makes identical across
@@ -34,16 +38,16 @@ from model import (EMBEDDED, PROMPT, autocast, build_distiller, demos_hash, file
                    save_vectors, tokenizers)
 
 PAPER_DEFAULTS = dict(k=16, max_len_per_example=256, teacher_demo_tokens=767, distiller_demo_tokens=643, n_vectors=100)
-METHODS = ("zeroshot", "icl", "truncated", "mend")
+METHODS = ("zeroshot", "icl", "truncated", "labels", "anchors", "mend")
 
 
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--partition", default="qa2qa", help="hr2lr class2class nonclass2class qa2qa nonqa2qa nonnli2nli nonpara2para")
     p.add_argument("--data", default="sample_data", help="data folder with metaicl/ (real data: ../shared/data)")
-    p.add_argument("--methods", default="", help="comma-separated subset of zeroshot,icl,truncated,mend (default: "
-                   "zeroshot,icl and mend when --ckpt exists); truncated = ICL reading the last l demonstration tokens")
-    p.add_argument("--n_vectors", type=int, default=None, help="l for truncated (default: the checkpoint's, else 100)")
+    p.add_argument("--methods", default="", help="comma-separated subset of zeroshot,icl,truncated,labels,anchors,"
+                   "mend (default: zeroshot,icl and mend when --ckpt exists); the free prefixes of length l: see above")
+    p.add_argument("--n_vectors", type=int, default=None, help="l of the free prefixes (default: the ckpt's, else 100)")
     p.add_argument("--ckpt", default="mend.pt", help="finetuned MEND checkpoint (made by train.py --stage finetune)")
     p.add_argument("--llm", default="", help="frozen LLM (default: the checkpoint's, else smollm2-135m)")
     p.add_argument("--seeds", default="100,13,21,42,87", help="comma-separated MetaICL seeds")
@@ -123,17 +127,41 @@ def naive_option_scores(llm, tok, ex, max_len, prefix_ids=None, prefix_embeds=No
 
 
 def make_prefix(method, llm, toks, distiller, demos, args, vector_meta):
-    """The cached prefix of a demonstration set: None (zero-shot), the demos' keys/values (ICL), those of their last
-    l tokens only (truncated: MEND's prefix length, no training), or the keys/values of the distilled vectors (MEND,
+    """The cached prefix of a demonstration set as (keys/values per layer, the query's first position or None when
+    it follows the prefix): nothing (zero-shot), the demos' keys/values (ICL), those of their last l tokens only
+    (truncated: MEND's prefix length, no training), the same for the demos with their inputs removed (labels), the
+    full prefix's keys/values at l label positions (anchors), or the keys/values of the distilled vectors (MEND,
     loaded from --vectors_dir when they were distilled before)."""
     if method == "zeroshot":
-        return None
+        return None, None
+    if method == "labels":
+        demos = data.perturb_demos(demos, "no_inputs", seed=0)  # no randomness in removing inputs
     budgets = (args.teacher_demo_tokens, args.distiller_demo_tokens)
     teacher_ids, distiller_ids = data.demo_item(toks, demos, budgets, args.max_len_per_example)
-    if method in ("icl", "truncated"):
-        keep = teacher_ids[-args.n_vectors:] if method == "truncated" else teacher_ids
-        return prefix_cache(llm, prefix_ids=torch.tensor([keep], device=llm.device))
-    return prefix_cache(llm, prefix_embeds=distill(distiller, distiller_ids, vector_meta, args))
+    if method in ("icl", "truncated", "labels"):
+        keep = teacher_ids if method == "icl" else teacher_ids[-args.n_vectors:]
+        return prefix_cache(llm, prefix_ids=torch.tensor([keep], device=llm.device)), None
+    if method == "anchors":
+        kv = prefix_cache(llm, prefix_ids=torch.tensor([teacher_ids], device=llm.device))  # per layer (1, H, D, h)
+        rows = data.answer_rows(toks[0], demos, len(teacher_ids), args.max_len_per_example)
+        keep = torch.tensor(anchor_positions(rows, len(teacher_ids), args.n_vectors), device=llm.device)
+        return [(k[:, :, keep], v[:, :, keep]) for k, v in kv], len(teacher_ids)       # per layer (1, H, l, h)
+    return prefix_cache(llm, prefix_embeds=distill(distiller, distiller_ids, vector_meta, args)), None
+
+
+def anchor_positions(rows, n_tokens, l, sink=4):
+    """The positions whose keys/values the anchors baseline keeps, at most l, in order: all n_tokens when they fit
+    (then it is ICL), else the first `sink` positions (the attention sink) and the answer rows of whole
+    demonstrations, the latest demonstrations first, while they fit (after Wang et al. 2023, label words as anchors)."""
+    if l >= n_tokens:
+        return list(range(n_tokens))
+    keep = list(range(min(sink, n_tokens, l)))
+    for r in reversed(rows):
+        fresh = [p for p in r if p not in keep]
+        if len(keep) + len(fresh) > l:
+            break
+        keep += fresh
+    return sorted(keep)
 
 
 def distill(distiller, ids, vector_meta, args):
@@ -165,8 +193,8 @@ def evaluate_seed(method, llm, toks, distiller, demos, tests, args, vector_meta)
 
 
 def predict(llm, tok, tests, max_len, prefix):
-    """The best-scoring option index of each test example after one cached prefix (None = zero-shot)."""
-    return [int(option_scores(llm, tok, ex, max_len, prefix).argmax()) for ex in tests]
+    """The best-scoring option index of each test example after one cached prefix (make_prefix's pair)."""
+    return [int(option_scores(llm, tok, ex, max_len, *prefix).argmax()) for ex in tests]
 
 
 def evaluate_task(method, llm, toks, distiller, seeds, args, meta, task):
@@ -321,10 +349,10 @@ def bench(args, llm, toks, distiller, files, methods, meta):
     tests, report = tests[:args.bench], {"task": task, "seed": seed, "n_examples": min(args.bench, len(tests))}
     budgets = (args.teacher_demo_tokens, args.distiller_demo_tokens)
     teacher_ids, distiller_ids = data.demo_item(toks, demos, budgets, args.max_len_per_example)
-    for method in methods:
+    for method in [m for m in methods if m not in ("labels", "anchors")]:  # their references are tests
         t0 = time.perf_counter()
         prefix = make_prefix(method, llm, toks, distiller, demos, args, {**meta, "task": task, "seed": seed})
-        fast = [option_scores(llm, toks[0], ex, args.max_len_per_example, prefix) for ex in tests]
+        fast = [option_scores(llm, toks[0], ex, args.max_len_per_example, *prefix) for ex in tests]
         t1 = time.perf_counter()
         kw = {"icl": dict(prefix_ids=torch.tensor([teacher_ids], device=llm.device)), "zeroshot": {},
               "truncated": dict(prefix_ids=torch.tensor([teacher_ids[-args.n_vectors:]], device=llm.device)),
@@ -384,7 +412,7 @@ def main(args):
         results[trained_method(cfg)] = results.pop("mend")
     report = {"partition": args.partition, "perturb": args.perturb, "llm": args.llm, "dtype": str(dtype)[6:], "distiller": cfg.get("distiller"),
               "ckpt": args.ckpt if distiller is not None else None, "seeds": args.seeds, "max_examples": args.max_examples,
-              "k": args.k, "n_vectors": args.n_vectors, "demo_tokens": demo_lengths(files, toks, args),
+              "k": args.k, "n_vectors": args.n_vectors, "demo_tokens": demo_lengths(files, toks, args), "train_config": cfg or None,
               "seconds": time.time() - t_start, "methods": results, "skipped_tasks": skipped}
     Path(args.out).write_text(json.dumps(report, indent=1))
     print(f"wrote {args.out} ({report['seconds']:.0f}s)")

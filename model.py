@@ -261,22 +261,25 @@ def prefix_cache(llm, prefix_ids=None, prefix_embeds=None):
     return [(layer.keys, layer.values) for layer in out.cache.layers]           # per layer (1, H, P, h) twice
 
 
-def extend_prefix(llm, ids, prefix_kv=None):
+def extend_prefix(llm, ids, prefix_kv=None, start=None):
     """Read ids (1, T) after a cached prefix (or none) once: -> (logits at the last position (1, V), keys/values of
-    prefix + ids). Scoring then shares one forward over the input among all the options."""
+    prefix + ids). Scoring then shares one forward over the input among all the options. `start` is the position of
+    ids' first token, by default the prefix length (eval.py's anchors keep fewer keys/values than they span)."""
     P = prefix_kv[0][0].shape[2] if prefix_kv else 0
+    P = P if start is None else start
     pos = torch.arange(P, P + ids.shape[1], device=ids.device)[None]              # (1, T)
     out = llm(input_ids=ids, position_ids=pos, cache=DynamicCache(prefix_kv) if prefix_kv else None, use_cache=True,
               logits_to_keep=1)
     return out.logits[:, -1], [(layer.keys, layer.values) for layer in out.cache.layers]
 
 
-def llm_logits(llm, query_ids, query_mask, prefix_embeds=None, prefix_mask=None, prefix_kv=None, keep=None):
+def llm_logits(llm, query_ids, query_mask, prefix_embeds=None, prefix_mask=None, prefix_kv=None, keep=None, shift=0):
     """Logits of the LLM at the query positions: (B, T, V), or the last `keep` of them.
 
     The LLM reads [prefix ; query]. The prefix is either vectors/embeddings (B, P, C) with mask (B, P) (the MEND
     student), or precomputed keys/values (1 or B, H, P, h) per layer, with mask (B, P) when some prefix slots are
     padding (one shared prefix of real tokens needs none), or nothing (zero-shot). The query is right-padded (B, T).
+    `shift` is added to every position (a prefix whose keys/values skip positions, as eval.py's anchors).
     """
     B, T = query_ids.shape
     embeds = llm.get_input_embeddings()(query_ids)                              # (B, T, C)
@@ -289,7 +292,7 @@ def llm_logits(llm, query_ids, query_mask, prefix_embeds=None, prefix_mask=None,
         cache = DynamicCache([(k.expand(B, -1, -1, -1), v.expand(B, -1, -1, -1)) for k, v in prefix_kv])  # (B,H,P,h)
         prefix_mask = query_mask.new_ones(B, P) if prefix_mask is None else prefix_mask
         query_mask = torch.cat([prefix_mask, query_mask], dim=1)                # (B, P+T)
-    pos = position_ids(query_mask)[:, -embeds.shape[1]:]                        # ids of the tokens fed in this call
+    pos = position_ids(query_mask)[:, -embeds.shape[1]:] + shift                # ids of the tokens fed in this call
     out = llm(inputs_embeds=embeds, attention_mask=query_mask, position_ids=pos, cache=cache,
               use_cache=cache is not None, logits_to_keep=keep or T)
     return out.logits                                                           # (B, keep or T, V)
@@ -313,14 +316,16 @@ def demo_cache(llm, demo_ids, demo_mask, query_item):
 
 
 @torch.no_grad()
-def option_scores(llm, tok, ex, max_len, prefix_kv=None):
+def option_scores(llm, tok, ex, max_len, prefix_kv=None, start=None):
     """-(mean NLL of each option's tokens) after the cached prefix (None = zero-shot): (n_options,).
-    The input is read once; its keys/values are shared by all options, which are scored in one batch."""
+    The input is read once; its keys/values are shared by all options, which are scored in one batch.
+    start: the input's first position when the prefix keys/values skip positions (extend_prefix)."""
     options = [data.encode(tok, o) for o in ex["options"]]
     x, _ = data.encode_example(tok, ex, max_len, answer_len=max(map(len, options)))  # MetaICL: cut for the longest
-    last, kv = extend_prefix(llm, torch.tensor([x], device=llm.device), prefix_kv)    # (1, V), prefix + input
+    last, kv = extend_prefix(llm, torch.tensor([x], device=llm.device), prefix_kv, start)  # (1, V), prefix + input
     o, om = (t.to(llm.device) for t in data.pad(options, 0, left=False))              # (n_options, To)
-    logits = llm_logits(llm, o, om, prefix_kv=kv)                                       # (n_options, To, V)
+    shift = 0 if start is None else start - prefix_kv[0][0].shape[2]                  # positions the prefix skips
+    logits = llm_logits(llm, o, om, prefix_kv=kv, shift=shift)                         # (n_options, To, V)
     logits = torch.cat([last.expand(len(options), 1, -1), logits[:, :-1]], dim=1)     # row t predicts option token t
     nll = torch.nn.functional.cross_entropy(logits.float().transpose(1, 2), o, reduction="none")  # (n_options, To)
     return -(nll * om).sum(-1) / om.sum(-1).clamp(min=1)

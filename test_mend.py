@@ -557,6 +557,8 @@ def test_eval_reports_skipped_tasks_refuses_seen_tasks_and_writes_the_json(saved
               "--out", str(tmp_path / "r.json"), "--vectors_dir", str(tmp_path / "vec")]
     report = evaluate.main(evaluate.get_args(["--partition", "qa2qa", *common]))
     assert report["skipped_tasks"] == {"not-a-task": "not in the data folder"}
+    config = model.load_checkpoint(ckpt)["config"]
+    assert report["train_config"] == config and "seed" in config  # the result file names its recipe
     assert json.loads((tmp_path / "r.json").read_text())["methods"].keys() == {"zeroshot", "icl", "mend"}
     task = report["methods"]["mend"]["tasks"]["sample-opposite"]
     assert task["metric"] == "accuracy" and task["n_examples"] == 3 and len(task["per_seed"]) == 2
@@ -578,13 +580,81 @@ def test_truncated_reads_the_last_l_demonstration_tokens(saved_llm):
     pool = data.read_metaicl(data.task_file(ROOT / "sample_data", "sample-sentiment", 16, 100, "train"))
     demos, ex = pool[:4], pool[5]
     teacher_ids, _ = data.demo_item(toks, demos, (96, 96), 32)
-    fast = model.option_scores(llm, toks[0], ex, 32, evaluate.make_prefix("truncated", llm, toks, None, demos, args, {}))
+    fast = model.option_scores(llm, toks[0], ex, 32, *evaluate.make_prefix("truncated", llm, toks, None, demos, args, {}))
     slow = evaluate.naive_option_scores(llm, toks[0], ex, 32, prefix_ids=torch.tensor([teacher_ids[-5:]]))
     torch.testing.assert_close(fast, slow, rtol=1e-4, atol=1e-5)
     args.n_vectors = len(teacher_ids)
-    icl = model.option_scores(llm, toks[0], ex, 32, evaluate.make_prefix("icl", llm, toks, None, demos, args, {}))
-    truncated = model.option_scores(llm, toks[0], ex, 32, evaluate.make_prefix("truncated", llm, toks, None, demos, args, {}))
+    icl = model.option_scores(llm, toks[0], ex, 32, *evaluate.make_prefix("icl", llm, toks, None, demos, args, {}))
+    truncated = model.option_scores(llm, toks[0], ex, 32, *evaluate.make_prefix("truncated", llm, toks, None, demos, args, {}))
     assert torch.equal(icl, truncated) and not torch.allclose(fast, icl)
+
+
+def test_answer_rows_and_anchor_positions(tmp_path):
+    """data.answer_rows finds each demonstration's label rows (last input token, output, DEMO_SEP) in the joined
+    prefix; anchor_positions keeps the sink and whole demonstrations' rows, latest first, or everything when it fits."""
+    tok = byte_tokenizer(tmp_path)
+    demos = [{"input": "ab", "output": "yes"}, {"input": "cde", "output": "no"}, {"input": "f", "output": "maybe"}]
+    teacher_ids, _ = data.demo_item((tok, tok), demos, (20, 20), 32)              # the third demo does not fit
+    rows = data.answer_rows(tok, demos, len(teacher_ids), 32)
+    assert [tok.decode([teacher_ids[p] for p in r]) for r in rows] == ["\nyes\n\n", "\nno\n\n"]
+    assert rows == [[2, 3, 4, 5, 6, 7], [11, 12, 13, 14, 15]]
+    assert evaluate.anchor_positions(rows, 16, 9) == [0, 1, 2, 3, 11, 12, 13, 14, 15]
+    assert evaluate.anchor_positions(rows, 16, 15) == [0, 1, 2, 3, 4, 5, 6, 7, 11, 12, 13, 14, 15]  # sink overlaps
+    assert evaluate.anchor_positions(rows, 16, 8) == [0, 1, 2, 3]                 # no whole demonstration fits
+    assert evaluate.anchor_positions(rows, 16, 16) == list(range(16))
+    with pytest.raises(ValueError, match="not a prefix of whole demonstrations"):
+        data.answer_rows(tok, demos, 10, 32)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_anchors_keep_the_full_prefix_keys_values_at_label_rows(saved_llm, family):
+    """--methods anchors: each option's score equals a plain HF forward of input+option after the full prefix's keys
+    and values at the kept positions only, with the positions the query has in full ICL; with l at least the prefix
+    length it is ICL exactly; at the wrong positions (right after the kept entries) the scores change."""
+    args = evaluate.get_args(["--llm", saved_llm(family), "--n_vectors", "20", "--max_len_per_example", "32",
+                              "--teacher_demo_tokens", "96", "--distiller_demo_tokens", "96"])
+    llm, toks, _, _, _ = evaluate.load_models(args, ["anchors"], "cpu")
+    pool = data.read_metaicl(data.task_file(ROOT / "sample_data", "sample-sentiment", 16, 100, "train"))
+    demos, ex = pool[:4], {"input": pool[5]["input"], "options": ["good", "terrible!", "ok"], "output": "ok"}
+    teacher_ids, _ = data.demo_item(toks, demos, (96, 96), 32)
+    D = len(teacher_ids)
+    keep = evaluate.anchor_positions(data.answer_rows(toks[0], demos, D, 32), D, 20)
+    assert D > 20 and 4 < len(keep) <= 20 and keep[:4] == [0, 1, 2, 3]
+    kv, start = evaluate.make_prefix("anchors", llm, toks, None, demos, args, {})
+    scores = model.option_scores(llm, toks[0], ex, 32, kv, start)
+    full = llm(input_ids=torch.tensor([teacher_ids]), use_cache=True).cache       # a plain HF forward of the prefix
+    x = data.encode_example(toks[0], ex, 32, answer_len=9)[0]
+    for score, option in zip(scores, ex["options"]):
+        o = data.encode(toks[0], option)
+        cache = model.DynamicCache([(layer.keys[:, :, keep], layer.values[:, :, keep]) for layer in full.layers])
+        logits = llm(input_ids=torch.tensor([x + o]), position_ids=torch.arange(D, D + len(x) + len(o))[None],
+                     cache=cache).logits[0]
+        nll = F.cross_entropy(logits[len(x) - 1:-1], torch.tensor(o))
+        assert abs(score.item() + nll.item()) < 1e-5
+    assert not torch.allclose(scores, model.option_scores(llm, toks[0], ex, 32, kv))
+    args.n_vectors = D
+    icl = model.option_scores(llm, toks[0], ex, 32, *evaluate.make_prefix("icl", llm, toks, None, demos, args, {}))
+    assert torch.equal(icl, model.option_scores(llm, toks[0], ex, 32, *evaluate.make_prefix("anchors", llm, toks, None, demos, args, {})))
+
+
+def test_labels_read_the_last_l_tokens_of_the_demonstrations_without_inputs(saved_llm, tmp_path):
+    """--methods labels: truncated over the no_inputs demonstrations, under its own key; --perturb composes."""
+    args = evaluate.get_args(["--llm", saved_llm("llama"), "--n_vectors", "30", "--max_len_per_example", "32",
+                              "--teacher_demo_tokens", "96", "--distiller_demo_tokens", "96"])
+    llm, toks, _, _, _ = evaluate.load_models(args, ["labels"], "cpu")
+    pool = data.read_metaicl(data.task_file(ROOT / "sample_data", "sample-sentiment", 16, 100, "train"))
+    demos, ex = pool[:8], pool[9]
+    no_inputs, _ = data.demo_item(toks, data.perturb_demos(demos, "no_inputs", 0), (96, 96), 32)
+    text = toks[0].decode(no_inputs[-30:])
+    assert text.endswith("".join(f"\n{d['output']}\n\n" for d in demos[-2:])) and demos[-1]["input"] not in text
+    fast = model.option_scores(llm, toks[0], ex, 32, *evaluate.make_prefix("labels", llm, toks, None, demos, args, {}))
+    slow = evaluate.naive_option_scores(llm, toks[0], ex, 32, prefix_ids=torch.tensor([no_inputs[-30:]]))
+    torch.testing.assert_close(fast, slow, rtol=1e-4, atol=1e-5)
+    out = tmp_path / "r.json"
+    report = evaluate.main(evaluate.get_args(["--llm", saved_llm("llama"), "--partition", "class2class", "--methods",
+                                              "labels", "--n_vectors", "30", "--seeds", "100", "--max_examples", "3",
+                                              "--perturb", "random_labels", "--out", str(out)]))
+    assert set(report["methods"]) == {"labels"} and report["perturb"] == "random_labels" and report["train_config"] is None
 
 
 def test_ceiling_fits_vectors_per_task_from_unlabeled_inputs_of_other_seeds(saved_llm, tmp_path):
