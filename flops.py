@@ -1,5 +1,5 @@
 """
-FLOPs and latency per test query of zero-shot, vanilla ICL and MEND (the paper's Figure 3 and its headline "up to 75%
+FLOPs and latency per test query of zero-shot, vanilla ICL, MEND and the free prefixes (the paper's Figure 3 and its headline "up to 75%
 fewer FLOPs, 33% faster"; spec sections 9 and 10).
 
     python flops.py | tee results/flops.log               # analytic table for the paper's pairs + timings here
@@ -28,10 +28,17 @@ distiller of width c whose forward F_d has no LM head (its projection c -> C cos
     vanilla ICL   F(D+T, D+T, T)                                  the LLM reads [demos ; query ; option]
     MEND          F_d(D+L, D+L, 0) + 2 L c C + F(L+T, L+T, T)      the distiller reads [demos ; L placeholders]
 
+The free prefixes of length L (eval.py; `labels` costs what `truncated` costs):
+
+    truncated     F(L+T, L+T, T)                                  the last L demonstration tokens
+    anchors       F(D, D, 0) + F(T, L+T, T)                       read all D once, keep L keys/values
+
 Amortised over Q queries that share their demonstrations (eval.py's KV reuse and distill-once), the prefix is paid once:
 
-    ICL   F(D, D, 0) / Q + F(T, D+T, T)
-    MEND  [F_d(D+L, D+L, 0) + 2 L c C + F(L, L, 0)] / Q + F(T, L+T, T)
+    ICL       F(D, D, 0) / Q + F(T, D+T, T)
+    MEND      [F_d(D+L, D+L, 0) + 2 L c C + F(L, L, 0)] / Q + F(T, L+T, T)
+    truncated F(L, L, 0) / Q + F(T, L+T, T)
+    anchors   F(D, D, 0) / Q + F(T, L+T, T)
 
 D: Figure 3's caption gives vanilla ICL a partition-dependent context (Class->Class 469 ... non-NLI->NLI 848 tokens)
 against MEND's context of 100 vectors, so those lengths are D and both methods add the same T. All three pairs share
@@ -178,6 +185,11 @@ def method_flops(llm_name, D, T, L, Q, distiller=None):
         "mend_llm_only": total_flops(llm, L + T, L + T, T),  # Reviewer 3's question: without the cost of making S_D
         "icl_reuse": total_flops(llm, D, D, 0) / Q + total_flops(llm, T, D + T, T),
         "mend_reuse": (distill + total_flops(llm, L, L, 0)) / Q + total_flops(llm, T, L + T, T),
+        # the free prefixes at MEND's length (eval.py): truncated and labels read l tokens, anchors all D, then keep l
+        "truncated": total_flops(llm, L + T, L + T, T),
+        "truncated_reuse": total_flops(llm, L, L, 0) / Q + total_flops(llm, T, L + T, T),
+        "anchors": total_flops(llm, D, D, 0) + total_flops(llm, T, L + T, T),
+        "anchors_reuse": total_flops(llm, D, D, 0) / Q + total_flops(llm, T, L + T, T),
     }
 
 

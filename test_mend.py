@@ -1016,6 +1016,14 @@ def test_method_flops_match_the_timed_forwards(monkeypatch):
             with FlopCounterMode(display=False) as counter:
                 fn()
             assert counter.get_total_flops() == B * want[method], method
+        with FlopCounterMode(display=False) as counter:                                 # anchors: read all D once,
+            kv = model.prefix_cache(llm, prefix_ids=torch.randint(128, (1, D)))         # (its one logit row aside)
+        assert counter.get_total_flops() == flops.total_flops(llm_cfg, D, D, 0) + 2 * 64 * 128
+        kept = [(k[:, :, -L:], v[:, :, -L:]) for k, v in kv]                             # then attend to L entries
+        with FlopCounterMode(display=False) as counter:
+            model.llm_logits(llm, torch.randint(128, (B, T)), torch.ones(B, T, dtype=torch.long), prefix_kv=kept)
+        assert counter.get_total_flops() == B * (f["anchors"] - flops.total_flops(llm_cfg, D, D, 0))
+        assert f["truncated"] == flops.total_flops(llm_cfg, L + T, L + T, T) < f["anchors"] < f["icl"]
 
 
 def test_separate_distiller_with_its_own_tokenizer_and_width(saved_llm, tmp_path):
