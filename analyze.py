@@ -284,7 +284,7 @@ def ceiling(args):
     for n, (task, seeds) in enumerate(files.items(), 1):
         t = time.time()
         preds, golds, report["fits"][task] = ceiling_task(ev, llm, toks, distiller, {**meta, "task": task, "seed": ev.seeds[0]}, task, seeds)
-        metric = macro_f1 if data.is_classification(seeds[ev.seeds[0]][1]) else evaluate.accuracy
+        metric = macro_f1 if data.is_classification(seeds[ev.seeds[0]][1], task) else evaluate.accuracy
         for m, p in preds.items():
             score = metric(p, golds)
             report["methods"].setdefault(m, {"tasks": {}})["tasks"][task] = {

@@ -102,9 +102,13 @@ def read_metaicl(path):
 # MetaICL partitions and files
 
 
-def is_classification(examples):
-    """Classification = one fixed label set for every example; multiple choice = options that vary per example."""
-    return len({tuple(sorted(ex["options"])) for ex in examples}) == 1
+def is_classification(examples, task=None):
+    """Classification (macro-F1) or multiple choice (accuracy): MetaICL's task type when its task configs list the
+    task (METAICL_TYPES), else one fixed option set for every example = classification."""
+    fixed = len({tuple(sorted(ex["options"])) for ex in examples}) == 1
+    if task in METAICL_TYPES["classification"] and not fixed:
+        raise DataError(f"{task}: MetaICL types it classification, but its examples offer different option sets")
+    return fixed if task not in METAICL_TYPES["multi-choice"] else False
 
 
 def partition(data_dir, name):
@@ -421,3 +425,26 @@ BUILTIN_PARTITIONS = {
         "tweet_eval-stance_hillary wiki_qa yahoo_answers_topics yelp_polarity",
         "glue-mrpc glue-qqp medical_questions_pairs paws"),
 }
+
+
+METAICL_TYPES = {  # "task_type" of MetaICL's config/tasks/{task}.json (facebookresearch/MetaICL), as facts; free-form
+    # tasks have no options. wiqa is multi-choice there although every test example offers the same three options.
+    t: set(names.split()) for t, names in {
+    "classification": (
+    "ade_corpus_v2-classification ag_news amazon_polarity anli art biomrc blimp-anaphor_number_agreement "
+    "blimp-ellipsis_n_bar_2 blimp-sentential_negation_npi_licensor_present blimp-sentential_negation_npi_scope "
+    "boolq circa climate_fever crows_pairs dbpedia_14 discovery emo emotion ethos-directed_vs_generalized "
+    "ethos-disability ethos-gender ethos-national_origin ethos-race ethos-religion ethos-sexual_orientation "
+    "financial_phrasebank glue-cola glue-mnli glue-mrpc glue-qnli glue-qqp glue-rte glue-sst2 glue-wnli "
+    "google_wellformed_query hate_speech18 hate_speech_offensive hatexplain health_fact imdb kilt_fever liar "
+    "mc_taco medical_questions_pairs numer_sense onestop_english paws piqa poem_sentiment rotten_tomatoes scitail "
+    "sick sms_spam superglue-cb superglue-rte superglue-wic superglue-wsc tab_fact trec trec-finegrained "
+    "tweet_eval-emoji tweet_eval-emotion tweet_eval-hate tweet_eval-irony tweet_eval-offensive "
+    "tweet_eval-sentiment tweet_eval-stance_abortion tweet_eval-stance_atheism tweet_eval-stance_climate "
+    "tweet_eval-stance_feminist tweet_eval-stance_hillary unifiedqa:boolq wiki_qa yahoo_answers_topics "
+    "yelp_polarity yelp_review_full "),
+    "multi-choice": (
+    "ai2_arc codah commonsense_qa cosmos_qa dream hellaswag openbookqa qasc quail quarel quartz-no_knowledge "
+    "quartz-with_knowledge race-high race-middle sciq social_i_qa superglue-copa superglue-multirc swag "
+    "unifiedqa:ai2_science_middle unifiedqa:mctest unifiedqa:openbookqa unifiedqa:openbookqa_with_ir "
+    "unifiedqa:qasc unifiedqa:qasc_with_ir wino_grande wiqa ")}.items()}

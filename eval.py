@@ -200,7 +200,7 @@ def predict(llm, tok, tests, max_len, prefix):
 def evaluate_task(method, llm, toks, distiller, seeds, args, meta, task):
     """One method on one task over all seeds -> {metric, score (mean over seeds), per_seed, n_examples}."""
     first_tests = seeds[args.seeds[0]][1]
-    classification = data.is_classification(first_tests)
+    classification = data.is_classification(first_tests, task)
     metric = macro_f1 if classification else accuracy
     per_seed, predictions, golds, seen = {}, {}, {}, {}
     for seed, (demos, tests) in seeds.items():

@@ -194,6 +194,28 @@ def test_only_the_distiller_learns():
     assert all(torch.equal(v, llm.state_dict()[k]) for k, v in before.items())
 
 
+@pytest.mark.parametrize("dropout", [True, False])
+def test_llm_dropout_acts_in_training_passes_only(dropout):
+    """--llm_dropout (the official code's Trainer puts the frozen LLM in train mode): with GPT-2's dropout the step
+    loss changes from call to call at fixed weights; off, it repeats exactly. Either way the LLM gets no gradient and
+    is back in eval mode after the step; --preset paper turns it on."""
+    from types import SimpleNamespace
+    torch.manual_seed(0)
+    llm = tiny_llm("gpt2")
+    distiller = model.build_distiller("layers:1", llm, n_vectors=3).eval()  # the distiller's own dropout off
+    item = dict(teacher_demo=[5, 6, 7, 8], distiller_demo=[5, 6, 7, 8], queries=[[9, 10, 11, 12]], answer_masks=[[0, 0, 1, 1]])
+    opt = torch.optim.AdamW(distiller.parameters(), lr=0.0)
+    args = SimpleNamespace(batch=1, grad_accum=1, lam=1.0, temperature=1.0, clip=1.0, kl_rows="query", llm_dropout=dropout)
+    r = SimpleNamespace(llm=llm, model=distiller, distiller=distiller, optimizer=opt, item=lambda i: item, world=1, rank=0,
+                        device="cpu", ctx=torch.autocast("cpu", enabled=False), log=print,
+                        scaler=torch.amp.GradScaler("cpu", enabled=False))
+    losses = [train.train_step(r, args, step, None)[0][0].item() for step in range(3)]
+    assert (len(set(losses)) == 3) if dropout else (len(set(losses)) == 1)
+    assert not llm.training and all(p.grad is None for p in llm.parameters())
+    assert train.get_args(["--stage", "finetune", "--preset", "paper"]).llm_dropout
+    assert not train.get_args(["--stage", "finetune"]).llm_dropout
+
+
 def test_q_queries_after_one_demo_set_equal_q_separate_items():
     """One item with 3 queries (teacher keys/values and distiller run once) has the loss and distiller gradients of
     3 single-query items with the same demonstrations: the Q-query speed-up changes no number."""
@@ -503,6 +525,17 @@ def test_selection_signal_holds_out_tasks_and_scores_like_eval(saved_llm, tmp_pa
 
 # -----------------------------------------------------------------------------
 # eval.py
+
+
+def test_task_type_follows_metaicl_then_the_option_sets():
+    """wiqa offers the same options on every example, but MetaICL scores it as multiple choice (accuracy); a task
+    MetaICL does not list falls back to the option-set rule; a listed classification task must have one option set."""
+    same = [{"input": str(i), "output": "more", "options": ["more", "less", "no effect"]} for i in range(3)]
+    assert not data.is_classification(same, "wiqa") and data.is_classification(same, "my-task")
+    assert data.is_classification(same, "glue-rte") and not data.is_classification(same[:1] + [{**same[1], "options": ["a", "b"]}])
+    with pytest.raises(data.DataError, match="glue-rte: MetaICL types it classification"):
+        data.is_classification(same[:1] + [{**same[1], "options": ["a", "b"]}], "glue-rte")
+    assert not data.METAICL_TYPES["classification"] & data.METAICL_TYPES["multi-choice"]
 
 
 def test_macro_f1_hand_computed():

@@ -38,7 +38,7 @@ PAPER = {  # spec section 6 (the official pretrain.sh / finetune.sh); batch is p
     "common": dict(llm="gpt2-large", distiller="gpt2", n_vectors=100, k=16, batch=1, grad_accum=1, max_steps=30000,
                    warmup=0, schedule="linear", lam=1.0, temperature=1.0, max_len_per_example=256,
                    teacher_demo_tokens=767, distiller_demo_tokens=643, c4_max_tokens=1024, eval_interval=2000,
-                   queries_per_demo=1, relabel=0.0, freeze_embeddings=False, kl_rows="query"),
+                   queries_per_demo=1, relabel=0.0, freeze_embeddings=False, kl_rows="query", llm_dropout=True),
     "pretrain": dict(lr=5e-5),
     "finetune": dict(lr=1e-5),
 }
@@ -80,6 +80,9 @@ def get_args(argv=None):
     p.add_argument("--batch", type=int, default=2, help="examples per micro-batch per process (paper: 1 x 8 GPUs)")
     p.add_argument("--grad_accum", type=int, default=1, help="micro-batches per optimizer step")
     p.add_argument("--clip", type=float, default=1.0, help="gradient-norm clip (HF Trainer default: 1.0)")
+    p.add_argument("--llm_dropout", action=argparse.BooleanOptionalAction, default=False,
+                   help="the frozen LLM's dropout on in the training passes (teacher and student), as in the official "
+                   "code, whose Trainer puts the whole model in train mode; validation and eval.py never use it")
     p.add_argument("--lam", type=float, default=1.0, help="lambda, the KL weight in stage 2 (paper: 1.0)")
     p.add_argument("--temperature", type=float, default=1.0, help="KL temperature tau (paper: 1)")
     p.add_argument("--seed", type=int, default=100, help="seed of the data order and of torch")
@@ -390,6 +393,7 @@ def train_step(r, args, step, timings):
     Returns the mean (loss, kl, ce) over all processes and the numbers of tokens and queries this process read."""
     per_step = args.batch * args.grad_accum * r.world
     stats, tokens, queries = torch.zeros(3, device=r.device), 0, 0
+    r.llm.train(args.llm_dropout)  # dropout only; the LLM's weights stay frozen (no gradients)
     for micro in range(args.grad_accum):
         first = step * per_step + (micro * r.world + r.rank) * args.batch
         items = [r.item(i) for i in range(first, first + args.batch)]
@@ -407,6 +411,7 @@ def train_step(r, args, step, timings):
         if timings is not None:
             timings["student_backward"] = timings.get("student_backward", 0) + timings["grad_at_vectors"] - t_backward
         stats += torch.stack([loss.detach(), kl, ce]) / args.grad_accum
+    r.llm.eval()
     with phase(timings, "optimizer"):
         optimizer_step(r.optimizer, r.scaler, r.distiller, args.clip)
     if r.world > 1:
