@@ -37,9 +37,9 @@ import data
 import eval as evaluate
 import flops
 import train
-from distill import fit_vectors
+from distill import MEND, fit_vectors
 from eval import macro_f1
-from model import MEND, PROMPT, PromptTuning, prefix_cache
+from model import PROMPT, PromptTuning, prefix_cache
 
 
 def get_args(argv=None):

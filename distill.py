@@ -12,21 +12,31 @@ instead: each input is teacher-forced with every option, sharing the input's key
 on the input's last rows and every option-token row, the CE on the gold option. fit_vectors is the same distillation
 without a distiller: free vectors for one demonstration set, the ceiling of what l vectors can carry.
 
+Above the objectives sits what uses a trained distiller: the distill-once vector files (safetensors with the LLM,
+distiller, checkpoint and demonstrations that made them) and the MEND API (distill your demonstrations once, then
+score, classify, refine or generate). Imports run one way: data <- model <- distill <- eval <- train.
+
 Both terms are averaged per example first (over its query or answer tokens), then over the batch. With batch 1 per
 GPU under DDP, which is what the official runs use, that is exactly their objective; it also makes a 2-process run,
 gradient accumulation and a single large batch give identical gradients.
 """
+import hashlib
+import json
 import math
+import os
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 from transformers import DynamicCache
 
 import data
-from model import demo_cache, llm_logits, position_ids, teacher_logits
+from model import (CheckpointError, autocast, build_distiller, demo_cache, extend_prefix, file_hash, freeze,
+                   llm_logits, load_checkpoint, load_distiller_state, load_llm, option_scores, position_ids,
+                   prefix_cache, resolve_device, teacher_logits, tokenizers)
 
 INPUT_ROWS = 4   # the option objective's KL rows of an input: its last 4 (the last one predicts each option's first token)
 FIT_BATCH = 8    # fit_vectors: inputs per step
@@ -246,3 +256,140 @@ def teacher_targets(llm, item):
         tails += list(tail)
         options += [[rows[m, :lengths[m]] for m in range(len(rows)) if owner[m] == n] for n in range(len(tail))]
     return tails, options
+
+
+# -----------------------------------------------------------------------------
+# distill once, reuse many: distilled vectors saved with what made them
+
+
+def demos_hash(demo_ids):
+    return hashlib.sha256(json.dumps(list(map(int, demo_ids))).encode()).hexdigest()[:16]
+
+
+def save_vectors(path, vectors, meta):
+    """vectors (1, L, C) + metadata {llm, distiller, ckpt_hash, demos_hash} -> safetensors, atomically."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    save_file({"vectors": vectors.detach().float().cpu().contiguous()}, tmp, metadata={k: str(v) for k, v in meta.items()})
+    os.replace(tmp, path)
+
+
+def load_vectors(path, expect):
+    """Load vectors back, refusing any made by another LLM, distiller, checkpoint or set of demonstrations."""
+    from safetensors import safe_open
+    with safe_open(path, "pt") as f:
+        meta = f.metadata()
+    for key, want in expect.items():
+        if meta.get(key) != str(want):
+            raise data.DataError(f"{path}: vectors were made with {key}={meta.get(key)}, not {key}={want}")
+    return load_file(path)["vectors"]
+
+
+# -----------------------------------------------------------------------------
+# using a trained MEND: distill your demonstrations once, then score, classify or generate at zero-shot cost
+
+
+def options_per_input(inputs, options):
+    """One option list for every input, or one per input -> one list per input; empty options: ValueError."""
+    per_input = [list(o) for o in options] if options and isinstance(options[0], (list, tuple)) else [list(options)] * len(inputs)
+    if len(per_input) != len(inputs) or not all(per_input):
+        raise ValueError(f"options must be one non-empty list for every input or one non-empty list per input "
+                         f"({len(inputs)} inputs), got {options!r}")
+    return per_input
+
+
+class MEND:
+    """A trained MEND from one checkpoint: the frozen LLM, the distiller and both tokenizers.
+
+        mend = MEND.load("mend.pt")
+        vectors = mend.distill([("great movie", "positive"), ("dull plot", "negative")])   # (1, L, C), once
+        mend.classify(vectors, ["what a film", "I fell asleep"], ["positive", "negative"])  # -> ['positive', ...]
+    """
+
+    def __init__(self, llm, distiller, toks, config, ckpt_hash, ctx=None):
+        self.llm, self.distiller, self.toks, self.config, self.ckpt_hash = llm, distiller, toks, config, ckpt_hash
+        self.ctx = ctx or nullcontext()  # autocast when the LLM is held in bf16/fp16
+        self.max_len = config["max_len_per_example"]
+        self.budgets = (config["teacher_demo_tokens"], config["distiller_demo_tokens"])
+
+    @classmethod
+    def load(cls, ckpt, llm=None, device="auto", dtype="auto"):
+        """Refuses an `llm` other than the one the checkpoint was trained for, naming both. device auto = cuda when
+        available; dtype auto = bf16 there where supported (see autocast), fp32 on CPU."""
+        state = load_checkpoint(ckpt)
+        cfg = state["config"]
+        if llm and llm != cfg["llm"]:
+            raise CheckpointError(f"{ckpt} was trained for llm={cfg['llm']}, not llm={llm}")
+        device = resolve_device(device)
+        dtype, ctx = autocast(device, dtype)
+        lm = load_llm(cfg["llm"], device, dtype)
+        distiller = build_distiller(cfg["distiller"], lm, cfg["n_vectors"])
+        load_distiller_state(distiller, state["model"], ckpt)
+        return cls(lm, freeze(distiller), tokenizers(cfg["distiller"], cfg["llm"]), cfg, file_hash(ckpt), ctx)
+
+    def demo_ids(self, demos, reader=1):
+        """Token ids of (input, output) pairs (formatted and budgeted as in training) or of one formatted string, as
+        the distiller (reader=1) or the LLM (reader=0, the teacher) reads them. Bad demonstrations: ValueError."""
+        if isinstance(demos, str):
+            if not demos.strip():
+                raise ValueError("the demonstration text is empty")
+            return data.encode(self.toks[reader], demos)[-self.budgets[reader]:]  # keep the end, nearest the query
+        demos = list(demos)
+        if not demos:
+            raise ValueError("no demonstrations: give a non-empty list of (input, output) pairs or a formatted string")
+        for i, d in enumerate(demos):
+            if not (isinstance(d, (tuple, list)) and len(d) == 2 and all(isinstance(t, str) for t in d)):
+                raise ValueError(f"demonstration {i} is {d!r}, not an (input, output) pair of strings")
+        pairs = [{"input": x, "output": y} for x, y in demos]
+        return data.demo_item(self.toks, pairs, self.budgets, self.max_len)[reader]
+
+    @torch.no_grad()
+    def distill(self, demos):
+        """Demonstrations -> distillation vectors (1, L, C): list of (input, output) pairs, or formatted text."""
+        ids = torch.tensor([self.demo_ids(demos)], device=self.llm.device)              # (1, D)
+        with self.ctx:
+            return self.distiller(ids, torch.ones_like(ids))
+
+    def vector_meta(self, demos):
+        """What save_vectors records, and load_vectors checks, for vectors distilled from `demos`."""
+        return {"llm": self.config["llm"], "distiller": self.config["distiller"], "ckpt_hash": self.ckpt_hash,
+                "demos_hash": demos_hash(self.demo_ids(demos))}
+
+    @torch.no_grad()
+    def score(self, vectors, inputs, options):
+        """Per input, one score per option: -(mean NLL of the option's tokens) after [vectors ; input]. options is
+        one list for every input, or one list per input. The vectors' keys/values are computed once."""
+        with self.ctx:
+            kv = prefix_cache(self.llm, prefix_embeds=vectors.to(self.llm.device))
+            return [option_scores(self.llm, self.toks[0], {"input": x, "options": o}, self.max_len, kv)
+                    for x, o in zip(inputs, options_per_input(inputs, options))]
+
+    def classify(self, vectors, inputs, options):
+        """The best option per input."""
+        per_input = options_per_input(inputs, options)
+        return [o[int(s.argmax())] for s, o in zip(self.score(vectors, inputs, options), per_input)]
+
+    def refine(self, vectors, demos, inputs, options, steps=60, lr=0.1, seed=0):
+        """Fit the vectors further (distill.fit_vectors) so that the LLM reading them matches the LLM reading `demos`
+        on these unlabeled inputs and their options (no label is read): -> refined vectors (1, L, C). lr is relative to
+        the RMS of the LLM's token embeddings; steps=0 returns the vectors unchanged; the same seed, the same result."""
+        teacher = self.demo_ids(demos, reader=0)
+        examples = [{"input": x, "options": o} for x, o in zip(inputs, options_per_input(inputs, options))]
+        item = dict(teacher_demo=teacher, distiller_demo=teacher, **data.option_fields(self.toks[0], examples, self.max_len))
+        with torch.enable_grad(), self.ctx:
+            return fit_vectors(self.llm, vectors, item, steps, lr, seed)[0]
+
+    @torch.no_grad()
+    def generate(self, vectors, input, max_new_tokens=32):
+        """Greedy continuation of `input` (formatted as a query) after the vectors, whose keys/values are computed
+        once; each new token extends the cache. Stops at the tokenizer's end-of-sequence token."""
+        x, _ = data.encode_example(self.toks[0], {"input": input}, self.max_len, answer_len=max_new_tokens)
+        out = []
+        with self.ctx:
+            kv = prefix_cache(self.llm, prefix_embeds=vectors.to(self.llm.device))
+            logits, kv = extend_prefix(self.llm, torch.tensor([x], device=self.llm.device), kv)  # (1, V)
+            while len(out) < max_new_tokens:
+                out.append(int(logits.argmax(-1)))
+                if out[-1] == self.toks[0].eos_token_id:
+                    break
+                logits, kv = extend_prefix(self.llm, torch.tensor([out[-1:]], device=self.llm.device), kv)
+        return self.toks[0].decode(out, skip_special_tokens=True)

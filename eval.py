@@ -32,10 +32,9 @@ import numpy as np
 import torch
 
 import data
-from distill import answer_ce_per_example
-from model import (EMBEDDED, PROMPT, autocast, build_distiller, demos_hash, file_hash, load_checkpoint,
-                   load_distiller_state, load_llm, load_vectors, option_scores, prefix_cache, resolve_device,
-                   save_vectors, tokenizers)
+from distill import answer_ce_per_example, demos_hash, load_vectors, save_vectors
+from model import (EMBEDDED, PROMPT, autocast, build_distiller, file_hash, load_checkpoint, load_distiller_state,
+                   load_llm, option_scores, prefix_cache, resolve_device, tokenizers)
 
 PAPER_DEFAULTS = dict(k=16, max_len_per_example=256, teacher_demo_tokens=767, distiller_demo_tokens=643, n_vectors=100)
 METHODS = ("zeroshot", "icl", "truncated", "labels", "anchors", "mend")

@@ -193,6 +193,46 @@ def method_flops(llm_name, D, T, L, Q, distiller=None):
     }
 
 
+def step_flops(llm_cfg, dis_cfg, L, teacher_len, distiller_len, query_lens, teacher=True):
+    """Analytic FLOPs of one training item (train.py's step; MFU = these / step time / peak). The teacher reads the
+    demonstrations once (one logit row) and each query after them; the distiller's forward over [demos ; L
+    placeholders] and its backward (weight and input gradients: 2x its forward); the student's forward over [L
+    vectors ; query] and its backward down to the vectors: the frozen LLM's weight gradients are not computed, so the
+    blocks and LM head cost 1x their forward again, the attention 2x (dQ, dK, dP, dV)."""
+    total = 0  # dis_cfg None: PromptTuning, whose vectors cost nothing to make
+    if dis_cfg is not None:
+        c, C, n = dis_cfg.hidden_size, llm_cfg.hidden_size, distiller_len + L
+        total += 3 * (total_flops(dis_cfg, n, n, 0) + (2 * L * c * C if c != C else 0))
+    if teacher:
+        total += total_flops(llm_cfg, teacher_len, teacher_len, 1)
+    for T in query_lens:
+        total += teacher * total_flops(llm_cfg, T, teacher_len + T, T)
+        f = forward_flops(llm_cfg, L + T, L + T, T)
+        total += 2 * f["matmul"] + 3 * f["attention"]
+    return total
+
+
+# nominal dense tensor-core peaks (TFLOP/s: bf16, fp32) from the vendors' datasheets, by a word of the device name
+GPU_PEAK_TFLOPS = {"H200": (989, 67), "H100": (989, 67), "A100": (312, 19.5), "L40S": (362, 91.6), "L4": (121, 30.3),
+                   "A10": (125, 31.2), "V100": (125, 15.7), "T4": (65, 8.1)}
+
+
+def peak_flops(device, dtype):
+    """The peak a step's FLOP/s is measured against: on CUDA the table above (None for an unlisted GPU: pass
+    --peak_tflops); on CPU this machine's float32 matmul rate, measured once (a 2048^3 matmul, best of 5)."""
+    if str(device).startswith("cuda"):
+        name = torch.cuda.get_device_name(device)
+        peaks = next((p for key, p in GPU_PEAK_TFLOPS.items() if key in name), None)
+        return None if peaks is None else 1e12 * peaks[dtype == torch.float32]
+    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+    best = float("inf")
+    for _ in range(5):
+        t = time.perf_counter()
+        torch.matmul(a, b)
+        best = min(best, time.perf_counter() - t)
+    return 2 * 2048 ** 3 / best
+
+
 # -----------------------------------------------------------------------------
 # demonstration lengths: the paper's, or measured on MetaICL files
 

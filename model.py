@@ -9,6 +9,10 @@ The distiller reads the demonstrations followed by L learned placeholder embeddi
 the placeholder positions, projected to the LLM width, are the distillation vectors S_D (paper eq. 2-3). The frozen
 LLM then reads [S_D ; query] through `inputs_embeds` instead of [demonstrations ; query].
 
+The file, in order: loading the LLM (hub names, local folders, the embedded default), the distiller (a truncated
+copy of the LLM or another LM) and the PromptTuning baseline, reading a prefix (cached keys/values, logits at the
+query, option scores), checkpoints. The objectives and the MEND API that uses a trained distiller are in distill.py.
+
 Padding is exact: every forward derives position ids from the attention mask, so a padded batch gives, per example,
 the same numbers as that example alone (the official code uses default position ids and is only right at batch 1).
 """
@@ -24,7 +28,7 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-from safetensors.torch import load_file, save_file, save_model
+from safetensors.torch import save_model
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
 import data
@@ -367,32 +371,6 @@ def check_compatible(ckpt_config, llm, distiller, path):
                          f"but this run uses llm={llm} distiller={distiller}")
 
 
-# -----------------------------------------------------------------------------
-# distill once, reuse many: distilled vectors saved with what made them
-
-
-def demos_hash(demo_ids):
-    return hashlib.sha256(json.dumps(list(map(int, demo_ids))).encode()).hexdigest()[:16]
-
-
-def save_vectors(path, vectors, meta):
-    """vectors (1, L, C) + metadata {llm, distiller, ckpt_hash, demos_hash} -> safetensors, atomically."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    save_file({"vectors": vectors.detach().float().cpu().contiguous()}, tmp, metadata={k: str(v) for k, v in meta.items()})
-    os.replace(tmp, path)
-
-
-def load_vectors(path, expect):
-    """Load vectors back, refusing any made by another LLM, distiller, checkpoint or set of demonstrations."""
-    from safetensors import safe_open
-    with safe_open(path, "pt") as f:
-        meta = f.metadata()
-    for key, want in expect.items():
-        if meta.get(key) != str(want):
-            raise data.DataError(f"{path}: vectors were made with {key}={meta.get(key)}, not {key}={want}")
-    return load_file(path)["vectors"]
-
-
 def file_hash(path):
     """A short content hash of a checkpoint (first and last MiB plus size: fast on large files)."""
     h, size = hashlib.sha256(), os.path.getsize(path)
@@ -401,115 +379,3 @@ def file_hash(path):
         f.seek(max(0, size - (1 << 20)))
         h.update(f.read(1 << 20))
     return h.hexdigest()[:16] + f"-{size}"
-
-
-# -----------------------------------------------------------------------------
-# using a trained MEND: distill your demonstrations once, then score, classify or generate at zero-shot cost
-
-
-def options_per_input(inputs, options):
-    """One option list for every input, or one per input -> one list per input; empty options: ValueError."""
-    per_input = [list(o) for o in options] if options and isinstance(options[0], (list, tuple)) else [list(options)] * len(inputs)
-    if len(per_input) != len(inputs) or not all(per_input):
-        raise ValueError(f"options must be one non-empty list for every input or one non-empty list per input "
-                         f"({len(inputs)} inputs), got {options!r}")
-    return per_input
-
-
-class MEND:
-    """A trained MEND from one checkpoint: the frozen LLM, the distiller and both tokenizers.
-
-        mend = MEND.load("mend.pt")
-        vectors = mend.distill([("great movie", "positive"), ("dull plot", "negative")])   # (1, L, C), once
-        mend.classify(vectors, ["what a film", "I fell asleep"], ["positive", "negative"])  # -> ['positive', ...]
-    """
-
-    def __init__(self, llm, distiller, toks, config, ckpt_hash, ctx=None):
-        self.llm, self.distiller, self.toks, self.config, self.ckpt_hash = llm, distiller, toks, config, ckpt_hash
-        self.ctx = ctx or nullcontext()  # autocast when the LLM is held in bf16/fp16
-        self.max_len = config["max_len_per_example"]
-        self.budgets = (config["teacher_demo_tokens"], config["distiller_demo_tokens"])
-
-    @classmethod
-    def load(cls, ckpt, llm=None, device="auto", dtype="auto"):
-        """Refuses an `llm` other than the one the checkpoint was trained for, naming both. device auto = cuda when
-        available; dtype auto = bf16 there where supported (see autocast), fp32 on CPU."""
-        state = load_checkpoint(ckpt)
-        cfg = state["config"]
-        if llm and llm != cfg["llm"]:
-            raise CheckpointError(f"{ckpt} was trained for llm={cfg['llm']}, not llm={llm}")
-        device = resolve_device(device)
-        dtype, ctx = autocast(device, dtype)
-        lm = load_llm(cfg["llm"], device, dtype)
-        distiller = build_distiller(cfg["distiller"], lm, cfg["n_vectors"])
-        load_distiller_state(distiller, state["model"], ckpt)
-        return cls(lm, freeze(distiller), tokenizers(cfg["distiller"], cfg["llm"]), cfg, file_hash(ckpt), ctx)
-
-    def demo_ids(self, demos, reader=1):
-        """Token ids of (input, output) pairs (formatted and budgeted as in training) or of one formatted string, as
-        the distiller (reader=1) or the LLM (reader=0, the teacher) reads them. Bad demonstrations: ValueError."""
-        if isinstance(demos, str):
-            if not demos.strip():
-                raise ValueError("the demonstration text is empty")
-            return data.encode(self.toks[reader], demos)[-self.budgets[reader]:]  # keep the end, nearest the query
-        demos = list(demos)
-        if not demos:
-            raise ValueError("no demonstrations: give a non-empty list of (input, output) pairs or a formatted string")
-        for i, d in enumerate(demos):
-            if not (isinstance(d, (tuple, list)) and len(d) == 2 and all(isinstance(t, str) for t in d)):
-                raise ValueError(f"demonstration {i} is {d!r}, not an (input, output) pair of strings")
-        pairs = [{"input": x, "output": y} for x, y in demos]
-        return data.demo_item(self.toks, pairs, self.budgets, self.max_len)[reader]
-
-    @torch.no_grad()
-    def distill(self, demos):
-        """Demonstrations -> distillation vectors (1, L, C): list of (input, output) pairs, or formatted text."""
-        ids = torch.tensor([self.demo_ids(demos)], device=self.llm.device)              # (1, D)
-        with self.ctx:
-            return self.distiller(ids, torch.ones_like(ids))
-
-    def vector_meta(self, demos):
-        """What save_vectors records, and load_vectors checks, for vectors distilled from `demos`."""
-        return {"llm": self.config["llm"], "distiller": self.config["distiller"], "ckpt_hash": self.ckpt_hash,
-                "demos_hash": demos_hash(self.demo_ids(demos))}
-
-    @torch.no_grad()
-    def score(self, vectors, inputs, options):
-        """Per input, one score per option: -(mean NLL of the option's tokens) after [vectors ; input]. options is
-        one list for every input, or one list per input. The vectors' keys/values are computed once."""
-        with self.ctx:
-            kv = prefix_cache(self.llm, prefix_embeds=vectors.to(self.llm.device))
-            return [option_scores(self.llm, self.toks[0], {"input": x, "options": o}, self.max_len, kv)
-                    for x, o in zip(inputs, options_per_input(inputs, options))]
-
-    def classify(self, vectors, inputs, options):
-        """The best option per input."""
-        per_input = options_per_input(inputs, options)
-        return [o[int(s.argmax())] for s, o in zip(self.score(vectors, inputs, options), per_input)]
-
-    def refine(self, vectors, demos, inputs, options, steps=60, lr=0.1, seed=0):
-        """Fit the vectors further (distill.fit_vectors) so that the LLM reading them matches the LLM reading `demos`
-        on these unlabeled inputs and their options (no label is read): -> refined vectors (1, L, C). lr is relative to
-        the RMS of the LLM's token embeddings; steps=0 returns the vectors unchanged; the same seed, the same result."""
-        from distill import fit_vectors  # distill imports this module
-        teacher = self.demo_ids(demos, reader=0)
-        examples = [{"input": x, "options": o} for x, o in zip(inputs, options_per_input(inputs, options))]
-        item = dict(teacher_demo=teacher, distiller_demo=teacher, **data.option_fields(self.toks[0], examples, self.max_len))
-        with torch.enable_grad(), self.ctx:
-            return fit_vectors(self.llm, vectors, item, steps, lr, seed)[0]
-
-    @torch.no_grad()
-    def generate(self, vectors, input, max_new_tokens=32):
-        """Greedy continuation of `input` (formatted as a query) after the vectors, whose keys/values are computed
-        once; each new token extends the cache. Stops at the tokenizer's end-of-sequence token."""
-        x, _ = data.encode_example(self.toks[0], {"input": input}, self.max_len, answer_len=max_new_tokens)
-        out = []
-        with self.ctx:
-            kv = prefix_cache(self.llm, prefix_embeds=vectors.to(self.llm.device))
-            logits, kv = extend_prefix(self.llm, torch.tensor([x], device=self.llm.device), kv)  # (1, V)
-            while len(out) < max_new_tokens:
-                out.append(int(logits.argmax(-1)))
-                if out[-1] == self.toks[0].eos_token_id:
-                    break
-                logits, kv = extend_prefix(self.llm, torch.tensor([out[-1:]], device=self.llm.device), kv)
-        return self.toks[0].decode(out, skip_special_tokens=True)

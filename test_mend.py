@@ -205,8 +205,10 @@ def test_llm_dropout_acts_in_training_passes_only(dropout):
     distiller = model.build_distiller("layers:1", llm, n_vectors=3).eval()  # the distiller's own dropout off
     item = dict(teacher_demo=[5, 6, 7, 8], distiller_demo=[5, 6, 7, 8], queries=[[9, 10, 11, 12]], answer_masks=[[0, 0, 1, 1]])
     opt = torch.optim.AdamW(distiller.parameters(), lr=0.0)
-    args = SimpleNamespace(batch=1, grad_accum=1, lam=1.0, temperature=1.0, clip=1.0, kl_rows="query", llm_dropout=dropout)
+    args = SimpleNamespace(batch=1, grad_accum=1, lam=1.0, temperature=1.0, clip=1.0, kl_rows="query", llm_dropout=dropout,
+                           n_vectors=3, stage="finetune")
     r = SimpleNamespace(llm=llm, model=distiller, distiller=distiller, optimizer=opt, item=lambda i: item, world=1, rank=0,
+                        flops_cfg=(llm.config, distiller.backbone.config),
                         device="cpu", ctx=torch.autocast("cpu", enabled=False), log=print,
                         scaler=torch.amp.GradScaler("cpu", enabled=False))
     losses = [train.train_step(r, args, step, None)[0][0].item() for step in range(3)]
@@ -720,7 +722,7 @@ def test_refine_and_clear_api_errors(saved_llm, tmp_path):
     a demonstration that is not an (input, output) pair and empty options raise ValueError naming the problem."""
     llm, ckpt = saved_llm("llama"), tmp_path / "mend.pt"
     train.run(train_args(llm, ckpt, "--stage", "finetune", "--max_steps", "1", "--val_items", "0"))
-    mend = model.MEND.load(str(ckpt), device="cpu")
+    mend = distill.MEND.load(str(ckpt), device="cpu")
     demos = [("good film", "yes"), ("bad film", "no")]
     vectors = mend.distill(demos)
     inputs, options = ["nice film", "awful", "so-so"], ["yes", "no"]
@@ -740,10 +742,10 @@ def test_refine_and_clear_api_errors(saved_llm, tmp_path):
 
 def test_distilled_vectors_round_trip_and_refuse_a_mismatch(tmp_path):
     vectors, meta = torch.randn(1, 4, 8), {"llm": "a", "distiller": "layers:2", "ckpt_hash": "h", "demos_hash": "d"}
-    model.save_vectors(tmp_path / "v.safetensors", vectors, meta)
-    assert torch.equal(model.load_vectors(tmp_path / "v.safetensors", meta), vectors)
+    distill.save_vectors(tmp_path / "v.safetensors", vectors, meta)
+    assert torch.equal(distill.load_vectors(tmp_path / "v.safetensors", meta), vectors)
     with pytest.raises(ValueError, match="made with distiller=layers:2, not distiller=gpt2"):
-        model.load_vectors(tmp_path / "v.safetensors", {**meta, "distiller": "gpt2"})
+        distill.load_vectors(tmp_path / "v.safetensors", {**meta, "distiller": "gpt2"})
 
 
 def test_prompt_tuning_and_no_kd_checkpoints_are_named_by_their_config(saved_llm, tmp_path, monkeypatch):
@@ -832,14 +834,14 @@ def test_sweep_scores_each_configuration_against_its_flops(saved_llm, tmp_path, 
 
 
 # -----------------------------------------------------------------------------
-# the MEND API (model.MEND) and one-line errors
+# the MEND API (distill.MEND) and one-line errors
 
 
 def test_mend_api_distills_scores_classifies_and_generates(saved_llm, tmp_path):
     """MEND.load + distill/score/classify/generate agree with brute-force forwards and with HF's own generate."""
     llm, ckpt = saved_llm("llama"), tmp_path / "mend.pt"
     train.run(train_args(llm, ckpt, "--stage", "finetune", "--max_steps", "1", "--val_items", "0"))
-    mend = model.MEND.load(str(ckpt), device="cpu")
+    mend = distill.MEND.load(str(ckpt), device="cpu")
     pairs = [("good film", "yes"), ("bad film", "no")]
     vectors = mend.distill(pairs)
     assert vectors.shape == (1, 3, 32)
@@ -854,7 +856,7 @@ def test_mend_api_distills_scores_classifies_and_generates(saved_llm, tmp_path):
                            max_new_tokens=12, do_sample=False, min_new_tokens=12)
     assert mend.generate(vectors, "nice film", max_new_tokens=12) == mend.toks[0].decode(hf[0], skip_special_tokens=True)
     with pytest.raises(model.CheckpointError, match="was trained for llm=.*llama, not llm=gpt2"):
-        model.MEND.load(str(ckpt), llm="gpt2")
+        distill.MEND.load(str(ckpt), llm="gpt2")
 
 
 def test_readme_snippet_runs(saved_llm, tmp_path, monkeypatch):
@@ -939,7 +941,7 @@ def test_bf16_scores_agree_with_float32(saved_llm, tmp_path):
     sharp.save_pretrained(llm)
     byte_tokenizer(tmp_path).save_pretrained(llm)
     train.run(train_args(llm, ckpt, "--stage", "finetune", "--max_steps", "1", "--val_items", "0"))
-    full, half = (model.MEND.load(str(ckpt), device="cpu", dtype=d) for d in ("float32", "bfloat16"))
+    full, half = (distill.MEND.load(str(ckpt), device="cpu", dtype=d) for d in ("float32", "bfloat16"))
     assert half.llm.dtype == torch.bfloat16 and half.distiller.placeholder.dtype == torch.float32
     demos, inputs, options = [("good film", "yes"), ("bad film", "no")], ["nice film", "awful", "dull"], ["yes", "no!", "maybe so"]
     a, b = full.score(full.distill(demos), inputs, options), half.score(half.distill(demos), inputs, options)
@@ -1057,6 +1059,28 @@ def test_method_flops_match_the_timed_forwards(monkeypatch):
             model.llm_logits(llm, torch.randint(128, (B, T)), torch.ones(B, T, dtype=torch.long), prefix_kv=kept)
         assert counter.get_total_flops() == B * (f["anchors"] - flops.total_flops(llm_cfg, D, D, 0))
         assert f["truncated"] == flops.total_flops(llm_cfg, L + T, L + T, T) < f["anchors"] < f["icl"]
+
+
+@pytest.mark.parametrize("stage", ["pretrain", "finetune"])
+def test_step_flops_match_the_flop_counter_on_a_training_step(stage):
+    """train.py's MFU numerator: flops.step_flops of an item equals what FlopCounterMode counts in mend_loss's
+    forward and backward (eager attention, batch 1, Q=2 unpadded queries in stage 2: padding is not counted as work),
+    within 2%."""
+    from torch.utils.flop_counter import FlopCounterMode
+    import flops
+    cfg = GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=128, n_positions=256, attn_pdrop=0, resid_pdrop=0, embd_pdrop=0)
+    cfg._attn_implementation = "eager"
+    torch.manual_seed(0)
+    llm = model.freeze(GPT2LMHeadModel(cfg))
+    distiller = model.build_distiller("layers:1", llm, n_vectors=5, freeze_embeddings=True)
+    queries = [list(range(10, 30)), list(range(40, 60))] if stage == "finetune" else [list(range(10, 30))]  # no padding
+    masks = [[0] * 10 + [1] * 10, [0] * 14 + [1] * 6] if stage == "finetune" else [[0] * 20]
+    item = dict(teacher_demo=list(range(60, 100)), distiller_demo=list(range(60, 100)), queries=queries, answer_masks=masks)
+    with FlopCounterMode(display=False) as counter:
+        loss, _, _ = distill.mend_loss(llm, distiller, data.collate([item]))
+        loss.backward()
+    want = flops.step_flops(llm.config, distiller.backbone.config, 5, 40, 40, [len(q) for q in queries])
+    assert abs(counter.get_total_flops() / want - 1) < 0.02, (counter.get_total_flops(), want)
 
 
 def test_separate_distiller_with_its_own_tokenizer_and_width(saved_llm, tmp_path):

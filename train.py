@@ -28,6 +28,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import data
+import flops
 from distill import answer_ce_per_example, kl_per_example, mend_loss, phase
 from eval import macro_f1
 from model import (EMBEDDED, autocast, build_distiller, check_compatible, count_params, distiller_state, llm_logits,
@@ -80,6 +81,8 @@ def get_args(argv=None):
     p.add_argument("--batch", type=int, default=2, help="examples per micro-batch per process (paper: 1 x 8 GPUs)")
     p.add_argument("--grad_accum", type=int, default=1, help="micro-batches per optimizer step")
     p.add_argument("--clip", type=float, default=1.0, help="gradient-norm clip (HF Trainer default: 1.0)")
+    p.add_argument("--peak_tflops", type=float, default=0.0, help="the peak MFU is measured against (0: the GPU's "
+                   "nominal peak from flops.GPU_PEAK_TFLOPS; on CPU this machine's float32 matmul rate, measured)")
     p.add_argument("--llm_dropout", action=argparse.BooleanOptionalAction, default=False,
                    help="the frozen LLM's dropout on in the training passes (teacher and student), as in the official "
                    "code, whose Trainer puts the whole model in train mode; validation and eval.py never use it")
@@ -350,6 +353,10 @@ def run(args):
     log(f"device={device} dtype={str(dtype).removeprefix('torch.')} world={world} threads={torch.get_num_threads()} | llm {args.llm}: "
         f"{count_params(llm):,} params, frozen | distiller {args.distiller}: {count_params(distiller, True):,} "
         f"trainable params (backbone + {args.n_vectors} placeholders + projection)")
+    peak = args.peak_tflops * 1e12 or flops.peak_flops(device, dtype)
+    log(f"peak for MFU: {peak / 1e12:.3g} TFLOP/s (" + ("--peak_tflops" if args.peak_tflops else "measured float32 "
+        "matmul rate" if device == "cpu" else "nominal, flops.GPU_PEAK_TFLOPS") + ")" if peak else
+        "peak for MFU: unknown GPU, pass --peak_tflops (MFU not logged)")
     predict = lambda method, task, ex: signal_predictions(method, llm, distiller, {task: ex}, toks, args, ctx)[task]
     item, val_items, tasks, signal = make_items(args, toks, log, predict)
     config["train_tasks"], config["val_tasks_held_out"] = tasks, sorted(signal)
@@ -357,7 +364,8 @@ def run(args):
     scaler = torch.amp.GradScaler(device.split(":")[0], enabled=dtype == torch.float16)  # a no-op unless fp16
     r = SimpleNamespace(llm=llm, model=distiller, distiller=distiller, optimizer=optimizer, scaler=scaler, item=item,
                         val_items=val_items, config=config, ctx=ctx, device=device, rank=rank, world=world, log=log,
-                        signal=signal, signal_random=random_labels(signal, args.seed), toks=toks)
+                        signal=signal, signal_random=random_labels(signal, args.seed), toks=toks, peak=peak,
+                        flops_cfg=(llm.config, getattr(getattr(distiller, "backbone", None), "config", None)))
     log_references(r, args)
     step = apply_start(start, r, args)
     r.model = DDP(distiller) if world > 1 else distiller
@@ -390,15 +398,19 @@ def apply_start(start, r, args):
 
 def train_step(r, args, step, timings):
     """One optimizer step: grad_accum micro-batches (forward, loss / grad_accum, backward), then unscale, clip, step.
-    Returns the mean (loss, kl, ce) over all processes and the numbers of tokens and queries this process read."""
+    Returns the mean (loss, kl, ce) over all processes, the numbers of tokens and queries this process read, and the
+    analytic FLOPs of its work (flops.step_flops)."""
     per_step = args.batch * args.grad_accum * r.world
-    stats, tokens, queries = torch.zeros(3, device=r.device), 0, 0
+    stats, tokens, queries, work = torch.zeros(3, device=r.device), 0, 0, 0
     r.llm.train(args.llm_dropout)  # dropout only; the LLM's weights stay frozen (no gradients)
     for micro in range(args.grad_accum):
         first = step * per_step + (micro * r.world + r.rank) * args.batch
         items = [r.item(i) for i in range(first, first + args.batch)]
         tokens += sum(len(it["teacher_demo"]) + sum(map(len, it["queries"])) for it in items)
         queries += sum(len(it["queries"]) for it in items)
+        work += sum(flops.step_flops(*r.flops_cfg, args.n_vectors, len(it["teacher_demo"]), len(it["distiller_demo"]),
+                                     list(map(len, it["queries"])), teacher=bool(args.lam) or args.stage == "pretrain")
+                    for it in items)
         with r.ctx:
             batch = data.collate(items, r.device, option_rows(args))
             loss, kl, ce = mend_loss(r.llm, r.model, batch, args.lam, args.temperature, timings)
@@ -417,7 +429,7 @@ def train_step(r, args, step, timings):
     if r.world > 1:
         dist.all_reduce(stats)
         stats /= r.world
-    return stats, tokens, queries
+    return stats, tokens, queries, work
 
 
 def optimizer_step(optimizer, scaler, model, clip):
@@ -443,16 +455,18 @@ def loop(r, args, step):
                 group["lr"] = group["peak_lr"] * factor
             lr = args.lr * factor
             t0, timings = time.perf_counter(), ({} if args.bench else None)
-            stats, tokens, queries = train_step(r, args, step, timings)
+            stats, tokens, queries, work = train_step(r, args, step, timings)
             step, dt = step + 1, time.perf_counter() - t0
             losses.append((step, stats[0].item()))
-            window.append(stats.tolist() + [dt, tokens * r.world, queries * r.world])
+            window.append(stats.tolist() + [dt, tokens * r.world, queries * r.world, work * r.world])
             if timings is not None:
                 bench.append({"step": step, "total": dt, "tokens": tokens, "queries": queries, **timings})
             if step % args.log_interval == 0 or step == args.max_steps:
-                loss, kl, ce, dt, tok, qs = (sum(col) / len(window) for col in zip(*window))
+                loss, kl, ce, dt, tok, qs, fl = (sum(col) / len(window) for col in zip(*window))
+                mfu = f" ({fl / dt / r.world / r.peak:.1%} of peak)" if r.peak else ""  # peak is per device
                 r.log(f"step {step} | loss {loss:.5g} | kl {kl:.5g} | ce {ce:.5g} | lr {lr:.2e} | "
-                      f"{dt * 1000:.0f}ms | {tok / dt:.0f} tok/s | {qs / dt:.2f} queries/s")
+                      f"{dt * 1000:.0f}ms | {tok / dt:.0f} tok/s | {qs / dt:.2f} queries/s | "
+                      f"{fl / dt / 1e12:.3g} TFLOP/s{mfu}")
                 window = []
             if step % args.eval_interval == 0 or step == args.max_steps:
                 if r.val_items:

@@ -17,7 +17,7 @@ sys.path.insert(0, ".")
 import data  # noqa: E402
 import train  # noqa: E402
 from eval import macro_f1  # noqa: E402
-from model import MEND  # noqa: E402
+from distill import MEND  # noqa: E402
 
 line = next(l for l in open(sys.argv[1]) if "held out of training:" in l)
 tasks = line.split("held out of training: ")[1].split(" (")[0].split(", ")

@@ -1,0 +1,55 @@
+"""
+MEND over training seeds against the free prefixes at its length (issue 22): each seed's class2class score with gold
+and random labels, the mean and spread (min-max) over seeds, and per seed the paired bootstrap against zero-shot, ICL,
+truncated, labels and anchors (results/free, the same examples: class2class, 100 examples, seed 100).
+
+    python results/seeds/summary.py [SEED ...]          # default: every results/seeds/mend_<seed>.json
+"""
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+import eval as evaluate  # noqa: E402
+
+R, F = Path("results/seeds"), Path("results/free")
+
+
+def tasks(path, method):
+    return json.loads(Path(path).read_text())["methods"][method]["tasks"]
+
+
+def average(t):
+    return sum(r["score"] for r in t.values()) / len(t)
+
+
+def main(seeds):
+    seeds = seeds or sorted(p.stem.split("_")[1] for p in R.glob("mend_*.json") if "random" not in p.stem)
+    free = {"zeroshot": tasks(F / "baselines.json", "zeroshot"), "icl": tasks(F / "baselines.json", "icl"),
+            "truncated": tasks(F / "baselines.json", "truncated"), "labels": tasks(F / "free32.json", "labels"),
+            "anchors": tasks(F / "free32.json", "anchors")}
+    print("free prefixes (l=32) and baselines: " + ", ".join(f"{m} {average(t):.1f}" for m, t in free.items()))
+    gold, rand = {}, {}
+    for s in seeds:
+        gold[s] = tasks(R / f"mend_{s}.json", "mend")
+        random_file = R / f"mend_{s}_random.json"
+        rand[s] = tasks(random_file, "mend") if random_file.exists() else None
+        line = f"seed {s}: gold {average(gold[s]):.1f}"
+        if rand[s]:
+            diff, lo, hi, _ = evaluate.paired_bootstrap(gold[s], rand[s])
+            line += f", random labels {average(rand[s]):.1f} (gold - random {diff:+.2f} [{lo:+.2f}, {hi:+.2f}])"
+        print(line)
+        for m, t in free.items():
+            diff, lo, hi, _ = evaluate.paired_bootstrap(gold[s], t)
+            print(f"    MEND - {m:9s} {diff:+6.2f} [{lo:+.2f}, {hi:+.2f}]")
+    scores = [average(t) for t in gold.values()]
+    print(f"MEND over {len(scores)} seeds: mean {sum(scores) / len(scores):.1f}, min {min(scores):.1f}, "
+          f"max {max(scores):.1f} (spread {max(scores) - min(scores):.1f})")
+    randoms = [average(t) for t in rand.values() if t]
+    if randoms:
+        print(f"MEND random labels over {len(randoms)} seeds: mean {sum(randoms) / len(randoms):.1f}, "
+              f"min {min(randoms):.1f}, max {max(randoms):.1f}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
