@@ -32,6 +32,15 @@ import train
 
 ROOT = Path(__file__).parent
 VOCAB = 300
+DEVICE = os.environ.get("MEND_TEST_DEVICE", "cpu")  # cuda: the tests that compare numbers run on CUDA kernels
+
+
+@pytest.fixture
+def on_device():
+    """Tensors and models of the test are made on MEND_TEST_DEVICE (results/gpu/run.sh sets cuda)."""
+    torch.set_default_device(DEVICE)
+    yield DEVICE
+    torch.set_default_device("cpu")
 
 
 # -----------------------------------------------------------------------------
@@ -88,7 +97,7 @@ def ids(*rows):
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
-def test_student_with_empty_prefix_equals_hf_forward(family):
+def test_student_with_empty_prefix_equals_hf_forward(family, on_device):
     """If this fails, the student forward (inputs_embeds, mask, position ids) is not the model HF implements."""
     llm = tiny_llm(family)
     q = torch.randint(0, VOCAB, (2, 9))
@@ -97,7 +106,7 @@ def test_student_with_empty_prefix_equals_hf_forward(family):
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
-def test_teacher_equals_hf_on_the_concatenation(family):
+def test_teacher_equals_hf_on_the_concatenation(family, on_device):
     """Left-padded demos + right-padded query must give the logits of the plain, unpadded concatenation."""
     llm = tiny_llm(family)
     demo, q = torch.randint(0, VOCAB, (1, 7)), torch.randint(0, VOCAB, (1, 5))
@@ -109,7 +118,7 @@ def test_teacher_equals_hf_on_the_concatenation(family):
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
-def test_padded_batch_equals_single_examples(family):
+def test_padded_batch_equals_single_examples(family, on_device):
     """A left-padded batch gives, per example, the vectors and student logits of that example alone."""
     llm = tiny_llm(family)
     distiller = model.build_distiller("layers:1", llm, n_vectors=4).eval()
@@ -127,7 +136,7 @@ def test_padded_batch_equals_single_examples(family):
         torch.testing.assert_close(student[b:b + 1, :len(queries[b])], ref, rtol=0, atol=1e-5)
 
 
-def test_cached_prefix_equals_full_forward():
+def test_cached_prefix_equals_full_forward(on_device):
     """Reusing a prefix's keys/values for a batch of queries changes no logit."""
     llm = tiny_llm("llama")
     prefix, q = torch.randint(0, VOCAB, (1, 10)), torch.randint(0, VOCAB, (3, 4))
@@ -218,7 +227,7 @@ def test_llm_dropout_acts_in_training_passes_only(dropout):
     assert not train.get_args(["--stage", "finetune"]).llm_dropout
 
 
-def test_q_queries_after_one_demo_set_equal_q_separate_items():
+def test_q_queries_after_one_demo_set_equal_q_separate_items(on_device):
     """One item with 3 queries (teacher keys/values and distiller run once) has the loss and distiller gradients of
     3 single-query items with the same demonstrations: the Q-query speed-up changes no number."""
     llm = tiny_llm("llama")
@@ -228,7 +237,7 @@ def test_q_queries_after_one_demo_set_equal_q_separate_items():
     together = dict(teacher_demo=demo, distiller_demo=demo, queries=queries, answer_masks=answers)
     apart = [dict(teacher_demo=demo, distiller_demo=demo, queries=[q], answer_masks=[a]) for q, a in zip(queries, answers)]
     grads = []
-    for batch in (data.collate([together]), data.collate(apart)):
+    for batch in (data.collate([together], on_device), data.collate(apart, on_device)):
         distiller.zero_grad()
         loss, kl, ce = distill.mend_loss(llm, distiller, batch, lam=0.5)
         loss.backward()
@@ -1097,3 +1106,16 @@ def test_separate_distiller_with_its_own_tokenizer_and_width(saved_llm, tmp_path
         assert len(losses) == 2 and all(math.isfinite(l) for _, l in losses)
     state = model.load_checkpoint(out)
     assert state["model"]["proj.0.weight"].shape == (32, 48) and state["config"]["distiller"] == str(path)
+
+
+def test_gpu_check_smoke_mode_runs_every_step(tmp_path):
+    """results/gpu/run.sh --smoke (check.py's entry point): every step of the GPU check runs on CPU with tiny shapes,
+    resume and torchrun reproduce the plain run's losses, bf16 and float32 predict alike, and the summary is written."""
+    sys.path.insert(0, str(ROOT / "results" / "gpu"))
+    import check
+    rows = check.main([str(tmp_path), "--smoke"])
+    assert [n for n, _, _ in rows] == ["train_pretrain_float32", "train_pretrain_bfloat16", "train_finetune_float32",
+                                       "train_finetune_bfloat16", "resume", "torchrun", "eval", "latency"]
+    assert not [r for _, _, r in rows if "FAILED" in r or "DIFFERENT" in r], rows
+    assert dict((n, r) for n, _, r in rows)["resume"] == "equal" and "MFU" in rows[0][2]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["eval.log", "latency.log", "runs.log", "summary.md", "train.log"]
