@@ -1109,13 +1109,14 @@ def test_separate_distiller_with_its_own_tokenizer_and_width(saved_llm, tmp_path
 
 
 def test_gpu_check_smoke_mode_runs_every_step(tmp_path):
-    """results/gpu/run.sh --smoke (check.py's entry point): every step of the GPU check runs on CPU with tiny shapes,
-    resume and torchrun reproduce the plain run's losses, bf16 and float32 predict alike, and the summary is written."""
-    sys.path.insert(0, str(ROOT / "results" / "gpu"))
-    import check
-    rows = check.main([str(tmp_path), "--smoke"])
-    assert [n for n, _, _ in rows] == ["train_pretrain_float32", "train_pretrain_bfloat16", "train_finetune_float32",
-                                       "train_finetune_bfloat16", "resume", "torchrun", "eval", "latency"]
-    assert not [r for _, _, r in rows if "FAILED" in r or "DIFFERENT" in r], rows
-    assert dict((n, r) for n, _, r in rows)["resume"] == "equal" and "MFU" in rows[0][2]
+    """results/gpu/run.sh --smoke: every step of the GPU check runs on CPU with tiny shapes, resume and torchrun
+    reproduce the plain run's losses, bf16 and float32 predict alike, and the logs and summary are written."""
+    subprocess.run(["bash", str(ROOT / "results" / "gpu" / "run.sh"), str(tmp_path), "--smoke"], check=True,
+                   stdout=subprocess.DEVNULL)
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in (tmp_path / "summary.md").read_text().splitlines()
+            if line.startswith("| ")][1:]                                              # (step, time, result) rows
+    assert [r[0] for r in rows] == ["train_pretrain_float32", "train_pretrain_bfloat16", "train_finetune_float32",
+                                        "train_finetune_bfloat16", "resume", "torchrun", "eval", "latency"]
+    assert not [r for r in rows if "FAILED" in r[2] or "DIFFERENT" in r[2]], rows
+    assert rows[4][2] == "equal" and "MFU" in rows[0][2]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["eval.log", "latency.log", "runs.log", "summary.md", "train.log"]
