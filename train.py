@@ -354,9 +354,10 @@ def run(args):
         f"{count_params(llm):,} params, frozen | distiller {args.distiller}: {count_params(distiller, True):,} "
         f"trainable params (backbone + {args.n_vectors} placeholders + projection)")
     peak = args.peak_tflops * 1e12 or flops.peak_flops(device, dtype)
-    log(f"peak for MFU: {peak / 1e12:.3g} TFLOP/s (" + ("--peak_tflops" if args.peak_tflops else "measured float32 "
-        "matmul rate" if device == "cpu" else "nominal, flops.GPU_PEAK_TFLOPS") + ")" if peak else
-        "peak for MFU: unknown GPU, pass --peak_tflops (MFU not logged)")
+    source = ("--peak_tflops" if args.peak_tflops else "measured float32 matmul rate" if device == "cpu"
+              else "nominal, flops.GPU_PEAK_TFLOPS")
+    log(f"peak for MFU: {peak / 1e12:.3g} TFLOP/s ({source})" if peak
+        else "peak for MFU: unknown GPU, pass --peak_tflops (MFU not logged)")
     predict = lambda method, task, ex: signal_predictions(method, llm, distiller, {task: ex}, toks, args, ctx)[task]
     item, val_items, tasks, signal = make_items(args, toks, log, predict)
     config["train_tasks"], config["val_tasks_held_out"] = tasks, sorted(signal)

@@ -133,7 +133,7 @@ def torchrun_matches(llm, distiller, shape, work, f):
 def eval_agrees(llm, distiller, shape, work, f):
     """bf16 and float32 evaluation of zero-shot and ICL on the same few examples -> share of equal predictions."""
     common = ["--llm", llm, "--data", str(ROOT / "sample_data"), "--partition", "class2class", "--seeds", "100",
-              "--max_examples", "8", "--methods", "zeroshot,icl", "--ckpt", str(work / "none.pt"), *BUDGETS[shape][:10]]
+              "--max_examples", "8", "--methods", "zeroshot,icl", "--ckpt", str(work / "none.pt"), *BUDGETS[shape][:10]]  # l, k, lengths; not C4's
     reports = {d: evaluate.main(evaluate.get_args([*common, "--dtype", d, "--out", str(work / f"eval_{d}.json")]))
                for d in ("float32", "bfloat16")}
     same = total = 0

@@ -17,9 +17,9 @@ import eval as evaluate  # noqa: E402
 
 
 def rescore(report):
+    typed = data.METAICL_TYPES["multi-choice"] | data.METAICL_TYPES["classification"]
     for name, method in report["methods"].items():
         for task, r in method["tasks"].items():
-            typed = data.METAICL_TYPES["multi-choice"] | data.METAICL_TYPES["classification"]
             if task not in typed:
                 continue
             metric = "macro_f1" if task in data.METAICL_TYPES["classification"] else "accuracy"
