@@ -11,6 +11,7 @@ A data folder holds `c4/` (files of `{"text": ...}` lines, plain or gzipped) and
     queries         Q lists of LLM tokens the loss is taken on, all after the same demonstrations
                     (stage 1: the last 20% of a document, Q=1; stage 2: input ; output of Q examples of the task)
     answer_masks    Q lists, 1 on the output tokens of each query (stage 2 CE), else 0
+    base, base_mask (train.py --base only) the l LLM tokens of a free prefix MEND starts from, left-padded, and their mask
 
 Format (our choice, see README): a demonstration is `input \\n output \\n\\n`, the query is `input \\n` and an option is
 scored as the tokens of `output`. Newlines are what MetaICL's own training format uses; the official MEND code joins
@@ -184,6 +185,28 @@ def demo_item(toks, demos, budgets, max_len):
     return fit_demos(encoded, budgets)
 
 
+FREE_PREFIXES = ("truncated", "labels")  # the free prefixes train.py --base can start MEND from
+
+
+def free_prefix(toks, demos, name, l, budgets, max_len):
+    """The last l LLM tokens of the demonstrations (truncated) or of the demonstrations with their inputs removed
+    (labels): eval.py's free prefixes of those names, and the tokens a MEND trained with --base starts from (None
+    for --base none)."""
+    if name == "none":
+        return None
+    if name == "labels":
+        demos = perturb_demos(demos, "no_inputs", seed=0)  # no randomness in removing inputs
+    return demo_item(toks, demos, budgets, max_len)[0][-l:]
+
+
+def base_fields(toks, demos, base, budgets, max_len):
+    """An item's base (train.py --base; base = (free prefix name, l)) in l slots: the prefix's ids left-padded to l,
+    the padding slots masked, so that a shorter prefix is read as itself, at the positions it has alone."""
+    ids = free_prefix(toks, demos, base[0], base[1], budgets, max_len)
+    pad = base[1] - len(ids)
+    return dict(base=[0] * pad + ids, base_mask=[0] * pad + [1] * len(ids))
+
+
 def answer_rows(tok, demos, n_tokens, max_len):
     """Where the labels sit in a joined prefix of n_tokens LLM tokens (demo_item's teacher ids, which hold whole
     demonstrations in order): per demonstration, the positions of its last input token (the row that predicts the
@@ -200,17 +223,20 @@ def answer_rows(tok, demos, n_tokens, max_len):
     return rows
 
 
-def meta_item(toks, targets, demo_pool, rng, k, budgets, max_len, exclude=(), relabel=None):
+def meta_item(toks, targets, demo_pool, rng, k, budgets, max_len, exclude=(), relabel=None, base=None):
     """One stage-2 item: the target examples as Q queries, k examples of demo_pool (none of `exclude`) in random order
-    as demonstrations; relabel maps output words to other words, the same for demonstrations and queries."""
+    as demonstrations; relabel maps output words to other words, the same for demonstrations and queries; base =
+    (free prefix, l) adds the item's base (base_fields)."""
     others = [j for j in rng.permutation(len(demo_pool))[:k + len(exclude)] if j not in exclude][:k]
     swap = (lambda ex: {**ex, "output": relabel.get(ex["output"], ex["output"]),
                         "options": [relabel.get(o, o) for o in ex["options"]]}) if relabel else (lambda ex: ex)
-    teacher, distiller = demo_item(toks, [swap(demo_pool[j]) for j in others], budgets, max_len)
+    demos = [swap(demo_pool[j]) for j in others]
+    teacher, distiller = demo_item(toks, demos, budgets, max_len)
     targets = [swap(t) for t in targets]
     pairs = [encode_example(toks[0], t, max_len) for t in targets]
     return dict(teacher_demo=teacher, distiller_demo=distiller, queries=[x + y for x, y in pairs],
-                answer_masks=[[0] * len(x) + [1] * len(y) for x, y in pairs], **option_fields(toks[0], targets, max_len))
+                answer_masks=[[0] * len(x) + [1] * len(y) for x, y in pairs], **option_fields(toks[0], targets, max_len),
+                **(base_fields(toks, demos, base, budgets, max_len) if base else {}))
 
 
 def option_fields(tok, examples, max_len):
@@ -237,7 +263,7 @@ def label_map(options, vocabulary, rng):
     return {o: words[int(j)] for o, j in zip(options, picks)}
 
 
-def meta_train_item(pools, toks, index, seed, k, budgets, max_len, queries=1, relabel=0.0):
+def meta_train_item(pools, toks, index, seed, k, budgets, max_len, queries=1, relabel=0.0, base=None):
     """Training item number `index`, deterministic in (seed, index) so a resumed or multi-process run sees the same
     data: an example drawn uniformly from all pools, plus queries-1 more of its task, with k other examples of the task
     as demonstrations. With probability `relabel`, a classification task's labels are mapped to other tasks' labels."""
@@ -252,7 +278,7 @@ def meta_train_item(pools, toks, index, seed, k, budgets, max_len, queries=1, re
     if relabel and pool[i]["options"] and rng.random() < relabel and is_classification(pool):
         mapping = label_map(pool[i]["options"], label_vocabulary(pools), rng)
     targets = [pool[j] for j in [i] + more]
-    return meta_item(toks, targets, pool, rng, k, budgets, max_len, exclude=[i] + more, relabel=mapping)
+    return meta_item(toks, targets, pool, rng, k, budgets, max_len, exclude=[i] + more, relabel=mapping, base=base)
 
 
 def label_vocabulary(pools):
@@ -279,14 +305,14 @@ def split_pools(pools, n_held_out):
     return {t: p[:-n_held_out] for t, p in pools.items()}, {t: p[-n_held_out:] for t, p in pools.items()}
 
 
-def meta_val_items(train_pools, held_out, toks, seed, n, k, budgets, max_len):
+def meta_val_items(train_pools, held_out, toks, seed, n, k, budgets, max_len, base=None):
     """n fixed validation items: held-out targets, task by task, with demonstrations from the task's training pool."""
     tasks, items = list(held_out), []
     for j in range(n):
         task = tasks[j % len(tasks)]
         target = held_out[task][(j // len(tasks)) % len(held_out[task])]
         rng = np.random.default_rng([seed, 1, j])
-        items.append(meta_item(toks, [target], train_pools[task], rng, k, budgets, max_len))
+        items.append(meta_item(toks, [target], train_pools[task], rng, k, budgets, max_len, base=base))
     return items
 
 
@@ -320,12 +346,15 @@ def collate(items, device="cpu", options=False):
     """Items -> a batch of tensors: demonstrations left-padded (so the distiller's placeholders and the teacher's query
     sit at the end), queries right-padded (so teacher and student query rows line up column by column). An item with Q
     queries gives Q query rows; query_item[r] is the item (demonstration row) that query row r belongs to.
-    With options=True the batch carries the queries' inputs and options instead (the option objective)."""
+    With options=True the batch carries the queries' inputs and options instead (the option objective); items with a
+    base (train.py --base) add base_ids and base_mask (B, L)."""
     t, tm = pad([it["teacher_demo"] for it in items], 0, left=True)             # (B, D)
     d, dm = pad([it["distiller_demo"] for it in items], 0, left=True)           # (B, D')
     owner = torch.tensor([b for b, it in enumerate(items) for _ in it["gold" if options else "queries"]])  # (B*Q,)
     batch = dict(teacher_demo_ids=t, teacher_demo_mask=tm, distiller_demo_ids=d, distiller_demo_mask=dm,
                  query_item=owner, **(collate_options(items) if options else collate_queries(items)))
+    if "base" in items[0]:
+        batch.update(base_ids=torch.tensor([it["base"] for it in items]), base_mask=torch.tensor([it["base_mask"] for it in items]))
     return {k: v.to(device) for k, v in batch.items()}
 
 

@@ -186,12 +186,13 @@ def mend_loss(llm, distiller, batch, lam=1.0, temperature=1.0, timings=None):
             teacher = teacher_options(llm, batch) if options else teacher_logits(
                 llm, batch["teacher_demo_ids"], batch["teacher_demo_mask"], batch["query_ids"], batch["query_mask"], owner)
     with phase(timings, "distiller_forward"):
-        vectors = distiller(batch["distiller_demo_ids"], batch["distiller_demo_mask"])         # (B, L, C)
+        base = llm.get_input_embeddings()(batch["base_ids"]) if "base_ids" in batch else None  # (B, L, C) (--base)
+        vectors = distiller(batch["distiller_demo_ids"], batch["distiller_demo_mask"], base)   # (B, L, C)
     if timings is not None and vectors.requires_grad:
         vectors.register_hook(lambda g: timings.__setitem__("grad_at_vectors", (sync(), time.perf_counter())[1]))
     with phase(timings, "student_forward"):
         prefix = vectors[owner]                                                                  # (N, L, C)
-        vmask = owner.new_ones(prefix.shape[:2])                                                 # (N, L)
+        vmask = batch["base_mask"][owner] if base is not None else owner.new_ones(prefix.shape[:2])  # (N, L)
         student = read_options(llm, batch, dict(embeds=prefix, mask=vmask)) if options else llm_logits(
             llm, batch["query_ids"], batch["query_mask"], prefix_embeds=prefix, prefix_mask=vmask)
         kl, ce = (option_terms if options else query_terms)(teacher, student, batch, temperature)
@@ -199,6 +200,14 @@ def mend_loss(llm, distiller, batch, lam=1.0, temperature=1.0, timings=None):
         ce = per_item_mean(ce, owner, B) if has_answer else kl.new_zeros(())
     loss = ce + lam * kl if has_answer else kl
     return loss, kl.detach(), ce.detach()
+
+
+def demo_vectors(llm, distiller, distiller_ids, base_ids=None):
+    """The vectors of one demonstration set: (1, L, C), or for a distiller trained with --base the base's embeddings
+    + gate * its output, one vector per base token: (1, len(base_ids), C), so a short base is read as itself."""
+    ids = torch.tensor([distiller_ids], device=llm.device)                              # (1, D)
+    base = None if base_ids is None else llm.get_input_embeddings()(torch.tensor([base_ids], device=llm.device))
+    return distiller(ids, torch.ones_like(ids), base)                                   # (1, L or L_b, C)
 
 
 # -----------------------------------------------------------------------------
@@ -322,7 +331,7 @@ class MEND:
         device = resolve_device(device)
         dtype, ctx = autocast(device, dtype)
         lm = load_llm(cfg["llm"], device, dtype)
-        distiller = build_distiller(cfg["distiller"], lm, cfg["n_vectors"])
+        distiller = build_distiller(cfg["distiller"], lm, cfg["n_vectors"], gated=cfg.get("base", "none") != "none")
         load_distiller_state(distiller, state["model"], ckpt)
         return cls(lm, freeze(distiller), tokenizers(cfg["distiller"], cfg["llm"]), cfg, file_hash(ckpt), ctx)
 
@@ -342,17 +351,33 @@ class MEND:
         pairs = [{"input": x, "output": y} for x, y in demos]
         return data.demo_item(self.toks, pairs, self.budgets, self.max_len)[reader]
 
+    def base_ids(self, demos):
+        """The tokens a MEND trained with --base starts from (data.free_prefix), built from the demonstrations as in
+        training and eval.py; None without a base. A labels base needs (input, output) pairs, not formatted text."""
+        base, l = self.config.get("base", "none"), self.config["n_vectors"]
+        if base == "none":
+            return None
+        if isinstance(demos, str):
+            if base == "labels":
+                raise ValueError("this MEND starts from the demonstrations' labels (--base labels): give (input, "
+                                 "output) pairs, not formatted text")
+            return self.demo_ids(demos, reader=0)[-l:]  # truncated: the end of the text
+        self.demo_ids(demos)  # the checks of the pairs
+        return data.free_prefix(self.toks, [{"input": x, "output": y} for x, y in demos], base, l, self.budgets,
+                                self.max_len)
+
     @torch.no_grad()
     def distill(self, demos):
         """Demonstrations -> distillation vectors (1, L, C): list of (input, output) pairs, or formatted text."""
-        ids = torch.tensor([self.demo_ids(demos)], device=self.llm.device)              # (1, D)
         with self.ctx:
-            return self.distiller(ids, torch.ones_like(ids))
+            return demo_vectors(self.llm, self.distiller, self.demo_ids(demos), self.base_ids(demos))
 
     def vector_meta(self, demos):
         """What save_vectors records, and load_vectors checks, for vectors distilled from `demos`."""
+        base = self.base_ids(demos)
         return {"llm": self.config["llm"], "distiller": self.config["distiller"], "ckpt_hash": self.ckpt_hash,
-                "demos_hash": demos_hash(self.demo_ids(demos))}
+                "base": self.config.get("base", "none"), "demos_hash": demos_hash(self.demo_ids(demos)),
+                **({"base_hash": demos_hash(base)} if base else {})}
 
     @torch.no_grad()
     def score(self, vectors, inputs, options):

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 import data
-from distill import answer_ce_per_example, demos_hash, load_vectors, save_vectors
+from distill import answer_ce_per_example, demo_vectors, demos_hash, load_vectors, save_vectors
 from model import (EMBEDDED, PROMPT, autocast, build_distiller, file_hash, load_checkpoint, load_distiller_state,
                    load_llm, option_scores, prefix_cache, resolve_device, tokenizers)
 
@@ -133,19 +133,21 @@ def make_prefix(method, llm, toks, distiller, demos, args, vector_meta):
     loaded from --vectors_dir when they were distilled before)."""
     if method == "zeroshot":
         return None, None
-    if method == "labels":
-        demos = data.perturb_demos(demos, "no_inputs", seed=0)  # no randomness in removing inputs
     budgets = (args.teacher_demo_tokens, args.distiller_demo_tokens)
-    teacher_ids, distiller_ids = data.demo_item(toks, demos, budgets, args.max_len_per_example)
-    if method in ("icl", "truncated", "labels"):
-        keep = teacher_ids if method == "icl" else teacher_ids[-args.n_vectors:]
+    if method in data.FREE_PREFIXES:
+        keep = data.free_prefix(toks, demos, method, args.n_vectors, budgets, args.max_len_per_example)
         return prefix_cache(llm, prefix_ids=torch.tensor([keep], device=llm.device)), None
+    teacher_ids, distiller_ids = data.demo_item(toks, demos, budgets, args.max_len_per_example)
+    if method == "icl":
+        return prefix_cache(llm, prefix_ids=torch.tensor([teacher_ids], device=llm.device)), None
     if method == "anchors":
         kv = prefix_cache(llm, prefix_ids=torch.tensor([teacher_ids], device=llm.device))  # per layer (1, H, D, h)
         rows = data.answer_rows(toks[0], demos, len(teacher_ids), args.max_len_per_example)
         keep = torch.tensor(anchor_positions(rows, len(teacher_ids), args.n_vectors), device=llm.device)
         return [(k[:, :, keep], v[:, :, keep]) for k, v in kv], len(teacher_ids)       # per layer (1, H, l, h)
-    return prefix_cache(llm, prefix_embeds=distill(distiller, distiller_ids, vector_meta, args)), None
+    base = data.free_prefix(toks, demos, vector_meta["base"], distiller.placeholder.shape[0], budgets,
+                            args.max_len_per_example)  # train.py --base: the tokens MEND starts from, else None
+    return prefix_cache(llm, prefix_embeds=distill(llm, distiller, distiller_ids, base, vector_meta, args)), None
 
 
 def anchor_positions(rows, n_tokens, l, sink=4):
@@ -163,15 +165,15 @@ def anchor_positions(rows, n_tokens, l, sink=4):
     return sorted(keep)
 
 
-def distill(distiller, ids, vector_meta, args):
-    """Distilled vectors (1, L, C) of one demonstration set, through the distill-once cache when there is one."""
-    meta = {**vector_meta, "demos_hash": demos_hash(ids)}
+def distill(llm, distiller, ids, base, vector_meta, args):
+    """Distilled vectors (1, L, C) of one demonstration set (distill.demo_vectors), through the distill-once cache
+    when there is one."""
+    meta = {**vector_meta, "demos_hash": demos_hash(ids), **({"base_hash": demos_hash(base)} if base else {})}
     path = Path(args.vectors_dir) / f"{meta['task']}_{meta['seed']}_{meta['demos_hash']}.safetensors" \
         if args.vectors_dir and args.protocol == "fixed" else None
     if path is not None and path.exists():
         return load_vectors(path, meta).to(distiller.placeholder.device)
-    ids = torch.tensor([ids], device=distiller.placeholder.device)                     # (1, D)
-    vectors = distiller(ids, torch.ones_like(ids))                                      # (1, L, C)
+    vectors = demo_vectors(llm, distiller, ids, base)                                   # (1, L, C)
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         save_vectors(path, vectors, meta)
@@ -273,10 +275,11 @@ def load_models(args, methods, device, dtype=torch.float32):
     args.llm = args.llm or cfg.get("llm", EMBEDDED)
     llm, toks, meta = load_llm(args.llm, device, dtype), tokenizers(cfg.get("distiller", "layers:1"), args.llm), {}
     if cfg:
-        distiller = build_distiller(cfg["distiller"], llm, cfg["n_vectors"])
+        base = cfg.get("base", "none")
+        distiller = build_distiller(cfg["distiller"], llm, cfg["n_vectors"], gated=base != "none")
         load_distiller_state(distiller, state["model"], args.ckpt)
         distiller.eval().requires_grad_(False)
-        meta = {"llm": cfg["llm"], "distiller": cfg["distiller"], "ckpt_hash": file_hash(args.ckpt)}
+        meta = {"llm": cfg["llm"], "distiller": cfg["distiller"], "ckpt_hash": file_hash(args.ckpt), "base": base}
     return llm, toks, distiller, meta, cfg
 
 
@@ -353,11 +356,11 @@ def bench(args, llm, toks, distiller, files, methods, meta):
         prefix = make_prefix(method, llm, toks, distiller, demos, args, {**meta, "task": task, "seed": seed})
         fast = [option_scores(llm, toks[0], ex, args.max_len_per_example, *prefix) for ex in tests]
         t1 = time.perf_counter()
+        base = data.free_prefix(toks, demos, meta["base"], distiller.placeholder.shape[0], budgets,
+                                args.max_len_per_example) if method == "mend" else None
         kw = {"icl": dict(prefix_ids=torch.tensor([teacher_ids], device=llm.device)), "zeroshot": {},
               "truncated": dict(prefix_ids=torch.tensor([teacher_ids[-args.n_vectors:]], device=llm.device)),
-              "mend": dict(prefix_embeds=distiller(torch.tensor([distiller_ids], device=llm.device),
-                                                   torch.ones(1, len(distiller_ids), dtype=torch.long, device=llm.device))
-                           if distiller is not None else None)}[method]
+              "mend": dict(prefix_embeds=demo_vectors(llm, distiller, distiller_ids, base) if method == "mend" else None)}[method]
         slow = [naive_option_scores(llm, toks[0], ex, args.max_len_per_example, **kw) for ex in tests]
         t2 = time.perf_counter()
         diff = max(float((a - b).abs().max()) for a, b in zip(fast, slow))

@@ -160,7 +160,7 @@ def truncated_backbone(llm, n_layers):
 class Distiller(nn.Module):
     """MEND: demonstrations (B, D) in its own tokens -> distillation vectors (B, L, C) in the LLM's embedding space."""
 
-    def __init__(self, backbone, n_vectors, llm_width):
+    def __init__(self, backbone, n_vectors, llm_width, gated=False):
         super().__init__()
         self.backbone = backbone  # a HF base model (no LM head), e.g. GPT2Model or LlamaModel
         width = backbone.config.hidden_size
@@ -168,6 +168,8 @@ class Distiller(nn.Module):
         self.placeholder = nn.Parameter(torch.randn(n_vectors, width) * std)  # (L, c), the paper's init N(0, 0.02)
         # Linear+tanh only when the widths differ, as in the paper; with equal widths the hidden states are used as is
         self.proj = nn.Sequential(nn.Linear(width, llm_width), nn.Tanh()) if width != llm_width else nn.Identity()
+        # train.py --base: a zero-initialised gate (as adapter branches start), so training starts at the base's scores
+        self.gate = nn.Parameter(torch.zeros(llm_width)) if gated else None     # (C,)
 
     def backbone_inputs(self, demo_ids, demo_mask):
         """demo_ids, demo_mask: (B, D), left-padded, so the L placeholders always take the last L slots."""
@@ -177,9 +179,16 @@ class Distiller(nn.Module):
         mask = torch.cat([demo_mask, demo_mask.new_ones(B, L)], dim=1)          # (B, D+L)
         return dict(inputs_embeds=x, attention_mask=mask, position_ids=position_ids(mask))
 
-    def forward(self, demo_ids, demo_mask):
+    def forward(self, demo_ids, demo_mask, base_embeds=None):
+        """-> (B, L, C). A gated distiller (train.py --base) adds its output through the gate to the base, the LLM's
+        embeddings (B, L_b, C) of a free prefix's tokens: base + gate * output, in the last L_b <= L slots."""
         h = self.backbone(**self.backbone_inputs(demo_ids, demo_mask)).last_hidden_state  # (B, D+L, c)
-        return self.proj(h[:, -self.placeholder.shape[0]:])                     # (B, L, c) -> (B, L, C)
+        out = self.proj(h[:, -self.placeholder.shape[0]:])                      # (B, L, c) -> (B, L, C)
+        if (self.gate is None) != (base_embeds is None):
+            raise ValueError("a distiller trained with --base reads a base, and only such a distiller does")
+        if self.gate is None:
+            return out
+        return base_embeds + self.gate * out[:, out.shape[1] - base_embeds.shape[1]:]  # (B, L_b, C)
 
 
 class PromptTuning(nn.Module):
@@ -192,24 +201,28 @@ class PromptTuning(nn.Module):
         ids = torch.randint(0, emb.shape[0], (n_vectors,), generator=torch.Generator().manual_seed(seed))
         self.placeholder = nn.Parameter(emb[ids.to(emb.device)].detach().float().clone())  # (L, C)
 
-    def forward(self, demo_ids, demo_mask):
-        """Ignores the demonstrations: -> the same (B, L, C) vectors for every example."""
+    def forward(self, demo_ids, demo_mask, base_embeds=None):
+        """Ignores the demonstrations: -> the same (B, L, C) vectors for every example (never a base: see
+        build_distiller)."""
         return self.placeholder.expand(demo_ids.shape[0], -1, -1)
 
 
 PROMPT = "prompt"  # --distiller prompt: the PromptTuning baseline
 
 
-def build_distiller(spec, llm, n_vectors, cache_dir=None, freeze_embeddings=False):
+def build_distiller(spec, llm, n_vectors, cache_dir=None, freeze_embeddings=False, gated=False):
     """spec 'layers:N' = the first N layers of the LLM's own checkpoint; 'prompt' = PromptTuning; anything else = a hub
-    name or local path. freeze_embeddings keeps its token embeddings as loaded (for layers:N, most of its weights)."""
+    name or local path. freeze_embeddings keeps its token embeddings as loaded (for layers:N, most of its weights);
+    gated adds the gate of a MEND that starts from a free prefix (train.py --base)."""
     if spec == PROMPT:
+        if gated:
+            raise ValueError("--base needs a distiller; PromptTuning (--distiller prompt) never reads the demonstrations")
         return PromptTuning(llm, n_vectors)
     if spec.startswith("layers:"):
         backbone = truncated_backbone(llm, int(spec.split(":", 1)[1]))
     else:
         backbone = AutoModelForCausalLM.from_pretrained(resolve_name(spec, cache_dir), dtype=torch.float32).base_model
-    distiller = Distiller(backbone.float(), n_vectors, llm.config.hidden_size).to(llm.device)
+    distiller = Distiller(backbone.float(), n_vectors, llm.config.hidden_size, gated).to(llm.device)
     if isinstance(distiller.proj, nn.Identity):
         match_embedding_scale(distiller.backbone, llm)
     distiller.backbone.get_input_embeddings().requires_grad_(not freeze_embeddings)
@@ -223,9 +236,10 @@ def distiller_state(distiller):
 
 
 def load_distiller_state(distiller, state, path):
-    """Load a checkpoint's distiller state; only the token embeddings may be absent (they were frozen in training)."""
+    """Load a checkpoint's distiller state; only the token embeddings (frozen in training) and the gate (--init from a
+    checkpoint trained without --base: it stays at 0) may be absent."""
     emb = distiller.backbone.get_input_embeddings().weight if hasattr(distiller, "backbone") else None
-    optional = {n for n, p in distiller.named_parameters(remove_duplicate=False) if p is emb}
+    optional = {n for n, p in distiller.named_parameters(remove_duplicate=False) if p is emb} | {"gate"}
     missing, unexpected = distiller.load_state_dict(state, strict=False)
     if unexpected or set(missing) - optional:
         raise CheckpointError(f"{path}: distiller weights do not match this distiller "

@@ -22,6 +22,7 @@ import importlib.util
 import pytest
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
 from transformers import AutoConfig, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 import data
@@ -699,6 +700,66 @@ def test_labels_read_the_last_l_tokens_of_the_demonstrations_without_inputs(save
                                               "labels", "--n_vectors", "30", "--seeds", "100", "--max_examples", "3",
                                               "--perturb", "random_labels", "--out", str(out)]))
     assert set(report["methods"]) == {"labels"} and report["perturb"] == "random_labels" and report["train_config"] is None
+
+
+@pytest.mark.parametrize("base,l", [("labels", 3), ("labels", 60), ("truncated", 3)])
+def test_mend_from_a_base_at_gate_zero_scores_exactly_as_its_base(saved_llm, tmp_path, base, l):
+    """train.py --base: at gate 0 (lr 0 keeps it there) MEND's vectors are the base's token embeddings, so eval.py,
+    the API and the vector files score exactly as the free prefix itself, with gold and with random labels. At l=60 the
+    labels of 4 demonstrations are shorter than l: the vectors are as many as the base's tokens."""
+    llm, ckpt = saved_llm("llama"), tmp_path / "mend.pt"
+    train.run(train_args(llm, ckpt, "--stage", "finetune", "--max_steps", "1", "--val_items", "0", "--lr", "0",
+                         "--base", base, "--n_vectors", str(l)))
+    state = model.load_checkpoint(ckpt)
+    assert state["config"]["base"] == base and torch.equal(state["model"]["gate"], torch.zeros(32))
+    common = ["--data", str(ROOT / "sample_data"), "--ckpt", str(ckpt), "--partition", "class2class", "--seeds", "100",
+              "--max_examples", "4", "--methods", f"mend,{base}", "--vectors_dir", str(tmp_path / "vec")]
+    for perturb in ("gold", "random_labels"):
+        report = evaluate.main(evaluate.get_args([*common, "--perturb", perturb, "--out", str(tmp_path / f"{perturb}.json")]))
+        for task, got in report["methods"]["mend"]["tasks"].items():
+            assert got["predictions"] == report["methods"][base]["tasks"][task]["predictions"], (perturb, task)
+    args = evaluate.get_args(common)
+    llm_, toks, distiller, meta, _ = evaluate.load_models(args, ["mend", base], "cpu")
+    pool = data.read_metaicl(data.task_file(ROOT / "sample_data", "sample-sentiment", 16, 100, "train"))
+    demos, ex = pool[:4], pool[5]
+    tokens = data.free_prefix(toks, demos, base, l, (96, 96), 32)
+    assert (len(tokens) < l) == (l == 60)
+    meta = {**meta, "task": "t", "seed": 1}
+    free = model.option_scores(llm_, toks[0], ex, 32, *evaluate.make_prefix(base, llm_, toks, None, demos, args, {}))
+    mend = model.option_scores(llm_, toks[0], ex, 32, *evaluate.make_prefix("mend", llm_, toks, distiller, demos, args, meta))
+    assert torch.equal(mend, free)
+    api = distill.MEND.load(str(ckpt), device="cpu")
+    pairs = [(d["input"], d["output"]) for d in demos]
+    assert torch.equal(api.distill(pairs), llm_.get_input_embeddings()(torch.tensor([tokens])))
+    assert api.vector_meta(pairs)["base_hash"] == distill.demos_hash(tokens)
+    assert all("base_hash" in safe_open(str(f), "pt").metadata() for f in (tmp_path / "vec").glob("*.safetensors"))
+    if base == "labels":
+        with pytest.raises(ValueError, match="give \\(input, output\\) pairs"):
+            api.distill("good film\nyes\n\n")
+
+
+def test_a_short_base_is_read_as_itself_and_only_the_gate_learns_at_zero():
+    """A batch of two items whose bases have 2 and 4 of l=4 tokens: at gate 0 the student's KL equals, item by item,
+    that of the LLM reading only its base tokens before the query (the missing slots are masked); the backward pass
+    reaches the gate, and nothing else while the gate is 0."""
+    llm = tiny_llm("llama")
+    distiller = model.build_distiller("layers:1", llm, n_vectors=4, gated=True)
+    items = [dict(teacher_demo=[5, 6, 7, 8, 9, 10], distiller_demo=[5, 6, 7, 8, 9, 10], queries=[[11, 12, 13]],
+                  answer_masks=[[0, 0, 0]], base=[0, 0, 9, 10], base_mask=[0, 0, 1, 1]),
+             dict(teacher_demo=[20, 21, 22], distiller_demo=[20, 21, 22], queries=[[23, 24]], answer_masks=[[0, 0]],
+                  base=[20, 21, 22, 23], base_mask=[1, 1, 1, 1])]
+    loss, kl, _ = distill.mend_loss(llm, distiller, data.collate(items))
+    expect = 0.0
+    for it, n in zip(items, (2, 4)):
+        q, qm = ids(it["queries"][0]), torch.ones(1, len(it["queries"][0]), dtype=torch.long)
+        teacher = model.teacher_logits(llm, ids(it["teacher_demo"]), torch.ones(1, len(it["teacher_demo"]), dtype=torch.long), q, qm)
+        alone = model.llm_logits(llm, q, qm, prefix_embeds=llm.get_input_embeddings()(ids(it["base"][-n:])),
+                                 prefix_mask=torch.ones(1, n, dtype=torch.long))
+        expect += distill.kl_per_example(teacher, alone, qm).item() / 2
+    assert kl.item() == pytest.approx(expect, rel=1e-4) and kl.item() > 0  # all slots read: 0.0006 vs 0.00045
+    loss.backward()
+    assert distiller.gate.grad.abs().sum() > 0
+    assert all(p.grad is None or not p.grad.any() for n, p in distiller.named_parameters() if n != "gate")
 
 
 def test_ceiling_fits_vectors_per_task_from_unlabeled_inputs_of_other_seeds(saved_llm, tmp_path):

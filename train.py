@@ -29,7 +29,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import data
 import flops
-from distill import answer_ce_per_example, kl_per_example, mend_loss, phase
+from distill import answer_ce_per_example, demo_vectors, kl_per_example, mend_loss, phase
 from eval import macro_f1
 from model import (EMBEDDED, autocast, build_distiller, check_compatible, count_params, distiller_state, llm_logits,
                    load_checkpoint, load_distiller_state, load_llm, option_scores, prefix_cache, resolve_device,
@@ -46,6 +46,7 @@ PAPER = {  # spec section 6 (the official pretrain.sh / finetune.sh); batch is p
 OUT = {"pretrain": "ckpt.pt", "finetune": "mend.pt"}
 FLOOR_MARGIN = 5.0  # --val_tasks keeps tasks where ICL beats the best one-class prediction by this much macro-F1
 LABEL_MARGIN = 5.0  # ... and ICL with random labels by this much
+GATE_LR = 100.0    # --base: the gate's learning rate, in units of --lr (see make_optimizer)
 
 
 def get_args(argv=None):
@@ -70,6 +71,9 @@ def get_args(argv=None):
                    "other tasks' labels, in its demos and queries alike (symbol tuning, against label priors)")
     p.add_argument("--kl_rows", default="query", choices=["query", "options"], help="stage 2: KL on every query row "
                    "and CE on the answer (paper), or both on the rows the option scorer reads, every option teacher-forced")
+    p.add_argument("--base", default="none", choices=["none", *data.FREE_PREFIXES], help="stage 2: start MEND from "
+                   "a free prefix: vectors = the LLM's embeddings of its l tokens + gate * the distiller's output, the "
+                   "gate at 0 (none: the paper's MEND; labels/truncated: eval.py's free prefixes of those names)")
     p.add_argument("--freeze_embeddings", action=argparse.BooleanOptionalAction, default=True,
                    help="keep the distiller's token embeddings frozen (paper: trained)")
     p.add_argument("--lr", type=float, default=1e-4, help="peak AdamW learning rate (paper: 5e-5 / 1e-5)")
@@ -107,6 +111,8 @@ def get_args(argv=None):
         p.set_defaults(**PAPER["common"], **PAPER[known.stage])
     args = p.parse_args(argv)
     args.out = args.out or OUT[args.stage]
+    if args.base != "none" and args.stage == "pretrain":
+        p.error("--base applies to --stage finetune (C4 text has no demonstrations to take a free prefix from)")
     return args
 
 
@@ -159,10 +165,11 @@ def make_items(args, toks, log, predict=None):
     pools = {t: p for t, p in pools.items() if t not in signal}
     n_held = 2 if args.val_items else 0
     train_pools, held = data.split_pools(pools, n_held) if n_held else (pools, {})
+    base = (args.base, args.n_vectors) if args.base != "none" else None
     val = data.meta_val_items(train_pools, held, toks, args.seed, args.val_items, args.k, budgets,
-                              args.max_len_per_example) if n_held else []
+                              args.max_len_per_example, base) if n_held else []
     return (lambda i: data.meta_train_item(train_pools, toks, i, args.seed, args.k, budgets, args.max_len_per_example,
-                                           args.queries_per_demo, args.relabel)), val, sorted(pools), signal
+                                           args.queries_per_demo, args.relabel, base)), val, sorted(pools), signal
 
 
 def selection_tasks(pools, args, log, predict):
@@ -295,9 +302,12 @@ def signal_predictions(method, llm, distiller, signal, toks, args, ctx):
     with ctx:
         for task, (demos, tests) in signal.items():
             teacher_ids, distiller_ids = data.demo_item(toks, demos, budgets, args.max_len_per_example)
-            ids = torch.tensor([teacher_ids if method == "icl" else distiller_ids], device=llm.device)  # (1, D)
-            prefix = None if method == "zeroshot" else prefix_cache(llm, prefix_ids=ids) if method == "icl" else \
-                prefix_cache(llm, prefix_embeds=distiller(ids, torch.ones_like(ids)))
+            prefix = None  # zero-shot
+            if method == "icl":
+                prefix = prefix_cache(llm, prefix_ids=torch.tensor([teacher_ids], device=llm.device))
+            if method == "mend":
+                base = data.free_prefix(toks, demos, args.base, args.n_vectors, budgets, args.max_len_per_example)
+                prefix = prefix_cache(llm, prefix_embeds=demo_vectors(llm, distiller, distiller_ids, base))
             preds = [int(option_scores(llm, toks[0], ex, args.max_len_per_example, prefix).argmax()) for ex in tests]
             out[task] = (preds, [ex["options"].index(ex["output"]) for ex in tests])
     distiller.train()
@@ -323,10 +333,15 @@ def judge(methods, r, args):
 
 
 def make_optimizer(distiller, args):
-    """Fused AdamW (10x faster on CPU too); the placeholders and projection get --lr_vectors when it is set."""
-    vec = [p for n, p in distiller.named_parameters() if p.requires_grad and n.startswith(("placeholder", "proj"))]
-    rest = [p for n, p in distiller.named_parameters() if p.requires_grad and not n.startswith(("placeholder", "proj"))]
-    groups = [{"params": rest, "peak_lr": args.lr}, {"params": vec, "peak_lr": args.lr_vectors or args.lr}]
+    """Fused AdamW (10x faster on CPU too); the placeholders and projection get --lr_vectors when it is set; the gate
+    of --base gets GATE_LR times --lr (Adam moves a parameter by about lr per step: at 1e-4 a gate starting at 0 would
+    reach at most 0.015 in 150 steps)."""
+    named = [(n, p) for n, p in distiller.named_parameters() if p.requires_grad]
+    vec = [p for n, p in named if n.startswith(("placeholder", "proj"))]
+    gate = [p for n, p in named if n == "gate"]
+    rest = [p for n, p in named if not n.startswith(("placeholder", "proj", "gate"))]
+    groups = [{"params": rest, "peak_lr": args.lr}, {"params": vec, "peak_lr": args.lr_vectors or args.lr},
+              {"params": gate, "peak_lr": GATE_LR * args.lr}]
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=args.lr, weight_decay=args.weight_decay, fused=True)
 
 
@@ -348,7 +363,8 @@ def run(args):
     config = {**vars(args), "world_size": world}
     log(f"config: {json.dumps(config)}")
     llm = load_llm(args.llm, device, dtype)  # the frozen LLM is held in the autocast dtype; the distiller stays fp32
-    distiller = build_distiller(args.distiller, llm, args.n_vectors, freeze_embeddings=args.freeze_embeddings)
+    distiller = build_distiller(args.distiller, llm, args.n_vectors, freeze_embeddings=args.freeze_embeddings,
+                                gated=args.base != "none")
     toks = tokenizers(args.distiller, args.llm)
     log(f"device={device} dtype={str(dtype).removeprefix('torch.')} world={world} threads={torch.get_num_threads()} | llm {args.llm}: "
         f"{count_params(llm):,} params, frozen | distiller {args.distiller}: {count_params(distiller, True):,} "

@@ -1,14 +1,19 @@
 #!/usr/bin/env bash
-# Issue 22, item 2: the paper's MEND (no base) over three training seeds, from the repository root. Stage 1 as in
-# results/real/run.sh (200 steps on C4), then issue 16's final stage-2 recipe at 150 steps (150 and 250 steps did not
-# differ beyond noise) with --seed 100, 101, 102; each checkpoint evaluated on class2class (100 examples, seed 100)
-# with gold and with random labels. One thread per job; each command's wall time goes to $R/times.txt.
+# Issue 22: MEND over three training seeds, from the repository root. BASE=none (default) is the paper's MEND;
+# BASE=labels or BASE=truncated starts it from that free prefix (train.py --base). Stage 1 as in results/real/run.sh
+# (200 steps on C4; skipped when runs/seeds_stage1.pt exists: never start this while stage 1 is still running), then
+# issue 16's final stage-2 recipe at 150 steps (150 and 250 steps did not differ beyond noise) with --seed 100, 101,
+# 102; each checkpoint evaluated on class2class (100 examples, seed 100) with gold and with random labels. One thread
+# per job; each command's wall time goes to $R/times.txt. Then: python results/seeds/summary.py $NAME
+#     BASE=labels bash results/seeds/run.sh        # -> results/seeds/mend_labels_{seed}[_random].json
 set -euo pipefail
 D=../shared/data
 R=results/seeds
+BASE=${BASE:-none}
+NAME=$([ "$BASE" = none ] && echo mend || echo mend_$BASE)
 BUDGETS="--k 16 --max_len_per_example 96 --teacher_demo_tokens 384 --distiller_demo_tokens 384"
 COMMON="--data $D --llm smollm2-135m --distiller layers:4 --n_vectors 32 $BUDGETS --batch 1 --warmup 20 --schedule constant --log_interval 10 --val_items 8 --threads 1"
-STAGE2="--stage finetune $COMMON --relabel 0.5 --queries_per_demo 4 --lr 1e-4 --max_steps 150 --eval_interval 50 --partition class2class --init runs/seeds_stage1.pt"
+STAGE2="--stage finetune $COMMON --relabel 0.5 --queries_per_demo 4 --lr 1e-4 --max_steps 150 --eval_interval 50 --partition class2class --init runs/seeds_stage1.pt --base $BASE"
 EVAL="--data $D --max_examples 100 --seeds 100 --threads 1 --partition class2class --methods mend"
 mkdir -p runs $R
 timed() { local t=$(date +%s); "$@"; echo "$(( $(date +%s) - t )) s: $*" >> $R/times.txt; }
@@ -17,10 +22,10 @@ ev() { local out=$1; shift; timed python eval.py $EVAL "$@" --out $R/$out.json 2
 [ -f runs/seeds_stage1.pt ] || timed python train.py --stage pretrain $COMMON --c4_max_tokens 320 --lr 2e-4 --max_steps 200 --eval_interval 100 --out runs/seeds_stage1.pt > /dev/null
 cp runs/seeds_stage1.log $R/train_stage1.log
 for s in ${SEEDS:-100 101 102}; do
-  (timed python train.py $STAGE2 --seed $s --out runs/seeds_mend_$s.pt > /dev/null
-   cp runs/seeds_mend_$s.log $R/train_mend_$s.log
-   ev mend_$s --ckpt runs/seeds_mend_$s.pt
-   ev mend_${s}_random --ckpt runs/seeds_mend_$s.pt --perturb random_labels) &
+  (timed python train.py $STAGE2 --seed $s --out runs/seeds_${NAME}_$s.pt > /dev/null
+   cp runs/seeds_${NAME}_$s.log $R/train_${NAME}_$s.log
+   ev ${NAME}_$s --ckpt runs/seeds_${NAME}_$s.pt
+   ev ${NAME}_${s}_random --ckpt runs/seeds_${NAME}_$s.pt --perturb random_labels) &
 done
 wait
-python results/seeds/summary.py | tee $R/summary.log
+python results/seeds/summary.py $NAME | tee $R/summary_$NAME.log

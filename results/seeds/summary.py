@@ -3,9 +3,10 @@ MEND over training seeds against the free prefixes at its length (issue 22): eac
 and random labels, the mean and spread (min-max) over seeds, and per seed the paired bootstrap against zero-shot, ICL,
 truncated, labels and anchors (results/free, the same examples: class2class, 100 examples, seed 100).
 
-    python results/seeds/summary.py [SEED ...]          # default: every results/seeds/mend_<seed>.json
+    python results/seeds/summary.py [NAME [SEED ...]]   # NAME mend (default: the paper's) or mend_labels (--base labels)
 """
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -23,16 +24,16 @@ def average(t):
     return sum(r["score"] for r in t.values()) / len(t)
 
 
-def main(seeds):
-    seeds = seeds or sorted(p.stem.split("_")[1] for p in R.glob("mend_*.json") if "random" not in p.stem)
+def main(name="mend", seeds=()):
+    seeds = seeds or sorted(m[1] for p in R.glob("*.json") if (m := re.fullmatch(rf"{name}_(\d+)", p.stem)))
     free = {"zeroshot": tasks(F / "baselines.json", "zeroshot"), "icl": tasks(F / "baselines.json", "icl"),
             "truncated": tasks(F / "baselines.json", "truncated"), "labels": tasks(F / "free32.json", "labels"),
             "anchors": tasks(F / "free32.json", "anchors")}
     print("free prefixes (l=32) and baselines: " + ", ".join(f"{m} {average(t):.1f}" for m, t in free.items()))
     gold, rand = {}, {}
     for s in seeds:
-        gold[s] = tasks(R / f"mend_{s}.json", "mend")
-        random_file = R / f"mend_{s}_random.json"
+        gold[s] = tasks(R / f"{name}_{s}.json", "mend")
+        random_file = R / f"{name}_{s}_random.json"
         rand[s] = tasks(random_file, "mend") if random_file.exists() else None
         line = f"seed {s}: gold {average(gold[s]):.1f}"
         if rand[s]:
@@ -43,13 +44,13 @@ def main(seeds):
             diff, lo, hi, _ = evaluate.paired_bootstrap(gold[s], t)
             print(f"    MEND - {m:9s} {diff:+6.2f} [{lo:+.2f}, {hi:+.2f}]")
     scores = [average(t) for t in gold.values()]
-    print(f"MEND over {len(scores)} seeds: mean {sum(scores) / len(scores):.1f}, min {min(scores):.1f}, "
+    print(f"{name} over {len(scores)} seeds: mean {sum(scores) / len(scores):.1f}, min {min(scores):.1f}, "
           f"max {max(scores):.1f} (spread {max(scores) - min(scores):.1f})")
     randoms = [average(t) for t in rand.values() if t]
     if randoms:
-        print(f"MEND random labels over {len(randoms)} seeds: mean {sum(randoms) / len(randoms):.1f}, "
+        print(f"{name} random labels over {len(randoms)} seeds: mean {sum(randoms) / len(randoms):.1f}, "
               f"min {min(randoms):.1f}, max {max(randoms):.1f}")
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    main(*sys.argv[1:2], seeds=sys.argv[2:])
