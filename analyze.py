@@ -246,8 +246,8 @@ def ceiling_task(args, llm, toks, distiller, meta, task, seeds):
     """Every method on one task and seed -> ({method: predictions}, golds, fit records)."""
     seed, (demos, tests) = next(iter(seeds.items()))
     inputs = fit_inputs(args, task, seed, demos, tests)
-    teacher_ids, distiller_ids = data.demo_item(toks, demos, (args.teacher_demo_tokens, args.distiller_demo_tokens),
-                                                args.max_len_per_example)
+    teacher_ids = data.demo_item(toks, demos, (args.teacher_demo_tokens, args.distiller_demo_tokens),
+                                 args.max_len_per_example)[0]
     score = lambda prefix: evaluate.predict(llm, toks[0], tests, args.max_len_per_example, prefix)
     preds = {m: score(evaluate.make_prefix(m, llm, toks, distiller, demos, args, meta)) for m in ("zeroshot", "icl", "truncated")}
     start = PromptTuning(llm, args.n_vectors).placeholder.detach()[None]                 # (1, L, C) random tokens
@@ -255,8 +255,7 @@ def ceiling_task(args, llm, toks, distiller, meta, task, seeds):
     vectors, fits["fitted"] = fitted(start, llm, teacher_ids, inputs, args, toks[0])
     preds["fitted"] = score((prefix_cache(llm, prefix_embeds=vectors), None))
     if distiller is not None:
-        ids = torch.tensor([distiller_ids])                                              # (1, D)
-        mend = distiller(ids, torch.ones_like(ids))                                      # (1, L, C)
+        mend = evaluate.distill(llm, toks, distiller, demos, args, meta)                 # (1, L, C)
         preds["mend"] = score((prefix_cache(llm, prefix_embeds=mend), None))
         vectors, fits["mend_refined"] = fitted(mend, llm, teacher_ids, inputs, args, toks[0])
         preds["mend_refined"] = score((prefix_cache(llm, prefix_embeds=vectors), None))

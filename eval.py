@@ -137,7 +137,7 @@ def make_prefix(method, llm, toks, distiller, demos, args, vector_meta):
     if method in data.FREE_PREFIXES:
         keep = data.free_prefix(toks, demos, method, args.n_vectors, budgets, args.max_len_per_example)
         return prefix_cache(llm, prefix_ids=torch.tensor([keep], device=llm.device)), None
-    teacher_ids, distiller_ids = data.demo_item(toks, demos, budgets, args.max_len_per_example)
+    teacher_ids = data.demo_item(toks, demos, budgets, args.max_len_per_example)[0]
     if method == "icl":
         return prefix_cache(llm, prefix_ids=torch.tensor([teacher_ids], device=llm.device)), None
     if method == "anchors":
@@ -145,9 +145,7 @@ def make_prefix(method, llm, toks, distiller, demos, args, vector_meta):
         rows = data.answer_rows(toks[0], demos, len(teacher_ids), args.max_len_per_example)
         keep = torch.tensor(anchor_positions(rows, len(teacher_ids), args.n_vectors), device=llm.device)
         return [(k[:, :, keep], v[:, :, keep]) for k, v in kv], len(teacher_ids)       # per layer (1, H, l, h)
-    base = data.free_prefix(toks, demos, vector_meta["base"], distiller.placeholder.shape[0], budgets,
-                            args.max_len_per_example)  # train.py --base: the tokens MEND starts from, else None
-    return prefix_cache(llm, prefix_embeds=distill(llm, distiller, distiller_ids, base, vector_meta, args)), None
+    return prefix_cache(llm, prefix_embeds=distill(llm, toks, distiller, demos, args, vector_meta)), None
 
 
 def anchor_positions(rows, n_tokens, l, sink=4):
@@ -165,9 +163,13 @@ def anchor_positions(rows, n_tokens, l, sink=4):
     return sorted(keep)
 
 
-def distill(llm, distiller, ids, base, vector_meta, args):
-    """Distilled vectors (1, L, C) of one demonstration set (distill.demo_vectors), through the distill-once cache
-    when there is one."""
+def distill(llm, toks, distiller, demos, args, vector_meta):
+    """Distilled vectors (1, L, C) of one demonstration set (distill.demo_vectors, which for a MEND trained with
+    --base also reads the base's tokens), through the distill-once cache when there is one."""
+    budgets = (args.teacher_demo_tokens, args.distiller_demo_tokens)
+    ids = data.demo_item(toks, demos, budgets, args.max_len_per_example)[1]
+    base = data.free_prefix(toks, demos, vector_meta["base"], distiller.placeholder.shape[0], budgets,
+                            args.max_len_per_example)  # train.py --base: the tokens MEND starts from, else None
     meta = {**vector_meta, "demos_hash": demos_hash(ids), **({"base_hash": demos_hash(base)} if base else {})}
     path = Path(args.vectors_dir) / f"{meta['task']}_{meta['seed']}_{meta['demos_hash']}.safetensors" \
         if args.vectors_dir and args.protocol == "fixed" else None
@@ -350,17 +352,16 @@ def bench(args, llm, toks, distiller, files, methods, meta):
     task, (seed, (demos, tests)) = next((t, next(iter(f.items()))) for t, f in files.items())
     tests, report = tests[:args.bench], {"task": task, "seed": seed, "n_examples": min(args.bench, len(tests))}
     budgets = (args.teacher_demo_tokens, args.distiller_demo_tokens)
-    teacher_ids, distiller_ids = data.demo_item(toks, demos, budgets, args.max_len_per_example)
+    teacher_ids = data.demo_item(toks, demos, budgets, args.max_len_per_example)[0]
     for method in [m for m in methods if m not in ("labels", "anchors")]:  # their references are tests
         t0 = time.perf_counter()
         prefix = make_prefix(method, llm, toks, distiller, demos, args, {**meta, "task": task, "seed": seed})
         fast = [option_scores(llm, toks[0], ex, args.max_len_per_example, *prefix) for ex in tests]
         t1 = time.perf_counter()
-        base = data.free_prefix(toks, demos, meta["base"], distiller.placeholder.shape[0], budgets,
-                                args.max_len_per_example) if method == "mend" else None
         kw = {"icl": dict(prefix_ids=torch.tensor([teacher_ids], device=llm.device)), "zeroshot": {},
               "truncated": dict(prefix_ids=torch.tensor([teacher_ids[-args.n_vectors:]], device=llm.device)),
-              "mend": dict(prefix_embeds=demo_vectors(llm, distiller, distiller_ids, base) if method == "mend" else None)}[method]
+              "mend": dict(prefix_embeds=distill(llm, toks, distiller, demos, args, {**meta, "task": task, "seed": seed})
+                           if method == "mend" else None)}[method]
         slow = [naive_option_scores(llm, toks[0], ex, args.max_len_per_example, **kw) for ex in tests]
         t2 = time.perf_counter()
         diff = max(float((a - b).abs().max()) for a, b in zip(fast, slow))
