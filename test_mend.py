@@ -733,6 +733,8 @@ def test_mend_from_a_base_at_gate_zero_scores_exactly_as_its_base(saved_llm, tmp
     assert torch.equal(api.distill(pairs), llm_.get_input_embeddings()(torch.tensor([tokens])))
     assert api.vector_meta(pairs)["base_hash"] == distill.demos_hash(tokens)
     assert all("base_hash" in safe_open(str(f), "pt").metadata() for f in (tmp_path / "vec").glob("*.safetensors"))
+    bench = evaluate.main(evaluate.get_args([*common, "--bench", "2", "--out", str(tmp_path / "bench.json")]))
+    assert bench["mend"]["max_abs_diff"] < 1e-4  # cached scoring against the naive forward over the same vectors
     if base == "labels":
         with pytest.raises(ValueError, match="give \\(input, output\\) pairs"):
             api.distill("good film\nyes\n\n")
