@@ -505,7 +505,8 @@ def loop(r, args, step):
 
 
 def write_bench(bench, args, log):
-    """--bench: mean time per step of each phase (after 2 warm-up steps) and the loop's overhead over them."""
+    """--bench: mean time per step of each phase (after 2 warm-up steps) and the loop's overhead over them, logged
+    and written beside the checkpoint (--out with the suffix .bench.json)."""
     rows = bench[2:] or bench
     keys = ["teacher_forward", "distiller_forward", "student_forward", "student_backward", "backward", "optimizer"]
     mean = {k: sum(r.get(k, 0.0) for r in rows) / len(rows) for k in keys + ["total"]}
@@ -518,8 +519,7 @@ def write_bench(bench, args, log):
     log(f"bench | loop overhead over the model calls: {overhead * 100:.1f}% ({len(rows)} steps)")
     mean["queries_per_s"] = sum(r["queries"] for r in rows) / sum(r["total"] for r in rows)
     log(f"bench | {mean['queries_per_s']:.2f} query examples/s")
-    Path("results").mkdir(exist_ok=True)
-    Path(f"results/train_bench_{args.stage}.json").write_text(json.dumps(
+    Path(args.out).with_suffix(".bench.json").write_text(json.dumps(
         {"config": vars(args), "ms_per_step": {k: v * 1000 for k, v in mean.items() if k != "queries_per_s"},
          "queries_per_s": mean["queries_per_s"], "overhead": overhead}, indent=1))
 

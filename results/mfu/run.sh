@@ -13,7 +13,7 @@ mkdir -p runs $R
 rm -f runs/mfu_stage1.log runs/mfu_stage2.log
 python train.py --stage pretrain $COMMON --c4_max_tokens 320 --lr 2e-4 --max_steps 12 --out runs/mfu_stage1.pt > /dev/null
 python train.py --stage finetune $COMMON --relabel 0.5 --queries_per_demo 4 --lr 1e-4 --max_steps 12 --partition class2class --out runs/mfu_stage2.pt > /dev/null
-for s in 1 2; do grep -v "^config" runs/mfu_stage$s.log > $R/stage$s.log; done
+for s in 1 2; do grep -v "^config" runs/mfu_stage$s.log > $R/stage$s.log; cp runs/mfu_stage$s.bench.json $R/bench_stage$s.json; done
 echo "$(nproc) cores; $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2); commit $(git rev-parse --short HEAD)" > $R/machine.txt
 # mean over steps 3-12 (steps 1-2 warm up), per stage -> $R/summary.txt
 for s in 1 2; do awk -v s=$s '/^step [0-9]+ \|/ && $2 > 2 { split($0, a, "|"); n++; ms += a[6] + 0; t += a[9] + 0;
