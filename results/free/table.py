@@ -1,39 +1,66 @@
 """
-The README's table at MEND's length (l=32): each method's class2class score (100 examples, seed 100) from the
-committed JSON files, and its FLOPs per query from flops.method_flops with the demonstration tokens eval.py measured
-(T = 64 query+option tokens, flops.py's default). MEND's seed-100 scores come from issue 16's final run
-(results/real/final/mend.json and mend_random.json, per-seed entries; that checkpoint was not kept).
+The README's table at MEND's length (l=32): each method's class2class score (100 examples, seed 100) with gold and
+with random labels, from the committed JSON files, and its FLOPs per query from flops.method_flops with the
+demonstration tokens eval.py measured (T = 64 query+option tokens, flops.py's default). A trained MEND is the mean
+and range (min-max) over its training seeds (results/seeds); issue 16's single run is the seed-100 part of
+results/real/final/mend.json and mend_random.json (that checkpoint was not kept).
 
     python results/free/table.py | tee results/free/table.log
 """
 import json
+import re
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import flops  # noqa: E402
 
+F, S = Path("results/free"), Path("results/seeds")
+
 
 def seed_average(path, method, seed="100"):
+    """A method's score on MetaICL seed 100, or None when the file was not made."""
+    if not Path(path).exists():
+        return None
     tasks = json.loads(Path(path).read_text())["methods"][method]["tasks"]
     return sum(t["per_seed"][seed] for t in tasks.values()) / len(tasks)
 
 
+def over_seeds(name, suffix=""):
+    """'mean [min, max] (n seeds)' of a trained setting over its training seeds, or None."""
+    files = sorted(p for p in S.glob(f"{name}_*{suffix}.json") if re.fullmatch(rf"{name}_\d+{suffix}", p.stem))
+    scores = [seed_average(p, "mend") for p in files]
+    if not scores:
+        return None
+    return f"{sum(scores) / len(scores):.1f} [{min(scores):.1f}, {max(scores):.1f}] ({len(scores)} seeds)"
+
+
+def cell(score):
+    return "not run" if score is None else score if isinstance(score, str) else f"{score:.1f}"
+
+
 def main():
-    base = json.loads(Path("results/free/baselines.json").read_text())
+    base = json.loads((F / "baselines.json").read_text())
     D, Dm, T, L = base["demo_tokens"]["icl"], base["demo_tokens"]["mend"], 64, 32
     f1, f100 = (flops.method_flops("smollm2-135m", D, T, L, q, "layers:4") for q in (1, 100))
-    g = lambda key, reuse: f"{f1[key] / 1e9:.2f} / {f100[reuse] / 1e9:.2f}"
-    rows = [("zero-shot", "results/free/baselines.json", "zeroshot", g("zeroshot", "zeroshot")),
-            ("truncated l=32", "results/free/baselines.json", "truncated", g("truncated", "truncated_reuse")),
-            ("labels l=32", "results/free/free32.json", "labels", g("truncated", "truncated_reuse")),
-            ("anchors l=32", "results/free/free32.json", "anchors", g("anchors", "anchors_reuse")),
-            ("MEND l=32 (issue 16, one training run)", "results/real/final/mend.json", "mend", g("mend", "mend_reuse")),
-            ("ICL", "results/free/baselines.json", "icl", g("icl", "icl_reuse"))]
+    g = lambda key, reuse: f"{f1[key] / 1e9:.1f} / {f100[reuse] / 1e9:.1f}"
+    zs = seed_average(F / "baselines.json", "zeroshot")
+    rows = [("zero-shot", zs, zs, g("zeroshot", "zeroshot")),
+            ("truncated l=32", seed_average(F / "baselines.json", "truncated"), None, g("truncated", "truncated_reuse")),
+            ("labels l=32", seed_average(F / "free32.json", "labels"), seed_average(F / "free32_random.json", "labels"),
+             g("truncated", "truncated_reuse")),
+            ("anchors l=32", seed_average(F / "free32.json", "anchors"), seed_average(F / "free32_random.json", "anchors"),
+             g("anchors", "anchors_reuse")),
+            ("MEND, issue 16 (one run)", seed_average("results/real/final/mend.json", "mend"),
+             seed_average("results/real/final/mend_random.json", "mend"), g("mend", "mend_reuse")),
+            ("MEND, paper (150 steps)", over_seeds("mend"), over_seeds("mend", "_random"), g("mend", "mend_reuse")),
+            ("MEND, --base labels", over_seeds("mend_labels"), over_seeds("mend_labels", "_random"), g("mend", "mend_reuse")),
+            ("ICL", seed_average(F / "baselines.json", "icl"), seed_average(F / "icl_random.json", "icl"),
+             g("icl", "icl_reuse"))]
     print(f"D = {D:.0f} demonstration tokens (ICL), {Dm:.0f} (distiller); T = {T}; l = {L}; smollm2-135m + layers:4")
-    for name, path, method, fl in rows:
-        print(f"{name:40s} {seed_average(path, method):5.1f}   GFLOPs per query (1 / amortised over 100): {fl}")
-    print(f"{'MEND random labels (issue 16)':40s} {seed_average('results/real/final/mend_random.json', 'mend'):5.1f}")
+    print(f"{'method':26s} | {'gold':28s} | {'random labels':28s} | GFLOPs per query (1 / amortised over 100)")
+    for name, gold, rand, fl in rows:
+        print(f"{name:26s} | {cell(gold):28s} | {cell(rand):28s} | {fl}")
 
 
 if __name__ == "__main__":
