@@ -12,4 +12,4 @@ step python train.py --stage finetune --init ckpt.pt
 step python eval.py --partition qa2qa
 cp eval_qa2qa.json /tmp/fresh_eval_qa2qa.json
 step python -m pytest -q test_mend.py
-echo "commit $(git rev-parse --short HEAD), $(nproc) cores, otherwise idle machine" >> $out
+echo "commit $(git rev-parse --short HEAD), $(nproc) cores, ${NOTE:-otherwise idle machine}" >> $out
