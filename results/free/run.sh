@@ -13,7 +13,8 @@ ev() { local out=$1; shift; timed python eval.py $EVAL "$@" --out $R/$out.json 2
 
 # 1. class2class: every method under one protocol, gold and random labels
 (ev baselines --partition class2class --methods zeroshot,icl,truncated --n_vectors 32
- ev icl_random --partition class2class --methods icl --perturb random_labels) &
+ ev icl_random --partition class2class --methods icl --perturb random_labels
+ ev truncated_random --partition class2class --methods truncated --n_vectors 32 --perturb random_labels) &
 (ev free32 --partition class2class --methods labels,anchors --n_vectors 32
  ev free32_random --partition class2class --methods labels,anchors --n_vectors 32 --perturb random_labels
  ev anchors64 --partition class2class --methods anchors --n_vectors 64) &

@@ -44,13 +44,17 @@ def main():
     D, Dm, T, L = base["demo_tokens"]["icl"], base["demo_tokens"]["mend"], 64, 32
     f1, f100 = (flops.method_flops("smollm2-135m", D, T, L, q, "layers:4") for q in (1, 100))
     g = lambda key, reuse: f"{f1[key] / 1e9:.1f} / {f100[reuse] / 1e9:.1f}"
+    h1, h100 = (flops.method_flops("smollm2-135m", D, T, 64, q, "layers:4") for q in (1, 100))
+    g64 = lambda key, reuse: f"{h1[key] / 1e9:.1f} / {h100[reuse] / 1e9:.1f}"
     zs = seed_average(F / "baselines.json", "zeroshot")
     rows = [("zero-shot", zs, zs, g("zeroshot", "zeroshot")),
-            ("truncated l=32", seed_average(F / "baselines.json", "truncated"), None, g("truncated", "truncated_reuse")),
+            ("truncated l=32", seed_average(F / "baselines.json", "truncated"),
+             seed_average(F / "truncated_random.json", "truncated"), g("truncated", "truncated_reuse")),
             ("labels l=32", seed_average(F / "free32.json", "labels"), seed_average(F / "free32_random.json", "labels"),
              g("truncated", "truncated_reuse")),
             ("anchors l=32", seed_average(F / "free32.json", "anchors"), seed_average(F / "free32_random.json", "anchors"),
              g("anchors", "anchors_reuse")),
+            ("anchors l=64", seed_average(F / "anchors64.json", "anchors"), None, g64("anchors", "anchors_reuse")),
             ("MEND, issue 16 (one run)", seed_average("results/real/final/mend.json", "mend"),
              seed_average("results/real/final/mend_random.json", "mend"), g("mend", "mend_reuse")),
             ("MEND, paper (150 steps)", over_seeds("mend"), over_seeds("mend", "_random"), g("mend", "mend_reuse")),
