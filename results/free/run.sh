@@ -14,7 +14,8 @@ ev() { local out=$1; shift; timed python eval.py $EVAL "$@" --out $R/$out.json 2
 # 1. class2class: every method under one protocol, gold and random labels
 (ev baselines --partition class2class --methods zeroshot,icl,truncated --n_vectors 32
  ev icl_random --partition class2class --methods icl --perturb random_labels
- ev truncated_random --partition class2class --methods truncated --n_vectors 32 --perturb random_labels) &
+ ev truncated_random --partition class2class --methods truncated --n_vectors 32 --perturb random_labels
+ ev anchors64_random --partition class2class --methods anchors --n_vectors 64 --perturb random_labels) &
 (ev free32 --partition class2class --methods labels,anchors --n_vectors 32
  ev free32_random --partition class2class --methods labels,anchors --n_vectors 32 --perturb random_labels
  ev anchors64 --partition class2class --methods anchors --n_vectors 64) &
@@ -33,6 +34,7 @@ B=$R/baselines.json
   done
   python eval.py --compare $R/anchors64.json:anchors,$B:icl
   python eval.py --compare $R/anchors64.json:anchors,$R/free32.json:anchors
+  python eval.py --compare $R/anchors64.json:anchors,$R/anchors64_random.json:anchors
   python eval.py --compare $B:icl,$R/icl_random.json:icl
   for m in labels anchors; do python eval.py --compare $R/para.json:$m,$R/para.json:zeroshot
     python eval.py --compare $R/qa.json:$m,$R/qa.json:zeroshot; done; } | tee $R/compare.log
