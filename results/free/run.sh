@@ -36,5 +36,8 @@ B=$R/baselines.json
   python eval.py --compare $R/anchors64.json:anchors,$R/free32.json:anchors
   python eval.py --compare $R/anchors64.json:anchors,$R/anchors64_random.json:anchors
   python eval.py --compare $B:icl,$R/icl_random.json:icl
-  for m in labels anchors; do python eval.py --compare $R/para.json:$m,$R/para.json:zeroshot
-    python eval.py --compare $R/qa.json:$m,$R/qa.json:zeroshot; done; } | tee $R/compare.log
+  python eval.py --compare $B:truncated,$R/truncated_random.json:truncated
+  for p in para qa; do
+    for m in labels anchors; do python eval.py --compare $R/$p.json:$m,$R/$p.json:zeroshot; done
+    python eval.py --compare $R/$p.json:anchors,$R/$p.json:icl
+  done; } | tee $R/compare.log

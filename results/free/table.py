@@ -1,7 +1,8 @@
 """
 The README's table at MEND's length (l=32): each method's class2class score (100 examples, seed 100) with gold and
 with random labels, from the committed JSON files, and its FLOPs per query from flops.method_flops with the
-demonstration tokens eval.py measured (T = 64 query+option tokens, flops.py's default). A trained MEND is the mean
+demonstration tokens eval.py measured (T = 64 query+option tokens, flops.py's default); then zero-shot, ICL and the
+free prefixes on nonpara2para and qa2qa. A trained MEND is the mean
 and range (min-max) over its training seeds (results/seeds); issue 16's single run is the seed-100 part of
 results/real/final/mend.json and mend_random.json (that checkpoint was not kept).
 
@@ -54,7 +55,8 @@ def main():
              g("truncated", "truncated_reuse")),
             ("anchors l=32", seed_average(F / "free32.json", "anchors"), seed_average(F / "free32_random.json", "anchors"),
              g("anchors", "anchors_reuse")),
-            ("anchors l=64", seed_average(F / "anchors64.json", "anchors"), None, g64("anchors", "anchors_reuse")),
+            ("anchors l=64", seed_average(F / "anchors64.json", "anchors"), seed_average(F / "anchors64_random.json", "anchors"),
+             g64("anchors", "anchors_reuse")),
             ("MEND, issue 16 (one run)", seed_average("results/real/final/mend.json", "mend"),
              seed_average("results/real/final/mend_random.json", "mend"), g("mend", "mend_reuse")),
             ("MEND, paper (150 steps)", over_seeds("mend"), over_seeds("mend", "_random"), g("mend", "mend_reuse")),
@@ -65,6 +67,15 @@ def main():
     print(f"{'method':26s} | {'gold':28s} | {'random labels':28s} | GFLOPs per query (1 / amortised over 100)")
     for name, gold, rand, fl in rows:
         print(f"{name:26s} | {cell(gold):28s} | {cell(rand):28s} | {fl}")
+    other_partitions()
+
+
+def other_partitions():
+    """Step 2: zero-shot, ICL and the free prefixes at l=32 on two more partitions (50 examples, seed 100)."""
+    methods = ("zeroshot", "icl", "labels", "anchors")
+    print(f"\n{'partition (50 examples)':26s} | " + " | ".join(f"{m:>8s}" for m in methods))
+    for name, file in (("nonpara2para", "para.json"), ("qa2qa", "qa.json")):
+        print(f"{name:26s} | " + " | ".join(f"{cell(seed_average(F / file, m)):>8s}" for m in methods))
 
 
 if __name__ == "__main__":
