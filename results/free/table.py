@@ -61,6 +61,8 @@ def main():
              seed_average("results/real/final/mend_random.json", "mend"), g("mend", "mend_reuse")),
             ("MEND, paper (150 steps)", over_seeds("mend"), over_seeds("mend", "_random"), g("mend", "mend_reuse")),
             ("MEND, --base labels", over_seeds("mend_labels"), over_seeds("mend_labels", "_random"), g("mend", "mend_reuse")),
+            ("MEND, --base truncated", over_seeds("mend_truncated"), over_seeds("mend_truncated", "_random"),
+             g("mend", "mend_reuse")),
             ("ICL", seed_average(F / "baselines.json", "icl"), seed_average(F / "icl_random.json", "icl"),
              g("icl", "icl_reuse"))]
     print(f"D = {D:.0f} demonstration tokens (ICL), {Dm:.0f} (distiller); T = {T}; l = {L}; smollm2-135m + layers:4")
