@@ -6,14 +6,16 @@
 # 102; each checkpoint evaluated on class2class (100 examples, seed 100) with gold and with random labels. One thread
 # per job; each command's wall time goes to $R/times.txt. Then: python results/seeds/summary.py $NAME
 #     BASE=labels bash results/seeds/run.sh        # -> results/seeds/mend_labels_{seed}[_random].json
+# EXTRA adds stage-2 flags to the recipe under the name suffix TAG (one change at a time):
+#     BASE=labels EXTRA="--lam 4" TAG=lam4 bash results/seeds/run.sh   # -> results/seeds/mend_labels_lam4_{seed}...
 set -euo pipefail
 D=../shared/data
 R=results/seeds
 BASE=${BASE:-none}
-NAME=$([ "$BASE" = none ] && echo mend || echo mend_$BASE)
+NAME=$([ "$BASE" = none ] && echo mend || echo mend_$BASE)${TAG:+_$TAG}
 BUDGETS="--k 16 --max_len_per_example 96 --teacher_demo_tokens 384 --distiller_demo_tokens 384"
 COMMON="--data $D --llm smollm2-135m --distiller layers:4 --n_vectors 32 $BUDGETS --batch 1 --warmup 20 --schedule constant --log_interval 10 --val_items 8 --threads 1"
-STAGE2="--stage finetune $COMMON --relabel 0.5 --queries_per_demo 4 --lr 1e-4 --max_steps 150 --eval_interval 50 --partition class2class --init runs/seeds_stage1.pt --base $BASE"
+STAGE2="--stage finetune $COMMON --relabel 0.5 --queries_per_demo 4 --lr 1e-4 --max_steps 150 --eval_interval 50 --partition class2class --init runs/seeds_stage1.pt --base $BASE ${EXTRA:-}"
 EVAL="--data $D --max_examples 100 --seeds 100 --threads 1 --partition class2class --methods mend"
 mkdir -p runs $R
 timed() { local t=$(date +%s); "$@"; echo "$(( $(date +%s) - t )) s: $*" >> $R/times.txt; }
