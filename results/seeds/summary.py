@@ -3,7 +3,7 @@ MEND over training seeds against the free prefixes at its length (issue 22): eac
 and random labels, the mean and spread (min-max) over seeds, and per seed the paired bootstrap against zero-shot, ICL,
 truncated, labels and anchors (results/free, the same examples: class2class, 100 examples, seed 100).
 
-    python results/seeds/summary.py [NAME [SEED ...]]   # NAME mend (default: the paper's) or mend_labels (--base labels)
+    python results/seeds/summary.py [NAME [SEED ...]]   # NAME: mend (the paper's, default), mend_labels, mend_labels_lam4, ...
 """
 import json
 import re
