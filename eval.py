@@ -7,7 +7,7 @@ Evaluate zero-shot, vanilla ICL and MEND on the unseen test tasks of a MetaICL p
 What to expect (README, results/): the first command, after the quick start's 30-step smoke checkpoints, prints
 averages zero-shot 56.2, ICL 73.8, MEND 62.5 on the two sample tasks. On class2class (SmolLM2-135M, 100 examples,
 seed 100, 16 demonstrations within 384 tokens): zero-shot 29.0, ICL 34.5, and at l=32 truncated 25.7, labels 29.9,
-anchors 33.4 (37.0 at l=64), MEND trained at CPU scale 25.6-30.9 (means over 3 training seeds, results/seeds). The
+anchors 33.4 (37.0 at l=64), MEND trained at CPU scale 25.6-31.5 (means over 3 training seeds, results/seeds). The
 paper's own numbers (gpt2-large, l=100) are not reproduced here: that needs GPUs.
 
 Free prefixes at MEND's length l (the checkpoint's n_vectors, else --n_vectors), no training:
