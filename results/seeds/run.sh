@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Issue 22: MEND over three training seeds, from the repository root. BASE=none (default) is the paper's MEND;
 # BASE=labels or BASE=truncated starts it from that free prefix (train.py --base). Stage 1 as in results/real/run.sh
-# (200 steps on C4; skipped when runs/seeds_stage1.pt exists: never start this while stage 1 is still running), then
+# (200 steps on C4; skipped when its checkpoint $S1.pt exists: never start this while stage 1 is still running), then
 # issue 16's final stage-2 recipe at 150 steps (150 and 250 steps did not differ beyond noise) with --seed 100, 101,
 # 102; each checkpoint evaluated on class2class (100 examples, seed 100) with gold and with random labels. One thread
 # per job; each command's wall time goes to $R/times.txt. Then: python results/seeds/summary.py $NAME
