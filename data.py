@@ -200,10 +200,14 @@ def free_prefix(toks, demos, name, l, budgets, max_len):
 
 
 def base_fields(toks, demos, base, budgets, max_len):
-    """An item's base (train.py --base; base = (free prefix name, l)) in l slots: the prefix's ids left-padded to l,
-    the padding slots masked, so that a shorter prefix is read as itself, at the positions it has alone."""
-    ids = free_prefix(toks, demos, base[0], base[1], budgets, max_len)
-    pad = base[1] - len(ids)
+    """An item's base (train.py --base; base = (free prefix name, l)) in l slots (see base_slots)."""
+    return base_slots(free_prefix(toks, demos, base[0], base[1], budgets, max_len), base[1])
+
+
+def base_slots(ids, l):
+    """A base's ids left-padded to l slots, the padding slots masked, so that a shorter prefix is read as itself, at
+    the positions it has alone."""
+    pad = l - len(ids)
     return dict(base=[0] * pad + ids, base_mask=[0] * pad + [1] * len(ids))
 
 
@@ -316,15 +320,17 @@ def meta_val_items(train_pools, held_out, toks, seed, n, k, budgets, max_len, ba
     return items
 
 
-def c4_item(text, toks, max_tokens, demo_fraction=0.8):
+def c4_item(text, toks, max_tokens, demo_fraction=0.8, base_l=0):
     """Stage-1 item from one document: its first max_tokens LLM tokens, the first 80% as 'demonstrations', the rest as
-    the query (KL only, no answer). The distiller re-tokenizes the demonstration text if its tokenizer differs."""
+    the query (KL only, no answer). The distiller re-tokenizes the demonstration text if its tokenizer differs.
+    base_l > 0 (train.py --stage pretrain --base truncated) adds the base: the last base_l demonstration tokens."""
     ids = encode(toks[0], text)[:max_tokens]
     m = int(demo_fraction * len(ids))
     if m < 1 or m == len(ids):
         return None  # too short to split
     distiller = ids[:m] if toks[0] is toks[1] else encode(toks[1], toks[0].decode(ids[:m]))[:max_tokens]
-    return dict(teacher_demo=ids[:m], distiller_demo=distiller, queries=[ids[m:]], answer_masks=[[0] * (len(ids) - m)])
+    item = dict(teacher_demo=ids[:m], distiller_demo=distiller, queries=[ids[m:]], answer_masks=[[0] * (len(ids) - m)])
+    return {**item, **base_slots(ids[:m][-base_l:], base_l)} if base_l else item
 
 
 # -----------------------------------------------------------------------------

@@ -243,9 +243,11 @@ def distiller_state(distiller):
 
 def load_distiller_state(distiller, state, path):
     """Load a checkpoint's distiller state; only the token embeddings (frozen in training) and the gate (--init from a
-    checkpoint trained without --base: it stays at 0) may be absent."""
+    checkpoint trained without --base: it stays at 0) may be absent; a gate is dropped for a distiller without one."""
     emb = distiller.backbone.get_input_embeddings().weight if hasattr(distiller, "backbone") else None
     optional = {n for n, p in distiller.named_parameters(remove_duplicate=False) if p is emb} | {"gate"}
+    if getattr(distiller, "gate", None) is None:  # a stage 1 trained with --base, continued without one
+        state = {k: v for k, v in state.items() if k != "gate"}
     missing, unexpected = distiller.load_state_dict(state, strict=False)
     if unexpected or set(missing) - optional:
         raise CheckpointError(f"{path}: distiller weights do not match this distiller "

@@ -740,6 +740,26 @@ def test_mend_from_a_base_at_gate_zero_scores_exactly_as_its_base(saved_llm, tmp
             api.distill("good film\nyes\n\n")
 
 
+def test_stage1_from_the_truncated_base_at_gate_zero_has_the_truncated_reference_kl(saved_llm, tmp_path):
+    """train.py --stage pretrain --base truncated: at gate 0 (lr 0 keeps it there) the student reads the last l tokens
+    of each document's demonstration part, so its validation KL equals the reference line's truncated KL exactly, and
+    both are below the no-prefix KL. Its checkpoint records the base; stage 2 starts from it with any --base."""
+    llm, ckpt = saved_llm("llama"), tmp_path / "s1.pt"
+    train.run(train_args(llm, ckpt, "--stage", "pretrain", "--max_steps", "1", "--lr", "0", "--base", "truncated",
+                         "--val_items", "3"))
+    lines = ckpt.with_suffix(".log").read_text().splitlines()
+    ref = next(x for x in lines if x.startswith("val reference"))
+    alone, truncated = float(ref.split("kl ")[1].split()[0]), float(ref.split("kl ")[-1])
+    val = float(next(x for x in lines if "val kl" in x).split("val kl ")[1].split()[0])
+    assert val == pytest.approx(truncated, rel=1e-5, abs=1e-7) and truncated < alone
+    assert model.load_checkpoint(ckpt)["config"]["base"] == "truncated"
+    for base in ("none", "labels"):
+        train.run(train_args(llm, tmp_path / f"s2_{base}.pt", "--stage", "finetune", "--max_steps", "1",
+                             "--init", str(ckpt), "--base", base))
+    with pytest.raises(SystemExit):
+        train.get_args(["--stage", "pretrain", "--base", "labels"])
+
+
 def test_a_short_base_is_read_as_itself_and_only_the_gate_learns_at_zero():
     """A batch of two items whose bases have 2 and 4 of l=4 tokens: at gate 0 the student's KL equals, item by item,
     that of the LLM reading only its base tokens before the query (the missing slots are masked); the backward pass

@@ -71,9 +71,9 @@ def get_args(argv=None):
                    "other tasks' labels, in its demos and queries alike (symbol tuning, against label priors)")
     p.add_argument("--kl_rows", default="query", choices=["query", "options"], help="stage 2: KL on every query row "
                    "and CE on the answer (paper), or both on the rows the option scorer reads, every option teacher-forced")
-    p.add_argument("--base", default="none", choices=["none", *data.FREE_PREFIXES], help="stage 2: start MEND from "
-                   "a free prefix: vectors = the LLM's embeddings of its l tokens + gate * the distiller's output, the "
-                   "gate at 0 (none: the paper's MEND; labels/truncated: eval.py's free prefixes of those names)")
+    p.add_argument("--base", default="none", choices=["none", *data.FREE_PREFIXES], help="start MEND from a free "
+                   "prefix: vectors = the LLM's embeddings of its l tokens + gate * the distiller's output, the gate at "
+                   "0 (none: the paper's MEND; labels/truncated: eval.py's free prefixes; stage 1: truncated only)")
     p.add_argument("--freeze_embeddings", action=argparse.BooleanOptionalAction, default=True,
                    help="keep the distiller's token embeddings frozen (paper: trained)")
     p.add_argument("--lr", type=float, default=1e-4, help="peak AdamW learning rate (paper: 5e-5 / 1e-5)")
@@ -111,8 +111,8 @@ def get_args(argv=None):
         p.set_defaults(**PAPER["common"], **PAPER[known.stage])
     args = p.parse_args(argv)
     args.out = args.out or OUT[args.stage]
-    if args.base != "none" and args.stage == "pretrain":
-        p.error("--base applies to --stage finetune (C4 text has no demonstrations to take a free prefix from)")
+    if args.base == "labels" and args.stage == "pretrain":
+        p.error("--base labels applies to --stage finetune (C4 text has no labels; stage 1 takes --base truncated)")
     return args
 
 
@@ -152,7 +152,9 @@ def make_items(args, toks, log, predict=None):
     predict(method, task, (demos, tests)) -> (predictions, golds) judges the candidates of the selection signal."""
     budgets = (args.teacher_demo_tokens, args.distiller_demo_tokens)
     if args.stage == "pretrain":
-        docs = [d for d in (data.c4_item(t, toks, args.c4_max_tokens) for t in data.read_c4(Path(args.data) / "c4")) if d]
+        base_l = args.n_vectors if args.base == "truncated" else 0
+        docs = [d for d in (data.c4_item(t, toks, args.c4_max_tokens, base_l=base_l)
+                            for t in data.read_c4(Path(args.data) / "c4")) if d]
         if len(docs) <= args.val_items:
             raise SystemExit(f"{args.data}/c4 has {len(docs)} usable documents; need more than --val_items={args.val_items}")
         train, val = docs[:-args.val_items] if args.val_items else docs, docs[len(docs) - args.val_items:]
@@ -278,19 +280,24 @@ def validate(llm, distiller, items, args, ctx, device):
 
 
 def zero_shot_reference(llm, items, args, ctx, device):
-    """KL and CE of the LLM reading the query with no prefix at all, and the teacher's own CE, on the validation items:
-    what the distilled vectors must beat, and the CE they aim for (the LLM is frozen, so this is computed once)."""
-    kl, ce, teacher_ce = 0.0, 0.0, 0.0
+    """On the validation items: KL and CE of the LLM reading the query with no prefix at all, the teacher's own CE,
+    and the KL of the truncated prefix at l (the LLM reading the last l demonstration tokens as ordinary tokens, as
+    the student reads a --base truncated at gate 0): what the distilled vectors must beat, and the CE they aim for
+    (the LLM is frozen, so this is computed once)."""
+    kl, ce, teacher_ce, truncated_kl = 0.0, 0.0, 0.0, 0.0
+    l, embed = args.n_vectors, llm.get_input_embeddings()
     with torch.no_grad(), ctx:
         for it in items:
             b = data.collate([it], device)
-            q, qm = b["query_ids"], b["query_mask"]
-            teacher = teacher_logits(llm, b["teacher_demo_ids"], b["teacher_demo_mask"], q, qm)
+            q, qm, t, tm = b["query_ids"], b["query_mask"], b["teacher_demo_ids"], b["teacher_demo_mask"]
+            teacher = teacher_logits(llm, t, tm, q, qm)
             alone = llm_logits(llm, q, qm)                                      # (1, T, V)
+            truncated = llm_logits(llm, q, qm, prefix_embeds=embed(t[:, -l:]), prefix_mask=tm[:, -l:])  # (1, T, V)
             kl += kl_per_example(teacher, alone, qm, args.temperature).item() / len(items)
             ce += answer_ce_per_example(alone, q, b["answer_mask"]).item() / len(items)
             teacher_ce += answer_ce_per_example(teacher, q, b["answer_mask"]).item() / len(items)
-    return kl, ce, teacher_ce
+            truncated_kl += kl_per_example(teacher, truncated, qm, args.temperature).item() / len(items)
+    return kl, ce, teacher_ce, truncated_kl
 
 
 @torch.no_grad()
@@ -394,8 +401,9 @@ def log_references(r, args):
     """What the vectors must beat, computed once (the LLM is frozen): the validation KL/CE of the LLM reading the
     query alone and the teacher's CE; and zero-shot and ICL on the held-out tasks of the selection signal."""
     if r.val_items:
-        kl, ce, teacher_ce = zero_shot_reference(r.llm, r.val_items, args, r.ctx, r.device)
-        r.log(f"val reference | the LLM reading the query alone: kl {kl:.5g} | ce {ce:.5g} | the teacher: ce {teacher_ce:.5g}")
+        kl, ce, teacher_ce, truncated_kl = zero_shot_reference(r.llm, r.val_items, args, r.ctx, r.device)
+        r.log(f"val reference | the LLM reading the query alone: kl {kl:.5g} | ce {ce:.5g} | the teacher: ce "
+              f"{teacher_ce:.5g} | the last {args.n_vectors} demonstration tokens (truncated): kl {truncated_kl:.5g}")
     if r.signal and r.rank == 0:
         r.log("signal reference | held-out tasks macro-F1: " + judge(
             [("zeroshot", "zeroshot", r.signal), ("icl", "icl", r.signal), ("icl_random", "icl", r.signal_random)], r, args))
