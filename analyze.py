@@ -43,26 +43,35 @@ from model import PROMPT, PromptTuning, prefix_cache
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = data.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--ckpt", default="mend.pt", help="a checkpoint made by train.py")
     p.add_argument("--data", default="sample_data", help="data folder with metaicl/")
     p.add_argument("--task", default="sample-sentiment", help="task whose {task}_16_{seed}_train.jsonl are the demos")
-    p.add_argument("--seed", type=int, default=100, help="MetaICL seed of the demonstrations")
-    p.add_argument("--top", type=int, default=5, help="demonstration tokens listed per vector")
+    p.add_argument("--seed", type=data.count, default=100, help="MetaICL seed of the demonstrations")
+    p.add_argument("--top", type=data.positive_int, default=5, help="demonstration tokens listed per vector")
     p.add_argument("--png", default="", help="also draw the placeholder-to-demonstration heatmap here (matplotlib)")
     p.add_argument("--curves", default="", help="comma-separated train.py logs: print and plot the selection signal")
     p.add_argument("--held_out", action="store_true", help="class counts of the predictions on the held-out tasks")
     p.add_argument("--sweep", default="", help="comma-separated eval.py JSON files: score against FLOPs per query")
-    p.add_argument("--query_tokens", type=int, default=64, help="--sweep: T, tokens of one query row (flops.py's)")
+    p.add_argument("--query_tokens", type=data.positive_int, default=64,
+                   help="--sweep: T, tokens of one query row (flops.py's)")
     p.add_argument("--ceiling", action="store_true", help="fitted vectors against zero-shot, ICL, truncated (and MEND, "
                    "MEND refined with --ckpt) on a partition's test tasks; eval.py's flags that follow set the protocol")
-    p.add_argument("--fit_steps", type=int, default=60, help="--ceiling: Adam steps of each fit")
-    p.add_argument("--fit_lr", type=float, default=0.1, help="--ceiling: lr relative to the RMS of the token embeddings")
+    p.add_argument("--fit_steps", type=data.positive_int, default=60, help="--ceiling: Adam steps of each fit")
+    p.add_argument("--fit_lr", type=data.positive, default=0.1,
+                   help="--ceiling: lr relative to the RMS of the token embeddings")
     p.add_argument("--out", default="", help="JSON with both attention maps (default: attention_{task}.json), or "
                    "with --ceiling its results (default: ceiling_{partition}.json)")
     args, rest = p.parse_known_args(argv)
     if rest and not args.ceiling:
         p.error(f"unrecognized arguments: {' '.join(rest)}")
+    modes = [f"--{m}" for m in ("ceiling", "curves", "sweep", "held_out") if getattr(args, m)]
+    if len(modes) > 1:
+        p.error(f"{' and '.join(modes)}: choose one of these modes")
+    for flag in ("curves", "sweep"):
+        for path in filter(None, getattr(args, flag).split(",")):
+            if not Path(path).is_file():
+                p.error(f"--{flag}: {path}: no such file")
     args.protocol = rest
     return args
 
@@ -239,7 +248,7 @@ def fitted(start, llm, teacher_ids, inputs, args, tok):
     t = time.time()
     with torch.enable_grad():
         vectors, history = fit_vectors(llm, start, item, args.fit_steps, args.fit_lr, seed=0)
-    return vectors, {"kl_first": history[0], "kl_last": history[-1], "seconds": time.time() - t} if history else {}
+    return vectors, {"kl_first": history[0], "kl_last": history[-1], "seconds": time.time() - t}
 
 
 def ceiling_task(args, llm, toks, distiller, meta, task, seeds):
@@ -270,13 +279,15 @@ def ceiling(args):
     ev = evaluate.get_args(["--data", args.data, "--ckpt", args.ckpt, *args.protocol])
     ev.fit_steps, ev.fit_lr, ev.out = args.fit_steps, args.fit_lr, args.out or f"ceiling_{ev.partition}.json"
     ev.seeds_all = [100, 13, 21, 42, 87]
-    ev.seeds = [int(s) for s in str(ev.seeds).split(",")][:1]
+    ev.seeds = ev.seeds[:1]
     if ev.threads:
         torch.set_num_threads(ev.threads)
-    with_mend = Path(ev.ckpt).exists()
-    llm, toks, distiller, meta, cfg = evaluate.load_models(ev, ["mend"] if with_mend else [], "cpu")
-    evaluate.refuse_seen_tasks(cfg, data.partition(ev.data, ev.partition)["test"], ev)
-    files, skipped = evaluate.find_tasks(ev, data.partition(ev.data, ev.partition)["test"])
+    with_mend, tests = Path(ev.ckpt).exists(), data.partition(ev.data, ev.partition)["test"]
+    methods = ["mend"] if with_mend else []
+    checkpoint = evaluate.read_checkpoint(ev, methods, "cpu")
+    evaluate.refuse_seen_tasks(checkpoint[1], tests, ev)
+    files, skipped = evaluate.find_tasks(ev, tests)  # a bad input fails by here, before a model loads
+    llm, toks, distiller, meta, cfg = evaluate.load_models(ev, methods, "cpu", checkpoint=checkpoint)
     report = {"partition": ev.partition, "llm": ev.llm, "ckpt": ev.ckpt if with_mend else None, "seeds": ev.seeds,
               "max_examples": ev.max_examples, "k": ev.k, "n_vectors": ev.n_vectors, "fit_steps": ev.fit_steps,
               "fit_lr": ev.fit_lr, "methods": {}, "fits": {}, "skipped_tasks": skipped}
@@ -308,12 +319,13 @@ def main(args):
         return sweep(args)
     if args.held_out:
         return held_out(args)
+    demos = data.read_metaicl(data.task_file(args.data, args.task, 16, args.seed, "train"))  # a missing task fails
+    query = data.read_metaicl(data.task_file(args.data, args.task, 16, 100, "test"))[0]     # before the model loads
     mend = MEND.load(args.ckpt, device="cpu")
     mend.llm.set_attn_implementation("eager")  # attention weights are only returned by the eager kernels
     if hasattr(mend.distiller, "backbone"):
         mend.distiller.backbone.set_attn_implementation("eager")
-    demos = data.read_metaicl(data.task_file(args.data, args.task, 16, args.seed, "train"))[:mend.config["k"]]
-    query = data.read_metaicl(data.task_file(args.data, args.task, 16, 100, "test"))[0]
+    demos = demos[:mend.config["k"]]
     pairs = [(d["input"], d["output"]) for d in demos]
     teacher_ids, _ = data.demo_item(mend.toks, demos, mend.budgets, mend.max_len)
     x, _ = data.encode_example(mend.toks[0], query, mend.max_len)

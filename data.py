@@ -16,9 +16,14 @@ A data folder holds `c4/` (files of `{"text": ...}` lines, plain or gzipped) and
 Format (our choice, see README): a demonstration is `input \\n output \\n\\n`, the query is `input \\n` and an option is
 scored as the tokens of `output`. Newlines are what MetaICL's own training format uses; the official MEND code joins
 GPT-2 demos with no separator, which suits no tokenizer but GPT-2's.
+
+The command-line helpers shared by train.py, eval.py, flops.py and analyze.py come first: one-line errors, and argparse
+types that check every flag's range when it is parsed.
 """
+import argparse
 import gzip
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -29,7 +34,7 @@ QUERY_SEP, DEMO_SEP = "\n", "\n\n"   # input QUERY_SEP output DEMO_SEP input QUE
 
 
 class DataError(ValueError):
-    """Bad input data; the message names the file and line."""
+    """Bad input: a data file (the message names the file and line), a checkpoint or a model that cannot be read."""
 
 
 def run_cli(main):
@@ -48,12 +53,63 @@ def run_cli(main):
 
 
 # -----------------------------------------------------------------------------
+# command lines: every flag's range is checked when it is parsed
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose errors (an unknown flag, a value out of range) end as run_cli's do: one `error: ...` line and
+    status 2, without the usage."""
+
+    def error(self, message):
+        raise SystemExit(message)
+
+
+def checked(kind, ok, allowed):
+    """An argparse type: kind(text) where ok(value), else an error naming the value and what is allowed."""
+    def convert(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if value is None or not ok(value):
+            raise argparse.ArgumentTypeError(f"got {text!r}; allowed: {allowed}")
+        return value
+    return convert
+
+
+def int_list(text):
+    return [int(x) for x in text.split(",")]
+
+
+positive_int = checked(int, lambda v: v >= 1, "an integer >= 1")
+count = checked(int, lambda v: v >= 0, "an integer >= 0")
+positive = checked(float, lambda v: 0 < v < math.inf, "a number > 0")
+non_negative = checked(float, lambda v: 0 <= v < math.inf, "a number >= 0")
+fraction = checked(float, lambda v: 0 <= v <= 1, "a number in [0, 1]")
+positive_ints = checked(int_list, lambda v: min(v) >= 1, "comma-separated integers >= 1")
+seed_list = checked(int_list, lambda v: min(v) >= 0, "comma-separated integers >= 0")
+model_name = checked(str, lambda v: not (v.startswith(("/", ".")) or v.count("/") > 1) or Path(v).exists(),
+                     "a hub name (gpt2-large, org/name) or an existing local folder")
+
+
+def budget_error(args):
+    """Why args' demonstration budgets cannot hold one demonstration of --max_len_per_example tokens, or None."""
+    for flag in ("teacher_demo_tokens", "distiller_demo_tokens"):
+        if getattr(args, flag) < args.max_len_per_example:
+            return (f"--{flag} {getattr(args, flag)}: must be at least --max_len_per_example "
+                    f"({args.max_len_per_example}), so that one demonstration fits")
+    return None
+
+
+# -----------------------------------------------------------------------------
 # JSONL reading with file:line errors
 
 
 def read_jsonl(path):
     """Yield (line number, object) from a .jsonl / .json / .json.gz file of one JSON object per line."""
     path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
     opener = gzip.open if path.suffix == ".gz" else open
     with opener(path, "rt", encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
@@ -70,6 +126,8 @@ def read_jsonl(path):
 
 def read_c4(folder):
     """Stream the `text` of every document in the *.json, *.json.gz and *.jsonl files of a folder, in name order."""
+    if not Path(folder).is_dir():
+        raise DataError(f"{folder}: no such folder (--stage pretrain reads C4 text from c4/ in --data)")
     files = sorted(p for p in Path(folder).iterdir() if p.name.endswith((".json", ".json.gz", ".jsonl")))
     if not files:
         raise DataError(f"{folder}: no *.json, *.json.gz or *.jsonl files")

@@ -44,24 +44,33 @@ from model import (EMBEDDED, PROMPT, autocast, build_distiller, file_hash, load_
 
 PAPER_DEFAULTS = dict(k=16, max_len_per_example=256, teacher_demo_tokens=767, distiller_demo_tokens=643, n_vectors=100)
 METHODS = ("zeroshot", "icl", "truncated", "labels", "anchors", "mend")
+METHOD_LIST = data.checked(lambda s: [m for m in s.split(",") if m], lambda v: set(v) <= set(METHODS),
+                           f"a comma-separated subset of {','.join(METHODS)}")
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = data.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--partition", default="qa2qa", help="hr2lr class2class nonclass2class qa2qa nonqa2qa nonnli2nli nonpara2para")
     p.add_argument("--data", default="sample_data", help="data folder with metaicl/ (real data: ../shared/data)")
-    p.add_argument("--methods", default="", help="comma-separated subset of zeroshot,icl,truncated,labels,anchors,"
+    p.add_argument("--methods", type=METHOD_LIST, default="",
+                   help="comma-separated subset of zeroshot,icl,truncated,labels,anchors,"
                    "mend (default: zeroshot,icl and mend when --ckpt exists); the free prefixes of length l: see above")
-    p.add_argument("--n_vectors", type=int, default=None, help="l of the free prefixes (default: the ckpt's, else 100)")
+    p.add_argument("--n_vectors", type=data.positive_int, default=None,
+                   help="l of the free prefixes (default: the ckpt's, else 100)")
     p.add_argument("--ckpt", default="mend.pt", help="finetuned MEND checkpoint (made by train.py --stage finetune)")
-    p.add_argument("--llm", default="", help="frozen LLM (default: the checkpoint's, else smollm2-135m)")
-    p.add_argument("--seeds", default="100,13,21,42,87", help="comma-separated MetaICL seeds")
-    p.add_argument("--max_examples", type=int, default=0, help="first N test examples per task (0 = all)")
+    p.add_argument("--llm", type=data.model_name, default="",
+                   help="frozen LLM (default: the checkpoint's, else smollm2-135m)")
+    p.add_argument("--seeds", type=data.seed_list, default="100,13,21,42,87", help="comma-separated MetaICL seeds")
+    p.add_argument("--max_examples", type=data.count, default=0, help="first N test examples per task (0 = all)")
     p.add_argument("--protocol", default="fixed", choices=["fixed", "random"], help="MetaICL's, or the official code's")
-    p.add_argument("--k", type=int, default=None, help="demonstrations (default: the checkpoint's, else 16)")
-    p.add_argument("--max_len_per_example", type=int, default=None, help="tokens per input+option (default: ckpt's, else 256)")
-    p.add_argument("--teacher_demo_tokens", type=int, default=None, help="ICL demo budget (default: ckpt's, else 767)")
-    p.add_argument("--distiller_demo_tokens", type=int, default=None, help="MEND demo budget (default: ckpt's, else 643)")
+    p.add_argument("--k", type=data.positive_int, default=None,
+                   help="demonstrations (default: the checkpoint's, else 16)")
+    p.add_argument("--max_len_per_example", type=data.positive_int, default=None,
+                   help="tokens per input+option (default: ckpt's, else 256)")
+    p.add_argument("--teacher_demo_tokens", type=data.positive_int, default=None,
+                   help="ICL demo budget (default: ckpt's, else 767)")
+    p.add_argument("--distiller_demo_tokens", type=data.positive_int, default=None,
+                   help="MEND demo budget (default: ckpt's, else 643)")
     p.add_argument("--perturb", default="gold", choices=list(data.PERTURBATIONS),
                    help="demonstrations for ICL and MEND: gold, random_labels, no_labels (inputs only), no_inputs")
     p.add_argument("--vectors_dir", default="", help="distill once: save/load distilled vectors here (safetensors)")
@@ -69,9 +78,10 @@ def get_args(argv=None):
     p.add_argument("--device", default="auto", help="auto = cuda if available, else cpu")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="autocast dtype, and the LLM's; auto = bf16 on CUDA when supported, fp32 on CPU")
-    p.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default, every core)")
+    p.add_argument("--threads", type=data.count, default=0, help="CPU threads (0: torch's default, every core)")
     p.add_argument("--compare", default="", help="A.json:METHOD,B.json:METHOD: paired bootstrap of two result files")
-    p.add_argument("--bench", type=int, default=0, help="compare cached scoring with the naive forward on N examples")
+    p.add_argument("--bench", type=data.count, default=0, help="compare cached scoring with the naive forward on N "
+                   "examples (0 = off)")
     args = p.parse_args(argv)
     args.out = args.out or f"eval_{args.partition}.json"
     return args
@@ -227,19 +237,22 @@ def demo_lengths(files, toks, args):
     budgets = (args.teacher_demo_tokens, args.distiller_demo_tokens)
     sizes = [[len(ids) for ids in data.demo_item(toks, demos, budgets, args.max_len_per_example)]
              for seeds in files.values() for demos, _ in seeds.values()]                # (sets, 2)
-    return dict(zip(("icl", "mend"), np.mean(sizes, axis=0).tolist())) if sizes else {}
+    return dict(zip(("icl", "mend"), np.mean(sizes, axis=0).tolist()))
 
 
 def find_tasks(args, tasks):
-    """-> ({task: {seed: (demos, tests)}}, {skipped task: reason}); each skip is reported in one line."""
-    files, skipped = {}, {}
-    for task in tasks:
-        found = task_files(args, task)
-        if isinstance(found, str):
-            print(f"warning: skipping {task}: {found}")
-            skipped[task] = found
-        else:
-            files[task] = found
+    """-> ({task: {seed: (demos, tests)}}, {skipped task: reason}); each skip is reported in one line. Finding no task
+    is an error: a run that would evaluate nothing."""
+    found = {task: task_files(args, task) for task in tasks}
+    files = {t: f for t, f in found.items() if not isinstance(f, str)}
+    skipped = {t: f for t, f in found.items() if isinstance(f, str)}
+    if not files:
+        task, reason = next(iter(skipped.items()))
+        raise SystemExit(f"--partition {args.partition} --seeds {','.join(map(str, args.seeds))}: none of its "
+                         f"{len(tasks)} test tasks has its files under {Path(args.data) / 'metaicl'} "
+                         f"({task}: {reason})")
+    for task, reason in skipped.items():
+        print(f"warning: skipping {task}: {reason}")
     return files, skipped
 
 
@@ -265,10 +278,11 @@ def task_files(args, task):
 # models
 
 
-def load_models(args, methods, device, dtype=torch.float32):
-    """LLM, (LLM tokenizer, distiller tokenizer), distiller (None without mend) and the vector metadata.
-    Lengths and budgets default to the checkpoint's training config, else to the paper's values."""
-    distiller, cfg = None, {}
+def read_checkpoint(args, methods, device):
+    """The MEND checkpoint's state and training config (both empty without mend); lengths and budgets default to the
+    config's, else to the paper's values, and are checked. A bad checkpoint or budget fails here, before any model
+    loads."""
+    state, cfg = {}, {}
     if "mend" in methods:
         if not Path(args.ckpt).exists():
             raise SystemExit(f"{args.ckpt} not found; make it with: python train.py --stage pretrain && "
@@ -281,7 +295,17 @@ def load_models(args, methods, device, dtype=torch.float32):
         if getattr(args, key) is None:
             setattr(args, key, cfg.get(key, paper_value))
     args.llm = args.llm or cfg.get("llm", EMBEDDED)
-    llm, toks, meta = load_llm(args.llm, device, dtype), tokenizers(cfg.get("distiller", "layers:1"), args.llm), {}
+    if data.budget_error(args):
+        raise SystemExit(data.budget_error(args))
+    return state, cfg
+
+
+def load_models(args, methods, device, dtype=torch.float32, checkpoint=None):
+    """LLM, (LLM tokenizer, distiller tokenizer), distiller (None without mend), the vector metadata and the training
+    config, from read_checkpoint's (state, config) (read here when not given)."""
+    state, cfg = checkpoint or read_checkpoint(args, methods, device)
+    toks, distiller, meta = tokenizers(cfg.get("distiller", "layers:1"), args.llm), None, {}
+    llm = load_llm(args.llm, device, dtype)
     if cfg:
         base = cfg.get("base", "none")
         distiller = build_distiller(cfg["distiller"], llm, cfg["n_vectors"], gated=base != "none")
@@ -330,11 +354,18 @@ def paired_bootstrap(a, b, n=2000, seed=0):
 
 def compare(spec):
     """--compare A.json:METHOD,B.json:METHOD -> print the paired bootstrap of A's method over B's."""
-    (fa, ma), (fb, mb) = (s.rsplit(":", 1) for s in spec.split(","))
+    pairs = [s.rsplit(":", 1) for s in spec.split(",")]
+    if len(pairs) != 2 or any(len(pair) != 2 for pair in pairs):
+        raise SystemExit(f"--compare {spec}: expected A.json:METHOD,B.json:METHOD")
+    (fa, ma), (fb, mb) = pairs
     missing = [f for f in (fa, fb) if not Path(f).is_file()]
     if missing:
         raise SystemExit(f"--compare: {missing[0]}: no such file")
-    a, b = (json.loads(Path(f).read_text())["methods"][m]["tasks"] for f, m in ((fa, ma), (fb, mb)))
+    methods = [json.loads(Path(f).read_text()).get("methods", {}) for f in (fa, fb)]
+    for (f, m), found in zip(pairs, methods):
+        if m not in found:
+            raise SystemExit(f"--compare: {f} holds no method {m!r} (it holds {', '.join(found) or 'none'})")
+    a, b = methods[0][ma]["tasks"], methods[1][mb]["tasks"]
     if set(a) != set(b):
         raise SystemExit(f"--compare: the two files cover different tasks ({sorted(set(a) ^ set(b))})")
     wins = sum(a[t]["score"] > b[t]["score"] for t in a)
@@ -383,21 +414,19 @@ def main(args):
     if args.compare:
         return compare(args.compare)
     t_start = time.time()
-    methods = [m for m in args.methods.split(",") if m] or ["zeroshot", "icl"] + ["mend"] * Path(args.ckpt).exists()
-    if not args.methods and "mend" not in methods:
-        print(f"note: {args.ckpt} not found, so no mend (make it with: python train.py --stage pretrain && "
-              f"python train.py --stage finetune --init ckpt.pt)")
-    if not set(methods) <= set(METHODS):
-        raise SystemExit(f"--methods must be a subset of {','.join(METHODS)}, got {args.methods}")
-    args.seeds = [int(s) for s in str(args.seeds).split(",")]
+    methods = args.methods or ["zeroshot", "icl"] + ["mend"] * Path(args.ckpt).exists()
     if args.threads:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
     dtype, ctx = autocast(device, args.dtype)
     part = data.partition(args.data, args.partition)
-    llm, toks, distiller, meta, cfg = load_models(args, methods, device, dtype)
-    refuse_seen_tasks(cfg, part["test"], args)
-    files, skipped = find_tasks(args, part["test"])
+    checkpoint = read_checkpoint(args, methods, device)
+    refuse_seen_tasks(checkpoint[1], part["test"], args)
+    files, skipped = find_tasks(args, part["test"])  # a bad input fails by here, before a model loads
+    if not args.methods and "mend" not in methods:
+        print(f"note: {args.ckpt} not found, so no mend (make it with: python train.py --stage pretrain && "
+              f"python train.py --stage finetune --init ckpt.pt)")
+    llm, toks, distiller, meta, cfg = load_models(args, methods, device, dtype, checkpoint)
     print(f"{args.partition}: evaluating {len(files)} of {len(part['test'])} test tasks ({len(skipped)} skipped), "
           f"seeds {args.seeds}, methods {methods}, llm {args.llm}, device {device}, dtype {str(dtype)[6:]}")
     if args.bench:
@@ -414,9 +443,8 @@ def main(args):
             print(f"[{n}/{len(files)}] {task} {method}: {score['score']:.1f} "
                   f"({' '.join(f'{v:.1f}' for v in score['per_seed'].values())}) {time.time() - t0:.0f}s", flush=True)
     for m in methods:
-        results[m]["average"] = float(np.mean([t["score"] for t in results[m]["tasks"].values()])) if files else 0.0
-    if files:
-        print_table(results, methods)
+        results[m]["average"] = float(np.mean([t["score"] for t in results[m]["tasks"].values()]))
+    print_table(results, methods)
     if "mend" in results and cfg:  # name what was trained: mend, mend_no_kd (lam 0) or prompt_tuning
         results[trained_method(cfg)] = results.pop("mend")
     report = {"partition": args.partition, "perturb": args.perturb, "llm": args.llm, "dtype": str(dtype)[6:], "distiller": cfg.get("distiller"),

@@ -90,33 +90,41 @@ GOALS = dict(mend_vs_icl=0.5, reuse_vs_zeroshot=1.3)  # this project's latency g
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = data.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--pairs", default=",".join(PAIRS), help="comma-separated LLMs of the FLOPs table (see PAIRS)")
-    p.add_argument("--query_tokens", type=int, default=64, help="T: tokens of one query row (input + option)")
-    p.add_argument("--n_vectors", type=int, default=100, help="L: distillation vectors (the paper's l)")
-    p.add_argument("--queries", type=int, default=100, help="Q: test queries that share one demonstration set")
+    p.add_argument("--query_tokens", type=data.positive_int, default=64,
+                   help="T: tokens of one query row (input+option)")
+    p.add_argument("--n_vectors", type=data.positive_int, default=100, help="L: distillation vectors (the paper's l)")
+    p.add_argument("--queries", type=data.positive_int, default=100,
+                   help="Q: test queries sharing one demonstration set")
     p.add_argument("--data", default="", help="folder with metaicl/ to measure D per partition, e.g. ../shared/data")
-    p.add_argument("--tokenizer", default="smollm2-135m", help="tokenizer for --data (gpt2 if it is cached locally)")
-    p.add_argument("--k", type=int, default=16, help="--data: demonstrations per task (eval.py's default)")
-    p.add_argument("--max_len_per_example", type=int, default=256, help="--data: tokens per demo (eval.py's default)")
-    p.add_argument("--demo_tokens", default="767,643", help="--data: ICL,distiller demo budgets (eval.py's defaults)")
+    p.add_argument("--tokenizer", type=data.model_name, default="smollm2-135m",
+                   help="tokenizer for --data (gpt2 if it is cached locally)")
+    p.add_argument("--k", type=data.positive_int, default=16,
+                   help="--data: demonstrations per task (eval.py's default)")
+    p.add_argument("--max_len_per_example", type=data.positive_int, default=256,
+                   help="--data: tokens per demo (eval.py's default)")
+    p.add_argument("--demo_tokens", type=data.positive_ints, default="767,643",
+                   help="--data: ICL,distiller demo budgets (eval.py's defaults)")
     p.add_argument("--bench_pair", default="auto", choices=["auto", "none", *PAIRS],
                    help="LLM (with its distiller) to time: auto = gpt2-large on cuda, smollm2-135m on cpu")
     p.add_argument("--lengths", default="class2class", help="comma-separated partitions whose paper D is timed")
-    p.add_argument("--batches", default="auto", help="query rows per batch (comma list): auto = 1,16 on cuda, else 1")
-    p.add_argument("--runs", type=int, default=20, help="timed forwards per cell (the median is reported), at least 20")
-    p.add_argument("--warmup", type=int, default=1, help="untimed forwards before each cell")
+    p.add_argument("--batches", type=lambda s: s if s == "auto" else data.positive_ints(s), default="auto",
+                   help="query rows per batch (comma list): auto = 1,16 on cuda, else 1")
+    p.add_argument("--runs", type=data.checked(int, lambda v: v >= 20, "an integer >= 20"), default=20,
+                   help="timed forwards per cell (the median is reported)")
+    p.add_argument("--warmup", type=data.count, default=1, help="untimed forwards before each cell")
     p.add_argument("--device", default="auto", help="auto = cuda if available, else cpu")
     p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"],
                    help="auto = bfloat16 on cuda if supported, else float32")
-    p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0 = torch's default)")
-    p.add_argument("--seed", type=int, default=0, help="torch.manual_seed for the random-init weights and ids")
+    p.add_argument("--threads", type=data.count, default=0, help="CPU threads for torch (0 = torch's default)")
+    p.add_argument("--seed", type=data.count, default=0, help="torch.manual_seed for the random-init weights and ids")
     p.add_argument("--out", default="results", help="folder for flops.md and flops.json")
     p.add_argument("--plot", default="", help="also draw the FLOPs per query to this .png (needs matplotlib)")
     args = p.parse_args(argv)
-    if args.runs < 20:
-        p.error("--runs must be at least 20")
+    if len(args.demo_tokens) != 2 or min(args.demo_tokens) < args.max_len_per_example:
+        p.error(f"--demo_tokens {','.join(map(str, args.demo_tokens))}: two budgets (ICL,distiller), each at least "
+                f"--max_len_per_example ({args.max_len_per_example}), so that one demonstration fits")
     for name in args.pairs.split(","):
         if name not in PAIRS:
             p.error(f"--pairs: unknown LLM {name!r}; choose from {', '.join(PAIRS)}")
@@ -237,21 +245,26 @@ def peak_flops(device, dtype):
 # demonstration lengths: the paper's, or measured on MetaICL files
 
 
-def measured_lengths(args):
-    """{partition: mean D} over the test tasks of each paper partition that have a seed-100 train file."""
+def demo_files(args):
+    """{partition: the seed-100 train files of its test tasks} under --data, for the paper's partitions that have
+    any; none at all is an error (nothing to measure)."""
+    found = {name: [path for task in data.partition(args.data, name)["test"]
+                    if (path := data.task_file(args.data, task, 16, 100, "train")).exists()] for name in PAPER_LENGTHS}
+    if not any(found.values()):
+        raise SystemExit(f"--data {args.data}: no test task of {', '.join(PAPER_LENGTHS)} has a seed-100 train file "
+                         f"under {Path(args.data) / 'metaicl'}")
+    return {name: paths for name, paths in found.items() if paths}
+
+
+def measured_lengths(args, files):
+    """{partition: mean D} over demo_files' files of each partition."""
     tok = load_tokenizer(args.tokenizer)
-    budgets = tuple(int(b) for b in args.demo_tokens.split(","))
     out = {}
-    for name in PAPER_LENGTHS:
-        lengths = []
-        for task in data.partition(args.data, name)["test"]:
-            path = data.task_file(args.data, task, 16, 100, "train")
-            if path.exists():
-                demos = data.read_metaicl(path)[:args.k]
-                lengths.append(len(data.demo_item((tok, tok), demos, budgets, args.max_len_per_example)[0]))
-        if lengths:
-            out[name] = round(statistics.mean(lengths))
-            print(f"{name}: D = {out[name]} {args.tokenizer} tokens (mean of {len(lengths)} tasks)")
+    for name, paths in files.items():
+        lengths = [len(data.demo_item((tok, tok), data.read_metaicl(path)[:args.k], tuple(args.demo_tokens),
+                                      args.max_len_per_example)[0]) for path in paths]
+        out[name] = round(statistics.mean(lengths))
+        print(f"{name}: D = {out[name]} {args.tokenizer} tokens (mean of {len(lengths)} tasks)")
     return out
 
 
@@ -434,6 +447,7 @@ def plot(path, rows):
 
 def main(args):
     """The recipe: device/dtype -> lengths -> analytic FLOPs -> timings -> goals -> report."""
+    files = demo_files(args) if args.data else {}  # a --data with nothing to measure fails before any output
     torch.manual_seed(args.seed)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -442,15 +456,14 @@ def main(args):
     dtype = getattr(torch, "bfloat16" if bf16 else "float32") if args.dtype == "auto" else getattr(torch, args.dtype)
     dtype_name = str(dtype).split(".")[1]
     bench_pair = args.bench_pair if args.bench_pair != "auto" else "gpt2-large" if device == "cuda" else "smollm2-135m"
-    batches = ("1,16" if device == "cuda" else "1") if args.batches == "auto" else args.batches
-    args.batches = [int(b) for b in batches.split(",")]
+    args.batches = ([1, 16] if device == "cuda" else [1]) if args.batches == "auto" else args.batches
     hardware = torch.cuda.get_device_name() if device == "cuda" else f"threads={torch.get_num_threads()}"
     where = f"{device} {hardware}"                                              # printed with every number
     print(f"device={where} dtype={dtype_name} T={args.query_tokens} L={args.n_vectors} Q={args.queries}")
 
     lengths = {"paper": PAPER_LENGTHS}
     if args.data:
-        lengths[f"{args.data} ({args.tokenizer})"] = measured_lengths(args)
+        lengths[f"{args.data} ({args.tokenizer})"] = measured_lengths(args, files)
     rows = flops_rows(args, lengths)
     report = ["## Analytic FLOPs per test query (GFLOPs; reuse = amortised over Q queries)", "",
               f"T={args.query_tokens} query+option tokens, L={args.n_vectors} vectors, Q={args.queries}, "

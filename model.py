@@ -87,8 +87,17 @@ def resolve_name(name, cache_dir=None):
     return str(embedded_model_dir(cache_dir)) if name == EMBEDDED else name
 
 
+def from_pretrained(auto_class, name, cache_dir=None, **kwargs):
+    """auto_class.from_pretrained of a hub name, local folder or the embedded default. A name that cannot be loaded (not
+    in the cache when offline, a folder that holds no model) is one error line naming it, not a traceback."""
+    try:
+        return auto_class.from_pretrained(resolve_name(name, cache_dir), **kwargs)
+    except (OSError, ValueError) as e:
+        raise data.DataError(f"cannot load {name!r}: {str(e).splitlines()[0]}") from None
+
+
 def load_tokenizer(name, cache_dir=None):
-    tok = AutoTokenizer.from_pretrained(resolve_name(name, cache_dir))
+    tok = from_pretrained(AutoTokenizer, name, cache_dir)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token  # GPT-2 has no pad token; padded slots are masked anyway
     return tok
@@ -96,7 +105,7 @@ def load_tokenizer(name, cache_dir=None):
 
 def load_llm(name, device="cpu", dtype=torch.float32, cache_dir=None):
     """A frozen causal LM (hub name, local path or 'smollm2-135m'): eval mode, no gradients, given device and dtype."""
-    llm = AutoModelForCausalLM.from_pretrained(resolve_name(name, cache_dir), dtype=dtype)
+    llm = from_pretrained(AutoModelForCausalLM, name, cache_dir, dtype=dtype)
     return freeze(llm.to(device))
 
 
@@ -153,7 +162,7 @@ def truncated_backbone(llm, n_layers):
     base = copy.deepcopy(llm.base_model)
     blocks = decoder_layers(base)
     if not 0 < n_layers <= len(blocks):
-        raise ValueError(f"distiller layers:{n_layers} must be between 1 and the LLM's {len(blocks)} layers")
+        raise data.DataError(f"distiller layers:{n_layers} must be between 1 and the LLM's {len(blocks)} layers")
     del blocks[n_layers:]
     for key in ("num_hidden_layers", "n_layer"):
         if hasattr(base.config, key):
@@ -227,7 +236,7 @@ def build_distiller(spec, llm, n_vectors, cache_dir=None, freeze_embeddings=Fals
     if spec.startswith("layers:"):
         backbone = truncated_backbone(llm, int(spec.split(":", 1)[1]))
     else:
-        backbone = AutoModelForCausalLM.from_pretrained(resolve_name(spec, cache_dir), dtype=torch.float32).base_model
+        backbone = from_pretrained(AutoModelForCausalLM, spec, cache_dir, dtype=torch.float32).base_model
     distiller = Distiller(backbone.float(), n_vectors, llm.config.hidden_size, gated).to(llm.device)
     if isinstance(distiller.proj, nn.Identity):
         match_embedding_scale(distiller.backbone, llm)

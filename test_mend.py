@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # before transformers is imported: a test that reaches the network fails
@@ -998,6 +999,60 @@ def test_bad_input_gives_one_error_line_and_status_2(saved_llm, tmp_path):
         status, lines = run_script(*argv)
         assert (status, len(lines)) == (2, 1) and lines[0].startswith("error: ") and message in lines[0], (argv, lines)
     assert not (tmp_path / "f.log").exists()  # a refused --init leaves no log behind
+
+
+BAD_COMMAND_LINES = [  # (command line, what its one error line says); {llm}: a tiny local model, {empty}: a folder
+    # with no data, {data}: sample_data. First the rows of issue 33, then more of the same kinds.
+    ("eval.py --partition qa2qa --data {empty}", "none of its 22 test tasks has its files under"),
+    ("eval.py --partition qa2qa --methods zeroshot --seeds 999 --data {data}", "missing sample-opposite_16_999_train"),
+    ("train.py --stage pretrain --data {empty} --llm {llm}", "c4: no such folder"),
+    ("train.py --stage pretrain --n_vectors -3", "argument --n_vectors: got '-3'; allowed: an integer >= 1"),
+    ("train.py --stage pretrain --n_vectors 0 --max_steps 1", "argument --n_vectors: got '0'"),
+    ("train.py --stage finetune --k 0 --max_steps 1", "argument --k: got '0'"),
+    ("train.py --stage finetune --teacher_demo_tokens 10 --max_steps 1", "--teacher_demo_tokens 10: must be at least"),
+    ("train.py --stage pretrain --batch 0", "argument --batch: got '0'"),
+    ("train.py --stage pretrain --lr -1", "argument --lr: got '-1'; allowed: a number >= 0"),
+    ("train.py --stage pretrain --llm /nonexistent/model", "argument --llm: got '/nonexistent/model'"),
+    ("train.py --stage pretrain --temperature 0", "argument --temperature: got '0'"),
+    ("train.py --stage pretrain --llm no-such-model --data {data}", "cannot load 'no-such-model'"),
+    ("train.py --stage finetune --data {empty} --llm {llm}", "none of the 37 meta-train tasks exist"),
+    ("train.py --stage finetune --relabel 1.5", "argument --relabel: got '1.5'; allowed: a number in [0, 1]"),
+    ("train.py --stage pretrain --base labels", "--base labels applies to --stage finetune"),
+    ("eval.py --methods zeroshot,fewshot", "argument --methods: got 'zeroshot,fewshot'"),
+    ("eval.py --seeds 100,x", "argument --seeds: got '100,x'"),
+    ("eval.py --methods zeroshot --teacher_demo_tokens 100 --data {data}", "--teacher_demo_tokens 100: must be at"),
+    ("flops.py --runs 5", "argument --runs: got '5'; allowed: an integer >= 20"),
+    ("flops.py --demo_tokens 767", "--demo_tokens 767: two budgets"),
+    ("flops.py --data {empty} --bench_pair none", "no test task of class2class"),
+    ("analyze.py --top 0", "argument --top: got '0'"),
+    ("analyze.py --curves run.log", "--curves: run.log: no such file"),
+    ("analyze.py --curves run.log --held_out", "--curves and --held_out: choose one"),
+    ("analyze.py --task no-such-task --data {data}", "no-such-task_16_100_train.jsonl: no such file"),
+]
+
+
+def test_bad_command_lines_give_one_error_line_and_change_no_file(saved_llm, tmp_path):
+    """Every flag is checked when parsed, and impossible combinations and runs that would read nothing are refused:
+    status 2, one `error:` line on stdout and stderr together, no traceback, and no file of the working folder created
+    or changed (eval.py leaves an earlier result of the same name as it was)."""
+    work, env = tmp_path / "work", {**os.environ, "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""}
+    (work / "empty").mkdir(parents=True)
+    (work / "eval_qa2qa.json").write_text('{"an earlier": "result"}')
+    names = dict(llm=saved_llm("llama"), empty=work / "empty", data=ROOT / "sample_data")
+    snapshot = lambda: {p: p.is_file() and p.read_bytes() for p in work.rglob("*")}
+    before = snapshot()
+
+    def run(line):
+        script, *flags = line.format(**names).split()
+        proc = subprocess.run([sys.executable, str(ROOT / script), *flags], cwd=work, env=env, capture_output=True,
+                              text=True)
+        return proc.returncode, [l for l in (proc.stdout + proc.stderr).splitlines() if l.strip()]
+
+    with ThreadPoolExecutor(os.cpu_count()) as pool:  # the lines run side by side: most of their time is imports
+        results = list(pool.map(run, [line for line, _ in BAD_COMMAND_LINES]))
+    for (line, message), (status, out) in zip(BAD_COMMAND_LINES, results):
+        assert (status, len(out)) == (2, 1) and out[0].startswith("error: ") and message in out[0], (line, out)
+    assert snapshot() == before
 
 
 # -----------------------------------------------------------------------------

@@ -31,9 +31,9 @@ import data
 import flops
 from distill import answer_ce_per_example, demo_vectors, kl_per_example, mend_loss, phase
 from eval import macro_f1
-from model import (EMBEDDED, autocast, build_distiller, check_compatible, count_params, distiller_state, llm_logits,
-                   load_checkpoint, load_distiller_state, load_llm, option_scores, prefix_cache, resolve_device,
-                   save_checkpoint, teacher_logits, tokenizers)
+from model import (EMBEDDED, PROMPT, autocast, build_distiller, check_compatible, count_params, distiller_state,
+                   llm_logits, load_checkpoint, load_distiller_state, load_llm, option_scores, prefix_cache,
+                   resolve_device, save_checkpoint, teacher_logits, tokenizers)
 
 PAPER = {  # spec section 6 (the official pretrain.sh / finetune.sh); batch is per GPU: 8 GPUs give the global 8
     "common": dict(llm="gpt2-large", distiller="gpt2", n_vectors=100, k=16, batch=1, grad_accum=1, max_steps=30000,
@@ -50,7 +50,7 @@ GATE_LR = 100.0    # --base: the gate's learning rate, in units of --lr (see mak
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = data.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--stage", required=True, choices=["pretrain", "finetune"], help="1: C4, KL only; 2: MetaICL, CE+KL")
     p.add_argument("--preset", default="cpu", choices=["cpu", "paper"], help="defaults: a short CPU run, or the paper's")
     p.add_argument("--init", default="", help="start the distiller from this checkpoint (stage 2 from stage 1)")
@@ -58,17 +58,25 @@ def get_args(argv=None):
     p.add_argument("--out", default="", help="checkpoint path (default: ckpt.pt for pretrain, mend.pt for finetune)")
     p.add_argument("--data", default="sample_data", help="data folder with c4/ and metaicl/ (real data: ../shared/data)")
     p.add_argument("--partition", default="qa2qa", help="MetaICL partition whose meta-train tasks stage 2 uses")
-    p.add_argument("--llm", default=EMBEDDED, help="frozen LLM: hub name, local path, or smollm2-135m (offline)")
-    p.add_argument("--distiller", default="layers:2", help="hub name / path (paper: gpt2), or layers:N = LLM's first N")
-    p.add_argument("--n_vectors", type=int, default=16, help="l, the number of distillation vectors (paper: 100)")
-    p.add_argument("--k", type=int, default=4, help="demonstrations per stage-2 example (paper: 16)")
-    p.add_argument("--max_len_per_example", type=int, default=64, help="tokens per input+output (MetaICL: 256)")
-    p.add_argument("--teacher_demo_tokens", type=int, default=256, help="teacher's demonstration budget (paper: 767)")
-    p.add_argument("--distiller_demo_tokens", type=int, default=256, help="distiller's demo budget (paper: 643)")
-    p.add_argument("--c4_max_tokens", type=int, default=128, help="tokens kept per C4 document (paper: 1024)")
-    p.add_argument("--queries_per_demo", type=int, default=1, help="stage 2: queries of a task read after one demo set")
-    p.add_argument("--relabel", type=float, default=0.0, help="stage 2: chance an item's label words are swapped for "
-                   "other tasks' labels, in its demos and queries alike (symbol tuning, against label priors)")
+    p.add_argument("--llm", type=data.model_name, default=EMBEDDED,
+                   help="frozen LLM: hub name, local path, or smollm2-135m (offline)")
+    p.add_argument("--distiller", type=data.model_name, default="layers:2",
+                   help="hub name / path (paper: gpt2), or layers:N = LLM's first N")
+    p.add_argument("--n_vectors", type=data.positive_int, default=16,
+                   help="l, the number of distillation vectors (paper: 100)")
+    p.add_argument("--k", type=data.positive_int, default=4, help="demonstrations per stage-2 example (paper: 16)")
+    p.add_argument("--max_len_per_example", type=data.positive_int, default=64,
+                   help="tokens per input+output (MetaICL: 256)")
+    p.add_argument("--teacher_demo_tokens", type=data.positive_int, default=256,
+                   help="teacher's demonstration budget (paper: 767)")
+    p.add_argument("--distiller_demo_tokens", type=data.positive_int, default=256,
+                   help="distiller's demo budget (paper: 643)")
+    p.add_argument("--c4_max_tokens", type=data.checked(int, lambda v: v >= 2, "an integer >= 2 (demonstrations and "
+                   "a query)"), default=128, help="tokens kept per C4 document (paper: 1024)")
+    p.add_argument("--queries_per_demo", type=data.positive_int, default=1,
+                   help="stage 2: queries of a task read after one demo set")
+    p.add_argument("--relabel", type=data.fraction, default=0.0, help="stage 2: chance an item's label words are "
+                   "swapped for other tasks' labels, in its demos and queries alike (symbol tuning, against priors)")
     p.add_argument("--kl_rows", default="query", choices=["query", "options"], help="stage 2: KL on every query row "
                    "and CE on the answer (paper), or both on the rows the option scorer reads, every option teacher-forced")
     p.add_argument("--base", default="none", choices=["none", *data.FREE_PREFIXES], help="start MEND from a free "
@@ -76,34 +84,38 @@ def get_args(argv=None):
                    "0 (none: the paper's MEND; labels/truncated: eval.py's free prefixes; stage 1: truncated only)")
     p.add_argument("--freeze_embeddings", action=argparse.BooleanOptionalAction, default=True,
                    help="keep the distiller's token embeddings frozen (paper: trained)")
-    p.add_argument("--lr", type=float, default=1e-4, help="peak AdamW learning rate (paper: 5e-5 / 1e-5)")
-    p.add_argument("--lr_vectors", type=float, default=0.0, help="peak lr of the placeholders and projection (0: --lr)")
-    p.add_argument("--weight_decay", type=float, default=0.0, help="AdamW weight decay (paper: 0)")
+    p.add_argument("--lr", type=data.non_negative, default=1e-4,
+                   help="peak AdamW learning rate (paper: 5e-5 / 1e-5; 0 = weights stay as initialised)")
+    p.add_argument("--lr_vectors", type=data.non_negative, default=0.0,
+                   help="peak lr of the placeholders and projection (0: --lr)")
+    p.add_argument("--weight_decay", type=data.non_negative, default=0.0, help="AdamW weight decay (paper: 0)")
     p.add_argument("--schedule", default="linear", choices=["linear", "cosine", "constant"], help="after warmup")
-    p.add_argument("--warmup", type=int, default=0, help="linear warmup steps (paper: 0)")
-    p.add_argument("--max_steps", type=int, default=30, help="optimizer steps (paper: 30000)")
-    p.add_argument("--batch", type=int, default=2, help="examples per micro-batch per process (paper: 1 x 8 GPUs)")
-    p.add_argument("--grad_accum", type=int, default=1, help="micro-batches per optimizer step")
-    p.add_argument("--clip", type=float, default=1.0, help="gradient-norm clip (HF Trainer default: 1.0)")
-    p.add_argument("--peak_tflops", type=float, default=0.0, help="the peak MFU is measured against (0: the GPU's "
-                   "nominal peak from flops.GPU_PEAK_TFLOPS; on CPU this machine's float32 matmul rate, measured)")
+    p.add_argument("--warmup", type=data.count, default=0, help="linear warmup steps (paper: 0)")
+    p.add_argument("--max_steps", type=data.positive_int, default=30, help="optimizer steps (paper: 30000)")
+    p.add_argument("--batch", type=data.positive_int, default=2,
+                   help="examples per micro-batch per process (paper: 1 x 8 GPUs)")
+    p.add_argument("--grad_accum", type=data.positive_int, default=1, help="micro-batches per optimizer step")
+    p.add_argument("--clip", type=data.positive, default=1.0, help="gradient-norm clip (HF Trainer default: 1.0)")
+    p.add_argument("--peak_tflops", type=data.non_negative, default=0.0, help="the peak MFU is measured against (0: "
+                   "the GPU's nominal peak from flops.GPU_PEAK_TFLOPS; on CPU the measured float32 matmul rate)")
     p.add_argument("--llm_dropout", action=argparse.BooleanOptionalAction, default=False,
                    help="the frozen LLM's dropout on in the training passes (teacher and student), as in the official "
                    "code, whose Trainer puts the whole model in train mode; validation and eval.py never use it")
-    p.add_argument("--lam", type=float, default=1.0, help="lambda, the KL weight in stage 2 (paper: 1.0)")
-    p.add_argument("--temperature", type=float, default=1.0, help="KL temperature tau (paper: 1)")
-    p.add_argument("--seed", type=int, default=100, help="seed of the data order and of torch")
+    p.add_argument("--lam", type=data.non_negative, default=1.0,
+                   help="lambda, the KL weight in stage 2 (paper: 1.0; 0 = CE only)")
+    p.add_argument("--temperature", type=data.positive, default=1.0, help="KL temperature tau (paper: 1)")
+    p.add_argument("--seed", type=data.count, default=100, help="seed of the data order and of torch")
     p.add_argument("--device", default="auto", help="auto = cuda if available, else cpu")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="autocast dtype, and the frozen LLM's; auto = bf16 on CUDA when supported, fp16 on older "
                    "CUDA, fp32 on CPU (bf16/fp16 run on CPU too, slowly: the GPU's code path)")
-    p.add_argument("--eval_interval", type=int, default=10, help="steps between validation + checkpoint")
-    p.add_argument("--val_items", type=int, default=8, help="held-out validation examples")
-    p.add_argument("--val_tasks", type=int, default=0, help="stage 2: meta-train tasks held out of training, on which "
-                   "MEND's option choices are scored next to zero-shot and ICL (the selection signal)")
-    p.add_argument("--val_task_examples", type=int, default=40, help="test examples per held-out task")
-    p.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default, every core)")
-    p.add_argument("--log_interval", type=int, default=1, help="steps between log lines")
+    p.add_argument("--eval_interval", type=data.positive_int, default=10, help="steps between validation + checkpoint")
+    p.add_argument("--val_items", type=data.count, default=8, help="held-out validation examples (0 = none)")
+    p.add_argument("--val_tasks", type=data.count, default=0, help="stage 2: meta-train tasks held out of training "
+                   "(0 = none), on which MEND's option choices are scored next to zero-shot and ICL (selection signal)")
+    p.add_argument("--val_task_examples", type=data.positive_int, default=40, help="test examples per held-out task")
+    p.add_argument("--threads", type=data.count, default=0, help="CPU threads (0: torch's default, every core)")
+    p.add_argument("--log_interval", type=data.positive_int, default=1, help="steps between log lines")
     p.add_argument("--compile", action="store_true", help="torch.compile the distiller (opt-in)")
     p.add_argument("--bench", action="store_true", help="time every phase of every step; write a breakdown JSON")
     known, _ = p.parse_known_args(argv)
@@ -111,9 +123,22 @@ def get_args(argv=None):
         p.set_defaults(**PAPER["common"], **PAPER[known.stage])
     args = p.parse_args(argv)
     args.out = args.out or OUT[args.stage]
-    if args.base == "labels" and args.stage == "pretrain":
-        p.error("--base labels applies to --stage finetune (C4 text has no labels; stage 1 takes --base truncated)")
+    why = combination_error(args)
+    if why:
+        p.error(why)
     return args
+
+
+def combination_error(args):
+    """Why flags that are each in range cannot work together, or None."""
+    if args.base == "labels" and args.stage == "pretrain":
+        return "--base labels applies to --stage finetune (C4 text has no labels; stage 1 takes --base truncated)"
+    if args.base != "none" and args.distiller == PROMPT:
+        return f"--base {args.base} needs a distiller; PromptTuning (--distiller prompt) never reads the demonstrations"
+    layers = args.distiller.removeprefix("layers:")
+    if layers != args.distiller and not (layers.isdigit() and int(layers) >= 1):
+        return f"--distiller {args.distiller}: layers:N takes an integer N >= 1"
+    return data.budget_error(args) if args.stage == "finetune" else None
 
 
 # -----------------------------------------------------------------------------
@@ -147,24 +172,36 @@ def get_lr(args, step):
 # data: item number i of the run, the same whatever the number of processes
 
 
-def make_items(args, toks, log, predict=None):
-    """-> (item(i) for training item number i, fixed validation items, trained-on tasks, held-out selection tasks).
-    predict(method, task, (demos, tests)) -> (predictions, golds) judges the candidates of the selection signal."""
-    budgets = (args.teacher_demo_tokens, args.distiller_demo_tokens)
+def read_data(args, toks):
+    """The run's C4 items (stage 1) or meta-train pools (stage 2), read before the LLM loads and the log is written,
+    so that a run that would read nothing is refused first -> (items or pools, lines for the log)."""
+    notes = []
+    if args.stage == "finetune":
+        part = data.partition(args.data, args.partition)
+        return data.meta_train_pools(args.data, part["train"], notes.append), notes
+    base_l = args.n_vectors if args.base == "truncated" else 0
+    docs = [d for d in (data.c4_item(t, toks, args.c4_max_tokens, base_l=base_l)
+                        for t in data.read_c4(Path(args.data) / "c4")) if d]
+    if len(docs) <= args.val_items:
+        raise SystemExit(f"{args.data}/c4 has {len(docs)} usable documents; need more than "
+                         f"--val_items={args.val_items}")
+    return docs, notes
+
+
+def make_items(args, read, toks, log, predict=None):
+    """read_data's (items or pools, lines for the log) -> (item(i) for training item number i, fixed validation items,
+    trained-on tasks, held-out selection tasks). predict(method, task, (demos, tests)) -> (predictions, golds) judges
+    the candidates of the selection signal."""
+    budgets, (source, notes) = (args.teacher_demo_tokens, args.distiller_demo_tokens), read
+    for note in notes:
+        log(note)
     if args.stage == "pretrain":
-        base_l = args.n_vectors if args.base == "truncated" else 0
-        docs = [d for d in (data.c4_item(t, toks, args.c4_max_tokens, base_l=base_l)
-                            for t in data.read_c4(Path(args.data) / "c4")) if d]
-        if len(docs) <= args.val_items:
-            raise SystemExit(f"{args.data}/c4 has {len(docs)} usable documents; need more than --val_items={args.val_items}")
-        train, val = docs[:-args.val_items] if args.val_items else docs, docs[len(docs) - args.val_items:]
+        train, val = source[:-args.val_items] if args.val_items else source, source[len(source) - args.val_items:]
         log(f"c4: {len(train):,} training documents, {len(val)} held out")
         return (lambda i: train[torch.randperm(len(train), generator=torch.Generator().manual_seed(
             args.seed + i // len(train)))[i % len(train)]]), val, [], {}
-    part = data.partition(args.data, args.partition)
-    pools = data.meta_train_pools(args.data, part["train"], log)
-    signal = selection_tasks(pools, args, log, predict)
-    pools = {t: p for t, p in pools.items() if t not in signal}
+    signal = selection_tasks(source, args, log, predict)
+    pools = {t: p for t, p in source.items() if t not in signal}
     n_held = 2 if args.val_items else 0
     train_pools, held = data.split_pools(pools, n_held) if n_held else (pools, {})
     base = (args.base, args.n_vectors) if args.base != "none" else None
@@ -353,7 +390,8 @@ def make_optimizer(distiller, args):
 
 
 def run(args):
-    """The recipe: config -> device -> models -> data -> optimizer -> loop -> final save. Returns the step losses."""
+    """The recipe: device -> data -> models -> config -> items -> optimizer -> loop -> final save. Every bad input is
+    refused before the first line of the log is written. Returns the step losses."""
     device, ctx, dtype, rank, world = setup_device(args)
     log_path = Path(args.out).with_suffix(".log")
 
@@ -366,13 +404,14 @@ def run(args):
     torch.manual_seed(args.seed)
     if args.threads:
         torch.set_num_threads(args.threads)
-    start = starting_state(args)  # a bad --init/--resume fails here, before the log or the LLM is touched
-    config = {**vars(args), "world_size": world}
-    log(f"config: {json.dumps(config)}")
+    start = starting_state(args)  # a bad --init/--resume fails here, before the LLM is touched
+    toks = tokenizers(args.distiller, args.llm)  # so does a model that cannot be loaded
+    read = read_data(args, toks)  # and a run that would read nothing
     llm = load_llm(args.llm, device, dtype)  # the frozen LLM is held in the autocast dtype; the distiller stays fp32
     distiller = build_distiller(args.distiller, llm, args.n_vectors, freeze_embeddings=args.freeze_embeddings,
                                 gated=args.base != "none")
-    toks = tokenizers(args.distiller, args.llm)
+    config = {**vars(args), "world_size": world}
+    log(f"config: {json.dumps(config)}")  # the first write: a run refused before this leaves every file as it was
     log(f"device={device} dtype={str(dtype).removeprefix('torch.')} world={world} threads={torch.get_num_threads()} | llm {args.llm}: "
         f"{count_params(llm):,} params, frozen | distiller {args.distiller}: {count_params(distiller, True):,} "
         f"trainable params (backbone + {args.n_vectors} placeholders + projection)")
@@ -382,7 +421,7 @@ def run(args):
     log(f"peak for MFU: {peak / 1e12:.3g} TFLOP/s ({source})" if peak
         else "peak for MFU: unknown GPU, pass --peak_tflops (MFU not logged)")
     predict = lambda method, task, ex: signal_predictions(method, llm, distiller, {task: ex}, toks, args, ctx)[task]
-    item, val_items, tasks, signal = make_items(args, toks, log, predict)
+    item, val_items, tasks, signal = make_items(args, read, toks, log, predict)
     config["train_tasks"], config["val_tasks_held_out"] = tasks, sorted(signal)
     optimizer = make_optimizer(distiller, args)
     scaler = torch.amp.GradScaler(device.split(":")[0], enabled=dtype == torch.float16)  # a no-op unless fp16
