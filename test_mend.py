@@ -572,6 +572,37 @@ def test_paired_bootstrap_and_compare(tmp_path, capsys):
     assert "+50.00 points" in capsys.readouterr().out
 
 
+def test_agreement_with_icl_from_this_run_or_a_reference_file(saved_llm, tmp_path, capsys):
+    """Agreement with ICL: hand-made lists give their share; ICL agrees with itself 100%; --reference gives the same
+    figures as ICL run in the same command and is refused (one line naming the file) for other examples, golds, seeds
+    or missing tasks; --compare bootstraps the agreement like the score."""
+    assert evaluate.agreement([0, 1, 2, 1], [0, 1, 1, 1]) == 75.0
+    common = ["--llm", saved_llm("llama"), "--partition", "class2class", "--seeds", "100", "--max_examples", "4",
+              "--n_vectors", "5", "--max_len_per_example", "32", "--teacher_demo_tokens", "96", "--k", "4"]
+    ref = tmp_path / "ref.json"
+    both = evaluate.main(evaluate.get_args([*common, "--methods", "icl,truncated", "--out", str(ref)]))
+    assert both["methods"]["icl"]["agreement"] == 100.0 and both["reference"] == "icl"
+    got = both["methods"]["truncated"]
+    for task, t in got["tasks"].items():
+        icl = both["methods"]["icl"]["tasks"][task]["predictions"][100]
+        assert t["agreement"] == evaluate.agreement(t["predictions"][100], icl)
+    alone = evaluate.main(evaluate.get_args([*common, "--methods", "truncated", "--reference", str(ref),
+                                             "--out", str(tmp_path / "t.json")]))
+    assert alone["methods"]["truncated"]["agreement"] == got["agreement"]
+    evaluate.compare(f"{ref}:truncated,{tmp_path / 't.json'}:truncated")
+    assert "+0.00 points of agreement" in capsys.readouterr().out
+    report = json.loads(ref.read_text())
+    task = next(iter(report["methods"]["icl"]["tasks"]))
+    bad = {"golds": lambda r: r["methods"]["icl"]["tasks"][task]["golds"]["100"].reverse(),
+           "missing": lambda r: r["methods"]["icl"]["tasks"].pop(task), "seeds": lambda r: r.update(seeds=[13])}
+    for name, spoil in bad.items():
+        broken = json.loads(ref.read_text())
+        spoil(broken)
+        (tmp_path / f"{name}.json").write_text(json.dumps(broken))
+        with pytest.raises(SystemExit, match=f"--reference {tmp_path / name}.json: "):
+            evaluate.main(evaluate.get_args([*common, "--methods", "truncated", "--reference", str(tmp_path / f"{name}.json")]))
+
+
 def test_option_scores_equal_a_brute_force_forward(tmp_path):
     """Batched options over a cached ICL prefix = -(mean NLL of the option tokens) from a plain HF forward each."""
     llm, tok = tiny_llm("llama"), byte_tokenizer(tmp_path)
@@ -609,7 +640,8 @@ def test_eval_reports_skipped_tasks_refuses_seen_tasks_and_writes_the_json(saved
     assert task["metric"] == "accuracy" and task["n_examples"] == 3 and len(task["per_seed"]) == 2
     assert len(list((tmp_path / "vec").glob("*.safetensors"))) == 4  # distilled once per (task, seed)
     again = evaluate.main(evaluate.get_args(["--partition", "qa2qa", *common, "--methods", "mend"]))
-    assert again["methods"]["mend"] == report["methods"]["mend"]    # scored from the saved vectors
+    plain = lambda r: {t: {k: v for k, v in x.items() if k not in ("agreement", "reference")} for t, x in r["tasks"].items()}
+    assert plain(again["methods"]["mend"]) == plain(report["methods"]["mend"])    # scored from the saved vectors
     with pytest.raises(SystemExit, match="not found; make it with: python train.py --stage pretrain"):
         evaluate.main(evaluate.get_args(["--partition", "qa2qa", "--ckpt", str(tmp_path / "none.pt"), "--methods", "mend"]))
     with pytest.raises(SystemExit, match="was finetuned on sample-arithmetic"):
