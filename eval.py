@@ -1,14 +1,13 @@
 """
-Evaluate zero-shot, vanilla ICL and MEND on the unseen test tasks of a MetaICL partition (paper section 4; spec 7).
+Evaluate zero-shot, vanilla ICL and MEND on the unseen test tasks of a MetaICL partition (paper section 4).
 
     python eval.py --partition qa2qa                                   # sample data, after the two train.py commands
     python eval.py --partition class2class --data ../shared/data --methods zeroshot,icl --max_examples 100
 
-What to expect (README, results/): the first command, after the quick start's 30-step smoke checkpoints, prints
-averages zero-shot 56.2, ICL 73.8, MEND 62.5 on the two sample tasks. On class2class (SmolLM2-135M, 100 examples,
-seed 100, 16 demonstrations within 384 tokens): zero-shot 29.0, ICL 34.5, and at l=32 truncated 25.7, labels 29.9,
-anchors 33.4 (37.0 at l=64), MEND trained at CPU scale 25.6-31.5 (means over 3 training seeds, results/seeds). The
-paper's own numbers (gpt2-large, l=100) are not reproduced here: that needs GPUs.
+What it prints: one line per (task, method) with its score per seed and the time taken, then a table of every
+method's score per task and on average, and, when ICL runs in the same command or --reference names an ICL result,
+a second table of each method's agreement with ICL (the share of examples on which it picks ICL's option). The JSON
+file (--out) holds the predictions, golds and configuration; measured numbers live in the README and results/.
 
 Free prefixes at MEND's length l (the checkpoint's n_vectors, else --n_vectors), no training:
   truncated  vanilla ICL reading only the last l tokens of the demonstration prefix;

@@ -1,6 +1,6 @@
 """
 FLOPs and latency per test query of zero-shot, vanilla ICL, MEND and the free prefixes (the paper's Figure 3 and its headline "up to 75%
-fewer FLOPs, 33% faster"; spec sections 9 and 10).
+fewer FLOPs, 33% faster", section 4).
 
     python flops.py | tee results/flops.log               # analytic table for the paper's pairs + timings here
     python flops.py --data ../shared/data                  # also the demo lengths of the real MetaICL files
