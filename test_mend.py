@@ -23,7 +23,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 from safetensors import safe_open
-from transformers import AutoConfig, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import (AutoConfig, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast,
+                          T5Config, T5ForConditionalGeneration)
 
 import data
 import distill
@@ -50,6 +51,11 @@ def on_device():
 
 def tiny_llm(family, seed=0):
     torch.manual_seed(seed)
+    if family == "t5":  # T5 v1.1 / LM-adapt layout (gated-gelu); decoder start 0, </s> = the byte tokenizer's <eos>
+        cfg = T5Config(vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2, num_heads=4,
+                       feed_forward_proj="gated-gelu", decoder_start_token_id=0, pad_token_id=0, eos_token_id=256,
+                       dropout_rate=0.0)  # no dropout, as the tiny Llama: the distiller copy is deterministic
+        return model.freeze(T5ForConditionalGeneration(cfg))
     if family == "gpt2":
         cfg = GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=VOCAB, n_positions=512, bos_token_id=256,
                          eos_token_id=256)
@@ -93,32 +99,46 @@ def ids(*rows):
     return torch.tensor(rows, dtype=torch.long)
 
 
+def hf_logits(llm, prefix, query):
+    """The plain HF forward of [prefix ; query], no cache, no padding: prefix ids (B, P) or embeddings (B, P, C), query
+    (B, T) -> logits at the query rows (B, T, V), row t predicting token t+1. A T5 reads the prefix and </s> in its
+    encoder and [start ; query] in its decoder (the start row is dropped)."""
+    emb = llm.get_input_embeddings()
+    prefix = emb(prefix) if prefix.dtype == torch.long else prefix                    # (B, P, C)
+    if not llm.config.is_encoder_decoder:
+        return llm(inputs_embeds=torch.cat([prefix, emb(query)], 1)).logits[:, -query.shape[1]:]
+    eos = emb(torch.full((len(query), 1), llm.config.eos_token_id))                  # (B, 1, C)
+    start = torch.full((len(query), 1), llm.config.decoder_start_token_id)
+    return llm(inputs_embeds=torch.cat([prefix, eos], 1), decoder_input_ids=torch.cat([start, query], 1)).logits[:, 1:]
+
+
 # -----------------------------------------------------------------------------
 # model.py
 
 
-@pytest.mark.parametrize("family", ["gpt2", "llama"])
+@pytest.mark.parametrize("family", ["gpt2", "llama", "t5"])
 def test_student_with_empty_prefix_equals_hf_forward(family, on_device):
-    """If this fails, the student forward (inputs_embeds, mask, position ids) is not the model HF implements."""
+    """If this fails, the student forward (inputs_embeds, mask, position ids; T5: encoder [</s>], decoder [start ; q])
+    is not the model HF implements."""
     llm = tiny_llm(family)
     q = torch.randint(0, VOCAB, (2, 9))
     ours = model.llm_logits(llm, q, torch.ones_like(q))
-    torch.testing.assert_close(ours, llm(q).logits, rtol=0, atol=1e-5)
+    torch.testing.assert_close(ours, hf_logits(llm, q[:, :0], q), rtol=0, atol=1e-5)
 
 
-@pytest.mark.parametrize("family", ["gpt2", "llama"])
+@pytest.mark.parametrize("family", ["gpt2", "llama", "t5"])
 def test_teacher_equals_hf_on_the_concatenation(family, on_device):
     """Left-padded demos + right-padded query must give the logits of the plain, unpadded concatenation."""
     llm = tiny_llm(family)
     demo, q = torch.randint(0, VOCAB, (1, 7)), torch.randint(0, VOCAB, (1, 5))
-    ref = llm(torch.cat([demo, q], 1)).logits[:, -5:]
+    ref = hf_logits(llm, demo, q)
     padded_demo, demo_mask = ids([0, 0] + demo[0].tolist()), ids([0, 0] + [1] * 7)
     padded_q, q_mask = ids(q[0].tolist() + [0, 0, 0]), ids([1] * 5 + [0] * 3)
     ours = model.teacher_logits(llm, padded_demo, demo_mask, padded_q, q_mask)[:, :5]
     torch.testing.assert_close(ours, ref, rtol=0, atol=1e-5)
 
 
-@pytest.mark.parametrize("family", ["gpt2", "llama"])
+@pytest.mark.parametrize("family", ["gpt2", "llama", "t5"])
 def test_padded_batch_equals_single_examples(family, on_device):
     """A left-padded batch gives, per example, the vectors and student logits of that example alone."""
     llm = tiny_llm(family)
@@ -137,13 +157,15 @@ def test_padded_batch_equals_single_examples(family, on_device):
         torch.testing.assert_close(student[b:b + 1, :len(queries[b])], ref, rtol=0, atol=1e-5)
 
 
-def test_cached_prefix_equals_full_forward(on_device):
-    """Reusing a prefix's keys/values for a batch of queries changes no logit."""
-    llm = tiny_llm("llama")
+@pytest.mark.parametrize("family", ["llama", "t5"])
+def test_cached_prefix_equals_full_forward(family, on_device):
+    """Reusing a prefix's keys/values (T5: its encoder states and cross keys/values) for a batch of queries changes
+    no logit."""
+    llm = tiny_llm(family)
     prefix, q = torch.randint(0, VOCAB, (1, 10)), torch.randint(0, VOCAB, (3, 4))
     kv = model.prefix_cache(llm, prefix_ids=prefix)
     ours = model.llm_logits(llm, q, torch.ones_like(q), prefix_kv=kv)
-    ref = llm(torch.cat([prefix.expand(3, -1), q], 1)).logits[:, -4:]
+    ref = hf_logits(llm, prefix.expand(3, -1), q)
     torch.testing.assert_close(ours, ref, rtol=0, atol=1e-5)
 
 
@@ -189,9 +211,10 @@ def test_answer_ce_is_next_token_nll_of_the_answer():
     assert abs(distill.answer_ce_per_example(logits, q, answer).item() - want.item()) < 1e-6
 
 
-def test_only_the_distiller_learns():
+@pytest.mark.parametrize("family", ["llama", "t5"])
+def test_only_the_distiller_learns(family):
     """After backward only distiller parameters have gradients; an optimizer step leaves the LLM unchanged."""
-    llm = tiny_llm("llama")
+    llm = tiny_llm(family)
     distiller = model.build_distiller("layers:1", llm, n_vectors=3)
     before = {k: v.clone() for k, v in llm.state_dict().items()}
     item = dict(teacher_demo=[5, 6, 7], distiller_demo=[5, 6, 7], queries=[[8, 9, 10, 11]], answer_masks=[[0, 0, 1, 1]])
@@ -228,10 +251,11 @@ def test_llm_dropout_acts_in_training_passes_only(dropout):
     assert not train.get_args(["--stage", "finetune"]).llm_dropout
 
 
-def test_q_queries_after_one_demo_set_equal_q_separate_items(on_device):
+@pytest.mark.parametrize("family", ["llama", "t5"])
+def test_q_queries_after_one_demo_set_equal_q_separate_items(family, on_device):
     """One item with 3 queries (teacher keys/values and distiller run once) has the loss and distiller gradients of
     3 single-query items with the same demonstrations: the Q-query speed-up changes no number."""
-    llm = tiny_llm("llama")
+    llm = tiny_llm(family)
     distiller = model.build_distiller("layers:1", llm, n_vectors=3)
     demo, queries = [5, 6, 7, 8], [[9, 10, 11], [12, 13], [14, 15, 16, 17]]
     answers = [[0, 1, 1], [0, 1], [0, 0, 1, 1]]
@@ -289,13 +313,13 @@ def brute_force_option_terms(llm, vectors, item):
     """The option objective by hand: one full forward of [demos ; input ; option] (teacher) and of [vectors ; input ;
     option] (student) per (input, option), no cache; KL on the input's last 4 rows and the option rows predicting
     option tokens 2.., CE on the gold option's tokens. -> (mean KL, mean CE) over the inputs."""
-    emb, kls, ces = llm.get_input_embeddings(), [], []
+    kls, ces = [], []
     for x, opts, gold in zip(item["inputs"], item["options"], item["gold"]):
         rows, ce = [], None
         for j, o in enumerate(opts):
             seq = torch.tensor([x + o])
-            t = llm(torch.tensor([item["teacher_demo"] + x + o])).logits[0, len(item["teacher_demo"]):]  # (T, V)
-            s = llm(inputs_embeds=torch.cat([vectors, emb(seq)], 1)).logits[0, vectors.shape[1]:]      # (T, V)
+            t = hf_logits(llm, torch.tensor([item["teacher_demo"]]), seq)[0]                 # (T, V)
+            s = hf_logits(llm, vectors, seq)[0]                                              # (T, V)
             picked = list(range(max(0, len(x) - 4), len(x))) * (j == 0) + list(range(len(x), len(x) + len(o) - 1))
             rows += [distill.row_kl(t[r], s[r]) for r in picked]
             if j == gold:
@@ -305,10 +329,11 @@ def brute_force_option_terms(llm, vectors, item):
     return torch.stack(kls).mean(), torch.stack(ces).mean()
 
 
-def test_option_objective_equals_a_brute_force_loop_over_options():
+@pytest.mark.parametrize("family", ["llama", "t5"])
+def test_option_objective_equals_a_brute_force_loop_over_options(family):
     """--kl_rows options shares each input's keys/values among its options (teacher and student); its KL, CE and the
-    distiller's gradients equal one full forward per (input, option)."""
-    llm = tiny_llm("llama")
+    distiller's gradients equal one full forward per (input, option). T5: left-padded decoder inputs."""
+    llm = tiny_llm(family)
     distiller = model.build_distiller("layers:1", llm, n_vectors=3)
     loss, kl, ce = distill.mend_loss(llm, distiller, data.collate([OPTION_ITEM], options=True), lam=0.5)
     loss.backward()
@@ -572,21 +597,22 @@ def test_paired_bootstrap_and_compare(tmp_path, capsys):
     assert "+50.00 points" in capsys.readouterr().out
 
 
-def test_option_scores_equal_a_brute_force_forward(tmp_path):
-    """Batched options over a cached ICL prefix = -(mean NLL of the option tokens) from a plain HF forward each."""
-    llm, tok = tiny_llm("llama"), byte_tokenizer(tmp_path)
+@pytest.mark.parametrize("family", ["llama", "t5"])
+def test_option_scores_equal_a_brute_force_forward(tmp_path, family):
+    """Batched options over a cached ICL prefix (and zero-shot's none) = -(mean NLL of the option tokens) from a plain
+    HF forward each."""
+    llm, tok = tiny_llm(family), byte_tokenizer(tmp_path)
     ex = {"input": "2 plus 2?", "output": "four", "options": ["four", "five!", "x"]}
-    prefix = torch.tensor([data.encode(tok, "1 plus 1?\ntwo\n\n")])
-    scores = model.option_scores(llm, tok, ex, 64, model.prefix_cache(llm, prefix_ids=prefix))
     x = data.encode(tok, ex["input"] + data.QUERY_SEP)
-    for score, option in zip(scores, ex["options"]):
-        o = data.encode(tok, option)
-        logp = F.log_softmax(llm(torch.tensor([prefix[0].tolist() + x + o])).logits[0], -1)
-        start = prefix.shape[1] + len(x)
-        nll = -sum(logp[start + i - 1, t] for i, t in enumerate(o)) / len(o)
-        assert abs(score.item() + nll.item()) < 1e-5
-    naive = evaluate.naive_option_scores(llm, tok, ex, 64, prefix_ids=prefix)
-    torch.testing.assert_close(scores, naive, rtol=0, atol=1e-5)
+    for prefix in (torch.tensor([data.encode(tok, "1 plus 1?\ntwo\n\n")]), torch.zeros(1, 0, dtype=torch.long)):
+        scores = model.option_scores(llm, tok, ex, 64, model.prefix_cache(llm, prefix_ids=prefix) if prefix.numel() else None)
+        for score, option in zip(scores, ex["options"]):
+            o = data.encode(tok, option)
+            logp = F.log_softmax(hf_logits(llm, prefix, torch.tensor([x + o]))[0], -1)  # row t predicts token t+1
+            nll = -sum(logp[len(x) + i - 1, t] for i, t in enumerate(o)) / len(o)
+            assert abs(score.item() + nll.item()) < 1e-5
+        naive = evaluate.naive_option_scores(llm, tok, ex, 64, prefix_ids=prefix)
+        torch.testing.assert_close(scores, naive, rtol=0, atol=1e-5)
 
 
 def test_eval_reports_skipped_tasks_refuses_seen_tasks_and_writes_the_json(saved_llm, tmp_path):
