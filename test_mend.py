@@ -1250,3 +1250,152 @@ def test_gpu_check_smoke_mode_runs_every_step(tmp_path):
     assert not [r for r in rows if "FAILED" in r[2] or "DIFFERENT" in r[2]], rows
     assert rows[4][2] == "equal" and "MFU" in rows[0][2]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["eval.log", "latency.log", "runs.log", "summary.md", "train.log"]
+
+
+# -----------------------------------------------------------------------------
+# the encoder-decoder (T5) path: what the parametrised tests above do not cover
+
+
+def test_t5_loads_from_a_folder_and_bad_llms_are_refused_in_one_line(saved_llm, tmp_path):
+    """load_llm picks the class from the config (a saved T5 folder -> T5ForConditionalGeneration, frozen); T5 in fp16,
+    an encoder-decoder that is not a T5 and a tokenizer that does not fit its model are refused, naming the problem."""
+    from transformers import BartConfig, BartForConditionalGeneration
+    llm = model.load_llm(saved_llm("t5"))
+    assert type(llm).__name__ == "T5ForConditionalGeneration" and not llm.training and model.count_params(llm, True) == 0
+    with pytest.raises(SystemExit, match="overflow in float16"):
+        model.load_llm(saved_llm("t5"), dtype=torch.float16)
+    BartForConditionalGeneration(BartConfig(vocab_size=VOCAB, d_model=16, encoder_layers=1, decoder_layers=1,
+                                            encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=32,
+                                            decoder_ffn_dim=32)).save_pretrained(tmp_path / "bart")
+    with pytest.raises(SystemExit, match="bart encoder-decoder; of the encoder-decoders only T5"):
+        model.load_llm(str(tmp_path / "bart"))
+    small = tmp_path / "small"
+    T5ForConditionalGeneration(T5Config(vocab_size=100, d_model=16, d_kv=4, d_ff=32, num_layers=1, num_heads=2,
+                                        decoder_start_token_id=0)).save_pretrained(small)
+    byte_tokenizer(tmp_path).save_pretrained(small)
+    with pytest.raises(SystemExit, match="tokenizer has 257 tokens but the model embeds only 100"):
+        model.build_distiller(str(small), tiny_llm("t5"), 3)
+
+
+def test_t5_anchors_keep_encoder_rows_and_generate_is_a_greedy_loop(saved_llm, tmp_path):
+    """Anchors: each option's score equals HF with encoder_outputs restricted to the kept rows (and </s>); with l at
+    least the prefix length it is ICL. MEND.generate equals a greedy loop of full forwards (no cache)."""
+    args = evaluate.get_args(["--llm", saved_llm("t5"), "--n_vectors", "20", "--max_len_per_example", "32",
+                              "--teacher_demo_tokens", "96", "--distiller_demo_tokens", "96"])
+    llm, toks, _, _, _ = evaluate.load_models(args, ["anchors"], "cpu")
+    pool = data.read_metaicl(data.task_file(ROOT / "sample_data", "sample-sentiment", 16, 100, "train"))
+    demos, ex = pool[:4], {"input": pool[5]["input"], "options": ["good", "terrible!", "ok"], "output": "ok"}
+    teacher_ids, _ = data.demo_item(toks, demos, (96, 96), 32)
+    D = len(teacher_ids)
+    keep = evaluate.anchor_positions(data.answer_rows(toks[0], demos, D, 32), D, 20) + [D]  # and </s>
+    scores = model.option_scores(llm, toks[0], ex, 32, *evaluate.make_prefix("anchors", llm, toks, None, demos, args, {}))
+    states = llm.encoder(input_ids=torch.tensor([teacher_ids + [256]])).last_hidden_state[:, keep]  # (1, l+1, C)
+    x = data.encode_example(toks[0], ex, 32, answer_len=9)[0]
+    for score, option in zip(scores, ex["options"]):
+        o = data.encode(toks[0], option)
+        logits = llm(encoder_outputs=(states,), decoder_input_ids=torch.tensor([[0] + x + o])).logits[0, 1:]
+        assert abs(score.item() + F.cross_entropy(logits[len(x) - 1:-1], torch.tensor(o)).item()) < 1e-5
+    args.n_vectors = D
+    icl = model.option_scores(llm, toks[0], ex, 32, *evaluate.make_prefix("icl", llm, toks, None, demos, args, {}))
+    anchors = model.option_scores(llm, toks[0], ex, 32, *evaluate.make_prefix("anchors", llm, toks, None, demos, args, {}))
+    torch.testing.assert_close(icl, anchors, rtol=0, atol=1e-6)
+    ckpt = tmp_path / "mend.pt"
+    train.run(train_args(args.llm, ckpt, "--stage", "finetune", "--max_steps", "1", "--val_items", "0"))
+    mend = distill.MEND.load(str(ckpt), device="cpu")
+    vectors = mend.distill([("good film", "yes"), ("bad film", "no")])
+    seq = data.encode_example(mend.toks[0], {"input": "nice film"}, 32, answer_len=8)[0]
+    out = []
+    for _ in range(8):
+        out.append(int(hf_logits(mend.llm, vectors, torch.tensor([seq + out]))[0, -1].argmax()))
+    assert mend.generate(vectors, "nice film", max_new_tokens=8) == mend.toks[0].decode(out, skip_special_tokens=True)
+
+
+def test_t5_gated_base_at_zero_scores_as_its_base(saved_llm, tmp_path):
+    """train.py --base labels on a T5: at gate 0 the vectors are the base's token embeddings, left-padded slots and
+    all, so the encoder reads [base ; </s>] and MEND scores exactly as the labels prefix."""
+    llm, ckpt = saved_llm("t5"), tmp_path / "mend.pt"
+    train.run(train_args(llm, ckpt, "--stage", "finetune", "--max_steps", "1", "--val_items", "0", "--lr", "0",
+                         "--base", "labels", "--n_vectors", "60"))
+    report = evaluate.main(evaluate.get_args(["--data", str(ROOT / "sample_data"), "--ckpt", str(ckpt), "--partition",
+                                              "class2class", "--seeds", "100", "--max_examples", "4", "--methods",
+                                              "mend,labels", "--out", str(tmp_path / "r.json")]))
+    for task, got in report["methods"]["mend"]["tasks"].items():
+        assert got["predictions"] == report["methods"]["labels"]["tasks"][task]["predictions"], task
+    items = [data.meta_train_item({"t": data.read_metaicl(data.task_file(ROOT / "sample_data", "sample-sentiment", 16,
+                                   100, "train"))}, (tok := model.load_tokenizer(llm), tok), i, 0, 4, (96, 96), 32,
+                                   base=("labels", 60)) for i in range(2)]
+    lm, distiller = model.load_llm(llm), model.build_distiller("layers:1", model.load_llm(llm), 60, gated=True)
+    batch = data.collate(items)
+    assert batch["base_mask"][:, 0].sum() == 0                              # short bases: left-padded slots
+    student = model.llm_logits(lm, batch["query_ids"], batch["query_mask"], prefix_embeds=distiller(
+        batch["distiller_demo_ids"], batch["distiller_demo_mask"], lm.get_input_embeddings()(batch["base_ids"])),
+        prefix_mask=batch["base_mask"])
+    for b, it in enumerate(items):
+        n, q = int(batch["base_mask"][b].sum()), ids(it["queries"][0])
+        alone = hf_logits(lm, ids(it["base"][-n:]), q)
+        torch.testing.assert_close(student[b:b + 1, :q.shape[1]], alone, rtol=0, atol=1e-5)
+
+
+def test_t5_train_then_eval_end_to_end(saved_llm, tmp_path):
+    """A saved tiny T5 through both stages of train.py (Q=2 queries per demonstration set, a validation reference)
+    and every method of eval.py (with the distill-once cache and perturbed demonstrations): finite losses, vectors
+    saved once per (task, seed), analyze.py's attention maps refused in one line."""
+    llm, s1, s2 = saved_llm("t5"), tmp_path / "s1.pt", tmp_path / "s2.pt"
+    losses = train.run(train_args(llm, s1, "--stage", "pretrain", "--max_steps", "1", "--val_items", "0"))
+    losses += train.run(train_args(llm, s2, "--stage", "finetune", "--max_steps", "2", "--init", str(s1),
+                                   "--queries_per_demo", "2", "--eval_interval", "2"))
+    assert len(losses) == 3 and all(math.isfinite(loss) for _, loss in losses)
+    assert "val reference" in s2.with_suffix(".log").read_text()
+    common = ["--data", str(ROOT / "sample_data"), "--ckpt", str(s2), "--seeds", "100", "--max_examples", "2",
+              "--vectors_dir", str(tmp_path / "vec"), "--perturb", "random_labels", "--n_vectors", "3"]
+    report = evaluate.main(evaluate.get_args([*common, "--methods", ",".join(evaluate.METHODS), "--out",
+                                              str(tmp_path / "r.json")]))
+    assert set(report["methods"]) == set(evaluate.METHODS) and len(list((tmp_path / "vec").glob("*"))) == 2
+    import analyze
+    with pytest.raises(SystemExit, match="encoder-decoder"):
+        analyze.main(analyze.get_args(["--ckpt", str(s2), "--task", "sample-opposite"]))
+
+
+def test_t5_flops_match_the_flop_counter(monkeypatch):
+    """Encoder, cross-attention keys/values and decoder counted separately: method_flops of a tiny T5 with a 1-block
+    encoder copy as distiller equals what FlopCounterMode counts in the timed cells (batch 1), and step_flops what it
+    counts in mend_loss's forward and backward (stage 2, Q=2)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    import flops
+    cfg = tiny_llm("t5").config
+    cfg._attn_implementation = "eager"  # Q K^T and A V counted
+    monkeypatch.setitem(flops.CONFIGS, "tiny-t5", cfg)
+    monkeypatch.setitem(flops.PAIRS, "tiny-t5", "layers:1")
+    D, T, L = 24, 8, 4
+    llm, distiller = flops.build_models("tiny-t5", L, "cpu", torch.float32)
+    f = flops.method_flops("tiny-t5", D, T, L, 1)
+    reuse = lambda s: sum(flops.decoder_flops(cfg, T + 1, T + 1, s, T).values())  # the decoder alone
+    want = {"zero-shot": f["zeroshot"], "ICL": f["icl"], "MEND": f["mend"], "ICL + demo KV reuse": reuse(D + 1),
+            "MEND + distill once": reuse(L + 1)}
+    with torch.no_grad():
+        for method, fn in flops.latency_cells(llm, distiller, D, T, L, 1).items():
+            with FlopCounterMode(display=False) as counter:
+                fn()
+            assert counter.get_total_flops() == want[method], method
+    llm = model.freeze(llm.float())
+    distiller = model.build_distiller("layers:1", llm, n_vectors=5, freeze_embeddings=True)
+    item = dict(teacher_demo=list(range(60, 100)), distiller_demo=list(range(60, 100)),
+                queries=[list(range(10, 30)), list(range(40, 60))], answer_masks=[[0] * 10 + [1] * 10, [0] * 14 + [1] * 6])
+    with FlopCounterMode(display=False) as counter:
+        distill.mend_loss(llm, distiller, data.collate([item]))[0].backward()
+    want = flops.step_flops(llm.config, distiller.backbone.config, 5, 40, 40, [20, 20])
+    assert abs(counter.get_total_flops() / want - 1) < 0.02, (counter.get_total_flops(), want)
+
+
+def test_a_tokenizer_without_newlines_gets_separators_that_survive(tmp_path):
+    """T5's SentencePiece turns "\\n" into a space: such a tokenizer gets PLAIN_SEPS, so demonstrations stay apart
+    and the query still ends in a separator; a tokenizer that keeps newlines gets the newline format."""
+    spec = json.loads((byte_tokenizer(tmp_path).save_pretrained(tmp_path / "b"), (tmp_path / "b" / "tokenizer.json").read_text())[1])
+    spec["normalizer"] = {"type": "Replace", "pattern": {"String": "\n"}, "content": " "}
+    (tmp_path / "sp.json").write_text(json.dumps(spec))
+    flat = PreTrainedTokenizerFast(tokenizer_file=str(tmp_path / "sp.json"), eos_token="<eos>", pad_token="<eos>")
+    assert data.separators(flat) == data.PLAIN_SEPS and data.separators(byte_tokenizer(tmp_path)) == ("\n", "\n\n")
+    demos = [{"input": "ab", "output": "yes"}, {"input": "cd", "output": "no"}]
+    teacher, _ = data.demo_item((flat, flat), demos, (100, 100), 32)
+    assert flat.decode(teacher) == "ab Answer: yes ; cd Answer: no ; "
+    assert data.answer_rows(flat, demos, len(teacher), 32)[1][0] == len("ab Answer: yes ; cd Answer: ") - 1  # predicts "no"
