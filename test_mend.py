@@ -1047,15 +1047,18 @@ def test_bf16_training_holds_the_llm_in_bf16_keeps_fp32_weights_and_resumes_exac
     assert resumed == full[2:]
 
 
-def test_bf16_scores_agree_with_float32(saved_llm, tmp_path):
+@pytest.mark.parametrize("family", ["llama", "t5"])
+def test_bf16_scores_agree_with_float32(saved_llm, tmp_path, family):
     """MEND.score/generate and eval.py in bf16 against float32 on the tiny model. Tolerance: bf16 keeps 8 significant
     bits (relative rounding 2^-9); a score here is a mean NLL of 8-12 nats, so rounding through 2 layers and the LM head
     moves it by a few hundredths (0.016 measured); we allow 0.1 nats, and require the same best option wherever
     float32's margin between the two best options exceeds twice that (the LM head is scaled up so that margins are
     decisive), and eval.py's predictions in bf16 to equal float32's."""
     llm, ckpt = str(tmp_path / "sharp"), tmp_path / "mend.pt"
-    sharp = tiny_llm("llama")
-    sharp.lm_head.weight.data *= 30  # decisive next-token choices, so that "same best option" can be tested
+    sharp = tiny_llm(family)
+    head = sharp.decoder.final_layer_norm if family == "t5" else sharp.lm_head  # T5's head is tied to its embeddings
+    head.weight.data *= 3 if family == "t5" else 30  # decisive next-token choices, so that "same best option" can be
+    # tested (T5's embeddings start at std 1, not 0.02, so its logits need less)
     sharp.save_pretrained(llm)
     byte_tokenizer(tmp_path).save_pretrained(llm)
     train.run(train_args(llm, ckpt, "--stage", "finetune", "--max_steps", "1", "--val_items", "0"))
@@ -1239,16 +1242,18 @@ def test_separate_distiller_with_its_own_tokenizer_and_width(saved_llm, tmp_path
 
 
 def test_gpu_check_smoke_mode_runs_every_step(tmp_path):
-    """results/gpu/run.sh --smoke: every step of the GPU check runs on CPU with tiny shapes, resume and torchrun
-    reproduce the plain run's losses, bf16 and float32 predict alike, and the logs and summary are written."""
+    """results/gpu/run.sh --smoke: every step of the GPU check runs on CPU with tiny shapes (the T5 runs too), resume
+    and torchrun reproduce the plain run's losses, bf16 and float32 predict alike, and the logs and summary are
+    written."""
     subprocess.run(["bash", str(ROOT / "results" / "gpu" / "run.sh"), str(tmp_path), "--smoke"], check=True,
                    stdout=subprocess.DEVNULL)
     rows = [[c.strip() for c in line.strip("|").split("|")] for line in (tmp_path / "summary.md").read_text().splitlines()
             if line.startswith("| ")][1:]                                              # (step, time, result) rows
     assert [r[0] for r in rows] == ["train_pretrain_float32", "train_pretrain_bfloat16", "train_finetune_float32",
-                                        "train_finetune_bfloat16", "resume", "torchrun", "eval", "latency"]
+                                        "train_finetune_bfloat16", "t5_pretrain_bfloat16", "t5_finetune_bfloat16",
+                                        "resume", "torchrun", "eval", "latency"]
     assert not [r for r in rows if "FAILED" in r[2] or "DIFFERENT" in r[2]], rows
-    assert rows[4][2] == "equal" and "MFU" in rows[0][2]
+    assert rows[6][2] == "equal" and "MFU" in rows[0][2] and "MFU" in rows[4][2]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["eval.log", "latency.log", "runs.log", "summary.md", "train.log"]
 
 
@@ -1277,9 +1282,9 @@ def test_t5_loads_from_a_folder_and_bad_llms_are_refused_in_one_line(saved_llm, 
         model.build_distiller(str(small), tiny_llm("t5"), 3)
 
 
-def test_t5_anchors_keep_encoder_rows_and_generate_is_a_greedy_loop(saved_llm, tmp_path):
+def test_t5_anchors_keep_encoder_rows(saved_llm):
     """Anchors: each option's score equals HF with encoder_outputs restricted to the kept rows (and </s>); with l at
-    least the prefix length it is ICL. MEND.generate equals a greedy loop of full forwards (no cache)."""
+    least the prefix length it is ICL."""
     args = evaluate.get_args(["--llm", saved_llm("t5"), "--n_vectors", "20", "--max_len_per_example", "32",
                               "--teacher_demo_tokens", "96", "--distiller_demo_tokens", "96"])
     llm, toks, _, _, _ = evaluate.load_models(args, ["anchors"], "cpu")
@@ -1299,58 +1304,50 @@ def test_t5_anchors_keep_encoder_rows_and_generate_is_a_greedy_loop(saved_llm, t
     icl = model.option_scores(llm, toks[0], ex, 32, *evaluate.make_prefix("icl", llm, toks, None, demos, args, {}))
     anchors = model.option_scores(llm, toks[0], ex, 32, *evaluate.make_prefix("anchors", llm, toks, None, demos, args, {}))
     torch.testing.assert_close(icl, anchors, rtol=0, atol=1e-6)
-    ckpt = tmp_path / "mend.pt"
-    train.run(train_args(args.llm, ckpt, "--stage", "finetune", "--max_steps", "1", "--val_items", "0"))
-    mend = distill.MEND.load(str(ckpt), device="cpu")
-    vectors = mend.distill([("good film", "yes"), ("bad film", "no")])
-    seq = data.encode_example(mend.toks[0], {"input": "nice film"}, 32, answer_len=8)[0]
-    out = []
-    for _ in range(8):
-        out.append(int(hf_logits(mend.llm, vectors, torch.tensor([seq + out]))[0, -1].argmax()))
-    assert mend.generate(vectors, "nice film", max_new_tokens=8) == mend.toks[0].decode(out, skip_special_tokens=True)
 
 
-def test_t5_gated_base_at_zero_scores_as_its_base(saved_llm, tmp_path):
-    """train.py --base labels on a T5: at gate 0 the vectors are the base's token embeddings, left-padded slots and
-    all, so the encoder reads [base ; </s>] and MEND scores exactly as the labels prefix."""
-    llm, ckpt = saved_llm("t5"), tmp_path / "mend.pt"
-    train.run(train_args(llm, ckpt, "--stage", "finetune", "--max_steps", "1", "--val_items", "0", "--lr", "0",
-                         "--base", "labels", "--n_vectors", "60"))
-    report = evaluate.main(evaluate.get_args(["--data", str(ROOT / "sample_data"), "--ckpt", str(ckpt), "--partition",
-                                              "class2class", "--seeds", "100", "--max_examples", "4", "--methods",
-                                              "mend,labels", "--out", str(tmp_path / "r.json")]))
-    for task, got in report["methods"]["mend"]["tasks"].items():
-        assert got["predictions"] == report["methods"]["labels"]["tasks"][task]["predictions"], task
-    items = [data.meta_train_item({"t": data.read_metaicl(data.task_file(ROOT / "sample_data", "sample-sentiment", 16,
-                                   100, "train"))}, (tok := model.load_tokenizer(llm), tok), i, 0, 4, (96, 96), 32,
-                                   base=("labels", 60)) for i in range(2)]
-    lm, distiller = model.load_llm(llm), model.build_distiller("layers:1", model.load_llm(llm), 60, gated=True)
-    batch = data.collate(items)
-    assert batch["base_mask"][:, 0].sum() == 0                              # short bases: left-padded slots
-    student = model.llm_logits(lm, batch["query_ids"], batch["query_mask"], prefix_embeds=distiller(
-        batch["distiller_demo_ids"], batch["distiller_demo_mask"], lm.get_input_embeddings()(batch["base_ids"])),
-        prefix_mask=batch["base_mask"])
-    for b, it in enumerate(items):
-        n, q = int(batch["base_mask"][b].sum()), ids(it["queries"][0])
-        alone = hf_logits(lm, ids(it["base"][-n:]), q)
-        torch.testing.assert_close(student[b:b + 1, :q.shape[1]], alone, rtol=0, atol=1e-5)
+def test_t5_gated_base_at_zero_reads_its_short_base_as_itself():
+    """A gated distiller at gate 0 on a T5: two items whose bases fill 2 and 4 of l=4 slots (left-padded); the student
+    equals, item by item, the plain HF forward with only the base's tokens before </s> in the encoder."""
+    llm = tiny_llm("t5")
+    distiller = model.build_distiller("layers:1", llm, n_vectors=4, gated=True)
+    items = [dict(teacher_demo=[5, 6, 7], distiller_demo=[5, 6, 7], queries=[[11, 12, 13]], answer_masks=[[0, 0, 1]],
+                  base=[0, 0, 9, 10], base_mask=[0, 0, 1, 1]),
+             dict(teacher_demo=[20, 21], distiller_demo=[20, 21], queries=[[23, 24]], answer_masks=[[0, 1]],
+                  base=[20, 21, 22, 23], base_mask=[1, 1, 1, 1])]
+    b = data.collate(items)
+    vectors = distiller(b["distiller_demo_ids"], b["distiller_demo_mask"], llm.get_input_embeddings()(b["base_ids"]))
+    student = model.llm_logits(llm, b["query_ids"], b["query_mask"], prefix_embeds=vectors, prefix_mask=b["base_mask"])
+    for row, (it, n) in enumerate(zip(items, (2, 4))):
+        q = ids(it["queries"][0])
+        torch.testing.assert_close(student[row:row + 1, :q.shape[1]], hf_logits(llm, ids(it["base"][-n:]), q),
+                                   rtol=0, atol=1e-5)
 
 
 def test_t5_train_then_eval_end_to_end(saved_llm, tmp_path):
-    """A saved tiny T5 through both stages of train.py (Q=2 queries per demonstration set, a validation reference)
-    and every method of eval.py (with the distill-once cache and perturbed demonstrations): finite losses, vectors
-    saved once per (task, seed), analyze.py's attention maps refused in one line."""
+    """A saved tiny T5 through both stages of train.py (stage 2 from a labels base at gate 0, held there by lr 0; Q=2
+    queries per demonstration set; a validation reference) and every method of eval.py (the distill-once cache,
+    perturbed demonstrations): finite losses, vectors saved once per (task, seed), MEND at gate 0 predicting as its
+    base, MEND.generate equal to a greedy loop of full forwards, analyze.py's attention maps refused in one line."""
     llm, s1, s2 = saved_llm("t5"), tmp_path / "s1.pt", tmp_path / "s2.pt"
     losses = train.run(train_args(llm, s1, "--stage", "pretrain", "--max_steps", "1", "--val_items", "0"))
-    losses += train.run(train_args(llm, s2, "--stage", "finetune", "--max_steps", "2", "--init", str(s1),
-                                   "--queries_per_demo", "2", "--eval_interval", "2"))
+    losses += train.run(train_args(llm, s2, "--stage", "finetune", "--max_steps", "2", "--init", str(s1), "--lr", "0",
+                                   "--base", "labels", "--queries_per_demo", "2", "--eval_interval", "2"))
     assert len(losses) == 3 and all(math.isfinite(loss) for _, loss in losses)
     assert "val reference" in s2.with_suffix(".log").read_text()
-    common = ["--data", str(ROOT / "sample_data"), "--ckpt", str(s2), "--seeds", "100", "--max_examples", "2",
-              "--vectors_dir", str(tmp_path / "vec"), "--perturb", "random_labels", "--n_vectors", "3"]
-    report = evaluate.main(evaluate.get_args([*common, "--methods", ",".join(evaluate.METHODS), "--out",
+    report = evaluate.main(evaluate.get_args(["--data", str(ROOT / "sample_data"), "--ckpt", str(s2), "--seeds", "100",
+                                              "--max_examples", "2", "--vectors_dir", str(tmp_path / "vec"), "--perturb",
+                                              "random_labels", "--methods", ",".join(evaluate.METHODS), "--out",
                                               str(tmp_path / "r.json")]))
     assert set(report["methods"]) == set(evaluate.METHODS) and len(list((tmp_path / "vec").glob("*"))) == 2
+    for task, got in report["methods"]["mend"]["tasks"].items():
+        assert got["predictions"] == report["methods"]["labels"]["tasks"][task]["predictions"], task
+    mend = distill.MEND.load(str(s2), device="cpu")
+    vectors = mend.distill([("good film", "yes"), ("bad film", "no")])
+    seq, out = data.encode_example(mend.toks[0], {"input": "nice film"}, 32, answer_len=6)[0], []
+    while len(out) < 6 and mend.toks[0].eos_token_id not in out:
+        out.append(int(hf_logits(mend.llm, vectors, torch.tensor([seq + out]))[0, -1].argmax()))
+    assert mend.generate(vectors, "nice film", max_new_tokens=6) == mend.toks[0].decode(out, skip_special_tokens=True)
     import analyze
     with pytest.raises(SystemExit, match="encoder-decoder"):
         analyze.main(analyze.get_args(["--ckpt", str(s2), "--task", "sample-opposite"]))
