@@ -40,6 +40,15 @@ Amortised over Q queries that share their demonstrations (eval.py's KV reuse and
     truncated F(L, L, 0) / Q + F(T, L+T, T)
     anchors   F(D, D, 0) / Q + F(T, L+T, T)
 
+An encoder-decoder LLM (T5) is counted in three parts (A = H d_kv, F = 3 C d_ff gated or 2 C d_ff, W_e = 4 C A + F,
+W_d = 6 C A + F: self-attention q, k, v, o and cross-attention q, o), the encoder reading s = P+1 rows [prefix ; </s>]:
+
+    Enc(s)            = 2 s N_e W_e + 4 N_e s^2 A                  the encoder (zero-shot: s = 1, [</s>] alone)
+    Cross(s)          = 4 s N_d C A                                every decoder layer's cross keys/values, once
+    Dec(n, m, s, k)   = 2 n N_d W_d + 4 N_d n m A + 4 N_d n s A + 2 k C V    the decoder: n tokens, m self keys
+    per query         = Enc(s) + Cross(s) + Dec(T+1, T+1, s, T)    the decoder reads [start ; query]; reuse divides
+                                                                   Enc + Cross by Q (the query never enters the encoder)
+
 D: Figure 3's caption gives vanilla ICL a partition-dependent context (Class->Class 469 ... non-NLI->NLI 848 tokens)
 against MEND's context of 100 vectors, so those lengths are D and both methods add the same T. All three pairs share
 one tokenizer between LLM and distiller, so the distiller reads the same D tokens. With --data, D is measured instead:

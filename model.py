@@ -7,14 +7,17 @@ Shape legend used in every comment of this project:
 
 The distiller reads the demonstrations followed by L learned placeholder embeddings; its last-layer hidden states at
 the placeholder positions, projected to the LLM width, are the distillation vectors S_D (paper eq. 2-3). The frozen
-LLM then reads [S_D ; query] through `inputs_embeds` instead of [demonstrations ; query].
+LLM then reads [S_D ; query] through `inputs_embeds` instead of [demonstrations ; query]. An encoder-decoder LLM (T5)
+reads [S_D ; </s>] as its whole encoder input and [start ; query] in its decoder (the Seq2Seq adapter below).
 
 The file, in order: loading the LLM (hub names, local folders, the embedded default), the distiller (a truncated
-copy of the LLM or another LM) and the PromptTuning baseline, reading a prefix (cached keys/values, logits at the
-query, option scores), checkpoints. The objectives and the MEND API that uses a trained distiller are in distill.py.
+copy of the LLM or another LM) and the PromptTuning baseline, reading a prefix (one adapter per LLM family: cached
+state, logits at the query, option scores), checkpoints. The objectives and the MEND API that uses a trained
+distiller are in distill.py.
 
-Padding is exact: every forward derives position ids from the attention mask, so a padded batch gives, per example,
-the same numbers as that example alone (the official code uses default position ids and is only right at batch 1).
+Padding is exact: every forward derives position ids from the attention mask (T5, which has none, keeps each row's
+real tokens contiguous), so a padded batch gives, per example, the same numbers as that example alone (the official
+code uses default position ids and is only right at batch 1).
 """
 import copy
 import hashlib
@@ -31,7 +34,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 from safetensors.torch import save_model
-from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer, DynamicCache, EncoderDecoderCache
+from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer, DynamicCache,
+                          EncoderDecoderCache)
 
 import data
 
@@ -104,7 +108,6 @@ def load_llm(name, device="cpu", dtype=torch.float32, cache_dir=None):
         raise SystemExit(f"{name} is a T5 encoder-decoder, whose activations overflow in float16; use --dtype bfloat16 "
                          f"or float32")
     llm = (AutoModelForSeq2SeqLM if seq2seq else AutoModelForCausalLM).from_pretrained(path, dtype=dtype)
-    check_vocabulary(llm, path, name)
     return freeze(llm.to(device))
 
 
@@ -121,14 +124,13 @@ def lm_kind(path):
     return config.is_encoder_decoder
 
 
-def check_vocabulary(model, path, name):
-    """The tokenizer saved with a model must fit its embedding matrix (a foreign tokenizer gives ids past its end)."""
-    if not Path(path).is_dir() or not any(Path(path).glob("tokenizer*")):
-        return
+def check_vocabulary(model, path):
+    """A separate distiller reads its own tokenizer's ids: they must fit its embedding matrix (a tokenizer of another
+    vocabulary, e.g. the LLM's, gives ids past its end, an index error deep inside the forward)."""
     n_tok, n_emb = len(AutoTokenizer.from_pretrained(path)), model.get_input_embeddings().weight.shape[0]
     if n_tok > n_emb:
-        raise SystemExit(f"{name}: its tokenizer has {n_tok} tokens but the model embeds only {n_emb}: the tokenizer "
-                         f"belongs to another model")
+        raise SystemExit(f"--distiller {path}: its tokenizer has {n_tok} tokens but the model embeds only {n_emb}: "
+                         f"the tokenizer's vocabulary is not the model's")
 
 
 def resolve_device(device="auto"):
@@ -271,7 +273,7 @@ def hub_backbone(path):
     """A separate distiller's backbone: a decoder-only LM's base model, or a T5's encoder (the paper's T5 analog)."""
     seq2seq = lm_kind(path)
     model = (AutoModelForSeq2SeqLM if seq2seq else AutoModelForCausalLM).from_pretrained(path, dtype=torch.float32)
-    check_vocabulary(model, path, path)
+    check_vocabulary(model, path)
     return model.encoder if seq2seq else model.base_model
 
 
@@ -392,14 +394,11 @@ class EncoderState:
     self_kv: list = None                # per decoder layer (B, H, T', h) twice: the decoder's own keys/values
     self_mask: torch.Tensor = None      # (B, T')
 
-    def map(self, batch_fn, seq_fn=None):
-        """A new state with batch_fn applied to every tensor's batch dimension, or seq_fn to the encoder's rows."""
-        if seq_fn is not None:
-            return replace(self, states=seq_fn(self.states, 1), mask=seq_fn(self.mask, 1),
-                           cross=[(seq_fn(k, 2), seq_fn(v, 2)) for k, v in self.cross])
-        kv = lambda pairs: None if pairs is None else [(batch_fn(k), batch_fn(v)) for k, v in pairs]
-        return EncoderState(batch_fn(self.states), batch_fn(self.mask), kv(self.cross), kv(self.self_kv),
-                            None if self.self_mask is None else batch_fn(self.self_mask))
+    def map(self, fn):
+        """A new state with fn applied to every tensor (fn acts on the batch dimension, which all of them lead with)."""
+        kv = lambda pairs: None if pairs is None else [(fn(k), fn(v)) for k, v in pairs]
+        return EncoderState(fn(self.states), fn(self.mask), kv(self.cross), kv(self.self_kv),
+                            None if self.self_mask is None else fn(self.self_mask))
 
 
 class Seq2Seq:
@@ -410,7 +409,7 @@ class Seq2Seq:
 
     @staticmethod
     def context(llm, ids=None, embeds=None, mask=None):
-        """The encoder over [prefix ; </s>]: ids (B, P) or vectors (B, P, C), left-padded with mask (B, P), or nothing."""
+        """The encoder over [prefix ; </s>]: ids (B, P) or vectors (B, P, C), left-padded with mask (B, P), or none."""
         emb = llm.get_input_embeddings()
         if embeds is None:
             ids = ids if ids is not None else torch.zeros(1, 0, dtype=torch.long, device=llm.device)  # zero-shot
@@ -421,7 +420,7 @@ class Seq2Seq:
         mask = torch.cat([mask if mask is not None else x.new_ones(B, P, dtype=torch.long),
                           x.new_ones(B, 1, dtype=torch.long)], dim=1)           # (B, S)
         states = llm.encoder(inputs_embeds=x, attention_mask=mask).last_hidden_state  # (B, S, C)
-        heads = lambda t, a: t.view(B, -1, a.n_heads, a.key_value_proj_dim).transpose(1, 2)  # (B, S, C') -> (B, H, S, h)
+        heads = lambda t, a: t.view(B, -1, a.n_heads, a.key_value_proj_dim).transpose(1, 2)  # (B,S,C')->(B,H,S,h)
         attn = [block.layer[1].EncDecAttention for block in llm.decoder.block]
         return EncoderState(states, mask, [(heads(a.k(states), a), heads(a.v(states), a)) for a in attn])
 
@@ -439,7 +438,7 @@ class Seq2Seq:
         past = EncoderDecoderCache(DynamicCache(None if fresh else state.self_kv), DynamicCache(state.cross))
         h = llm.decoder(input_ids=dec, attention_mask=dmask, encoder_hidden_states=state.states,
                         encoder_attention_mask=state.mask, cache=past, use_cache=True).last_hidden_state
-        h = h[:, -(keep or T):]                                                 # (B, keep, C), never the start row
+        h = h[:, -(keep or T):]                                                 # (B, keep, C) of the ids' columns
         if llm.config.scale_decoder_outputs:  # T5 v1.0's tied head; LM-adapt (v1.1) does not scale
             h = h * llm.config.d_model ** -0.5
         self_kv = [(layer.keys, layer.values) for layer in past.self_attention_cache.layers]
@@ -461,7 +460,9 @@ class Seq2Seq:
             return state.map(lambda t: t[rows])                                 # (N, ...)
         keep = torch.cat([torch.as_tensor(positions, device=state.mask.device),
                           torch.tensor([state.mask.shape[1] - 1], device=state.mask.device)])  # (P'+1,) with </s>
-        return state.map(None, lambda t, dim: t.index_select(dim, keep))        # (B, P'+1, ...)
+        pick = lambda t, dim: t.index_select(dim, keep)
+        return replace(state, states=pick(state.states, 1), mask=pick(state.mask, 1),   # (B, P'+1, C), (B, P'+1)
+                       cross=[(pick(k, 2), pick(v, 2)) for k, v in state.cross])        # per layer (B, H, P'+1, h)
 
     @staticmethod
     def shift(state, start):
