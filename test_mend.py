@@ -1392,11 +1392,12 @@ def test_t5_flops_match_the_flop_counter(monkeypatch):
 def test_a_tokenizer_without_newlines_gets_separators_that_survive(tmp_path):
     """T5's SentencePiece turns "\\n" into a space: such a tokenizer gets PLAIN_SEPS, so demonstrations stay apart
     and the query still ends in a separator; a tokenizer that keeps newlines gets the newline format."""
-    spec = json.loads((byte_tokenizer(tmp_path).save_pretrained(tmp_path / "b"), (tmp_path / "b" / "tokenizer.json").read_text())[1])
+    plain = byte_tokenizer(tmp_path)                                          # writes tmp_path / tokenizer.json
+    spec = json.loads((tmp_path / "tokenizer.json").read_text())
     spec["normalizer"] = {"type": "Replace", "pattern": {"String": "\n"}, "content": " "}
     (tmp_path / "sp.json").write_text(json.dumps(spec))
     flat = PreTrainedTokenizerFast(tokenizer_file=str(tmp_path / "sp.json"), eos_token="<eos>", pad_token="<eos>")
-    assert data.separators(flat) == data.PLAIN_SEPS and data.separators(byte_tokenizer(tmp_path)) == ("\n", "\n\n")
+    assert data.separators(flat) == data.PLAIN_SEPS and data.separators(plain) == ("\n", "\n\n")
     demos = [{"input": "ab", "output": "yes"}, {"input": "cd", "output": "no"}]
     teacher, _ = data.demo_item((flat, flat), demos, (100, 100), 32)
     assert flat.decode(teacher) == "ab Answer: yes ; cd Answer: no ; "
