@@ -38,8 +38,8 @@ import torch
 
 import data
 from distill import answer_ce_per_example, demo_vectors, demos_hash, load_vectors, save_vectors
-from model import (EMBEDDED, PROMPT, autocast, build_distiller, file_hash, load_checkpoint, load_distiller_state,
-                   load_llm, option_scores, prefix_cache, resolve_device, tokenizers)
+from model import (EMBEDDED, PROMPT, autocast, build_distiller, family, file_hash, load_checkpoint,
+                   load_distiller_state, load_llm, option_scores, prefix_cache, resolve_device, tokenizers)
 
 PAPER_DEFAULTS = dict(k=16, max_len_per_example=256, teacher_demo_tokens=767, distiller_demo_tokens=643, n_vectors=100)
 METHODS = ("zeroshot", "icl", "truncated", "labels", "anchors", "mend")
@@ -157,12 +157,8 @@ def naive_option_scores(llm, tok, ex, max_len, prefix_ids=None, prefix_embeds=No
     for row in range(q.shape[0]):
         n = int(qm[row].sum())
         ids = q[row:row + 1, :n].to(llm.device)                                         # (1, T)
-        embeds = llm.get_input_embeddings()(ids)                                        # (1, T, C)
-        if prefix_ids is not None:
-            embeds = torch.cat([llm.get_input_embeddings()(prefix_ids), embeds], dim=1)  # (1, P+T, C)
-        if prefix_embeds is not None:
-            embeds = torch.cat([prefix_embeds, embeds], dim=1)                         # (1, P+T, C)
-        logits = llm(inputs_embeds=embeds).logits[:, -n:]                               # (1, T, V)
+        prefix = llm.get_input_embeddings()(prefix_ids) if prefix_ids is not None else prefix_embeds  # (1, P, C)
+        logits = family(llm).reference(llm, prefix, ids)                                # (1, T, V)
         scores.append(-answer_ce_per_example(logits, ids, a[row:row + 1, :n].to(llm.device)))
     return torch.cat(scores)                                                        # (n_options,)
 
@@ -190,7 +186,7 @@ def make_prefix(method, llm, toks, distiller, demos, args, vector_meta):
         kv = prefix_cache(llm, prefix_ids=torch.tensor([teacher_ids], device=llm.device))  # per layer (1, H, D, h)
         rows = data.answer_rows(toks[0], demos, len(teacher_ids), args.max_len_per_example)
         keep = torch.tensor(anchor_positions(rows, len(teacher_ids), args.n_vectors), device=llm.device)
-        return [(k[:, :, keep], v[:, :, keep]) for k, v in kv], len(teacher_ids)       # per layer (1, H, l, h)
+        return family(llm).take(kv, positions=keep), len(teacher_ids)                 # l of the D positions
     return prefix_cache(llm, prefix_embeds=distill(llm, toks, distiller, demos, args, vector_meta)), None
 
 

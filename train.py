@@ -59,8 +59,10 @@ def get_args(argv=None):
     p.add_argument("--out", default="", help="checkpoint path (default: ckpt.pt for pretrain, mend.pt for finetune)")
     p.add_argument("--data", default="sample_data", help="data folder with c4/ and metaicl/ (real data: ../shared/data)")
     p.add_argument("--partition", default="qa2qa", help="MetaICL partition whose meta-train tasks stage 2 uses")
-    p.add_argument("--llm", default=EMBEDDED, help="frozen LLM: hub name, local path, or smollm2-135m (offline)")
-    p.add_argument("--distiller", default="layers:2", help="hub name / path (paper: gpt2), or layers:N = LLM's first N")
+    p.add_argument("--llm", default=EMBEDDED, help="frozen LLM, decoder-only or T5: hub name, local path, or "
+                   "smollm2-135m (offline)")
+    p.add_argument("--distiller", default="layers:2", help="hub name / path (paper: gpt2), or layers:N = LLM's first N "
+                   "(of a T5: its encoder's)")
     p.add_argument("--n_vectors", type=int, default=16, help="l, the number of distillation vectors (paper: 100)")
     p.add_argument("--k", type=int, default=4, help="demonstrations per stage-2 example (paper: 16)")
     p.add_argument("--max_len_per_example", type=int, default=64, help="tokens per input+output (MetaICL: 256)")
