@@ -322,6 +322,9 @@ def main(args):
     demos = data.read_metaicl(data.task_file(args.data, args.task, 16, args.seed, "train"))  # a missing task fails
     query = data.read_metaicl(data.task_file(args.data, args.task, 16, 100, "test"))[0]     # before the model loads
     mend = MEND.load(args.ckpt, device="cpu")
+    if mend.llm.config.is_encoder_decoder:
+        raise SystemExit(f"{args.ckpt}: the attention maps read a decoder-only LLM's attention from the answer position "
+                         f"to its prefix; an encoder-decoder LLM reads it through cross-attention (not analysed here)")
     mend.llm.set_attn_implementation("eager")  # attention weights are only returned by the eager kernels
     if hasattr(mend.distiller, "backbone"):
         mend.distiller.backbone.set_attn_implementation("eager")

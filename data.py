@@ -15,12 +15,14 @@ A data folder holds `c4/` (files of `{"text": ...}` lines, plain or gzipped) and
 
 Format (our choice, see README): a demonstration is `input \\n output \\n\\n`, the query is `input \\n` and an option is
 scored as the tokens of `output`. Newlines are what MetaICL's own training format uses; the official MEND code joins
-GPT-2 demos with no separator, which suits no tokenizer but GPT-2's.
+GPT-2 demos with no separator, which suits no tokenizer but GPT-2's. A tokenizer that drops newlines (T5's
+SentencePiece turns "\\n" into a space) gets separators that survive instead: `input Answer: output ;`.
 
 The command-line helpers shared by train.py, eval.py, flops.py and analyze.py come first: one-line errors, and argparse
 types that check every flag's range when it is parsed.
 """
 import argparse
+import functools
 import gzip
 import json
 import math
@@ -31,6 +33,7 @@ import numpy as np
 import torch
 
 QUERY_SEP, DEMO_SEP = "\n", "\n\n"   # input QUERY_SEP output DEMO_SEP input QUERY_SEP output DEMO_SEP ...
+PLAIN_SEPS = (" Answer: ", " ; ")   # the same for a tokenizer without newlines (T5): input Answer: output ; ...
 
 
 class DataError(ValueError):
@@ -211,18 +214,24 @@ def encode(tok, text):
     return tok(text, add_special_tokens=False).input_ids
 
 
+@functools.lru_cache(maxsize=None)
+def separators(tok):
+    """(query separator, demonstration separator) of a tokenizer: newlines where it keeps them, else PLAIN_SEPS."""
+    return (QUERY_SEP, DEMO_SEP) if "\n" in tok.decode(encode(tok, "\n")) else PLAIN_SEPS
+
+
 def encode_example(tok, ex, max_len, answer_len=None):
-    """(input ids ending in QUERY_SEP, output ids). The input is cut so input+output fit in max_len tokens
+    """(input ids ending in the query separator, output ids). The input is cut so input+output fit in max_len tokens
     (MetaICL's per-example rule); answer_len overrides the output length used for the cut (the longest option)."""
     x, y = encode(tok, ex["input"]), encode(tok, ex.get("output", ""))  # scoring options needs no output
-    sep = encode(tok, QUERY_SEP)
+    sep = encode(tok, separators(tok)[0])
     keep = max(1, max_len - len(sep) - (len(y) if answer_len is None else answer_len))
     return x[:keep] + sep, y
 
 
 def encode_demos(tok, demos, max_len):
-    """Each demonstration as `input QUERY_SEP output DEMO_SEP` token ids."""
-    sep = encode(tok, DEMO_SEP)
+    """Each demonstration as `input QUERY_SEP output DEMO_SEP` token ids (or the PLAIN_SEPS, see separators)."""
+    sep = encode(tok, separators(tok)[1])
     return [sum(encode_example(tok, d, max_len), []) + sep for d in demos]
 
 
@@ -275,7 +284,7 @@ def answer_rows(tok, demos, n_tokens, max_len):
     label), its output tokens and its DEMO_SEP. eval.py's anchors baseline keeps the keys/values of these rows."""
     rows, start = [], 0
     for x, y in (encode_example(tok, d, max_len) for d in demos):
-        end = start + len(x) + len(y) + len(encode(tok, DEMO_SEP))
+        end = start + len(x) + len(y) + len(encode(tok, separators(tok)[1]))
         if end > n_tokens:
             break
         rows.append(list(range(start + len(x) - 1, end)))

@@ -31,12 +31,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
-from transformers import DynamicCache
 
 import data
-from model import (CheckpointError, autocast, build_distiller, demo_cache, extend_prefix, file_hash, freeze,
-                   llm_logits, load_checkpoint, load_distiller_state, load_llm, option_scores, position_ids,
-                   prefix_cache, resolve_device, teacher_logits, tokenizers)
+from model import (CheckpointError, autocast, build_distiller, demo_cache, extend_prefix, family, file_hash, freeze,
+                   llm_logits, load_checkpoint, load_distiller_state, load_llm, option_scores, prefix_cache,
+                   resolve_device, teacher_logits, tokenizers)
 
 INPUT_ROWS = 4   # the option objective's KL rows of an input: its last 4 (the last one predicts each option's first token)
 FIT_BATCH = 8    # fit_vectors: inputs per step
@@ -102,21 +101,16 @@ def per_item_mean(values, query_item, n_items):
 
 
 def read_options(llm, batch, prefix):
-    """The LLM reads [prefix ; input] once per input, then every option of the input after those keys/values, as the
-    option scorer reads them. prefix: dict(embeds=(N, P, C)) or dict(kv=per layer (N, H, P, h)), and mask=(N, P).
+    """The LLM reads [prefix ; input] once per input, then every option of the input after that state, as the
+    option scorer reads them. prefix: dict(embeds=(N, P, C)) or dict(kv=a state of N rows), and mask=(N, P).
     -> (logits of the inputs' last INPUT_ROWS rows (N, R, V), option logits (M, To, V): row t predicts token t).
     Inputs are left-padded, so their last rows share positions and only those rows go through the LM head."""
     x, xm, owner = batch["input_ids"], batch["input_mask"], batch["option_query"]
-    embeds = llm.get_input_embeddings()(x)                                           # (N, T, C)
-    if "embeds" in prefix:
-        embeds = torch.cat([prefix["embeds"].to(embeds.dtype), embeds], dim=1)       # (N, P+T, C)
-    mask = torch.cat([prefix["mask"], xm], dim=1)                                    # (N, P+T)
-    cache = DynamicCache(prefix["kv"]) if "kv" in prefix else None
-    out = llm(inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids(mask)[:, -embeds.shape[1]:],
-              cache=cache, use_cache=True, logits_to_keep=INPUT_ROWS)
-    tail = out.logits                                                                # (N, R, V)
-    kv = [(layer.keys[owner], layer.values[owner]) for layer in out.cache.layers]    # per layer (M, H, P+T, h)
-    options = llm_logits(llm, batch["option_ids"], batch["option_mask"], prefix_kv=kv, prefix_mask=mask[owner])
+    fam = family(llm)
+    tail, state = fam.read(llm, prefix, x, xm, keep=INPUT_ROWS, cache=True)         # (N, R, V)
+    mask = torch.cat([prefix["mask"], xm], dim=1)            # (N, P+T): the keys a decoder-only state holds
+    options = llm_logits(llm, batch["option_ids"], batch["option_mask"], prefix_kv=fam.take(state, rows=owner),
+                         prefix_mask=mask[owner])                                   # (M, To, V)
     return tail, torch.cat([tail[owner, -1:], options[:, :-1]], dim=1)              # (M, To, V)
 
 
@@ -258,7 +252,7 @@ def teacher_targets(llm, item):
         batch = at_least_input_rows(data.collate([subset(item, range(i, min(i + FIT_BATCH, len(item["inputs"]))))],
                                                  llm.device, options=True))
         n = len(batch["input_ids"])
-        prefix = dict(kv=[(k.expand(n, -1, -1, -1), v.expand(n, -1, -1, -1)) for k, v in kv],  # (n, H, D, h)
+        prefix = dict(kv=family(llm).take(kv, rows=torch.zeros(n, dtype=torch.long, device=llm.device)),  # n rows
                       mask=demo.new_ones(n, demo.shape[1]))
         tail, rows = read_options(llm, batch, prefix)                               # (N, R, V), (M, To, V)
         lengths, owner = batch["option_mask"].sum(-1).tolist(), batch["option_query"].tolist()

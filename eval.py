@@ -1,14 +1,13 @@
 """
-Evaluate zero-shot, vanilla ICL and MEND on the unseen test tasks of a MetaICL partition (paper section 4; spec 7).
+Evaluate zero-shot, vanilla ICL and MEND on the unseen test tasks of a MetaICL partition (paper section 4).
 
     python eval.py --partition qa2qa                                   # sample data, after the two train.py commands
     python eval.py --partition class2class --data ../shared/data --methods zeroshot,icl --max_examples 100
 
-What to expect (README, results/): the first command, after the quick start's 30-step smoke checkpoints, prints
-averages zero-shot 56.2, ICL 73.8, MEND 62.5 on the two sample tasks. On class2class (SmolLM2-135M, 100 examples,
-seed 100, 16 demonstrations within 384 tokens): zero-shot 29.0, ICL 34.5, and at l=32 truncated 25.7, labels 29.9,
-anchors 33.4 (37.0 at l=64), MEND trained at CPU scale 25.6-31.5 (means over 3 training seeds, results/seeds). The
-paper's own numbers (gpt2-large, l=100) are not reproduced here: that needs GPUs.
+What it prints: one line per (task, method) with its score per seed and the time taken, then a table of every
+method's score per task and on average, and, when ICL runs in the same command or --reference names an ICL result,
+a second table of each method's agreement with ICL (the share of examples on which it picks ICL's option). The JSON
+file (--out) holds the predictions, golds and configuration; measured numbers live in the README and results/.
 
 Free prefixes at MEND's length l (the checkpoint's n_vectors, else --n_vectors), no training:
   truncated  vanilla ICL reading only the last l tokens of the demonstration prefix;
@@ -39,8 +38,8 @@ import torch
 
 import data
 from distill import answer_ce_per_example, demo_vectors, demos_hash, load_vectors, save_vectors
-from model import (EMBEDDED, PROMPT, autocast, build_distiller, file_hash, load_checkpoint, load_distiller_state,
-                   load_llm, option_scores, prefix_cache, resolve_device, tokenizers)
+from model import (EMBEDDED, PROMPT, autocast, build_distiller, family, file_hash, load_checkpoint,
+                   load_distiller_state, load_llm, option_scores, prefix_cache, resolve_device, tokenizers)
 
 PAPER_DEFAULTS = dict(k=16, max_len_per_example=256, teacher_demo_tokens=767, distiller_demo_tokens=643, n_vectors=100)
 METHODS = ("zeroshot", "icl", "truncated", "labels", "anchors", "mend")
@@ -79,6 +78,8 @@ def get_args(argv=None):
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="autocast dtype, and the LLM's; auto = bf16 on CUDA when supported, fp32 on CPU")
     p.add_argument("--threads", type=data.count, default=0, help="CPU threads (0: torch's default, every core)")
+    p.add_argument("--reference", default="", help="an eval JSON holding ICL's predictions on the same examples: "
+                   "every method's agreement with them (default: this run's icl, when it runs)")
     p.add_argument("--compare", default="", help="A.json:METHOD,B.json:METHOD: paired bootstrap of two result files")
     p.add_argument("--bench", type=data.count, default=0, help="compare cached scoring with the naive forward on N "
                    "examples (0 = off)")
@@ -106,6 +107,45 @@ def accuracy(predictions, golds):
     return 100 * float(np.mean([p == g for p, g in zip(predictions, golds)]))
 
 
+def agreement(predictions, reference):
+    """Agreement with ICL: the share (%) of examples on which a method picks the option ICL picks. It measures what
+    MEND is trained for (behave as the LLM reading the demonstrations), whatever the gold answer."""
+    return accuracy(predictions, reference)
+
+
+def add_agreement(results, reference):
+    """Each method's agreement with reference = {task: {seed: ICL's predictions}}: per task (mean over seeds, stored
+    with the reference predictions, for --compare) and on average over tasks."""
+    for r in results.values():
+        for task, t in r["tasks"].items():
+            t["reference"] = ref = {s: reference[task][s] for s in t["predictions"]}
+            t["agreement"] = float(np.mean([agreement(p, ref[s]) for s, p in t["predictions"].items()]))
+        r["agreement"] = float(np.mean([t["agreement"] for t in r["tasks"].values()]))
+
+
+def load_reference(path, args, files):
+    """--reference: {task: {seed: ICL's predictions}} from an eval JSON of the same partition, seeds, examples and
+    golds (and, under the same --perturb, the same demonstrations); any mismatch is refused in one line."""
+    if not Path(path).is_file():
+        raise SystemExit(f"--reference {path}: no such file")
+    ref = json.loads(Path(path).read_text())
+    icl = ref.get("methods", {}).get("icl")
+    if icl is None:
+        raise SystemExit(f"--reference {path}: holds no icl predictions")
+    for key in ("partition", "seeds", "max_examples", "k"):
+        if ref.get(key) != getattr(args, key):
+            raise SystemExit(f"--reference {path}: {key} {ref.get(key)}, but this run's is {getattr(args, key)}")
+    out = {}
+    for task, seeds in files.items():
+        if task not in icl["tasks"]:
+            raise SystemExit(f"--reference {path}: no ICL predictions for {task}")
+        for seed, (_, tests) in seeds.items():
+            if icl["tasks"][task]["golds"].get(str(seed)) != [ex["options"].index(ex["output"]) for ex in tests]:
+                raise SystemExit(f"--reference {path}: other test examples or golds for {task} seed {seed}")
+        out[task] = {int(s): p for s, p in icl["tasks"][task]["predictions"].items()}
+    return out
+
+
 # -----------------------------------------------------------------------------
 # scoring
 
@@ -127,12 +167,8 @@ def naive_option_scores(llm, tok, ex, max_len, prefix_ids=None, prefix_embeds=No
     for row in range(q.shape[0]):
         n = int(qm[row].sum())
         ids = q[row:row + 1, :n].to(llm.device)                                         # (1, T)
-        embeds = llm.get_input_embeddings()(ids)                                        # (1, T, C)
-        if prefix_ids is not None:
-            embeds = torch.cat([llm.get_input_embeddings()(prefix_ids), embeds], dim=1)  # (1, P+T, C)
-        if prefix_embeds is not None:
-            embeds = torch.cat([prefix_embeds, embeds], dim=1)                         # (1, P+T, C)
-        logits = llm(inputs_embeds=embeds).logits[:, -n:]                               # (1, T, V)
+        prefix = llm.get_input_embeddings()(prefix_ids) if prefix_ids is not None else prefix_embeds  # (1, P, C)
+        logits = family(llm).reference(llm, prefix, ids)                                # (1, T, V)
         scores.append(-answer_ce_per_example(logits, ids, a[row:row + 1, :n].to(llm.device)))
     return torch.cat(scores)                                                        # (n_options,)
 
@@ -160,7 +196,7 @@ def make_prefix(method, llm, toks, distiller, demos, args, vector_meta):
         kv = prefix_cache(llm, prefix_ids=torch.tensor([teacher_ids], device=llm.device))  # per layer (1, H, D, h)
         rows = data.answer_rows(toks[0], demos, len(teacher_ids), args.max_len_per_example)
         keep = torch.tensor(anchor_positions(rows, len(teacher_ids), args.n_vectors), device=llm.device)
-        return [(k[:, :, keep], v[:, :, keep]) for k, v in kv], len(teacher_ids)       # per layer (1, H, l, h)
+        return family(llm).take(kv, positions=keep), len(teacher_ids)                 # l of the D positions
     return prefix_cache(llm, prefix_embeds=distill(llm, toks, distiller, demos, args, vector_meta)), None
 
 
@@ -332,23 +368,24 @@ def refuse_seen_tasks(cfg, tests, args):
 # reports
 
 
-def paired_bootstrap(a, b, n=2000, seed=0):
+def paired_bootstrap(a, b, n=2000, seed=0, key="score"):
     """How far is the average of method a above method b from noise? Both are {task: evaluate_task result} on the
     same examples. Each resample redraws every (task, seed)'s test examples with replacement, the same draw for a
-    and b, and recomputes the average. -> (observed difference, 2.5% and 97.5% quantiles, share of resamples > 0)."""
+    and b, and recomputes the average. key="agreement" takes the agreement with ICL (both against a's reference)
+    instead of the score. -> (observed difference, 2.5% and 97.5% quantiles, share of resamples > 0)."""
     rng, diffs = np.random.default_rng(seed), []
     for _ in range(n):
         per_task = []
         for task, ra in a.items():
-            rb, metric = b[task], macro_f1 if ra["metric"] == "macro_f1" else accuracy
+            rb, metric = b[task], macro_f1 if ra["metric"] == "macro_f1" and key == "score" else accuracy
             seeds = []
-            for s, golds in ra["golds"].items():
+            for s, golds in ra["golds" if key == "score" else "reference"].items():
                 i = rng.integers(len(golds), size=len(golds))
                 g = [golds[j] for j in i]
                 seeds.append(metric([ra["predictions"][s][j] for j in i], g) - metric([rb["predictions"][s][j] for j in i], g))
             per_task.append(np.mean(seeds))
         diffs.append(np.mean(per_task))
-    observed = np.mean([a[t]["score"] - b[t]["score"] for t in a])
+    observed = np.mean([a[t][key] - b[t][key] for t in a])
     return float(observed), float(np.quantile(diffs, 0.025)), float(np.quantile(diffs, 0.975)), float(np.mean(np.array(diffs) > 0))
 
 
@@ -368,20 +405,27 @@ def compare(spec):
     a, b = methods[0][ma]["tasks"], methods[1][mb]["tasks"]
     if set(a) != set(b):
         raise SystemExit(f"--compare: the two files cover different tasks ({sorted(set(a) ^ set(b))})")
-    wins = sum(a[t]["score"] > b[t]["score"] for t in a)
-    diff, lo, hi, share = paired_bootstrap(a, b)
-    print(f"{ma} ({fa}) - {mb} ({fb}): {diff:+.2f} points, 95% interval [{lo:+.2f}, {hi:+.2f}] (paired bootstrap over "
-          f"test examples, 2000 resamples; {share:.1%} of them > 0); {ma} wins {wins} of {len(a)} tasks")
+    keys = ["score"] + ["agreement"] * all("reference" in r for r in [*a.values(), *b.values()])
+    if len(keys) == 2 and any(a[t]["reference"] != b[t]["reference"] for t in a):
+        raise SystemExit("--compare: the two files' agreement is taken against different ICL predictions")
+    for key in keys:
+        wins = sum(a[t][key] > b[t][key] for t in a)
+        diff, lo, hi, share = paired_bootstrap(a, b, key=key)
+        print(f"{ma} ({fa}) - {mb} ({fb}): {diff:+.2f} points of {key}, 95% interval "
+              f"[{lo:+.2f}, {hi:+.2f}] (paired bootstrap over test examples, 2000 resamples; {share:.1%} of them > 0); "
+              f"{ma} wins {wins} of {len(a)} tasks")
 
 
-def print_table(results, methods):
+def print_table(results, methods, key="score"):
+    """One row per task and the average: each method's score, or (key="agreement") its agreement with ICL."""
     tasks = list(results[methods[0]]["tasks"])
     width = max([len(t) for t in tasks] + [7])
-    print(f"{'task':{width}s} {'metric':9s} " + " ".join(f"{m:>9s}" for m in methods))
+    print(f"{'task':{width}s} {'metric' if key == 'score' else 'agreement':9s} " + " ".join(f"{m:>9s}" for m in methods))
     for t in tasks:
-        metric = results[methods[0]]["tasks"][t]["metric"]
-        print(f"{t:{width}s} {metric:9s} " + " ".join(f"{results[m]['tasks'][t]['score']:9.1f}" for m in methods))
-    print(f"{'average':{width}s} {'':9s} " + " ".join(f"{results[m]['average']:9.1f}" for m in methods))
+        metric = results[methods[0]]["tasks"][t]["metric"] if key == "score" else "with ICL"
+        print(f"{t:{width}s} {metric:9s} " + " ".join(f"{results[m]['tasks'][t][key]:9.1f}" for m in methods))
+    print(f"{'average':{width}s} {'':9s} " + " ".join(f"{results[m]['average' if key == 'score' else key]:9.1f}"
+                                                     for m in methods))
 
 
 def bench(args, llm, toks, distiller, files, methods, meta):
@@ -420,13 +464,11 @@ def main(args):
     device = resolve_device(args.device)
     dtype, ctx = autocast(device, args.dtype)
     part = data.partition(args.data, args.partition)
-    checkpoint = read_checkpoint(args, methods, device)
-    refuse_seen_tasks(checkpoint[1], part["test"], args)
-    files, skipped = find_tasks(args, part["test"])  # a bad input fails by here, before a model loads
-    if not args.methods and "mend" not in methods:
-        print(f"note: {args.ckpt} not found, so no mend (make it with: python train.py --stage pretrain && "
-              f"python train.py --stage finetune --init ckpt.pt)")
-    llm, toks, distiller, meta, cfg = load_models(args, methods, device, dtype, checkpoint)
+    llm, toks, distiller, meta, cfg = load_models(args, methods, device, dtype)
+    refuse_seen_tasks(cfg, part["test"], args)
+    files, skipped = find_tasks(args, part["test"])
+    reference = load_reference(args.reference, args, files) if args.reference else None
+    reference = load_reference(args.reference, args, files) if args.reference else None
     print(f"{args.partition}: evaluating {len(files)} of {len(part['test'])} test tasks ({len(skipped)} skipped), "
           f"seeds {args.seeds}, methods {methods}, llm {args.llm}, device {device}, dtype {str(dtype)[6:]}")
     if args.bench:
@@ -444,13 +486,17 @@ def main(args):
                   f"({' '.join(f'{v:.1f}' for v in score['per_seed'].values())}) {time.time() - t0:.0f}s", flush=True)
     for m in methods:
         results[m]["average"] = float(np.mean([t["score"] for t in results[m]["tasks"].values()]))
+    if reference or "icl" in methods:
+        add_agreement(results, reference or {t: r["predictions"] for t, r in results["icl"]["tasks"].items()})
     print_table(results, methods)
+    if reference or "icl" in methods:
+        print_table(results, methods, key="agreement")
     if "mend" in results and cfg:  # name what was trained: mend, mend_no_kd (lam 0) or prompt_tuning
         results[trained_method(cfg)] = results.pop("mend")
     report = {"partition": args.partition, "perturb": args.perturb, "llm": args.llm, "dtype": str(dtype)[6:], "distiller": cfg.get("distiller"),
               "ckpt": args.ckpt if distiller is not None else None, "seeds": args.seeds, "max_examples": args.max_examples,
               "k": args.k, "n_vectors": args.n_vectors, "demo_tokens": demo_lengths(files, toks, args), "train_config": cfg or None,
-              "seconds": time.time() - t_start, "methods": results, "skipped_tasks": skipped}
+              "reference": args.reference or ("icl" if "icl" in methods else None), "seconds": time.time() - t_start, "methods": results, "skipped_tasks": skipped}
     Path(args.out).write_text(json.dumps(report, indent=1))
     print(f"wrote {args.out} ({report['seconds']:.0f}s)")
     return report

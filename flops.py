@@ -1,6 +1,6 @@
 """
 FLOPs and latency per test query of zero-shot, vanilla ICL, MEND and the free prefixes (the paper's Figure 3 and its headline "up to 75%
-fewer FLOPs, 33% faster"; spec sections 9 and 10).
+fewer FLOPs, 33% faster", section 4).
 
     python flops.py | tee results/flops.log               # analytic table for the paper's pairs + timings here
     python flops.py --data ../shared/data                  # also the demo lengths of the real MetaICL files
@@ -40,6 +40,15 @@ Amortised over Q queries that share their demonstrations (eval.py's KV reuse and
     truncated F(L, L, 0) / Q + F(T, L+T, T)
     anchors   F(D, D, 0) / Q + F(T, L+T, T)
 
+An encoder-decoder LLM (T5) is counted in three parts (A = H d_kv, F = 3 C d_ff gated or 2 C d_ff, W_e = 4 C A + F,
+W_d = 6 C A + F: self-attention q, k, v, o and cross-attention q, o), the encoder reading s = P+1 rows [prefix ; </s>]:
+
+    Enc(s)            = 2 s N_e W_e + 4 N_e s^2 A                  the encoder (zero-shot: s = 1, [</s>] alone)
+    Cross(s)          = 4 s N_d C A                                every decoder layer's cross keys/values, once
+    Dec(n, m, s, k)   = 2 n N_d W_d + 4 N_d n m A + 4 N_d n s A + 2 k C V    the decoder: n tokens, m self keys
+    per query         = Enc(s) + Cross(s) + Dec(T+1, T+1, s, T)    the decoder reads [start ; query]; reuse divides
+                                                                   Enc + Cross by Q (the query never enters the encoder)
+
 D: Figure 3's caption gives vanilla ICL a partition-dependent context (Class->Class 469 ... non-NLI->NLI 848 tokens)
 against MEND's context of 100 vectors, so those lengths are D and both methods add the same T. All three pairs share
 one tokenizer between LLM and distiller, so the distiller reads the same D tokens. With --data, D is measured instead:
@@ -58,7 +67,8 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import AutoModel, AutoModelForCausalLM, GPT2Config, LlamaConfig
+from transformers import (AutoModel, AutoModelForCausalLM, AutoModelForSeq2SeqLM, GPT2Config, LlamaConfig, T5Config,
+                          T5EncoderModel)
 
 import data
 from model import Distiller, count_params, freeze, llm_logits, load_tokenizer, prefix_cache
@@ -75,6 +85,10 @@ CONFIGS = {
     "gpt2": gpt2_config(12, 768, 12),            # 124M
     "gpt2-large": gpt2_config(36, 1280, 20),     # 774M
     "gpt2-xl": gpt2_config(48, 1600, 25),        # 1.5B
+    "t5-large-lm-adapt": T5Config(d_model=1024, d_kv=64, d_ff=2816, num_layers=24, num_heads=16, vocab_size=32128,
+                                  feed_forward_proj="gated-gelu", tie_word_embeddings=False),  # google/t5-large-lm-adapt
+    "t5-small-lm-adapt": T5Config(d_model=512, d_kv=64, d_ff=1024, num_layers=8, num_heads=6, vocab_size=32128,
+                                  feed_forward_proj="gated-gelu", tie_word_embeddings=False),  # google/t5-small-lm-adapt
     "smollm2-135m": LlamaConfig(num_hidden_layers=30, hidden_size=576, intermediate_size=1536, num_attention_heads=9,
                                 num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True,
                                 max_position_embeddings=8192),  # = the embedded default's config.json
@@ -83,6 +97,7 @@ PAIRS = {  # LLM name -> distiller: another config (the paper's GPT-2 pairs) or 
     "gpt2-large": "gpt2",
     "gpt2-xl": "gpt2",
     "smollm2-135m": "layers:4",
+    "t5-large-lm-adapt": "layers:4",  # its first 4 encoder blocks (our T5 default; see README)
 }
 PAPER_LENGTHS = {"class2class": 469, "hr2lr": 652, "qa2qa": 639, "nonnli2nli": 848, "nonpara2para": 818}  # Figure 3
 PAPER_CLAIMS = dict(flops_saved=0.75, faster=0.33)  # "up to 75% FLOPs reduction and 33% inference acceleration"
@@ -150,7 +165,11 @@ def distiller_config(llm_name, spec=None):
 
 
 def block_weights(cfg):
-    """(n_layer, W weights each token meets in one block, A attention width) of a GPT-2- or Llama-style config."""
+    """(n_layer, W weights each token meets in one block, A attention width) of a GPT-2- or Llama-style config, or of
+    a T5's encoder blocks (a T5 distiller is its encoder: its forward is F(n, n, 0) with these)."""
+    if cfg.model_type == "t5":
+        A = cfg.num_heads * cfg.d_kv
+        return cfg.num_layers, 4 * cfg.d_model * A + t5_mlp(cfg), A
     C, H = cfg.hidden_size, cfg.num_attention_heads
     h = getattr(cfg, "head_dim", None) or C // H
     H_kv = getattr(cfg, "num_key_value_heads", None) or H
@@ -174,6 +193,33 @@ def total_flops(cfg, new, context, logits):
     return sum(forward_flops(cfg, new, context, logits).values())
 
 
+def t5_mlp(cfg):
+    """Weights of a T5 feed-forward block: gated (v1.1, LM-adapt: wi_0, wi_1, wo) or not (v1.0: wi, wo)."""
+    return (3 if cfg.is_gated_act else 2) * cfg.d_model * cfg.d_ff
+
+
+def encoder_flops(cfg, s):
+    """An encoder-decoder LLM reading s encoder rows ([prefix ; </s>]): its encoder, Enc(s) = 2 s N_e W_e + 4 N_e s^2 A,
+    and the cross-attention keys/values of every decoder layer, Cross(s) = 4 s N_d C A (computed once per prefix)."""
+    n_enc, W_e, A = block_weights(cfg)
+    return {"matmul": 2 * s * n_enc * W_e + 4 * s * cfg.num_decoder_layers * cfg.d_model * A,
+            "attention": 4 * n_enc * s * s * A}
+
+
+def decoder_flops(cfg, new, context, s, logits):
+    """Dec(n, m, s, k): n decoder tokens attending m decoder keys and s encoder rows, logits at k of them. A decoder
+    block multiplies by W_d = 6 C A + F: self-attention q, k, v, o and cross-attention q, o (its k, v: encoder_flops)."""
+    A, C, N = cfg.num_heads * cfg.d_kv, cfg.d_model, cfg.num_decoder_layers
+    return {"matmul": 2 * new * N * (6 * C * A + t5_mlp(cfg)) + 2 * logits * C * cfg.vocab_size,
+            "attention": 4 * N * new * (context + s) * A}
+
+
+def seq2seq_flops(cfg, s, T, Q=1):
+    """Per query of T tokens after a prefix of s encoder rows shared by Q queries: (Enc(s) + Cross(s)) / Q +
+    Dec(T+1, T+1, s, T), the decoder reading [start ; query]."""
+    return sum(encoder_flops(cfg, s).values()) / Q + sum(decoder_flops(cfg, T + 1, T + 1, s, T).values())
+
+
 def known(name):
     """name itself, when CONFIGS has its config."""
     if name not in CONFIGS:
@@ -186,6 +232,8 @@ def method_flops(llm_name, D, T, L, Q, distiller=None):
     llm, dis = CONFIGS[known(llm_name)], distiller_config(llm_name, distiller)
     c, C = dis.hidden_size, llm.hidden_size
     distill = total_flops(dis, D + L, D + L, 0) + (2 * L * c * C if c != C else 0)
+    if llm.is_encoder_decoder:
+        return seq2seq_method_flops(llm, D, T, L, Q, distill)
     return {
         "zeroshot": total_flops(llm, T, T, T),
         "icl": total_flops(llm, D + T, D + T, T),
@@ -201,6 +249,26 @@ def method_flops(llm_name, D, T, L, Q, distiller=None):
     }
 
 
+def seq2seq_method_flops(llm, D, T, L, Q, distill):
+    """method_flops for an encoder-decoder LLM: the encoder reads [prefix ; </s>] (zero-shot: [</s>]), the decoder
+    [start ; query]; the query never enters the encoder, so reuse only shares the encoder and cross keys/values.
+    Anchors read all D+1 encoder rows and keep L+1 of them for the decoder."""
+    keep = sum(decoder_flops(llm, T + 1, T + 1, L + 1, T).values())              # the decoder after L+1 kept rows
+    full = sum(encoder_flops(llm, D + 1).values())
+    return {
+        "zeroshot": seq2seq_flops(llm, 1, T),
+        "icl": seq2seq_flops(llm, D + 1, T),
+        "mend": distill + seq2seq_flops(llm, L + 1, T),
+        "mend_llm_only": seq2seq_flops(llm, L + 1, T),
+        "icl_reuse": seq2seq_flops(llm, D + 1, T, Q),
+        "mend_reuse": distill / Q + seq2seq_flops(llm, L + 1, T, Q),
+        "truncated": seq2seq_flops(llm, L + 1, T),
+        "truncated_reuse": seq2seq_flops(llm, L + 1, T, Q),
+        "anchors": full + keep,
+        "anchors_reuse": full / Q + keep,
+    }
+
+
 def step_flops(llm_cfg, dis_cfg, L, teacher_len, distiller_len, query_lens, teacher=True):
     """Analytic FLOPs of one training item (train.py's step; MFU = these / step time / peak). The teacher reads the
     demonstrations once (one logit row) and each query after them; the distiller's forward over [demos ; L
@@ -211,12 +279,31 @@ def step_flops(llm_cfg, dis_cfg, L, teacher_len, distiller_len, query_lens, teac
     if dis_cfg is not None:
         c, C, n = dis_cfg.hidden_size, llm_cfg.hidden_size, distiller_len + L
         total += 3 * (total_flops(dis_cfg, n, n, 0) + (2 * L * c * C if c != C else 0))
+    if llm_cfg.is_encoder_decoder:
+        return total + seq2seq_step_flops(llm_cfg, L, teacher_len, query_lens, teacher)
     if teacher:
         total += total_flops(llm_cfg, teacher_len, teacher_len, 1)
     for T in query_lens:
         total += teacher * total_flops(llm_cfg, T, teacher_len + T, T)
         f = forward_flops(llm_cfg, L + T, L + T, T)
         total += 2 * f["matmul"] + 3 * f["attention"]
+    return total
+
+
+def seq2seq_step_flops(cfg, L, teacher_len, query_lens, teacher):
+    """step_flops' LLM part for an encoder-decoder: the teacher's encoder reads [demos ; </s>] once, its decoder each
+    [start ; query]; the student's encoder reads [vectors ; </s>] once per query row (each row carries its vectors),
+    then its decoder; the student's backward reaches the vectors through all of it (matmuls 1x, attention 2x more)
+    except the decoder's first self-attention and first cross-attention query, which never see the vectors: their
+    backward (10 n C A in projections, 8 n^2 A in attention, 2 n s A for dQ) is not computed."""
+    A, C, s = cfg.num_heads * cfg.d_kv, cfg.d_model, L + 1
+    total = teacher * sum(encoder_flops(cfg, teacher_len + 1).values())
+    for T in query_lens:
+        n = T + 1                                                               # [start ; query]
+        total += teacher * sum(decoder_flops(cfg, n, n, teacher_len + 1, T).values())
+        for f in (encoder_flops(cfg, s), decoder_flops(cfg, n, n, s, T)):
+            total += 2 * f["matmul"] + 3 * f["attention"]
+        total -= 10 * n * C * A + 8 * n * n * A + 2 * n * s * A
     return total
 
 
@@ -299,9 +386,11 @@ def flops_table(rows):
 
 def build_models(llm_name, L, device, dtype):
     """Random-init LLM and distiller (model.Distiller on a bare backbone) of the pair's real shapes, frozen."""
+    cfg, dis = CONFIGS[llm_name], distiller_config(llm_name)
     with torch.device(device):
-        llm = AutoModelForCausalLM.from_config(CONFIGS[llm_name]).to(dtype)
-        distiller = Distiller(AutoModel.from_config(distiller_config(llm_name)), L, llm.config.hidden_size).to(dtype)
+        llm = (AutoModelForSeq2SeqLM if cfg.is_encoder_decoder else AutoModelForCausalLM).from_config(cfg).to(dtype)
+        backbone = T5EncoderModel(dis) if dis.model_type == "t5" else AutoModel.from_config(dis)  # T5: the encoder
+        distiller = Distiller(backbone, L, llm.config.hidden_size).to(dtype)
     return freeze(llm), freeze(distiller)
 
 

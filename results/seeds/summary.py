@@ -4,6 +4,10 @@ and random labels, the mean and spread (min-max) over seeds, and per seed the pa
 truncated, labels and anchors (results/free, the same examples: class2class, 100 examples, seed 100).
 
     python results/seeds/summary.py [NAME [SEED ...]]   # NAME: mend (the paper's, default), mend_labels, mend_labels_lam4, ...
+    python results/seeds/summary.py results/stage1/mend_plain   # a NAME with a folder reads that folder
+
+Each seed's agreement with ICL (the share of examples where MEND picks ICL's option, gold labels) is printed beside
+its score, with the paired bootstrap of the agreement against anchors.
 """
 import json
 import re
@@ -24,7 +28,20 @@ def average(t):
     return sum(r["score"] for r in t.values()) / len(t)
 
 
+def agreement(t, icl):
+    """Agreement with ICL (%), per task then averaged, on MetaICL seed 100."""
+    return sum(evaluate.agreement(r["predictions"]["100"], icl[task]["predictions"]["100"]) for task, r in t.items()) / len(t)
+
+
+def with_reference(t, icl):
+    """Tasks with ICL's predictions as their agreement reference (what eval.py --reference stores)."""
+    return {task: {**r, "reference": icl[task]["predictions"], "agreement": evaluate.agreement(
+        r["predictions"]["100"], icl[task]["predictions"]["100"])} for task, r in t.items()}
+
+
 def main(name="mend", seeds=()):
+    global R
+    R, name = (Path(name).parent, Path(name).name) if "/" in name else (R, name)
     seeds = seeds or sorted(m[1] for p in R.glob("*.json") if (m := re.fullmatch(rf"{name}_(\d+)", p.stem)))
     free = {"zeroshot": tasks(F / "baselines.json", "zeroshot"), "icl": tasks(F / "baselines.json", "icl"),
             "truncated": tasks(F / "baselines.json", "truncated"), "labels": tasks(F / "free32.json", "labels"),
@@ -35,7 +52,7 @@ def main(name="mend", seeds=()):
         gold[s] = tasks(R / f"{name}_{s}.json", "mend")
         random_file = R / f"{name}_{s}_random.json"
         rand[s] = tasks(random_file, "mend") if random_file.exists() else None
-        line = f"seed {s}: gold {average(gold[s]):.1f}"
+        line = f"seed {s}: gold {average(gold[s]):.1f}, agreement with ICL {agreement(gold[s], free['icl']):.1f}"
         if rand[s]:
             diff, lo, hi, _ = evaluate.paired_bootstrap(gold[s], rand[s])
             line += f", random labels {average(rand[s]):.1f} (gold - random {diff:+.2f} [{lo:+.2f}, {hi:+.2f}])"
@@ -43,6 +60,12 @@ def main(name="mend", seeds=()):
         for m, t in free.items():
             diff, lo, hi, _ = evaluate.paired_bootstrap(gold[s], t)
             print(f"    MEND - {m:9s} {diff:+6.2f} [{lo:+.2f}, {hi:+.2f}]")
+        a, b = with_reference(gold[s], free["icl"]), with_reference(free["anchors"], free["icl"])
+        diff, lo, hi, _ = evaluate.paired_bootstrap(a, b, key="agreement")
+        print(f"    agreement with ICL, MEND - anchors {diff:+6.2f} [{lo:+.2f}, {hi:+.2f}]")
+    agreements = [agreement(t, free["icl"]) for t in gold.values()]
+    print(f"{name} agreement with ICL over {len(agreements)} seeds: mean {sum(agreements) / len(agreements):.1f}, "
+          f"min {min(agreements):.1f}, max {max(agreements):.1f} (anchors {agreement(free['anchors'], free['icl']):.1f})")
     scores = [average(t) for t in gold.values()]
     print(f"{name} over {len(scores)} seeds: mean {sum(scores) / len(scores):.1f}, min {min(scores):.1f}, "
           f"max {max(scores):.1f} (spread {max(scores) - min(scores):.1f})")

@@ -10,7 +10,7 @@
 # Then each chain's longest stage 1 starts stage 2 with the labels-base recipe of results/seeds/run.sh (150 steps),
 # seeds 100, 101, 102, each evaluated on class2class (100 examples, seed 100) with gold and random labels, agreement
 # with ICL taken against results/free/baselines.json. Each command's wall time goes to $R/times.txt.
-# Plot and fitted trends: python results/stage1/curves.py
+# Then the plot and fitted trends (curves.py) and each stage 2's summary over seeds (results/seeds/summary.py).
 set -euo pipefail
 D=../shared/data
 R=results/stage1
@@ -46,3 +46,5 @@ chain() {  # chain NAME BASE STEPS...: stage 1 to each of STEPS, then stage 2 fr
 chain plain none 200 400 800 1600 &
 chain truncated truncated 200 400 800 1600 3200 &
 wait
+python results/stage1/curves.py | tee $R/curves.log
+for name in plain truncated; do python results/seeds/summary.py $R/mend_$name | tee $R/summary_$name.log; done
