@@ -464,11 +464,14 @@ def main(args):
     device = resolve_device(args.device)
     dtype, ctx = autocast(device, args.dtype)
     part = data.partition(args.data, args.partition)
-    llm, toks, distiller, meta, cfg = load_models(args, methods, device, dtype)
-    refuse_seen_tasks(cfg, part["test"], args)
-    files, skipped = find_tasks(args, part["test"])
+    checkpoint = read_checkpoint(args, methods, device)
+    refuse_seen_tasks(checkpoint[1], part["test"], args)
+    files, skipped = find_tasks(args, part["test"])  # a bad input fails by here, before a model loads
     reference = load_reference(args.reference, args, files) if args.reference else None
-    reference = load_reference(args.reference, args, files) if args.reference else None
+    if not args.methods and "mend" not in methods:
+        print(f"note: {args.ckpt} not found, so no mend (make it with: python train.py --stage pretrain && "
+              f"python train.py --stage finetune --init ckpt.pt)")
+    llm, toks, distiller, meta, cfg = load_models(args, methods, device, dtype, checkpoint)
     print(f"{args.partition}: evaluating {len(files)} of {len(part['test'])} test tasks ({len(skipped)} skipped), "
           f"seeds {args.seeds}, methods {methods}, llm {args.llm}, device {device}, dtype {str(dtype)[6:]}")
     if args.bench:
