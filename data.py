@@ -12,6 +12,7 @@ A data folder holds `c4/` (files of `{"text": ...}` lines, plain or gzipped) and
                     (stage 1: the last 20% of a document, Q=1; stage 2: input ; output of Q examples of the task)
     answer_masks    Q lists, 1 on the output tokens of each query (stage 2 CE), else 0
     base, base_mask (train.py --base only) the l LLM tokens of a free prefix MEND starts from, left-padded, and their mask
+    anchors         (train.py --base anchors only) the at most l positions of teacher_demo whose keys/values the query keeps
 
 Format (our choice, see README): a demonstration is `input \\n output \\n\\n`, the query is `input \\n` and an option is
 scored as the tokens of `output`. Newlines are what MetaICL's own training format uses; the official MEND code joins
@@ -258,8 +259,8 @@ FREE_PREFIXES = ("truncated", "labels")  # the free prefixes train.py --base can
 def free_prefix(toks, demos, name, l, budgets, max_len):
     """The last l LLM tokens of the demonstrations (truncated) or of the demonstrations with their inputs removed
     (labels): eval.py's free prefixes of those names, and the tokens a MEND trained with --base starts from (None
-    for --base none)."""
-    if name == "none":
+    for --base none and --base anchors, which start from keys/values, not tokens)."""
+    if name in ("none", "anchors"):
         return None
     if name == "labels":
         demos = perturb_demos(demos, "no_inputs", seed=0)  # no randomness in removing inputs
@@ -267,8 +268,13 @@ def free_prefix(toks, demos, name, l, budgets, max_len):
 
 
 def base_fields(toks, demos, base, budgets, max_len):
-    """An item's base (train.py --base; base = (free prefix name, l)) in l slots (see base_slots)."""
-    return base_slots(free_prefix(toks, demos, base[0], base[1], budgets, max_len), base[1])
+    """An item's base (train.py --base; base = (name, l)): a free prefix's tokens in l slots (see base_slots), or the
+    anchors' positions in its teacher demonstrations (--base anchors)."""
+    name, l = base
+    if name == "anchors":
+        teacher = demo_item(toks, demos, budgets, max_len)[0]
+        return dict(anchors=anchor_positions(answer_rows(toks[0], demos, len(teacher), max_len), len(teacher), l))
+    return base_slots(free_prefix(toks, demos, name, l, budgets, max_len), l)
 
 
 def base_slots(ids, l):
@@ -292,6 +298,21 @@ def answer_rows(tok, demos, n_tokens, max_len):
     if start != n_tokens:
         raise ValueError(f"answer_rows: {n_tokens} tokens are not a prefix of whole demonstrations")
     return rows
+
+
+def anchor_positions(rows, n_tokens, l, sink=4):
+    """The positions whose keys/values the anchors baseline keeps, at most l, in order: all n_tokens when they fit
+    (then it is ICL), else the first `sink` positions (the attention sink) and the answer rows of whole
+    demonstrations, the latest demonstrations first, while they fit (after Wang et al. 2023, label words as anchors)."""
+    if l >= n_tokens:
+        return list(range(n_tokens))
+    keep = list(range(min(sink, n_tokens, l)))
+    for r in reversed(rows):
+        fresh = [p for p in r if p not in keep]
+        if len(keep) + len(fresh) > l:
+            break
+        keep += fresh
+    return sorted(keep)
 
 
 def meta_item(toks, targets, demo_pool, rng, k, budgets, max_len, exclude=(), relabel=None, base=None):
@@ -420,7 +441,8 @@ def collate(items, device="cpu", options=False):
     sit at the end), queries right-padded (so teacher and student query rows line up column by column). An item with Q
     queries gives Q query rows; query_item[r] is the item (demonstration row) that query row r belongs to.
     With options=True the batch carries the queries' inputs and options instead (the option objective); items with a
-    base (train.py --base) add base_ids and base_mask (B, L)."""
+    base (train.py --base) add base_ids and base_mask (B, L); items with anchors (--base anchors) add their positions in
+    the left-padded teacher demonstrations, anchor_positions (B, l), left-padded, and anchor_mask (B, l)."""
     t, tm = pad([it["teacher_demo"] for it in items], 0, left=True)             # (B, D)
     d, dm = pad([it["distiller_demo"] for it in items], 0, left=True)           # (B, D')
     owner = torch.tensor([b for b, it in enumerate(items) for _ in it["gold" if options else "queries"]])  # (B*Q,)
@@ -428,6 +450,9 @@ def collate(items, device="cpu", options=False):
                  query_item=owner, **(collate_options(items) if options else collate_queries(items)))
     if "base" in items[0]:
         batch.update(base_ids=torch.tensor([it["base"] for it in items]), base_mask=torch.tensor([it["base_mask"] for it in items]))
+    if "anchors" in items[0]:
+        a, am = pad([[p + t.shape[1] - len(it["teacher_demo"]) for p in it["anchors"]] for it in items], 0, left=True)
+        batch.update(anchor_positions=a, anchor_mask=am)                       # (B, l): shifted by each row's padding
     return {k: v.to(device) for k, v in batch.items()}
 
 

@@ -24,18 +24,24 @@ import hashlib
 import json
 import math
 import os
+import sys
 import time
 from contextlib import contextmanager, nullcontext
+from functools import partial
 
 import numpy as np
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
+from transformers import AttentionInterface
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 import data
-from model import (CheckpointError, autocast, build_distiller, demo_cache, extend_prefix, family, file_hash, freeze,
-                   llm_logits, load_checkpoint, load_distiller_state, load_llm, option_scores, prefix_cache,
-                   resolve_device, teacher_logits, tokenizers)
+from model import (NO_DISTILLER, CausalLM, CheckpointError, autocast, build_distiller, demo_cache, extend_prefix,
+                   family, file_hash, freeze, llm_logits, load_checkpoint, load_distiller_state, load_llm,
+                   option_scores, prefix_cache, resolve_device, teacher_logits, tokenizers)
 
 INPUT_ROWS = 4   # the option objective's KL rows of an input: its last 4 (the last one predicts each option's first token)
 FIT_BATCH = 8    # fit_vectors: inputs per step
@@ -170,6 +176,8 @@ def mend_loss(llm, distiller, batch, lam=1.0, temperature=1.0, timings=None):
     its vectors then precede each of its Q queries. With a timings dict, the forward phases are timed, and
     timings["grad_at_vectors"] records when the backward pass reaches the distilled vectors.
     """
+    if "anchor_positions" in batch:
+        return anchors_loss(llm, distiller, batch, lam, temperature, timings)
     options, owner = "option_ids" in batch, batch["query_item"]
     batch = at_least_input_rows(batch) if options else batch
     B = batch["distiller_demo_ids"].shape[0]
@@ -202,6 +210,152 @@ def demo_vectors(llm, distiller, distiller_ids, base_ids=None):
     ids = torch.tensor([distiller_ids], device=llm.device)                              # (1, D)
     base = None if base_ids is None else llm.get_input_embeddings()(torch.tensor([base_ids], device=llm.device))
     return distiller(ids, torch.ones_like(ids), base)                                   # (1, L or L_b, C)
+
+
+# -----------------------------------------------------------------------------
+# MEND on the anchors (train.py --base anchors): distilled keys/values beside the LLM's own label keys/values
+
+
+class AnchorReader(nn.Module):
+    """The query reads the anchors (eval.py --methods anchors: the keys/values of the LLM's reading of the whole
+    demonstration prefix at l label positions) and, at every layer, a second key/value set: those the frozen LLM
+    computes from the distiller's L vectors read as a prefix. Per layer and head, the output is A + gate * B, with
+    A = softmax over [anchors ; query] (exactly the anchors), B = softmax over the L vector keys alone, and the gate
+    (n_layers, H) at 0 to start. Without a distiller (--distiller none, the re-weighted anchors) there is no B: a
+    bias (n_layers, H), also at 0 to start, is added to the attention logits of the anchor keys. Decoder-only LLMs."""
+
+    def __init__(self, llm, distiller=None):
+        super().__init__()
+        shape = (llm.config.num_hidden_layers, llm.config.num_attention_heads)
+        self.distiller = distiller
+        self.gate = nn.Parameter(torch.zeros(shape)) if distiller is not None else None   # (n_layers, H)
+        self.bias = nn.Parameter(torch.zeros(shape)) if distiller is None else None       # (n_layers, H)
+
+    def forward(self, demo_ids, demo_mask):
+        """The distiller's vectors (B, L, C); None without a distiller."""
+        return None if self.distiller is None else self.distiller(demo_ids, demo_mask)
+
+    @contextmanager
+    def reading(self, llm, n_anchors, vector_kv=None):
+        """Within the block, every attention layer of the LLM reads as described above: its keys' first n_anchors are
+        the anchors; vector_kv is the vectors' state (per layer (1 or B, H_kv, L, h) twice; None without a
+        distiller). The LLM's own attention function computes A (and B), so at gate 0 (bias 0) nothing changes."""
+        base = llm.config._attn_implementation
+        name = f"mend_anchors_{base}"
+        AttentionInterface.register(name, partial(anchor_attention, base=base))
+        AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[base])  # the base's masks, unchanged
+        READING.append((self, n_anchors, vector_kv))
+        llm.set_attn_implementation(name)
+        try:
+            yield
+        finally:
+            llm.set_attn_implementation(base)
+            READING.pop()
+
+
+READING = []  # (reader, n_anchors, vector_kv) while AnchorReader.reading is active
+
+
+def anchor_attention(module, query, key, value, attention_mask, base, **kwargs):
+    """The attention function of AnchorReader.reading (transformers' attention interface): query (B, H, T, h), keys
+    and values (B, H_kv, S, h) of [anchors ; query so far] -> (B, T, H, h), as the LLM's own function `base` returns."""
+    reader, n_anchors, vector_kv = READING[-1]
+    attend = ALL_ATTENTION_FUNCTIONS[base] if base in ALL_ATTENTION_FUNCTIONS else \
+        sys.modules[type(module).__module__].eager_attention_forward  # eager: the modeling file's own function
+    layer = module.layer_idx
+    if reader.bias is not None:
+        attention_mask = anchor_bias(attention_mask, reader.bias[layer], n_anchors, query, key)   # (B, H, T, S)
+    out, weights = attend(module, query, key, value, attention_mask, **kwargs)                    # (B, T, H, h): A
+    if reader.gate is None:
+        return out, weights
+    k, v = (t.expand(query.shape[0], -1, -1, -1).to(query.dtype) for t in vector_kv[layer])       # (B, H_kv, L, h)
+    extra, _ = attend(module, query, k, v, None, **{**kwargs, "is_causal": False})                # (B, T, H, h): B
+    return out + reader.gate[layer].view(1, 1, -1, 1).to(out.dtype) * extra, weights
+
+
+def anchor_bias(mask, bias, n_anchors, query, key):
+    """An additive mask (B, H, T, S): the LLM's mask (boolean, additive or None: causal) with bias (H,) added to the
+    logits of the first n_anchors keys."""
+    T, S = query.shape[2], key.shape[2]
+    if mask is None:
+        mask = torch.ones(T, S, dtype=torch.bool, device=query.device).tril(S - T)[None, None]  # (1, 1, T, S)
+    if mask.dtype == torch.bool:
+        mask = torch.zeros(mask.shape, dtype=query.dtype, device=query.device).masked_fill(
+            ~mask, torch.finfo(query.dtype).min)
+    anchors = (torch.arange(S, device=query.device) < n_anchors).to(query.dtype)               # (S,)
+    return mask + bias.to(query.dtype).view(1, -1, 1, 1) * anchors                              # (B, H, T, S)
+
+
+def build_reader(spec, llm, n_vectors, freeze_embeddings=False):
+    """--base anchors: an AnchorReader around a distiller (build_distiller's spec), or none (spec 'none')."""
+    if family(llm) is not CausalLM:
+        raise data.DataError("--base anchors reads the keys/values of a decoder-only LLM; not an encoder-decoder (T5)")
+    distiller = None if spec == NO_DISTILLER else build_distiller(spec, llm, n_vectors, freeze_embeddings=freeze_embeddings)
+    return AnchorReader(llm, distiller).to(llm.device)
+
+
+def load_weights(module, state, path):
+    """A checkpoint's weights into a distiller (load_distiller_state) or an AnchorReader. An AnchorReader takes a
+    checkpoint trained with --base anchors (its gate or bias, and its distiller's weights under 'distiller.'), or,
+    with a distiller, a plain MEND checkpoint (stage 1: the distiller's weights alone; the gate stays at 0)."""
+    if not isinstance(module, AnchorReader):
+        return load_distiller_state(module, state, path)
+    trained = "bias" in state or any(k.startswith("distiller.") for k in state)
+    if module.distiller is not None:
+        inner = {k.removeprefix("distiller."): v for k, v in state.items() if k.startswith("distiller.")}
+        load_distiller_state(module.distiller, inner if trained else state, path)
+    name = "gate" if module.distiller is not None else "bias"
+    if trained:
+        if name not in state or state[name].shape != getattr(module, name).shape:
+            raise CheckpointError(f"{path}: no {name} of shape {tuple(getattr(module, name).shape)} for this LLM and "
+                                  f"--base anchors {'with' if module.distiller is not None else 'without'} a distiller")
+        with torch.no_grad():
+            getattr(module, name).copy_(state[name])
+
+
+def anchor_rows(state, positions):
+    """Each row's anchors: a left-padded demonstration state (per layer (N, H, D, h)) at its own positions (N, l) ->
+    per layer (N, H, l, h). (The adapter's take keeps one set of positions for every row: one demonstration set.)"""
+    idx = positions[:, None, :, None]                                           # (N, 1, l, 1)
+    pick = lambda t: t.gather(2, idx.expand(-1, t.shape[1], -1, t.shape[3]))   # (N, H, l, h)
+    return [(pick(k), pick(v)) for k, v in state]
+
+
+def anchors_loss(llm, reader, batch, lam=1.0, temperature=1.0, timings=None):
+    """mend_loss for --base anchors (query rows only). The teacher's keys/values of the demonstrations, computed once,
+    also give each row's anchors; the student reads the query after the anchors, at the positions it has after the
+    whole demonstrations, with the keys/values of the distilled vectors (read once per item) as the second set."""
+    owner, q, qm, tm = batch["query_item"], batch["query_ids"], batch["query_mask"], batch["teacher_demo_mask"]
+    B = batch["distiller_demo_ids"].shape[0]
+    has_answer = bool(batch["answer_mask"].any())
+    with phase(timings, "teacher_forward"), torch.no_grad():
+        kv = demo_cache(llm, batch["teacher_demo_ids"], tm, owner)                      # per layer (N, H, D, h)
+        teacher = llm_logits(llm, q, qm, prefix_kv=kv, prefix_mask=tm[owner]) if lam or not has_answer else None
+    with phase(timings, "distiller_forward"):
+        vectors = reader(batch["distiller_demo_ids"], batch["distiller_demo_mask"])     # (B, L, C) or None
+    with phase(timings, "student_forward"):
+        fam, reader = family(llm), getattr(reader, "module", reader)  # DDP wraps the reader
+        vector_kv = None if vectors is None else fam.take(fam.context(llm, embeds=vectors), rows=owner)  # (N, H, L, h)
+        amask = batch["anchor_mask"][owner]                                             # (N, l)
+        shift = tm[owner].sum(-1, keepdim=True) - amask.sum(-1, keepdim=True)           # (N, 1): D - l per row
+        with reader.reading(llm, amask.shape[1], vector_kv):
+            student = llm_logits(llm, q, qm, prefix_kv=anchor_rows(kv, batch["anchor_positions"][owner]),
+                                 prefix_mask=amask, shift=shift)                        # (N, T, V)
+        kl, ce = query_terms(teacher, student, batch, temperature)
+        kl = per_item_mean(kl, owner, B) if kl is not None else student.new_zeros((), dtype=torch.float32)
+        ce = per_item_mean(ce, owner, B) if has_answer else kl.new_zeros(())
+    loss = ce + lam * kl if has_answer else kl
+    return loss, kl.detach(), ce.detach()
+
+
+def anchors_of(llm, toks, demos, budgets, max_len, l):
+    """eval.py's anchors of one demonstration set: the LLM reads the whole prefix once -> (the keys/values of its l
+    anchor positions, per layer (1, H, l, h); the query's first position, D)."""
+    teacher_ids = data.demo_item(toks, demos, budgets, max_len)[0]
+    kv = prefix_cache(llm, prefix_ids=torch.tensor([teacher_ids], device=llm.device))     # per layer (1, H, D, h)
+    rows = data.answer_rows(toks[0], demos, len(teacher_ids), max_len)
+    keep = torch.tensor(data.anchor_positions(rows, len(teacher_ids), l), device=llm.device)
+    return family(llm).take(kv, positions=keep), len(teacher_ids)
 
 
 # -----------------------------------------------------------------------------
@@ -322,6 +476,10 @@ class MEND:
         cfg = state["config"]
         if llm and llm != cfg["llm"]:
             raise CheckpointError(f"{ckpt} was trained for llm={cfg['llm']}, not llm={llm}")
+        if cfg.get("base") == "anchors":
+            raise CheckpointError(f"{ckpt} was trained with --base anchors: its queries read the LLM's own keys/values of "
+                                  f"the demonstrations beside the vectors, which this vector API does not carry; "
+                                  f"evaluate it with eval.py --methods mend --ckpt {ckpt}")
         device = resolve_device(device)
         dtype, ctx = autocast(device, dtype)
         lm = load_llm(cfg["llm"], device, dtype)

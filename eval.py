@@ -31,15 +31,17 @@ of an example are scored in one batch. `--bench N` checks this against the naive
 import argparse
 import json
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
 import torch
 
 import data
-from distill import answer_ce_per_example, demo_vectors, demos_hash, load_vectors, save_vectors
-from model import (EMBEDDED, PROMPT, autocast, build_distiller, family, file_hash, load_checkpoint,
-                   load_distiller_state, load_llm, option_scores, prefix_cache, resolve_device, tokenizers)
+from distill import (answer_ce_per_example, anchors_of, build_reader, demo_vectors, demos_hash, load_vectors,
+                     load_weights, save_vectors)
+from model import (EMBEDDED, PROMPT, autocast, build_distiller, family, file_hash, load_checkpoint, load_llm,
+                   option_scores, prefix_cache, resolve_device, tokenizers)
 
 PAPER_DEFAULTS = dict(k=16, max_len_per_example=256, teacher_demo_tokens=767, distiller_demo_tokens=643, n_vectors=100)
 METHODS = ("zeroshot", "icl", "truncated", "labels", "anchors", "mend")
@@ -182,7 +184,8 @@ def make_prefix(method, llm, toks, distiller, demos, args, vector_meta):
     it follows the prefix): nothing (zero-shot), the demos' keys/values (ICL), those of their last l tokens only
     (truncated: MEND's prefix length, no training), the same for the demos with their inputs removed (labels), the
     full prefix's keys/values at l label positions (anchors), or the keys/values of the distilled vectors (MEND,
-    loaded from --vectors_dir when they were distilled before)."""
+    loaded from --vectors_dir when they were distilled before). A MEND trained with --base anchors gives a triple:
+    the anchors' pair and the context in which the query also reads its vectors' keys/values (AnchorReader.reading)."""
     if method == "zeroshot":
         return None, None
     budgets = (args.teacher_demo_tokens, args.distiller_demo_tokens)
@@ -193,26 +196,13 @@ def make_prefix(method, llm, toks, distiller, demos, args, vector_meta):
     if method == "icl":
         return prefix_cache(llm, prefix_ids=torch.tensor([teacher_ids], device=llm.device)), None
     if method == "anchors":
-        kv = prefix_cache(llm, prefix_ids=torch.tensor([teacher_ids], device=llm.device))  # per layer (1, H, D, h)
-        rows = data.answer_rows(toks[0], demos, len(teacher_ids), args.max_len_per_example)
-        keep = torch.tensor(anchor_positions(rows, len(teacher_ids), args.n_vectors), device=llm.device)
-        return family(llm).take(kv, positions=keep), len(teacher_ids)                 # l of the D positions
+        return anchors_of(llm, toks, demos, budgets, args.max_len_per_example, args.n_vectors)  # l of the D positions
+    if vector_meta["base"] == "anchors":
+        kv, start = anchors_of(llm, toks, demos, budgets, args.max_len_per_example, args.n_vectors)
+        inner = distiller.distiller  # None: the re-weighted anchors
+        vector_kv = inner and prefix_cache(llm, prefix_embeds=distill(llm, toks, inner, demos, args, vector_meta))
+        return kv, start, distiller.reading(llm, kv[0][0].shape[2], vector_kv)
     return prefix_cache(llm, prefix_embeds=distill(llm, toks, distiller, demos, args, vector_meta)), None
-
-
-def anchor_positions(rows, n_tokens, l, sink=4):
-    """The positions whose keys/values the anchors baseline keeps, at most l, in order: all n_tokens when they fit
-    (then it is ICL), else the first `sink` positions (the attention sink) and the answer rows of whole
-    demonstrations, the latest demonstrations first, while they fit (after Wang et al. 2023, label words as anchors)."""
-    if l >= n_tokens:
-        return list(range(n_tokens))
-    keep = list(range(min(sink, n_tokens, l)))
-    for r in reversed(rows):
-        fresh = [p for p in r if p not in keep]
-        if len(keep) + len(fresh) > l:
-            break
-        keep += fresh
-    return sorted(keep)
 
 
 def distill(llm, toks, distiller, demos, args, vector_meta):
@@ -248,8 +238,10 @@ def evaluate_seed(method, llm, toks, distiller, demos, tests, args, vector_meta)
 
 
 def predict(llm, tok, tests, max_len, prefix):
-    """The best-scoring option index of each test example after one cached prefix (make_prefix's pair)."""
-    return [int(option_scores(llm, tok, ex, max_len, *prefix).argmax()) for ex in tests]
+    """The best-scoring option index of each test example after one cached prefix (make_prefix's pair or triple)."""
+    kv, start, *reading = prefix
+    with reading[0] if reading else nullcontext():
+        return [int(option_scores(llm, tok, ex, max_len, kv, start).argmax()) for ex in tests]
 
 
 def evaluate_task(method, llm, toks, distiller, seeds, args, meta, task):
@@ -344,8 +336,9 @@ def load_models(args, methods, device, dtype=torch.float32, checkpoint=None):
     llm = load_llm(args.llm, device, dtype)
     if cfg:
         base = cfg.get("base", "none")
-        distiller = build_distiller(cfg["distiller"], llm, cfg["n_vectors"], gated=base != "none")
-        load_distiller_state(distiller, state["model"], args.ckpt)
+        distiller = build_reader(cfg["distiller"], llm, cfg["n_vectors"]) if base == "anchors" else \
+            build_distiller(cfg["distiller"], llm, cfg["n_vectors"], gated=base != "none")
+        load_weights(distiller, state["model"], args.ckpt)
         distiller.eval().requires_grad_(False)
         meta = {"llm": cfg["llm"], "distiller": cfg["distiller"], "ckpt_hash": file_hash(args.ckpt), "base": base}
     return llm, toks, distiller, meta, cfg
@@ -434,7 +427,8 @@ def bench(args, llm, toks, distiller, files, methods, meta):
     tests, report = tests[:args.bench], {"task": task, "seed": seed, "n_examples": min(args.bench, len(tests))}
     budgets = (args.teacher_demo_tokens, args.distiller_demo_tokens)
     teacher_ids = data.demo_item(toks, demos, budgets, args.max_len_per_example)[0]
-    for method in [m for m in methods if m not in ("labels", "anchors")]:  # their references are tests
+    for method in [m for m in methods if m not in ("labels", "anchors") and (m, meta.get("base")) != ("mend", "anchors")]:
+        # their references are tests (a MEND on the anchors: test_mend_on_the_anchors_at_gate_zero_is_the_anchors)
         t0 = time.perf_counter()
         prefix = make_prefix(method, llm, toks, distiller, demos, args, {**meta, "task": task, "seed": seed})
         fast = [option_scores(llm, toks[0], ex, args.max_len_per_example, *prefix) for ex in tests]

@@ -246,7 +246,21 @@ def method_flops(llm_name, D, T, L, Q, distiller=None):
         "truncated_reuse": total_flops(llm, L, L, 0) / Q + total_flops(llm, T, L + T, T),
         "anchors": total_flops(llm, D, D, 0) + total_flops(llm, T, L + T, T),
         "anchors_reuse": total_flops(llm, D, D, 0) / Q + total_flops(llm, T, L + T, T),
+        # train.py --base anchors (L anchors, and L vectors whose keys/values are a second set), and its baseline
+        # --distiller none, the anchors re-weighted by a bias per layer and head (free: the anchors' cost)
+        "mend_anchors": total_flops(llm, D, D, 0) + distill + total_flops(llm, L, L, 0) + anchors_query(llm, T, L, L),
+        "mend_anchors_reuse": (total_flops(llm, D, D, 0) + distill + total_flops(llm, L, L, 0)) / Q
+                              + anchors_query(llm, T, L, L),
+        "anchors_reweighted": total_flops(llm, D, D, 0) + total_flops(llm, T, L + T, T),
+        "anchors_reweighted_reuse": total_flops(llm, D, D, 0) / Q + total_flops(llm, T, L + T, T),
     }
+
+
+def anchors_query(cfg, T, n_anchors, L):
+    """A query of T tokens after the anchors (n_anchors + T keys) that also reads L vector keys/values: F(T, a+T, T) +
+    4 n_layer T L A, the second set's Q K^T and A V."""
+    n_layer, _, A = block_weights(cfg)
+    return total_flops(cfg, T, n_anchors + T, T) + 4 * n_layer * T * L * A
 
 
 def seq2seq_method_flops(llm, D, T, L, Q, distill):
@@ -287,6 +301,32 @@ def step_flops(llm_cfg, dis_cfg, L, teacher_len, distiller_len, query_lens, teac
         total += teacher * total_flops(llm_cfg, T, teacher_len + T, T)
         f = forward_flops(llm_cfg, L + T, L + T, T)
         total += 2 * f["matmul"] + 3 * f["attention"]
+    return total
+
+
+def anchors_step_flops(cfg, dis_cfg, L, n_anchors, teacher_len, distiller_len, query_lens, teacher=True):
+    """step_flops for train.py --base anchors (decoder-only; L = 0 and dis_cfg None: --distiller none). The teacher
+    reads the demonstrations once (their keys/values also give the a = n_anchors anchors) and, when its logits are
+    used, each query after them. The distiller as in step_flops; the LLM reads its L vectors once (one logit row),
+    backward down to the vectors through every layer's keys/values: all blocks but the last, and the last one's key
+    and value projections. The student reads each query of T tokens after the anchors (a+T keys, plus the L vector
+    keys); its backward reaches the gate (or the bias) of every layer: 1x the matmuls except the first layer's q, k, v
+    projections (nothing before the first gate needs a gradient), 2x the attention of the later layers, and at the
+    first layer only dP, dK, dV of the vector set (3 of its 4 matmuls' 2 T L A each) or dP of the anchors (the bias)."""
+    n, W, A = block_weights(cfg)
+    C = cfg.hidden_size
+    A_kv = (getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads) * (A // cfg.num_attention_heads)
+    qkv = C * (A + 2 * A_kv)                                                    # weights of the q, k, v projections
+    total = total_flops(cfg, teacher_len, teacher_len, 1)
+    if dis_cfg is not None:
+        c, n_d = dis_cfg.hidden_size, distiller_len + L
+        total += 3 * (total_flops(dis_cfg, n_d, n_d, 0) + (2 * L * c * C if c != C else 0))
+        total += total_flops(cfg, L, L, 1) + 2 * L * (n - 1) * W + 2 * L * C * 2 * A_kv + 8 * (n - 1) * L * L * A
+    for T in query_lens:
+        total += teacher * total_flops(cfg, T, teacher_len + T, T)
+        f = forward_flops(cfg, T, n_anchors + T, T)
+        total += 2 * f["matmul"] - 2 * T * qkv + 3 * f["attention"] * (n - 1) // n + 12 * (n - 1) * T * L * A
+        total += 4 * T * L * A + (6 * T * L * A if L else 2 * T * (n_anchors + T) * A) + f["attention"] // n
     return total
 
 

@@ -257,6 +257,7 @@ class PromptTuning(nn.Module):
 
 
 PROMPT = "prompt"  # --distiller prompt: the PromptTuning baseline
+NO_DISTILLER = "none"  # --distiller none: no distiller (train.py --base anchors: the re-weighted anchors)
 
 
 def build_distiller(spec, llm, n_vectors, cache_dir=None, freeze_embeddings=False, gated=False):
@@ -321,7 +322,7 @@ def tokenizers(spec, llm_name, cache_dir=None):
     """(LLM tokenizer, distiller tokenizer). One object when they are shared ('layers:N', 'prompt'), so the
     distiller's demonstration ids are the teacher's, not re-encoded; else the distiller reads in its own tokens."""
     tok = load_tokenizer(llm_name, cache_dir)
-    return tok, tok if spec.startswith("layers:") or spec == PROMPT else load_tokenizer(spec, cache_dir)
+    return tok, tok if spec.startswith("layers:") or spec in (PROMPT, NO_DISTILLER) else load_tokenizer(spec, cache_dir)
 
 
 def count_params(module, trainable_only=False):

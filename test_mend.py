@@ -702,10 +702,10 @@ def test_answer_rows_and_anchor_positions(tmp_path):
     rows = data.answer_rows(tok, demos, len(teacher_ids), 32)
     assert [tok.decode([teacher_ids[p] for p in r]) for r in rows] == ["\nyes\n\n", "\nno\n\n"]
     assert rows == [[2, 3, 4, 5, 6, 7], [11, 12, 13, 14, 15]]
-    assert evaluate.anchor_positions(rows, 16, 9) == [0, 1, 2, 3, 11, 12, 13, 14, 15]
-    assert evaluate.anchor_positions(rows, 16, 15) == [0, 1, 2, 3, 4, 5, 6, 7, 11, 12, 13, 14, 15]  # sink overlaps
-    assert evaluate.anchor_positions(rows, 16, 8) == [0, 1, 2, 3]                 # no whole demonstration fits
-    assert evaluate.anchor_positions(rows, 16, 16) == list(range(16))
+    assert data.anchor_positions(rows, 16, 9) == [0, 1, 2, 3, 11, 12, 13, 14, 15]
+    assert data.anchor_positions(rows, 16, 15) == [0, 1, 2, 3, 4, 5, 6, 7, 11, 12, 13, 14, 15]  # sink overlaps
+    assert data.anchor_positions(rows, 16, 8) == [0, 1, 2, 3]                 # no whole demonstration fits
+    assert data.anchor_positions(rows, 16, 16) == list(range(16))
     with pytest.raises(ValueError, match="not a prefix of whole demonstrations"):
         data.answer_rows(tok, demos, 10, 32)
 
@@ -722,7 +722,7 @@ def test_anchors_keep_the_full_prefix_keys_values_at_label_rows(saved_llm, famil
     demos, ex = pool[:4], {"input": pool[5]["input"], "options": ["good", "terrible!", "ok"], "output": "ok"}
     teacher_ids, _ = data.demo_item(toks, demos, (96, 96), 32)
     D = len(teacher_ids)
-    keep = evaluate.anchor_positions(data.answer_rows(toks[0], demos, D, 32), D, 20)
+    keep = data.anchor_positions(data.answer_rows(toks[0], demos, D, 32), D, 20)
     assert D > 20 and 4 < len(keep) <= 20 and keep[:4] == [0, 1, 2, 3]
     kv, start = evaluate.make_prefix("anchors", llm, toks, None, demos, args, {})
     scores = model.option_scores(llm, toks[0], ex, 32, kv, start)
@@ -841,6 +841,171 @@ def test_a_short_base_is_read_as_itself_and_only_the_gate_learns_at_zero():
     loss.backward()
     assert distiller.gate.grad.abs().sum() > 0
     assert all(p.grad is None or not p.grad.any() for n, p in distiller.named_parameters() if n != "gate")
+
+# -----------------------------------------------------------------------------
+# train.py --base anchors: distilled keys/values beside the anchors (distill.AnchorReader)
+
+
+def anchors_case(tmp_path, family):
+    """A tiny LLM, the byte tokenizer, 4 demonstrations with an example, and their anchors at l=20 (eval.py's)."""
+    llm, tok = tiny_llm(family), byte_tokenizer(tmp_path)
+    pool = data.read_metaicl(data.task_file(ROOT / "sample_data", "sample-sentiment", 16, 100, "train"))
+    demos, ex = pool[:4], {"input": pool[5]["input"], "options": ["good", "terrible!", "ok"], "output": "ok"}
+    return llm, (tok, tok), demos, ex, distill.anchors_of(llm, (tok, tok), demos, (96, 96), 32, 20)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+@pytest.mark.parametrize("perturb", ["gold", "random_labels"])
+def test_anchor_reader_at_zero_scores_exactly_as_the_anchors(tmp_path, family, perturb):
+    """At gate 0 (bias 0) the query reading the anchors and the vectors' keys/values gives eval.py's anchors scores
+    bit for bit; a nonzero gate changes them; a bias of ln 2 on the anchor logits equals the anchors with every anchor
+    key/value given twice (a plain forward: twice the weight in every softmax), and differs from the anchors."""
+    llm, toks, demos, ex, _ = anchors_case(tmp_path, family)
+    demos = data.perturb_demos(demos, perturb, 100)
+    kv, start = distill.anchors_of(llm, toks, demos, (96, 96), 32, 20)              # per layer (1, H, l, h)
+    anchors = model.option_scores(llm, toks[0], ex, 32, kv, start)
+    reader = distill.build_reader("layers:1", llm, n_vectors=4)
+    assert reader.gate.shape == (2, llm.config.num_attention_heads) and not reader.gate.any()
+    d = torch.tensor([data.demo_item(toks, demos, (96, 96), 32)[1]])
+    vector_kv = model.prefix_cache(llm, prefix_embeds=reader(d, torch.ones_like(d)).detach())  # (1, H_kv, 4, h)
+    with reader.reading(llm, kv[0][0].shape[2], vector_kv):
+        at_zero = model.option_scores(llm, toks[0], ex, 32, kv, start)
+    assert torch.equal(at_zero, anchors)
+    with torch.no_grad():
+        reader.gate[1, 0] = 0.5
+    with reader.reading(llm, kv[0][0].shape[2], vector_kv):
+        assert (model.option_scores(llm, toks[0], ex, 32, kv, start) - anchors).abs().max() > 1e-4
+    assert llm.config._attn_implementation == "sdpa"                                 # restored after the block
+    bias = distill.build_reader("none", llm, n_vectors=4)
+    assert bias.distiller is None and model.count_params(bias, True) == 2 * llm.config.num_attention_heads
+    with bias.reading(llm, kv[0][0].shape[2]):
+        assert torch.equal(model.option_scores(llm, toks[0], ex, 32, kv, start), anchors)
+    with torch.no_grad():
+        bias.bias.fill_(math.log(2))
+    with bias.reading(llm, kv[0][0].shape[2]):
+        doubled = model.option_scores(llm, toks[0], ex, 32, kv, start)
+    twice = [(torch.cat([k, k], 2), torch.cat([v, v], 2)) for k, v in kv]           # per layer (1, H, 2l, h)
+    torch.testing.assert_close(doubled, model.option_scores(llm, toks[0], ex, 32, twice, start), rtol=1e-5, atol=1e-5)
+    assert (doubled - anchors).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_anchors_loss_reads_each_padded_row_as_its_anchors_and_trains_only_gate_distiller_or_bias(tmp_path, family,
+                                                                                                    monkeypatch):
+    """mend_loss on a batch of two items with demonstrations and anchors of different lengths (left-padded) and 2 + 1
+    queries: at gate 0 the student's logits equal, row by row, eval.py's anchors path (the LLM reading that item's
+    demonstrations alone, keeping its anchors, the query at the positions it has after them). The backward pass
+    reaches the gate alone at gate 0, the distiller too once the gate is open, the bias alone without a distiller;
+    the LLM never has a gradient."""
+    llm, toks, _, _, _ = anchors_case(tmp_path, family)
+    pool = data.read_metaicl(data.task_file(ROOT / "sample_data", "sample-sentiment", 16, 100, "train"))
+    rng = __import__("numpy").random.default_rng(0)
+    items = [data.meta_item(toks, pool[j:j + q], pool[10:], rng, k, (96, 96), 32, base=("anchors", 30))
+             for j, q, k in ((0, 2, 4), (5, 1, 1))]
+    batch = data.collate(items)
+    lengths = [len(it["anchors"]) for it in items]
+    assert batch["anchor_positions"].shape == (2, max(lengths)) and lengths[0] != lengths[1] and max(lengths) <= 30
+    assert len(items[0]["teacher_demo"]) != len(items[1]["teacher_demo"])  # both padded: demonstrations and anchors
+    expect = []
+    for it in items:
+        t = ids(it["teacher_demo"])
+        kv = model.family(llm).take(model.prefix_cache(llm, prefix_ids=t), positions=torch.tensor(it["anchors"]))
+        for query in it["queries"]:                                               # the query starts at D
+            expect.append(model.llm_logits(llm, ids(query), torch.ones(1, len(query), dtype=torch.long),
+                                           prefix_kv=kv, shift=t.shape[1] - len(it["anchors"]))[0])  # (T, V)
+    students, terms = [], distill.query_terms
+    monkeypatch.setattr(distill, "query_terms", lambda t, s, *a: students.append(s.detach()) or terms(t, s, *a))
+    for spec in ("layers:1", "none"):
+        reader = distill.build_reader(spec, llm, n_vectors=3)
+        loss, kl, _ = distill.mend_loss(llm, reader, batch)
+        for row, want in enumerate(expect):
+            torch.testing.assert_close(students[-1][row, :len(want)], want, rtol=1e-4, atol=1e-5)
+        assert kl.item() > 0
+        loss.backward()
+        own = "gate" if spec != "none" else "bias"
+        assert getattr(reader, own).grad.abs().sum() > 0
+        assert all(p.grad is None or not p.grad.any() for n, p in reader.named_parameters() if n != own)
+        assert all(p.grad is None for p in llm.parameters())
+    with torch.no_grad():
+        reader = distill.build_reader("layers:1", llm, n_vectors=3)
+        reader.gate.fill_(0.1)
+    distill.mend_loss(llm, reader, batch)[0].backward()
+    assert reader.distiller.placeholder.grad.abs().sum() > 0 and all(p.grad is None for p in llm.parameters())
+    assert (students[-1][0, :len(expect[0])] - expect[0]).abs().max() > 1e-4    # an open gate reads the vectors
+
+
+@pytest.mark.parametrize("spec", ["layers:1", "none"])
+def test_train_then_eval_on_the_anchors_end_to_end(saved_llm, tmp_path, spec):
+    """train.py --base anchors (with a distiller, from a plain stage-1 checkpoint, or without: --distiller none) then
+    eval.py --methods mend: the checkpoint records the base and the distiller; at lr 0 (gate or bias at 0) MEND's
+    predictions are the anchors' with gold and random labels; trained, the gate or bias moves; the vector API refuses
+    the checkpoint in one line; an encoder-decoder LLM, --distiller none without --base anchors and stage 1 are refused."""
+    llm, ckpt = saved_llm("llama"), tmp_path / "mend.pt"
+    init = []
+    if spec != "none":
+        train.run(train_args(llm, tmp_path / "s1.pt", "--stage", "pretrain", "--max_steps", "1", "--val_items", "0"))
+        init = ["--init", str(tmp_path / "s1.pt")]
+    common = ["--stage", "finetune", "--distiller", spec, "--base", "anchors", "--n_vectors", "20", "--val_items", "1"]
+    train.run(train_args(llm, ckpt, *common, *init, "--max_steps", "1", "--lr", "0"))
+    state = model.load_checkpoint(ckpt)
+    own = "gate" if spec != "none" else "bias"
+    assert (state["config"]["base"], state["config"]["distiller"]) == ("anchors", spec)
+    assert torch.equal(state["model"][own], torch.zeros(2, 4))
+    if spec != "none":  # the stage-1 distiller's weights were loaded under the reader
+        s1 = model.load_checkpoint(tmp_path / "s1.pt")["model"]
+        assert torch.equal(state["model"]["distiller.placeholder"], s1["placeholder"])
+    else:
+        assert set(state["model"]) == {"bias"}
+    flags = ["--data", str(ROOT / "sample_data"), "--ckpt", str(ckpt), "--partition", "class2class", "--seeds", "100",
+             "--max_examples", "4", "--methods", "mend,anchors"]
+    for perturb in ("gold", "random_labels"):
+        report = evaluate.main(evaluate.get_args([*flags, "--perturb", perturb, "--out", str(tmp_path / f"{perturb}.json")]))
+        assert report["train_config"]["base"] == "anchors"
+        for task, got in report["methods"]["mend"]["tasks"].items():
+            assert got["predictions"] == report["methods"]["anchors"]["tasks"][task]["predictions"], (perturb, task)
+    trained = tmp_path / "trained.pt"
+    train.run(train_args(llm, trained, *common, "--max_steps", "2", "--lr", "1e-2"))
+    assert model.load_checkpoint(trained)["model"][own].abs().sum() > 0
+    evaluate.main(evaluate.get_args([*flags, "--ckpt", str(trained), "--out", str(tmp_path / "t.json")]))
+    with pytest.raises(model.CheckpointError, match="trained with --base anchors.*eval.py --methods mend"):
+        distill.MEND.load(str(ckpt), device="cpu")
+    with pytest.raises(SystemExit, match="--base anchors needs a decoder-only LLM"):
+        train.get_args(["--stage", "finetune", "--llm", saved_llm("t5"), "--base", "anchors"])
+    with pytest.raises(SystemExit, match="--distiller none applies to --base anchors only"):
+        train.get_args(["--stage", "finetune", "--distiller", "none"])
+    with pytest.raises(SystemExit, match="--base anchors applies to --stage finetune"):
+        train.get_args(["--stage", "pretrain", "--base", "anchors"])
+
+
+@pytest.mark.parametrize("spec", ["layers:1", "none"])
+def test_anchors_step_flops_match_the_flop_counter(spec, monkeypatch):
+    """train.py's MFU numerator for --base anchors: flops.anchors_step_flops of an item (teacher, anchors, the vectors'
+    keys/values as a second set, the backward to the gate or bias) equals what FlopCounterMode counts in mend_loss's
+    forward and backward (eager attention, one item, 2 unpadded queries) exactly; and method_flops' inference rows."""
+    from torch.utils.flop_counter import FlopCounterMode
+    import flops
+    cfg = LlamaConfig(num_hidden_layers=3, hidden_size=64, intermediate_size=96, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=128, attn_implementation="eager")
+    torch.manual_seed(0)
+    llm = model.freeze(LlamaForCausalLM(cfg))
+    reader = distill.build_reader(spec, llm, n_vectors=5, freeze_embeddings=True)
+    queries, anchors = [list(range(10, 30)), list(range(40, 60))], [0, 1, 2, 3, 20, 21, 22, 30, 31]
+    item = dict(teacher_demo=list(range(60, 100)), distiller_demo=list(range(60, 100)), queries=queries,
+                answer_masks=[[0] * 10 + [1] * 10, [0] * 14 + [1] * 6], anchors=anchors)
+    with torch.no_grad():
+        getattr(reader, "gate" if spec != "none" else "bias").fill_(0.1)  # nonzero: every gradient is computed
+    with FlopCounterMode(display=False) as counter:
+        loss, _, _ = distill.mend_loss(llm, reader, data.collate([item]))
+        loss.backward()
+    dis_cfg, L = (reader.distiller.backbone.config, 5) if spec != "none" else (None, 0)
+    want = flops.anchors_step_flops(cfg, dis_cfg, L, len(anchors), 40, 40, [20, 20])
+    assert counter.get_total_flops() == want
+    monkeypatch.setitem(flops.CONFIGS, "tiny", cfg)
+    f = flops.method_flops("tiny", 40, 8, 5, 4, distiller="layers:1")
+    assert f["anchors_reweighted"] == f["anchors"] < f["mend_anchors"] and f["mend_anchors_reuse"] < f["mend_anchors"]
+    assert f["mend_anchors"] - f["anchors"] - f["mend"] + flops.total_flops(cfg, 5 + 8, 5 + 8, 8) == \
+        flops.total_flops(cfg, 5, 5, 0) + 4 * 3 * 8 * 5 * 64
+
 
 
 def test_ceiling_fits_vectors_per_task_from_unlabeled_inputs_of_other_seeds(saved_llm, tmp_path):
@@ -1384,7 +1549,7 @@ def test_t5_anchors_keep_encoder_rows(saved_llm):
     demos, ex = pool[:4], {"input": pool[5]["input"], "options": ["good", "terrible!", "ok"], "output": "ok"}
     teacher_ids, _ = data.demo_item(toks, demos, (96, 96), 32)
     D = len(teacher_ids)
-    keep = evaluate.anchor_positions(data.answer_rows(toks[0], demos, D, 32), D, 20) + [D]  # and </s>
+    keep = data.anchor_positions(data.answer_rows(toks[0], demos, D, 32), D, 20) + [D]  # and </s>
     scores = model.option_scores(llm, toks[0], ex, 32, *evaluate.make_prefix("anchors", llm, toks, None, demos, args, {}))
     states = llm.encoder(input_ids=torch.tensor([teacher_ids + [256]])).last_hidden_state[:, keep]  # (1, l+1, C)
     x = data.encode_example(toks[0], ex, 32, answer_len=9)[0]

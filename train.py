@@ -30,10 +30,11 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import data
 import flops
-from distill import answer_ce_per_example, demo_vectors, kl_per_example, mend_loss, phase
+from distill import (answer_ce_per_example, build_reader, demo_vectors, kl_per_example, load_weights,
+                     mend_loss, phase)
 from eval import macro_f1
-from model import (EMBEDDED, PROMPT, autocast, build_distiller, check_compatible, count_params, distiller_state,
-                   llm_logits, load_checkpoint, load_distiller_state, load_llm, option_scores, prefix_cache,
+from model import (EMBEDDED, NO_DISTILLER, PROMPT, autocast, build_distiller, check_compatible, count_params,
+                   distiller_state, llm_logits, lm_kind, load_checkpoint, load_llm, option_scores, prefix_cache,
                    resolve_device, save_checkpoint, teacher_logits, tokenizers)
 
 PAPER = {  # the official pretrain.sh / finetune.sh (results/official_code.md); batch is per GPU: 8 GPUs give the global 8
@@ -80,9 +81,11 @@ def get_args(argv=None):
                    "swapped for other tasks' labels, in its demos and queries alike (symbol tuning, against priors)")
     p.add_argument("--kl_rows", default="query", choices=["query", "options"], help="stage 2: KL on every query row "
                    "and CE on the answer (paper), or both on the rows the option scorer reads, every option teacher-forced")
-    p.add_argument("--base", default="none", choices=["none", *data.FREE_PREFIXES], help="start MEND from a free "
-                   "prefix: vectors = the LLM's embeddings of its l tokens + gate * the distiller's output, the gate at "
-                   "0 (none: the paper's MEND; labels/truncated: eval.py's free prefixes; stage 1: truncated only)")
+    p.add_argument("--base", default="none", choices=["none", *data.FREE_PREFIXES, "anchors"], help="start MEND from "
+                   "a free prefix: vectors = the LLM's embeddings of its l tokens + gate * the distiller's output, the "
+                   "gate at 0 (none: the paper's MEND; labels/truncated: eval.py's free prefixes; stage 1: truncated "
+                   "only); anchors: the query reads eval.py's anchors + gate * the vectors' keys/values (distill."
+                   "AnchorReader; --distiller none: the anchors re-weighted by a learned bias)")
     p.add_argument("--freeze_embeddings", action=argparse.BooleanOptionalAction, default=True,
                    help="keep the distiller's token embeddings frozen (paper: trained)")
     p.add_argument("--lr", type=data.non_negative, default=1e-4,
@@ -136,10 +139,25 @@ def combination_error(args):
         return "--base labels applies to --stage finetune (C4 text has no labels; stage 1 takes --base truncated)"
     if args.base != "none" and args.distiller == PROMPT:
         return f"--base {args.base} needs a distiller; PromptTuning (--distiller prompt) never reads the demonstrations"
+    if args.distiller == NO_DISTILLER and args.base != "anchors":
+        return "--distiller none applies to --base anchors only (the anchors re-weighted, no vectors)"
+    if args.base == "anchors":
+        return anchors_error(args)
     layers = args.distiller.removeprefix("layers:")
     if layers != args.distiller and not (layers.isdigit() and int(layers) >= 1):
         return f"--distiller {args.distiller}: layers:N takes an integer N >= 1"
     return data.budget_error(args) if args.stage == "finetune" else None
+
+
+def anchors_error(args):
+    """Why --base anchors cannot run with these flags, or None."""
+    if args.stage == "pretrain":
+        return "--base anchors applies to --stage finetune (C4 text has no labels to anchor on)"
+    if args.kl_rows == "options" or args.val_tasks:
+        return "--base anchors reads query rows only: not with --kl_rows options or --val_tasks"
+    if args.llm != EMBEDDED and lm_kind(args.llm):
+        return f"--base anchors needs a decoder-only LLM; {args.llm} is an encoder-decoder (T5)"
+    return data.budget_error(args)
 
 
 # -----------------------------------------------------------------------------
@@ -286,7 +304,7 @@ def starting_state(args):
 
 def restore(state, distiller, optimizer, scaler):
     """--resume: weights, optimizer, scaler, RNG and step; returns the step to continue from."""
-    load_distiller_state(distiller, state["model"], state["path"])
+    load_weights(distiller, state["model"], state["path"])
     optimizer.load_state_dict(state["optimizer"])
     scaler.load_state_dict(state["scaler"])
     torch.set_rng_state(state["rng"]["torch"])
@@ -379,12 +397,12 @@ def judge(methods, r, args):
 
 def make_optimizer(distiller, args):
     """Fused AdamW (10x faster on CPU too); the placeholders and projection get --lr_vectors when it is set; the gate
-    of --base gets GATE_LR times --lr (Adam moves a parameter by about lr per step: at 1e-4 a gate starting at 0 would
-    reach at most 0.015 in 150 steps)."""
-    named = [(n, p) for n, p in distiller.named_parameters() if p.requires_grad]
+    of --base (or the bias of --base anchors --distiller none) gets GATE_LR times --lr (Adam moves a parameter by
+    about lr per step: at 1e-4 a gate starting at 0 would reach at most 0.015 in 150 steps)."""
+    named = [(n.removeprefix("distiller."), p) for n, p in distiller.named_parameters() if p.requires_grad]  # AnchorReader
     vec = [p for n, p in named if n.startswith(("placeholder", "proj"))]
-    gate = [p for n, p in named if n == "gate"]
-    rest = [p for n, p in named if not n.startswith(("placeholder", "proj", "gate"))]
+    gate = [p for n, p in named if n in ("gate", "bias")]
+    rest = [p for n, p in named if not n.startswith(("placeholder", "proj")) and n not in ("gate", "bias")]
     groups = [{"params": rest, "peak_lr": args.lr}, {"params": vec, "peak_lr": args.lr_vectors or args.lr},
               {"params": gate, "peak_lr": GATE_LR * args.lr}]
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=args.lr, weight_decay=args.weight_decay, fused=True)
@@ -409,8 +427,9 @@ def run(args):
     toks = tokenizers(args.distiller, args.llm)  # so does a model that cannot be loaded
     read = read_data(args, toks)  # and a run that would read nothing
     llm = load_llm(args.llm, device, dtype)  # the frozen LLM is held in the autocast dtype; the distiller stays fp32
-    distiller = build_distiller(args.distiller, llm, args.n_vectors, freeze_embeddings=args.freeze_embeddings,
-                                gated=args.base != "none")
+    distiller = build_reader(args.distiller, llm, args.n_vectors, args.freeze_embeddings) if args.base == "anchors" \
+        else build_distiller(args.distiller, llm, args.n_vectors, freeze_embeddings=args.freeze_embeddings,
+                             gated=args.base != "none")
     config = {**vars(args), "world_size": world}
     log(f"config: {json.dumps(config)}")  # the first write: a run refused before this leaves every file as it was
     log(f"device={device} dtype={str(dtype).removeprefix('torch.')} world={world} threads={torch.get_num_threads()} | llm {args.llm}: "
@@ -429,7 +448,8 @@ def run(args):
     r = SimpleNamespace(llm=llm, model=distiller, distiller=distiller, optimizer=optimizer, scaler=scaler, item=item,
                         val_items=val_items, config=config, ctx=ctx, device=device, rank=rank, world=world, log=log,
                         signal=signal, signal_random=random_labels(signal, args.seed), toks=toks, peak=peak,
-                        flops_cfg=(llm.config, getattr(getattr(distiller, "backbone", None), "config", None)))
+                        flops_cfg=(llm.config, getattr(getattr(getattr(distiller, "distiller", distiller), "backbone",
+                                                                   None), "config", None)))
     log_references(r, args)
     step = apply_start(start, r, args)
     r.model = DDP(distiller) if world > 1 else distiller
@@ -456,7 +476,7 @@ def apply_start(start, r, args):
         r.log(f"resumed from {args.out} at step {step}")
         return step
     if start:
-        load_distiller_state(r.distiller, start["model"], args.init)
+        load_weights(r.distiller, start["model"], args.init)
         r.log(f"initialized the distiller from {args.init}")
     return 0
 
@@ -473,9 +493,7 @@ def train_step(r, args, step, timings):
         items = [r.item(i) for i in range(first, first + args.batch)]
         tokens += sum(len(it["teacher_demo"]) + sum(map(len, it["queries"])) for it in items)
         queries += sum(len(it["queries"]) for it in items)
-        work += sum(flops.step_flops(*r.flops_cfg, args.n_vectors, len(it["teacher_demo"]), len(it["distiller_demo"]),
-                                     list(map(len, it["queries"])), teacher=bool(args.lam) or args.stage == "pretrain")
-                    for it in items)
+        work += sum(item_flops(r, args, it) for it in items)
         with r.ctx:
             batch = data.collate(items, r.device, option_rows(args))
             loss, kl, ce = mend_loss(r.llm, r.model, batch, args.lam, args.temperature, timings)
@@ -486,7 +504,7 @@ def train_step(r, args, step, timings):
         with phase(timings, "backward"):
             r.scaler.scale(loss / args.grad_accum).backward()
         if timings is not None:
-            timings["student_backward"] = timings.get("student_backward", 0) + timings["grad_at_vectors"] - t_backward
+            timings["student_backward"] = timings.get("student_backward", 0) + timings.get("grad_at_vectors", t_backward) - t_backward
         stats += torch.stack([loss.detach(), kl, ce]) / args.grad_accum
     r.llm.eval()
     with phase(timings, "optimizer"):
@@ -495,6 +513,15 @@ def train_step(r, args, step, timings):
         dist.all_reduce(stats)
         stats /= r.world
     return stats, tokens, queries, work
+
+
+def item_flops(r, args, it):
+    """flops.step_flops of one item, or flops.anchors_step_flops for --base anchors (no vectors without a distiller)."""
+    lens = (len(it["teacher_demo"]), len(it["distiller_demo"]), list(map(len, it["queries"])))
+    if args.base == "anchors":
+        L = args.n_vectors if r.flops_cfg[1] is not None else 0
+        return flops.anchors_step_flops(*r.flops_cfg, L, len(it["anchors"]), *lens, teacher=bool(args.lam))
+    return flops.step_flops(*r.flops_cfg, args.n_vectors, *lens, teacher=bool(args.lam) or args.stage == "pretrain")
 
 
 def optimizer_step(optimizer, scaler, model, clip):
