@@ -943,7 +943,8 @@ def test_train_then_eval_on_the_anchors_end_to_end(saved_llm, tmp_path, spec):
     llm, ckpt = saved_llm("llama"), tmp_path / "mend.pt"
     init = []
     if spec != "none":
-        train.run(train_args(llm, tmp_path / "s1.pt", "--stage", "pretrain", "--max_steps", "1", "--val_items", "0"))
+        train.run(train_args(llm, tmp_path / "s1.pt", "--stage", "pretrain", "--max_steps", "1", "--val_items", "0",
+                             "--n_vectors", "20"))
         init = ["--init", str(tmp_path / "s1.pt")]
     common = ["--stage", "finetune", "--distiller", spec, "--base", "anchors", "--n_vectors", "20", "--val_items", "1"]
     train.run(train_args(llm, ckpt, *common, *init, "--max_steps", "1", "--lr", "0"))
@@ -964,9 +965,11 @@ def test_train_then_eval_on_the_anchors_end_to_end(saved_llm, tmp_path, spec):
         for task, got in report["methods"]["mend"]["tasks"].items():
             assert got["predictions"] == report["methods"]["anchors"]["tasks"][task]["predictions"], (perturb, task)
     trained = tmp_path / "trained.pt"
-    train.run(train_args(llm, trained, *common, "--max_steps", "2", "--lr", "1e-2"))
+    train.run(train_args(llm, trained, *common, "--max_steps", "2", "--lr", "1e-2", "--val_items", "0"))
     assert model.load_checkpoint(trained)["model"][own].abs().sum() > 0
-    evaluate.main(evaluate.get_args([*flags, "--ckpt", str(trained), "--out", str(tmp_path / "t.json")]))
+    report = evaluate.main(evaluate.get_args([*flags, "--ckpt", str(trained), "--methods", "mend", "--max_examples", "2",
+                                              "--out", str(tmp_path / "t.json")]))
+    assert report["train_config"]["init"] == "" and "mend" in report["methods"]
     with pytest.raises(model.CheckpointError, match="trained with --base anchors.*eval.py --methods mend"):
         distill.MEND.load(str(ckpt), device="cpu")
     with pytest.raises(SystemExit, match="--base anchors needs a decoder-only LLM"):
