@@ -12,7 +12,7 @@ A data folder holds `c4/` (files of `{"text": ...}` lines, plain or gzipped) and
                     (stage 1: the last 20% of a document, Q=1; stage 2: input ; output of Q examples of the task)
     answer_masks    Q lists, 1 on the output tokens of each query (stage 2 CE), else 0
     base, base_mask (train.py --base only) the l LLM tokens of a free prefix MEND starts from, left-padded, and their mask
-    anchors         (train.py --base anchors only) the at most l positions of teacher_demo whose keys/values the query keeps
+    anchors         (train.py --base anchors only) the at most l positions of teacher_demo whose keys/values are kept
 
 Format (our choice, see README): a demonstration is `input \\n output \\n\\n`, the query is `input \\n` and an option is
 scored as the tokens of `output`. Newlines are what MetaICL's own training format uses; the official MEND code joins

@@ -11,6 +11,9 @@ The option objective (train.py --kl_rows options, our addition) takes both terms
 instead: each input is teacher-forced with every option, sharing the input's keys/values among its options; the KL is
 on the input's last rows and every option-token row, the CE on the gold option. fit_vectors is the same distillation
 without a distiller: free vectors for one demonstration set, the ceiling of what l vectors can carry.
+AnchorReader (train.py --base anchors) is MEND on top of eval.py's anchors: the query reads the LLM's own keys/values
+of the demonstrations at l label positions and, through a gate per layer and head that starts at 0, the keys/values of
+the distilled vectors (or, without a distiller, a bias on the anchor logits); the objective is the same.
 
 Above the objectives sits what uses a trained distiller: the distill-once vector files (safetensors with the LLM,
 distiller, checkpoint and demonstrations that made them) and the MEND API (distill your demonstrations once, then

@@ -15,6 +15,9 @@ Free prefixes at MEND's length l (the checkpoint's n_vectors, else --n_vectors),
   anchors    the LLM reads the whole prefix once, then the query attends only to the keys/values of l positions: the
              first 4 (the attention sink) and the label rows of the latest demonstrations (Wang et al. 2023), at the
              positions the query has in full ICL. With l at least the prefix length, it is ICL.
+A MEND trained with --base anchors (train.py) is scored on top of the anchors: the query reads them and, through a
+gate per layer and head, the keys/values of its distilled vectors (distill.AnchorReader; no vectors, a bias on the
+anchor logits, for --distiller none). Its results are named mend.
 
 Protocol (MetaICL's): for each seed in 100,13,21,42,87 the demonstrations are {task}_16_{seed}_train.jsonl, in file
 order, and the test examples {task}_16_{seed}_test.jsonl (or the seed-100 file, which MetaICL makes identical across

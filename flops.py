@@ -33,12 +33,19 @@ The free prefixes of length L (eval.py; `labels` costs what `truncated` costs):
     truncated     F(L+T, L+T, T)                                  the last L demonstration tokens
     anchors       F(D, D, 0) + F(T, L+T, T)                       read all D once, keep L keys/values
 
+train.py --base anchors, with L anchors and L vectors (the query attends to both sets; N layers, A attention width):
+
+    anchors re-weighted   the anchors' cost                       a bias per layer and head on the anchor logits
+    MEND on the anchors   F(D, D, 0) + F_d(D+L, D+L, 0) + 2 L c C + F(L, L, 0) + F(T, L+T, T) + 4 N T L A
+                          the prefix, the distiller, the vectors' keys/values, the query over both sets
+
 Amortised over Q queries that share their demonstrations (eval.py's KV reuse and distill-once), the prefix is paid once:
 
     ICL       F(D, D, 0) / Q + F(T, D+T, T)
     MEND      [F_d(D+L, D+L, 0) + 2 L c C + F(L, L, 0)] / Q + F(T, L+T, T)
     truncated F(L, L, 0) / Q + F(T, L+T, T)
     anchors   F(D, D, 0) / Q + F(T, L+T, T)
+    MEND on the anchors  [F(D, D, 0) + F_d(D+L, D+L, 0) + 2 L c C + F(L, L, 0)] / Q + F(T, L+T, T) + 4 N T L A
 
 An encoder-decoder LLM (T5) is counted in three parts (A = H d_kv, F = 3 C d_ff gated or 2 C d_ff, W_e = 4 C A + F,
 W_d = 6 C A + F: self-attention q, k, v, o and cross-attention q, o), the encoder reading s = P+1 rows [prefix ; </s>]:
