@@ -23,18 +23,17 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import data
+import eval as evaluate
 import flops
-from distill import answer_ce_per_example, demo_vectors, kl_per_example, mend_loss, phase
-from eval import macro_f1
+from distill import answer_ce_per_example, kl_per_example, mend_loss, phase
 from model import (EMBEDDED, PROMPT, autocast, build_distiller, check_compatible, count_params, distiller_state,
-                   llm_logits, load_checkpoint, load_distiller_state, load_llm, option_scores, prefix_cache,
-                   resolve_device, save_checkpoint, teacher_logits, tokenizers)
+                   llm_logits, load_checkpoint, load_distiller_state, load_llm, resolve_device, save_checkpoint,
+                   teacher_logits, tokenizers)
 
 PAPER = {  # the official pretrain.sh / finetune.sh (results/official_code.md); batch is per GPU: 8 GPUs give the global 8
     "common": dict(llm="gpt2-large", distiller="gpt2", n_vectors=100, k=16, batch=1, grad_accum=1, max_steps=30000,
@@ -45,8 +44,6 @@ PAPER = {  # the official pretrain.sh / finetune.sh (results/official_code.md); 
     "finetune": dict(lr=1e-5),
 }
 OUT = {"pretrain": "ckpt.pt", "finetune": "mend.pt"}
-FLOOR_MARGIN = 5.0  # --val_tasks keeps tasks where ICL beats the best one-class prediction by this much macro-F1
-LABEL_MARGIN = 5.0  # ... and ICL with random labels by this much
 GATE_LR = 100.0    # --base: the gate's learning rate, in units of --lr (see make_optimizer)
 
 
@@ -201,7 +198,7 @@ def make_items(args, read, toks, log, predict=None):
         log(f"c4: {len(train):,} training documents, {len(val)} held out")
         return (lambda i: train[torch.randperm(len(train), generator=torch.Generator().manual_seed(
             args.seed + i // len(train)))[i % len(train)]]), val, [], {}
-    signal = selection_tasks(source, args, log, predict)
+    signal = evaluate.selection_tasks(source, args, log, predict)
     pools = {t: p for t, p in source.items() if t not in signal}
     n_held = 2 if args.val_items else 0
     train_pools, held = data.split_pools(pools, n_held) if n_held else (pools, {})
@@ -210,50 +207,6 @@ def make_items(args, read, toks, log, predict=None):
                               args.max_len_per_example, base) if n_held else []
     return (lambda i: data.meta_train_item(train_pools, toks, i, args.seed, args.k, budgets, args.max_len_per_example,
                                            args.queries_per_demo, args.relabel, base)), val, sorted(pools), signal
-
-
-def selection_tasks(pools, args, log, predict):
-    """--val_tasks: meta-train tasks held out of training entirely, as {task: (k demos, test examples)}: classification
-    tasks with 2 to 8 labels and enough examples, in the seed's order, kept where the teacher reads the labels (see
-    label_sensitive). predict(method, task, (demos, tests)) -> (predictions, golds)."""
-    if not args.val_tasks:
-        return {}
-    n = args.k + args.val_task_examples
-    fit = sorted(t for t, p in pools.items() if len(p) >= n and data.is_classification(p) and 2 <= len(p[0]["options"]) <= 8)
-    chosen = []
-    for j in np.random.default_rng(args.seed).permutation(len(fit)):
-        if len(chosen) < args.val_tasks and len(pools) - len(chosen) > 1:
-            chosen += [fit[j]] * label_sensitive(fit[j], signal_examples(pools[fit[j]], args), predict, args.seed, log)
-    if len(chosen) < args.val_tasks:
-        raise SystemExit(f"--val_tasks {args.val_tasks}: only {len(chosen)} of {len(pools)} meta-train tasks qualify "
-                         f"(classification, 2-8 labels, at least {n} examples, ICL {FLOOR_MARGIN} points above the "
-                         f"one-class floor and {LABEL_MARGIN} points above ICL with random labels)")
-    chosen.sort()
-    log(f"selection signal: held out of training: {', '.join(chosen)} ({args.val_task_examples} examples each)")
-    return {t: signal_examples(pools[t], args) for t in chosen}
-
-
-def label_sensitive(task, examples, predict, seed, log):
-    """The rule of selection_tasks for one candidate: ICL with the gold labels scores FLOOR_MARGIN points of macro-F1
-    above the best one-class prediction (the teacher does better than collapsing onto one class) and LABEL_MARGIN
-    points above ICL with random labels (the teacher reads the labels, so a student can be shown to). Zero-shot is
-    logged beside them; the random-label pass runs only when the first test passes."""
-    preds, golds = predict("zeroshot", task, examples)
-    floor = max(macro_f1([c] * len(golds), golds) for c in set(golds))
-    zero_shot, icl = macro_f1(preds, golds), macro_f1(*predict("icl", task, examples))
-    line = f"selection signal candidate {task}: one-class floor {floor:.1f}, zero-shot {zero_shot:.1f}, icl {icl:.1f}"
-    ok = icl >= floor + FLOOR_MARGIN
-    if ok:
-        icl_random = macro_f1(*predict("icl", task, random_labels({task: examples}, seed)[task]))
-        line += f", icl random labels {icl_random:.1f}"
-        ok = icl >= icl_random + LABEL_MARGIN
-    log(line + (" -> kept" if ok else ""))
-    return ok
-
-
-def signal_examples(pool, args):
-    """A held-out task's (k demonstrations, test examples): the first k of its pool, then the next val_task_examples."""
-    return pool[:args.k], pool[args.k:args.k + args.val_task_examples]
 
 
 # -----------------------------------------------------------------------------
@@ -338,45 +291,6 @@ def zero_shot_reference(llm, items, args, ctx, device):
     return kl, ce, teacher_ce, truncated_kl
 
 
-@torch.no_grad()
-def signal_predictions(method, llm, distiller, signal, toks, args, ctx):
-    """{held-out task: (predicted option indices, gold indices)} of one method, scored exactly as eval.py scores: the
-    demonstrations (icl) or their distilled vectors (mend) become a cached prefix, zero-shot has none."""
-    budgets, out = (args.teacher_demo_tokens, args.distiller_demo_tokens), {}
-    distiller.eval()
-    with ctx:
-        for task, (demos, tests) in signal.items():
-            teacher_ids, distiller_ids = data.demo_item(toks, demos, budgets, args.max_len_per_example)
-            prefix = None  # zero-shot
-            if method == "icl":
-                prefix = prefix_cache(llm, prefix_ids=torch.tensor([teacher_ids], device=llm.device))
-            if method == "mend":
-                base = data.free_prefix(toks, demos, args.base, args.n_vectors, budgets, args.max_len_per_example)
-                prefix = prefix_cache(llm, prefix_embeds=demo_vectors(llm, distiller, distiller_ids, base))
-            preds = [int(option_scores(llm, toks[0], ex, args.max_len_per_example, prefix).argmax()) for ex in tests]
-            out[task] = (preds, [ex["options"].index(ex["output"]) for ex in tests])
-    distiller.train()
-    return out
-
-
-def selection_signal(method, llm, distiller, signal, toks, args, ctx):
-    """The selection signal: a method's macro-F1 averaged over the held-out tasks."""
-    preds = signal_predictions(method, llm, distiller, signal, toks, args, ctx)
-    return float(np.mean([macro_f1(p, g) for p, g in preds.values()]))
-
-
-def random_labels(signal, seed):
-    """The held-out tasks with their demonstrations' labels replaced at random: a method that reads the labels scores
-    lower on them than with the gold labels, as ICL does."""
-    return {t: (data.perturb_demos(demos, "random_labels", seed), tests) for t, (demos, tests) in signal.items()}
-
-
-def judge(methods, r, args):
-    """' | '-joined macro-F1 of each (label, method, signal) on the held-out tasks."""
-    return " | ".join(f"{label} {selection_signal(m, r.llm, r.distiller, sig, r.toks, args, r.ctx):.2f}"
-                      for label, m, sig in methods)
-
-
 def make_optimizer(distiller, args):
     """Fused AdamW (10x faster on CPU too); the placeholders and projection get --lr_vectors when it is set; the gate
     of --base gets GATE_LR times --lr (Adam moves a parameter by about lr per step: at 1e-4 a gate starting at 0 would
@@ -421,14 +335,14 @@ def run(args):
               else "nominal, flops.GPU_PEAK_TFLOPS")
     log(f"peak for MFU: {peak / 1e12:.3g} TFLOP/s ({source})" if peak
         else "peak for MFU: unknown GPU, pass --peak_tflops (MFU not logged)")
-    predict = lambda method, task, ex: signal_predictions(method, llm, distiller, {task: ex}, toks, args, ctx)[task]
+    predict = lambda method, task, ex: evaluate.signal_predictions(method, llm, distiller, {task: ex}, toks, args, ctx)[task]
     item, val_items, tasks, signal = make_items(args, read, toks, log, predict)
     config["train_tasks"], config["val_tasks_held_out"] = tasks, sorted(signal)
     optimizer = make_optimizer(distiller, args)
     scaler = torch.amp.GradScaler(device.split(":")[0], enabled=dtype == torch.float16)  # a no-op unless fp16
     r = SimpleNamespace(llm=llm, model=distiller, distiller=distiller, optimizer=optimizer, scaler=scaler, item=item,
                         val_items=val_items, config=config, ctx=ctx, device=device, rank=rank, world=world, log=log,
-                        signal=signal, signal_random=random_labels(signal, args.seed), toks=toks, peak=peak,
+                        signal=signal, signal_random=evaluate.random_labels(signal, args.seed), toks=toks, peak=peak,
                         flops_cfg=(llm.config, getattr(getattr(distiller, "backbone", None), "config", None)))
     log_references(r, args)
     step = apply_start(start, r, args)
@@ -445,8 +359,9 @@ def log_references(r, args):
         r.log(f"val reference | the LLM reading the query alone: kl {kl:.5g} | ce {ce:.5g} | the teacher: ce "
               f"{teacher_ce:.5g} | the last {args.n_vectors} demonstration tokens (truncated): kl {truncated_kl:.5g}")
     if r.signal and r.rank == 0:
-        r.log("signal reference | held-out tasks macro-F1: " + judge(
-            [("zeroshot", "zeroshot", r.signal), ("icl", "icl", r.signal), ("icl_random", "icl", r.signal_random)], r, args))
+        r.log("signal reference | held-out tasks macro-F1: " + evaluate.judge(
+            [("zeroshot", "zeroshot", r.signal), ("icl", "icl", r.signal), ("icl_random", "icl", r.signal_random)],
+            r.llm, r.distiller, r.toks, args, r.ctx))
 
 
 def apply_start(start, r, args):
@@ -538,7 +453,8 @@ def loop(r, args, step):
                     v = validate(r.llm, r.distiller, r.val_items, args, r.ctx, r.device)
                     r.log(f"step {step} | val loss {v[0]:.5g} | val kl {v[1]:.5g} | val ce {v[2]:.5g}")
                 if r.signal and r.rank == 0:
-                    f1 = judge([("mend", "mend", r.signal), ("mend_random", "mend", r.signal_random)], r, args)
+                    f1 = evaluate.judge([("mend", "mend", r.signal), ("mend_random", "mend", r.signal_random)],
+                                        r.llm, r.distiller, r.toks, args, r.ctx)
                     r.log(f"step {step} | signal {f1} | {time.time() - t_start:.0f}s")
                 save(step)
     except KeyboardInterrupt:
