@@ -223,11 +223,11 @@ def test_llm_dropout_acts_in_training_passes_only(dropout):
     opt = torch.optim.AdamW(distiller.parameters(), lr=0.0)
     args = SimpleNamespace(batch=1, grad_accum=1, lam=1.0, temperature=1.0, clip=1.0, kl_rows="query", llm_dropout=dropout,
                            n_vectors=3, stage="finetune")
-    r = SimpleNamespace(llm=llm, model=distiller, distiller=distiller, optimizer=opt, item=lambda i: item, world=1, rank=0,
+    r = SimpleNamespace(llm=llm, distiller=distiller, optimizer=opt, item=lambda i: item, world=1, rank=0,
                         flops_cfg=(llm.config, distiller.backbone.config),
                         device="cpu", ctx=torch.autocast("cpu", enabled=False), log=print,
                         scaler=torch.amp.GradScaler("cpu", enabled=False))
-    losses = [train.train_step(r, args, step, None)[0][0].item() for step in range(3)]
+    losses = [train.train_step(r, distiller, args, step, None)[0][0].item() for step in range(3)]
     assert (len(set(losses)) == 3) if dropout else (len(set(losses)) == 1)
     assert not llm.training and all(p.grad is None for p in llm.parameters())
     assert train.get_args(["--stage", "finetune", "--preset", "paper"]).llm_dropout
