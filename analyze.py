@@ -36,7 +36,6 @@ import torch
 import data
 import eval as evaluate
 import flops
-import train
 from distill import MEND, fit_vectors
 from eval import macro_f1
 from model import PROMPT, PromptTuning, prefix_cache
@@ -172,8 +171,8 @@ def held_out(args):
     mend = MEND.load(args.ckpt, device="cpu")
     cfg = SimpleNamespace(**{**mend.config, "data": args.data})
     pools = data.meta_train_pools(args.data, cfg.val_tasks_held_out, log=lambda msg: None)
-    signal = {t: train.signal_examples(pools[t], cfg) for t in cfg.val_tasks_held_out}
-    report = {m: train.signal_predictions(m, mend.llm, mend.distiller, signal, mend.toks, cfg, nullcontext())
+    signal = {t: evaluate.signal_examples(pools[t], cfg) for t in cfg.val_tasks_held_out}
+    report = {m: evaluate.signal_predictions(m, mend.llm, mend.distiller, signal, mend.toks, cfg, nullcontext())
               for m in ("zeroshot", "icl", "mend")}
     for task in signal:
         counts = lambda xs: dict(sorted(Counter(xs).items()))

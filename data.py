@@ -32,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from transformers import PreTrainedTokenizerFast
 
 QUERY_SEP, DEMO_SEP = "\n", "\n\n"   # input QUERY_SEP output DEMO_SEP input QUERY_SEP output DEMO_SEP ...
 PLAIN_SEPS = (" Answer: ", " ; ")   # the same for a tokenizer without newlines (T5): input Answer: output ; ...
@@ -209,6 +210,26 @@ def meta_train_pools(data_dir, tasks, log=print):
 
 # -----------------------------------------------------------------------------
 # tokenization, the prompt format and the demonstration budgets
+
+
+def byte_tokenizer(folder):
+    """A tokenizer built offline, for random-initialised models of real shapes (the tests, results/gpu): GPT-2's
+    byte-to-unicode alphabet as a BPE with no merges, one token per byte, plus <eos> = 256. Its spec goes to
+    folder/tokenizer.json."""
+    bs = list(range(33, 127)) + list(range(161, 173)) + list(range(174, 256))
+    cs = bs + [256 + n for n in range(256 - len(bs))]
+    bs += [b for b in range(256) if b not in bs]
+    vocab = {chr(c): b for b, c in zip(bs, cs)}
+    byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
+    spec = {"version": "1.0", "truncation": None, "padding": None, "normalizer": None, "post_processor": None,
+            "added_tokens": [{"id": 256, "content": "<eos>", "single_word": False, "lstrip": False, "rstrip": False,
+                              "normalized": False, "special": True}],
+            "pre_tokenizer": byte_level, "decoder": byte_level,
+            "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
+                      "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False, "vocab": vocab, "merges": []}}
+    path = Path(folder) / "tokenizer.json"
+    path.write_text(json.dumps(spec))
+    return PreTrainedTokenizerFast(tokenizer_file=str(path), eos_token="<eos>", pad_token="<eos>")
 
 
 def encode(tok, text):

@@ -306,6 +306,96 @@ def task_files(args, task):
 
 
 # -----------------------------------------------------------------------------
+# the selection signal (train.py --val_tasks): meta-train tasks held out of training, judged as the test tasks are
+
+FLOOR_MARGIN = 5.0  # a task is kept where ICL beats the best one-class prediction by this much macro-F1
+LABEL_MARGIN = 5.0  # ... and ICL with random labels by this much
+
+
+def selection_tasks(pools, args, log, predict):
+    """--val_tasks: meta-train tasks held out of training entirely, as {task: (k demos, test examples)}: classification
+    tasks with 2 to 8 labels and enough examples, in the seed's order, kept where the teacher reads the labels (see
+    label_sensitive). predict(method, task, (demos, tests)) -> (predictions, golds)."""
+    if not args.val_tasks:
+        return {}
+    n = args.k + args.val_task_examples
+    fit = sorted(t for t, p in pools.items() if len(p) >= n and data.is_classification(p) and 2 <= len(p[0]["options"]) <= 8)
+    chosen = []
+    for j in np.random.default_rng(args.seed).permutation(len(fit)):
+        if len(chosen) < args.val_tasks and len(pools) - len(chosen) > 1:
+            chosen += [fit[j]] * label_sensitive(fit[j], signal_examples(pools[fit[j]], args), predict, args.seed, log)
+    if len(chosen) < args.val_tasks:
+        raise SystemExit(f"--val_tasks {args.val_tasks}: only {len(chosen)} of {len(pools)} meta-train tasks qualify "
+                         f"(classification, 2-8 labels, at least {n} examples, ICL {FLOOR_MARGIN} points above the "
+                         f"one-class floor and {LABEL_MARGIN} points above ICL with random labels)")
+    chosen.sort()
+    log(f"selection signal: held out of training: {', '.join(chosen)} ({args.val_task_examples} examples each)")
+    return {t: signal_examples(pools[t], args) for t in chosen}
+
+
+def label_sensitive(task, examples, predict, seed, log):
+    """The rule of selection_tasks for one candidate: ICL with the gold labels scores FLOOR_MARGIN points of macro-F1
+    above the best one-class prediction (the teacher does better than collapsing onto one class) and LABEL_MARGIN
+    points above ICL with random labels (the teacher reads the labels, so a student can be shown to). Zero-shot is
+    logged beside them; the random-label pass runs only when the first test passes."""
+    preds, golds = predict("zeroshot", task, examples)
+    floor = max(macro_f1([c] * len(golds), golds) for c in set(golds))
+    zero_shot, icl = macro_f1(preds, golds), macro_f1(*predict("icl", task, examples))
+    line = f"selection signal candidate {task}: one-class floor {floor:.1f}, zero-shot {zero_shot:.1f}, icl {icl:.1f}"
+    ok = icl >= floor + FLOOR_MARGIN
+    if ok:
+        icl_random = macro_f1(*predict("icl", task, random_labels({task: examples}, seed)[task]))
+        line += f", icl random labels {icl_random:.1f}"
+        ok = icl >= icl_random + LABEL_MARGIN
+    log(line + (" -> kept" if ok else ""))
+    return ok
+
+
+def signal_examples(pool, args):
+    """A held-out task's (k demonstrations, test examples): the first k of its pool, then the next val_task_examples."""
+    return pool[:args.k], pool[args.k:args.k + args.val_task_examples]
+
+
+@torch.no_grad()
+def signal_predictions(method, llm, distiller, signal, toks, args, ctx):
+    """{held-out task: (predicted option indices, gold indices)} of one method, scored exactly as eval.py scores: the
+    demonstrations (icl) or their distilled vectors (mend) become a cached prefix, zero-shot has none."""
+    budgets, out = (args.teacher_demo_tokens, args.distiller_demo_tokens), {}
+    distiller.eval()
+    with ctx:
+        for task, (demos, tests) in signal.items():
+            teacher_ids, distiller_ids = data.demo_item(toks, demos, budgets, args.max_len_per_example)
+            prefix = None  # zero-shot
+            if method == "icl":
+                prefix = prefix_cache(llm, prefix_ids=torch.tensor([teacher_ids], device=llm.device))
+            if method == "mend":
+                base = data.free_prefix(toks, demos, args.base, args.n_vectors, budgets, args.max_len_per_example)
+                prefix = prefix_cache(llm, prefix_embeds=demo_vectors(llm, distiller, distiller_ids, base))
+            preds = predict(llm, toks[0], tests, args.max_len_per_example, (prefix, None))
+            out[task] = (preds, [ex["options"].index(ex["output"]) for ex in tests])
+    distiller.train()
+    return out
+
+
+def selection_signal(method, llm, distiller, signal, toks, args, ctx):
+    """The selection signal: a method's macro-F1 averaged over the held-out tasks."""
+    preds = signal_predictions(method, llm, distiller, signal, toks, args, ctx)
+    return float(np.mean([macro_f1(p, g) for p, g in preds.values()]))
+
+
+def random_labels(signal, seed):
+    """The held-out tasks with their demonstrations' labels replaced at random: a method that reads the labels scores
+    lower on them than with the gold labels, as ICL does."""
+    return {t: (data.perturb_demos(demos, "random_labels", seed), tests) for t, (demos, tests) in signal.items()}
+
+
+def judge(methods, llm, distiller, toks, args, ctx):
+    """' | '-joined macro-F1 of each (label, method, signal) on the held-out tasks."""
+    return " | ".join(f"{label} {selection_signal(m, llm, distiller, sig, toks, args, ctx):.2f}"
+                      for label, m, sig in methods)
+
+
+# -----------------------------------------------------------------------------
 # models
 
 
@@ -430,8 +520,8 @@ def bench(args, llm, toks, distiller, files, methods, meta):
     tests, report = tests[:args.bench], {"task": task, "seed": seed, "n_examples": min(args.bench, len(tests))}
     budgets = (args.teacher_demo_tokens, args.distiller_demo_tokens)
     teacher_ids = data.demo_item(toks, demos, budgets, args.max_len_per_example)[0]
-    for method in [m for m in methods if m not in ("labels", "anchors") and (m, meta.get("base")) != ("mend", "anchors")]:
-        # their references are tests (a MEND on the anchors: test_mend_on_the_anchors_at_gate_zero_is_the_anchors)
+    skip = {"labels", "anchors"} | ({"mend"} if meta.get("base") == "anchors" else set())  # no naive forward: tests
+    for method in [m for m in methods if m not in skip]:
         t0 = time.perf_counter()
         prefix = make_prefix(method, llm, toks, distiller, demos, args, {**meta, "task": task, "seed": seed})
         fast = [option_scores(llm, toks[0], ex, args.max_len_per_example, *prefix) for ex in tests]

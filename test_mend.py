@@ -67,31 +67,13 @@ def tiny_llm(family, seed=0):
     return model.freeze(LlamaForCausalLM(cfg))
 
 
-def byte_tokenizer(tmp_path):
-    """GPT-2's byte-to-unicode alphabet as a BPE with no merges: one token per byte, plus <eos> = 256."""
-    bs = list(range(33, 127)) + list(range(161, 173)) + list(range(174, 256))
-    cs = bs + [256 + n for n in range(256 - len(bs))]
-    bs += [b for b in range(256) if b not in bs]
-    vocab = {chr(c): b for b, c in zip(bs, cs)}
-    byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
-    spec = {"version": "1.0", "truncation": None, "padding": None, "normalizer": None, "post_processor": None,
-            "added_tokens": [{"id": 256, "content": "<eos>", "single_word": False, "lstrip": False, "rstrip": False,
-                              "normalized": False, "special": True}],
-            "pre_tokenizer": byte_level, "decoder": byte_level,
-            "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
-                      "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False, "vocab": vocab, "merges": []}}
-    path = tmp_path / "tokenizer.json"
-    path.write_text(json.dumps(spec))
-    return PreTrainedTokenizerFast(tokenizer_file=str(path), eos_token="<eos>", pad_token="<eos>")
-
-
 @pytest.fixture
 def saved_llm(tmp_path):
     """A tiny model + tokenizer saved as a local folder, usable as --llm by train.py and eval.py."""
     def make(family):
         path = tmp_path / family
         tiny_llm(family).save_pretrained(path)
-        byte_tokenizer(tmp_path).save_pretrained(path)
+        data.byte_tokenizer(tmp_path).save_pretrained(path)
         return str(path)
     return make
 
@@ -241,11 +223,11 @@ def test_llm_dropout_acts_in_training_passes_only(dropout):
     opt = torch.optim.AdamW(distiller.parameters(), lr=0.0)
     args = SimpleNamespace(batch=1, grad_accum=1, lam=1.0, temperature=1.0, clip=1.0, kl_rows="query", llm_dropout=dropout,
                            n_vectors=3, stage="finetune")
-    r = SimpleNamespace(llm=llm, model=distiller, distiller=distiller, optimizer=opt, item=lambda i: item, world=1, rank=0,
+    r = SimpleNamespace(llm=llm, distiller=distiller, optimizer=opt, item=lambda i: item, world=1, rank=0,
                         flops_cfg=(llm.config, distiller.backbone.config),
                         device="cpu", ctx=torch.autocast("cpu", enabled=False), log=print,
                         scaler=torch.amp.GradScaler("cpu", enabled=False))
-    losses = [train.train_step(r, args, step, None)[0][0].item() for step in range(3)]
+    losses = [train.train_step(r, distiller, args, step, None)[0][0].item() for step in range(3)]
     assert (len(set(losses)) == 3) if dropout else (len(set(losses)) == 1)
     assert not llm.training and all(p.grad is None for p in llm.parameters())
     assert train.get_args(["--stage", "finetune", "--preset", "paper"]).llm_dropout
@@ -368,7 +350,7 @@ def test_fitted_vectors_lower_the_kl_deterministically_and_zero_steps_change_not
 
 def test_c4_item_split_and_meta_train_item(tmp_path):
     """80/20 split of a document; a meta-train item is deterministic, has k demos of its own task, answer-masked."""
-    tok = byte_tokenizer(tmp_path)
+    tok = data.byte_tokenizer(tmp_path)
     item = data.c4_item("abcdefghij", (tok, tok), max_tokens=100)
     assert item["teacher_demo"] == data.encode(tok, "abcdefgh") and item["queries"] == [data.encode(tok, "ij")]
     pools = {"t": [{"task": "t", "input": f"q{i}", "output": f"a{i}", "options": []} for i in range(6)]}
@@ -383,7 +365,7 @@ def test_c4_item_split_and_meta_train_item(tmp_path):
 def test_an_item_with_several_queries_keeps_them_out_of_its_demos(tmp_path):
     """--queries_per_demo 3: three distinct queries of the drawn task, none of them a demonstration; the first query
     and the demonstrations are those of the single-query item (Q=1 is unchanged by the option)."""
-    tok = byte_tokenizer(tmp_path)
+    tok = data.byte_tokenizer(tmp_path)
     pools = {t: [{"task": t, "input": f"{t}{i}", "output": "o", "options": []} for i in range(9)] for t in "xy"}
     one = data.meta_train_item(pools, (tok, tok), index=5, seed=2, k=4, budgets=(500, 500), max_len=32)
     three = data.meta_train_item(pools, (tok, tok), index=5, seed=2, k=4, budgets=(500, 500), max_len=32, queries=3)
@@ -395,7 +377,7 @@ def test_an_item_with_several_queries_keeps_them_out_of_its_demos(tmp_path):
 
 def test_relabel_maps_labels_alike_in_demos_and_queries(tmp_path):
     """--relabel 1: every label word of the task is replaced by another task's label, one mapping for the whole item."""
-    tok = byte_tokenizer(tmp_path)
+    tok = data.byte_tokenizer(tmp_path)
     mk = lambda t, labels: [{"task": t, "input": f"{t}{i}", "output": labels[i % 2], "options": labels} for i in range(8)]
     pools = {"a": mk("a", ["yes", "no"]), "b": mk("b", ["red", "blue", "green"]), "c": mk("c", ["up", "down", "left"])}
     for index in range(9):
@@ -524,11 +506,11 @@ def test_selection_rule_keeps_only_tasks_where_icl_reads_labels():
             return golds[:right] + [1 - g for g in golds[right:]], golds  # the first `right` predictions are correct
         return predict, calls
     predict, calls = predictor(icl=20, icl_random=10)   # macro-F1 100 vs 50 (floor 33.3)
-    assert train.label_sensitive("t", (demos, golds), predict, 100, print) and calls == ["zeroshot", "icl", "icl_random"]
+    assert evaluate.label_sensitive("t", (demos, golds), predict, 100, print) and calls == ["zeroshot", "icl", "icl_random"]
     predict, calls = predictor(icl=20, icl_random=20)
-    assert not train.label_sensitive("t", (demos, golds), predict, 100, print)
+    assert not evaluate.label_sensitive("t", (demos, golds), predict, 100, print)
     predict, calls = predictor(icl=0, icl_random=20)    # ICL below the floor: no random-label pass
-    assert not train.label_sensitive("t", (demos, golds), predict, 100, print) and calls == ["zeroshot", "icl"]
+    assert not evaluate.label_sensitive("t", (demos, golds), predict, 100, print) and calls == ["zeroshot", "icl"]
 
 
 def test_selection_signal_holds_out_tasks_and_scores_like_eval(saved_llm, tmp_path, monkeypatch):
@@ -541,8 +523,8 @@ def test_selection_signal_holds_out_tasks_and_scores_like_eval(saved_llm, tmp_pa
             "--max_steps", "2", "--eval_interval", "2", "--val_tasks", "1", "--val_task_examples", "8"]
     with pytest.raises(SystemExit, match="only 0 of 3 meta-train tasks qualify"):
         train.run(train_args(llm, ckpt, *argv))
-    monkeypatch.setattr(train, "FLOOR_MARGIN", -100.0)
-    monkeypatch.setattr(train, "LABEL_MARGIN", -100.0)
+    monkeypatch.setattr(evaluate, "FLOOR_MARGIN", -100.0)
+    monkeypatch.setattr(evaluate, "LABEL_MARGIN", -100.0)
     train.run(train_args(llm, ckpt, *argv))
     state = model.load_checkpoint(ckpt)
     assert state["config"]["val_tasks_held_out"] == ["sample-topic"] and "sample-topic" not in state["config"]["train_tasks"]
@@ -633,7 +615,7 @@ def test_agreement_with_icl_from_this_run_or_a_reference_file(saved_llm, tmp_pat
 def test_option_scores_equal_a_brute_force_forward(tmp_path, family):
     """Batched options over a cached ICL prefix (and zero-shot's none) = -(mean NLL of the option tokens) from a plain
     HF forward each."""
-    llm, tok = tiny_llm(family), byte_tokenizer(tmp_path)
+    llm, tok = tiny_llm(family), data.byte_tokenizer(tmp_path)
     ex = {"input": "2 plus 2?", "output": "four", "options": ["four", "five!", "x"]}
     x = data.encode(tok, ex["input"] + data.QUERY_SEP)
     for prefix in (torch.tensor([data.encode(tok, "1 plus 1?\ntwo\n\n")]), torch.zeros(1, 0, dtype=torch.long)):
@@ -696,7 +678,7 @@ def test_truncated_reads_the_last_l_demonstration_tokens(saved_llm):
 def test_answer_rows_and_anchor_positions(tmp_path):
     """data.answer_rows finds each demonstration's label rows (last input token, output, DEMO_SEP) in the joined
     prefix; anchor_positions keeps the sink and whole demonstrations' rows, latest first, or everything when it fits."""
-    tok = byte_tokenizer(tmp_path)
+    tok = data.byte_tokenizer(tmp_path)
     demos = [{"input": "ab", "output": "yes"}, {"input": "cde", "output": "no"}, {"input": "f", "output": "maybe"}]
     teacher_ids, _ = data.demo_item((tok, tok), demos, (20, 20), 32)              # the third demo does not fit
     rows = data.answer_rows(tok, demos, len(teacher_ids), 32)
@@ -848,7 +830,7 @@ def test_a_short_base_is_read_as_itself_and_only_the_gate_learns_at_zero():
 
 def anchors_case(tmp_path, family):
     """A tiny LLM, the byte tokenizer, 4 demonstrations with an example, and their anchors at l=20 (eval.py's)."""
-    llm, tok = tiny_llm(family), byte_tokenizer(tmp_path)
+    llm, tok = tiny_llm(family), data.byte_tokenizer(tmp_path)
     pool = data.read_metaicl(data.task_file(ROOT / "sample_data", "sample-sentiment", 16, 100, "train"))
     demos, ex = pool[:4], {"input": pool[5]["input"], "options": ["good", "terrible!", "ok"], "output": "ok"}
     return llm, (tok, tok), demos, ex, distill.anchors_of(llm, (tok, tok), demos, (96, 96), 32, 20)
@@ -1315,7 +1297,7 @@ def test_bf16_scores_agree_with_float32(saved_llm, tmp_path, family):
     head.weight.data *= 3 if family == "t5" else 30  # decisive next-token choices, so that "same best option" can be
     # tested (T5's embeddings start at std 1, not 0.02, so its logits need less)
     sharp.save_pretrained(llm)
-    byte_tokenizer(tmp_path).save_pretrained(llm)
+    data.byte_tokenizer(tmp_path).save_pretrained(llm)
     train.run(train_args(llm, ckpt, "--stage", "finetune", "--max_steps", "1", "--val_items", "0"))
     full, half = (distill.MEND.load(str(ckpt), device="cpu", dtype=d) for d in ("float32", "bfloat16"))
     assert half.llm.dtype == torch.bfloat16 and half.distiller.placeholder.dtype == torch.float32
@@ -1485,7 +1467,7 @@ def test_separate_distiller_with_its_own_tokenizer_and_width(saved_llm, tmp_path
     torch.manual_seed(1)
     path = tmp_path / "distiller"
     GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=48, n_head=2, vocab_size=VOCAB, n_positions=512)).save_pretrained(path)
-    byte_tokenizer(tmp_path).save_pretrained(path)
+    data.byte_tokenizer(tmp_path).save_pretrained(path)
     llm, out = saved_llm("llama"), tmp_path / "sep.pt"
     for stage in ("pretrain", "finetune"):
         args = train_args(llm, out, "--stage", stage, "--max_steps", "2", "--val_items", "0")
@@ -1537,7 +1519,7 @@ def test_t5_loads_from_a_folder_and_bad_llms_are_refused_in_one_line(saved_llm, 
     small = tmp_path / "small"
     T5ForConditionalGeneration(T5Config(vocab_size=100, d_model=16, d_kv=4, d_ff=32, num_layers=1, num_heads=2,
                                         decoder_start_token_id=0)).save_pretrained(small)
-    byte_tokenizer(tmp_path).save_pretrained(small)
+    data.byte_tokenizer(tmp_path).save_pretrained(small)
     with pytest.raises(SystemExit, match="tokenizer has 257 tokens but the model embeds only 100"):
         model.build_distiller(str(small), tiny_llm("t5"), 3)
 
@@ -1647,7 +1629,7 @@ def test_t5_flops_match_the_flop_counter(monkeypatch):
 def test_a_tokenizer_without_newlines_gets_separators_that_survive(tmp_path):
     """T5's SentencePiece turns "\\n" into a space: such a tokenizer gets PLAIN_SEPS, so demonstrations stay apart
     and the query still ends in a separator; a tokenizer that keeps newlines gets the newline format."""
-    plain = byte_tokenizer(tmp_path)                                          # writes tmp_path / tokenizer.json
+    plain = data.byte_tokenizer(tmp_path)                                          # writes tmp_path / tokenizer.json
     spec = json.loads((tmp_path / "tokenizer.json").read_text())
     spec["normalizer"] = {"type": "Replace", "pattern": {"String": "\n"}, "content": " "}
     (tmp_path / "sp.json").write_text(json.dumps(spec))

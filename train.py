@@ -23,19 +23,17 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import data
+import eval as evaluate
 import flops
-from distill import (answer_ce_per_example, build_reader, demo_vectors, kl_per_example, load_weights,
-                     mend_loss, phase)
-from eval import macro_f1
+from distill import answer_ce_per_example, build_reader, kl_per_example, load_weights, mend_loss, phase
 from model import (EMBEDDED, NO_DISTILLER, PROMPT, autocast, build_distiller, check_compatible, count_params,
-                   distiller_state, llm_logits, lm_kind, load_checkpoint, load_llm, option_scores, prefix_cache,
-                   resolve_device, save_checkpoint, teacher_logits, tokenizers)
+                   distiller_state, llm_logits, lm_kind, load_checkpoint, load_llm, resolve_device, save_checkpoint,
+                   teacher_logits, tokenizers)
 
 PAPER = {  # the official pretrain.sh / finetune.sh (results/official_code.md); batch is per GPU: 8 GPUs give the global 8
     "common": dict(llm="gpt2-large", distiller="gpt2", n_vectors=100, k=16, batch=1, grad_accum=1, max_steps=30000,
@@ -46,82 +44,78 @@ PAPER = {  # the official pretrain.sh / finetune.sh (results/official_code.md); 
     "finetune": dict(lr=1e-5),
 }
 OUT = {"pretrain": "ckpt.pt", "finetune": "mend.pt"}
-FLOOR_MARGIN = 5.0  # --val_tasks keeps tasks where ICL beats the best one-class prediction by this much macro-F1
-LABEL_MARGIN = 5.0  # ... and ICL with random labels by this much
 GATE_LR = 100.0    # --base: the gate's learning rate, in units of --lr (see make_optimizer)
 
 
 def get_args(argv=None):
     p = data.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--stage", required=True, choices=["pretrain", "finetune"], help="1: C4, KL only; 2: MetaICL, CE+KL")
-    p.add_argument("--preset", default="cpu", choices=["cpu", "paper"], help="defaults: a short CPU run, or the paper's")
-    p.add_argument("--init", default="", help="start the distiller from this checkpoint (stage 2 from stage 1)")
-    p.add_argument("--resume", action="store_true", help="continue the run saved at --out (weights, optimizer, RNG)")
-    p.add_argument("--out", default="", help="checkpoint path (default: ckpt.pt for pretrain, mend.pt for finetune)")
-    p.add_argument("--data", default="sample_data", help="data folder with c4/ and metaicl/ (real data: ../shared/data)")
-    p.add_argument("--partition", default="qa2qa", help="MetaICL partition whose meta-train tasks stage 2 uses")
-    p.add_argument("--llm", type=data.model_name, default=EMBEDDED,
-                   help="frozen LLM, decoder-only or T5: hub name, local path, or smollm2-135m (offline)")
-    p.add_argument("--distiller", type=data.model_name, default="layers:2",
-                   help="hub name / path (paper: gpt2), or layers:N = LLM's first N (of a T5: its encoder's)")
-    p.add_argument("--n_vectors", type=data.positive_int, default=16,
-                   help="l, the number of distillation vectors (paper: 100)")
-    p.add_argument("--k", type=data.positive_int, default=4, help="demonstrations per stage-2 example (paper: 16)")
-    p.add_argument("--max_len_per_example", type=data.positive_int, default=64,
-                   help="tokens per input+output (MetaICL: 256)")
-    p.add_argument("--teacher_demo_tokens", type=data.positive_int, default=256,
-                   help="teacher's demonstration budget (paper: 767)")
-    p.add_argument("--distiller_demo_tokens", type=data.positive_int, default=256,
-                   help="distiller's demo budget (paper: 643)")
-    p.add_argument("--c4_max_tokens", type=data.checked(int, lambda v: v >= 2, "an integer >= 2 (demonstrations and "
-                   "a query)"), default=128, help="tokens kept per C4 document (paper: 1024)")
-    p.add_argument("--queries_per_demo", type=data.positive_int, default=1,
-                   help="stage 2: queries of a task read after one demo set")
-    p.add_argument("--relabel", type=data.fraction, default=0.0, help="stage 2: chance an item's label words are "
-                   "swapped for other tasks' labels, in its demos and queries alike (symbol tuning, against priors)")
-    p.add_argument("--kl_rows", default="query", choices=["query", "options"], help="stage 2: KL on every query row "
-                   "and CE on the answer (paper), or both on the rows the option scorer reads, every option teacher-forced")
-    p.add_argument("--base", default="none", choices=["none", *data.FREE_PREFIXES, "anchors"], help="start MEND from "
-                   "a free prefix: vectors = the LLM's embeddings of its l tokens + gate * the distiller's output, the "
-                   "gate at 0 (none: the paper's MEND; labels/truncated: eval.py's free prefixes; stage 1: truncated "
-                   "only); anchors: the query reads eval.py's anchors + gate * the vectors' keys/values (distill."
-                   "AnchorReader; --distiller none: the anchors re-weighted by a learned bias)")
-    p.add_argument("--freeze_embeddings", action=argparse.BooleanOptionalAction, default=True,
-                   help="keep the distiller's token embeddings frozen (paper: trained)")
-    p.add_argument("--lr", type=data.non_negative, default=1e-4,
-                   help="peak AdamW learning rate (paper: 5e-5 / 1e-5; 0 = weights stay as initialised)")
-    p.add_argument("--lr_vectors", type=data.non_negative, default=0.0,
-                   help="peak lr of the placeholders and projection (0: --lr)")
-    p.add_argument("--weight_decay", type=data.non_negative, default=0.0, help="AdamW weight decay (paper: 0)")
-    p.add_argument("--schedule", default="linear", choices=["linear", "cosine", "constant"], help="after warmup")
-    p.add_argument("--warmup", type=data.count, default=0, help="linear warmup steps (paper: 0)")
-    p.add_argument("--max_steps", type=data.positive_int, default=30, help="optimizer steps (paper: 30000)")
-    p.add_argument("--batch", type=data.positive_int, default=2,
-                   help="examples per micro-batch per process (paper: 1 x 8 GPUs)")
-    p.add_argument("--grad_accum", type=data.positive_int, default=1, help="micro-batches per optimizer step")
-    p.add_argument("--clip", type=data.positive, default=1.0, help="gradient-norm clip (HF Trainer default: 1.0)")
-    p.add_argument("--peak_tflops", type=data.non_negative, default=0.0, help="the peak MFU is measured against (0: "
-                   "the GPU's nominal peak from flops.GPU_PEAK_TFLOPS; on CPU the measured float32 matmul rate)")
-    p.add_argument("--llm_dropout", action=argparse.BooleanOptionalAction, default=False,
-                   help="the frozen LLM's dropout on in the training passes (teacher and student), as in the official "
-                   "code, whose Trainer puts the whole model in train mode; validation and eval.py never use it")
-    p.add_argument("--lam", type=data.non_negative, default=1.0,
-                   help="lambda, the KL weight in stage 2 (paper: 1.0; 0 = CE only)")
-    p.add_argument("--temperature", type=data.positive, default=1.0, help="KL temperature tau (paper: 1)")
-    p.add_argument("--seed", type=data.count, default=100, help="seed of the data order and of torch")
-    p.add_argument("--device", default="auto", help="auto = cuda if available, else cpu")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                   help="autocast dtype, and the frozen LLM's; auto = bf16 on CUDA when supported, fp16 on older "
-                   "CUDA, fp32 on CPU (bf16/fp16 run on CPU too, slowly: the GPU's code path)")
-    p.add_argument("--eval_interval", type=data.positive_int, default=10, help="steps between validation + checkpoint")
-    p.add_argument("--val_items", type=data.count, default=8, help="held-out validation examples (0 = none)")
-    p.add_argument("--val_tasks", type=data.count, default=0, help="stage 2: meta-train tasks held out of training "
-                   "(0 = none), on which MEND's option choices are scored next to zero-shot and ICL (selection signal)")
-    p.add_argument("--val_task_examples", type=data.positive_int, default=40, help="test examples per held-out task")
-    p.add_argument("--threads", type=data.count, default=0, help="CPU threads (0: torch's default, every core)")
-    p.add_argument("--log_interval", type=data.positive_int, default=1, help="steps between log lines")
-    p.add_argument("--compile", action="store_true", help="torch.compile the distiller (opt-in)")
-    p.add_argument("--bench", action="store_true", help="time every phase of every step; write a breakdown JSON")
+    paper = p.add_argument_group("the paper's recipe (--preset paper sets the paper's values)")
+    paper.add_argument("--stage", required=True, choices=["pretrain", "finetune"], help="1: C4, KL only; 2: MetaICL, CE+KL")
+    paper.add_argument("--preset", default="cpu", choices=["cpu", "paper"], help="defaults: a short CPU run, or the paper's")
+    paper.add_argument("--init", default="", help="start the distiller from this checkpoint (stage 2 from stage 1)")
+    paper.add_argument("--data", default="sample_data", help="folder with c4/ and metaicl/ (real data: ../shared/data)")
+    paper.add_argument("--partition", default="qa2qa", help="MetaICL partition whose meta-train tasks stage 2 uses")
+    paper.add_argument("--llm", type=data.model_name, default=EMBEDDED,
+                       help="frozen LLM, decoder-only or T5: hub name, local path, or smollm2-135m (offline)")
+    paper.add_argument("--distiller", type=data.model_name, default="layers:2",
+                       help="hub name / path (paper: gpt2), or layers:N = the LLM's first N (of a T5: its encoder's)")
+    paper.add_argument("--n_vectors", type=data.positive_int, default=16, help="l, distillation vectors (paper: 100)")
+    paper.add_argument("--k", type=data.positive_int, default=4, help="demonstrations per stage-2 example (paper: 16)")
+    paper.add_argument("--max_len_per_example", type=data.positive_int, default=64,
+                       help="tokens per input+output (MetaICL: 256)")
+    paper.add_argument("--teacher_demo_tokens", type=data.positive_int, default=256,
+                       help="teacher's demonstration budget (paper: 767)")
+    paper.add_argument("--distiller_demo_tokens", type=data.positive_int, default=256,
+                       help="distiller's demonstration budget (paper: 643)")
+    paper.add_argument("--c4_max_tokens", type=data.checked(int, lambda v: v >= 2, "an integer >= 2 (demonstrations "
+                       "and a query)"), default=128, help="tokens kept per C4 document (paper: 1024)")
+    paper.add_argument("--lr", type=data.non_negative, default=1e-4,
+                       help="peak AdamW lr (paper: 5e-5 / 1e-5; 0 = weights stay as initialised)")
+    paper.add_argument("--weight_decay", type=data.non_negative, default=0.0, help="AdamW weight decay (paper: 0)")
+    paper.add_argument("--schedule", default="linear", choices=["linear", "cosine", "constant"], help="after warmup")
+    paper.add_argument("--warmup", type=data.count, default=0, help="linear warmup steps (paper: 0)")
+    paper.add_argument("--max_steps", type=data.positive_int, default=30, help="optimizer steps (paper: 30000)")
+    paper.add_argument("--batch", type=data.positive_int, default=2,
+                       help="examples per micro-batch per process (paper: 1 x 8 GPUs)")
+    paper.add_argument("--grad_accum", type=data.positive_int, default=1, help="micro-batches per optimizer step")
+    paper.add_argument("--clip", type=data.positive, default=1.0, help="gradient-norm clip (HF Trainer default: 1.0)")
+    paper.add_argument("--lam", type=data.non_negative, default=1.0, help="lambda, stage 2's KL weight (0 = CE only)")
+    paper.add_argument("--temperature", type=data.positive, default=1.0, help="KL temperature tau (paper: 1)")
+    paper.add_argument("--llm_dropout", action=argparse.BooleanOptionalAction, default=False,
+                       help="the frozen LLM's dropout on in training passes (official code: on; see results/official_code.md)")
+    paper.add_argument("--seed", type=data.count, default=100, help="seed of the data order and of torch")
+    ours = p.add_argument_group("our additions (README: What we added to the paper's method)")
+    ours.add_argument("--base", default="none", choices=["none", *data.FREE_PREFIXES, "anchors"],
+                      help="start from a free prefix: its embeddings + gate * distiller output, gate at 0 (stage 1: "
+                      "truncated); anchors: the query reads eval.py's anchors + gate * the vectors' keys/values "
+                      "(distill.AnchorReader; with --distiller none, a bias on the anchor logits instead)")
+    ours.add_argument("--queries_per_demo", type=data.positive_int, default=1,
+                      help="stage 2: queries of a task read after one demonstration set")
+    ours.add_argument("--relabel", type=data.fraction, default=0.0,
+                      help="stage 2: chance an item's label words are swapped for other tasks' labels (symbol tuning)")
+    ours.add_argument("--kl_rows", default="query", choices=["query", "options"],
+                      help="stage 2: the paper's query rows, or the rows the option scorer reads")
+    ours.add_argument("--freeze_embeddings", action=argparse.BooleanOptionalAction, default=True,
+                      help="keep the distiller's token embeddings frozen (paper: trained)")
+    ours.add_argument("--lr_vectors", type=data.non_negative, default=0.0,
+                      help="peak lr of the placeholders and projection (0: --lr)")
+    ours.add_argument("--val_items", type=data.count, default=8, help="held-out validation examples (0 = none)")
+    ours.add_argument("--val_tasks", type=data.count, default=0,
+                      help="stage 2: meta-train tasks held out of training for the selection signal (0 = none)")
+    ours.add_argument("--val_task_examples", type=data.positive_int, default=40, help="test examples per held-out task")
+    system = p.add_argument_group("system")
+    system.add_argument("--out", default="", help="checkpoint path (default: ckpt.pt for pretrain, mend.pt for finetune)")
+    system.add_argument("--resume", action="store_true", help="continue the run saved at --out (weights, optimizer, RNG)")
+    system.add_argument("--eval_interval", type=data.positive_int, default=10, help="steps between validation + checkpoint")
+    system.add_argument("--log_interval", type=data.positive_int, default=1, help="steps between log lines")
+    system.add_argument("--device", default="auto", help="auto = cuda if available, else cpu")
+    system.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                        help="autocast dtype and the LLM's; auto = bf16 on CUDA if supported, else fp16; fp32 on CPU")
+    system.add_argument("--threads", type=data.count, default=0, help="CPU threads (0: torch's default, every core)")
+    system.add_argument("--compile", action="store_true", help="torch.compile the distiller (opt-in)")
+    system.add_argument("--bench", action="store_true", help="time every phase of every step; write a breakdown JSON")
+    system.add_argument("--peak_tflops", type=data.non_negative, default=0.0,
+                        help="peak for MFU (0: the GPU's nominal peak; on CPU the measured float32 matmul rate)")
     known, _ = p.parse_known_args(argv)
     if known.preset == "paper":
         p.set_defaults(**PAPER["common"], **PAPER[known.stage])
@@ -219,7 +213,7 @@ def make_items(args, read, toks, log, predict=None):
         log(f"c4: {len(train):,} training documents, {len(val)} held out")
         return (lambda i: train[torch.randperm(len(train), generator=torch.Generator().manual_seed(
             args.seed + i // len(train)))[i % len(train)]]), val, [], {}
-    signal = selection_tasks(source, args, log, predict)
+    signal = evaluate.selection_tasks(source, args, log, predict)
     pools = {t: p for t, p in source.items() if t not in signal}
     n_held = 2 if args.val_items else 0
     train_pools, held = data.split_pools(pools, n_held) if n_held else (pools, {})
@@ -228,50 +222,6 @@ def make_items(args, read, toks, log, predict=None):
                               args.max_len_per_example, base) if n_held else []
     return (lambda i: data.meta_train_item(train_pools, toks, i, args.seed, args.k, budgets, args.max_len_per_example,
                                            args.queries_per_demo, args.relabel, base)), val, sorted(pools), signal
-
-
-def selection_tasks(pools, args, log, predict):
-    """--val_tasks: meta-train tasks held out of training entirely, as {task: (k demos, test examples)}: classification
-    tasks with 2 to 8 labels and enough examples, in the seed's order, kept where the teacher reads the labels (see
-    label_sensitive). predict(method, task, (demos, tests)) -> (predictions, golds)."""
-    if not args.val_tasks:
-        return {}
-    n = args.k + args.val_task_examples
-    fit = sorted(t for t, p in pools.items() if len(p) >= n and data.is_classification(p) and 2 <= len(p[0]["options"]) <= 8)
-    chosen = []
-    for j in np.random.default_rng(args.seed).permutation(len(fit)):
-        if len(chosen) < args.val_tasks and len(pools) - len(chosen) > 1:
-            chosen += [fit[j]] * label_sensitive(fit[j], signal_examples(pools[fit[j]], args), predict, args.seed, log)
-    if len(chosen) < args.val_tasks:
-        raise SystemExit(f"--val_tasks {args.val_tasks}: only {len(chosen)} of {len(pools)} meta-train tasks qualify "
-                         f"(classification, 2-8 labels, at least {n} examples, ICL {FLOOR_MARGIN} points above the "
-                         f"one-class floor and {LABEL_MARGIN} points above ICL with random labels)")
-    chosen.sort()
-    log(f"selection signal: held out of training: {', '.join(chosen)} ({args.val_task_examples} examples each)")
-    return {t: signal_examples(pools[t], args) for t in chosen}
-
-
-def label_sensitive(task, examples, predict, seed, log):
-    """The rule of selection_tasks for one candidate: ICL with the gold labels scores FLOOR_MARGIN points of macro-F1
-    above the best one-class prediction (the teacher does better than collapsing onto one class) and LABEL_MARGIN
-    points above ICL with random labels (the teacher reads the labels, so a student can be shown to). Zero-shot is
-    logged beside them; the random-label pass runs only when the first test passes."""
-    preds, golds = predict("zeroshot", task, examples)
-    floor = max(macro_f1([c] * len(golds), golds) for c in set(golds))
-    zero_shot, icl = macro_f1(preds, golds), macro_f1(*predict("icl", task, examples))
-    line = f"selection signal candidate {task}: one-class floor {floor:.1f}, zero-shot {zero_shot:.1f}, icl {icl:.1f}"
-    ok = icl >= floor + FLOOR_MARGIN
-    if ok:
-        icl_random = macro_f1(*predict("icl", task, random_labels({task: examples}, seed)[task]))
-        line += f", icl random labels {icl_random:.1f}"
-        ok = icl >= icl_random + LABEL_MARGIN
-    log(line + (" -> kept" if ok else ""))
-    return ok
-
-
-def signal_examples(pool, args):
-    """A held-out task's (k demonstrations, test examples): the first k of its pool, then the next val_task_examples."""
-    return pool[:args.k], pool[args.k:args.k + args.val_task_examples]
 
 
 # -----------------------------------------------------------------------------
@@ -356,45 +306,6 @@ def zero_shot_reference(llm, items, args, ctx, device):
     return kl, ce, teacher_ce, truncated_kl
 
 
-@torch.no_grad()
-def signal_predictions(method, llm, distiller, signal, toks, args, ctx):
-    """{held-out task: (predicted option indices, gold indices)} of one method, scored exactly as eval.py scores: the
-    demonstrations (icl) or their distilled vectors (mend) become a cached prefix, zero-shot has none."""
-    budgets, out = (args.teacher_demo_tokens, args.distiller_demo_tokens), {}
-    distiller.eval()
-    with ctx:
-        for task, (demos, tests) in signal.items():
-            teacher_ids, distiller_ids = data.demo_item(toks, demos, budgets, args.max_len_per_example)
-            prefix = None  # zero-shot
-            if method == "icl":
-                prefix = prefix_cache(llm, prefix_ids=torch.tensor([teacher_ids], device=llm.device))
-            if method == "mend":
-                base = data.free_prefix(toks, demos, args.base, args.n_vectors, budgets, args.max_len_per_example)
-                prefix = prefix_cache(llm, prefix_embeds=demo_vectors(llm, distiller, distiller_ids, base))
-            preds = [int(option_scores(llm, toks[0], ex, args.max_len_per_example, prefix).argmax()) for ex in tests]
-            out[task] = (preds, [ex["options"].index(ex["output"]) for ex in tests])
-    distiller.train()
-    return out
-
-
-def selection_signal(method, llm, distiller, signal, toks, args, ctx):
-    """The selection signal: a method's macro-F1 averaged over the held-out tasks."""
-    preds = signal_predictions(method, llm, distiller, signal, toks, args, ctx)
-    return float(np.mean([macro_f1(p, g) for p, g in preds.values()]))
-
-
-def random_labels(signal, seed):
-    """The held-out tasks with their demonstrations' labels replaced at random: a method that reads the labels scores
-    lower on them than with the gold labels, as ICL does."""
-    return {t: (data.perturb_demos(demos, "random_labels", seed), tests) for t, (demos, tests) in signal.items()}
-
-
-def judge(methods, r, args):
-    """' | '-joined macro-F1 of each (label, method, signal) on the held-out tasks."""
-    return " | ".join(f"{label} {selection_signal(m, r.llm, r.distiller, sig, r.toks, args, r.ctx):.2f}"
-                      for label, m, sig in methods)
-
-
 def make_optimizer(distiller, args):
     """Fused AdamW (10x faster on CPU too); the placeholders and projection get --lr_vectors when it is set; the gate
     of --base (or the bias of --base anchors --distiller none) gets GATE_LR times --lr (Adam moves a parameter by
@@ -440,21 +351,21 @@ def run(args):
               else "nominal, flops.GPU_PEAK_TFLOPS")
     log(f"peak for MFU: {peak / 1e12:.3g} TFLOP/s ({source})" if peak
         else "peak for MFU: unknown GPU, pass --peak_tflops (MFU not logged)")
-    predict = lambda method, task, ex: signal_predictions(method, llm, distiller, {task: ex}, toks, args, ctx)[task]
+    predict = lambda method, task, ex: evaluate.signal_predictions(method, llm, distiller, {task: ex}, toks, args, ctx)[task]
     item, val_items, tasks, signal = make_items(args, read, toks, log, predict)
     config["train_tasks"], config["val_tasks_held_out"] = tasks, sorted(signal)
     optimizer = make_optimizer(distiller, args)
     scaler = torch.amp.GradScaler(device.split(":")[0], enabled=dtype == torch.float16)  # a no-op unless fp16
-    r = SimpleNamespace(llm=llm, model=distiller, distiller=distiller, optimizer=optimizer, scaler=scaler, item=item,
+    r = SimpleNamespace(llm=llm, distiller=distiller, optimizer=optimizer, scaler=scaler, item=item,
                         val_items=val_items, config=config, ctx=ctx, device=device, rank=rank, world=world, log=log,
-                        signal=signal, signal_random=random_labels(signal, args.seed), toks=toks, peak=peak,
+                        signal=signal, signal_random=evaluate.random_labels(signal, args.seed), toks=toks, peak=peak,
                         flops_cfg=(llm.config, getattr(getattr(getattr(distiller, "distiller", distiller), "backbone",
                                                                    None), "config", None)))
     log_references(r, args)
     step = apply_start(start, r, args)
-    r.model = DDP(distiller) if world > 1 else distiller
-    r.model = torch.compile(r.model) if args.compile else r.model
-    return loop(r, args, step)
+    model = DDP(distiller) if world > 1 else distiller  # what the forward pass calls; r.distiller is what is saved
+    model = torch.compile(model) if args.compile else model
+    return loop(r, model, args, step)
 
 
 def log_references(r, args):
@@ -465,8 +376,9 @@ def log_references(r, args):
         r.log(f"val reference | the LLM reading the query alone: kl {kl:.5g} | ce {ce:.5g} | the teacher: ce "
               f"{teacher_ce:.5g} | the last {args.n_vectors} demonstration tokens (truncated): kl {truncated_kl:.5g}")
     if r.signal and r.rank == 0:
-        r.log("signal reference | held-out tasks macro-F1: " + judge(
-            [("zeroshot", "zeroshot", r.signal), ("icl", "icl", r.signal), ("icl_random", "icl", r.signal_random)], r, args))
+        r.log("signal reference | held-out tasks macro-F1: " + evaluate.judge(
+            [("zeroshot", "zeroshot", r.signal), ("icl", "icl", r.signal), ("icl_random", "icl", r.signal_random)],
+            r.llm, r.distiller, r.toks, args, r.ctx))
 
 
 def apply_start(start, r, args):
@@ -481,7 +393,7 @@ def apply_start(start, r, args):
     return 0
 
 
-def train_step(r, args, step, timings):
+def train_step(r, model, args, step, timings):
     """One optimizer step: grad_accum micro-batches (forward, loss / grad_accum, backward), then unscale, clip, step.
     Returns the mean (loss, kl, ce) over all processes, the numbers of tokens and queries this process read, and the
     analytic FLOPs of its work (flops.step_flops)."""
@@ -496,7 +408,7 @@ def train_step(r, args, step, timings):
         work += sum(item_flops(r, args, it) for it in items)
         with r.ctx:
             batch = data.collate(items, r.device, option_rows(args))
-            loss, kl, ce = mend_loss(r.llm, r.model, batch, args.lam, args.temperature, timings)
+            loss, kl, ce = mend_loss(r.llm, model, batch, args.lam, args.temperature, timings)
         if not torch.isfinite(loss):
             r.log(f"step {step + 1}: loss is {loss.item()}; stopping. The last good checkpoint {args.out} is kept.")
             raise SystemExit(1)
@@ -534,12 +446,12 @@ def optimizer_step(optimizer, scaler, model, clip):
     optimizer.zero_grad(set_to_none=True)
 
 
-def loop(r, args, step):
+def loop(r, model, args, step):
     """Steps from `step` to max_steps with logging, validation and checkpoints; returns this run's (step, loss)."""
     save = lambda s: r.rank == 0 and save_checkpoint(args.out, checkpoint_state(r.distiller, r.optimizer, r.scaler, s,
                                                                                   r.config))
     losses, bench, t_start, window = [], [], time.time(), []  # window: (loss, kl, ce, seconds, tokens) since last log
-    r.model.train()
+    model.train()
     try:
         while step < args.max_steps:
             factor = get_lr(args, step)
@@ -547,7 +459,7 @@ def loop(r, args, step):
                 group["lr"] = group["peak_lr"] * factor
             lr = args.lr * factor
             t0, timings = time.perf_counter(), ({} if args.bench else None)
-            stats, tokens, queries, work = train_step(r, args, step, timings)
+            stats, tokens, queries, work = train_step(r, model, args, step, timings)
             step, dt = step + 1, time.perf_counter() - t0
             losses.append((step, stats[0].item()))
             window.append(stats.tolist() + [dt, tokens * r.world, queries * r.world, work * r.world])
@@ -565,7 +477,8 @@ def loop(r, args, step):
                     v = validate(r.llm, r.distiller, r.val_items, args, r.ctx, r.device)
                     r.log(f"step {step} | val loss {v[0]:.5g} | val kl {v[1]:.5g} | val ce {v[2]:.5g}")
                 if r.signal and r.rank == 0:
-                    f1 = judge([("mend", "mend", r.signal), ("mend_random", "mend", r.signal_random)], r, args)
+                    f1 = evaluate.judge([("mend", "mend", r.signal), ("mend_random", "mend", r.signal_random)],
+                                        r.llm, r.distiller, r.toks, args, r.ctx)
                     r.log(f"step {step} | signal {f1} | {time.time() - t_start:.0f}s")
                 save(step)
     except KeyboardInterrupt:

@@ -35,10 +35,10 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 from transformers import GPT2Config, GPT2LMHeadModel, T5Config, T5ForConditionalGeneration  # noqa: E402
 
+import data  # noqa: E402
 import eval as evaluate  # noqa: E402
 import flops  # noqa: E402
 import train  # noqa: E402
-from test_mend import byte_tokenizer  # noqa: E402  (the tests' byte-level tokenizer, built offline)
 
 SHAPES = {  # name -> (n_layer, n_embd, n_head)
     "paper": {"llm": (36, 1280, 20), "distiller": (12, 768, 12)},    # gpt2-large + gpt2
@@ -60,7 +60,7 @@ def build(folder, shape):
         path = folder / name
         torch.manual_seed(0)
         GPT2LMHeadModel(GPT2Config(n_layer=n_layer, n_embd=n_embd, n_head=n_head, n_positions=1024)).save_pretrained(path)
-        byte_tokenizer(folder).save_pretrained(path)
+        data.byte_tokenizer(folder).save_pretrained(path)
         paths.append(str(path))
     return paths
 
@@ -72,7 +72,7 @@ def build_t5(folder, shape):
     T5ForConditionalGeneration(T5Config(vocab_size=32128, feed_forward_proj="gated-gelu", tie_word_embeddings=False,
                                         decoder_start_token_id=0, pad_token_id=0, eos_token_id=256,
                                         **T5_SHAPES[shape])).save_pretrained(path)
-    byte_tokenizer(folder).save_pretrained(path)
+    data.byte_tokenizer(folder).save_pretrained(path)
     return str(path)
 
 

@@ -9,13 +9,17 @@
 # EXTRA adds stage-2 flags to the recipe under the name suffix TAG (one change at a time):
 #     BASE=labels EXTRA="--lam 4" TAG=lam4 bash results/seeds/run.sh   # -> results/seeds/mend_labels_lam4_{seed}...
 # DISTILLER (default layers:4) sets the distiller of both stages; another one gets its own stage-1 checkpoint.
+# S1BASE=truncated trains that stage 1 with --base truncated (issue 30: does a stage 1 that starts at the truncated
+# prefix make a better stage 2?); it gets its own stage-1 checkpoint and the name suffix s1truncated:
+#     S1BASE=truncated BASE=labels bash results/seeds/run.sh   # -> results/seeds/mend_labels_s1truncated_{seed}...
 set -euo pipefail
 D=../shared/data
 R=results/seeds
 BASE=${BASE:-none}
-NAME=$([ "$BASE" = none ] && echo mend || echo mend_$BASE)${TAG:+_$TAG}
+S1BASE=${S1BASE:-none}
+NAME=$([ "$BASE" = none ] && echo mend || echo mend_$BASE)$([ "$S1BASE" = none ] || echo _s1$S1BASE)${TAG:+_$TAG}
 DISTILLER=${DISTILLER:-layers:4}
-S1=runs/seeds_stage1$([ "$DISTILLER" = layers:4 ] || echo "_${DISTILLER/:/}")
+S1=runs/seeds_stage1$([ "$DISTILLER" = layers:4 ] || echo "_${DISTILLER/:/}")$([ "$S1BASE" = none ] || echo _$S1BASE)
 BUDGETS="--k 16 --max_len_per_example 96 --teacher_demo_tokens 384 --distiller_demo_tokens 384"
 COMMON="--data $D --llm smollm2-135m --distiller $DISTILLER --n_vectors 32 $BUDGETS --batch 1 --warmup 20 --schedule constant --log_interval 10 --val_items 8 --threads 1"
 STAGE2="--stage finetune $COMMON --relabel 0.5 --queries_per_demo 4 --lr 1e-4 --max_steps 150 --eval_interval 50 --partition class2class --init $S1.pt --base $BASE ${EXTRA:-}"
@@ -24,7 +28,7 @@ mkdir -p runs $R
 timed() { local t=$(date +%s); "$@"; echo "$(( $(date +%s) - t )) s: $*" >> $R/times.txt; }
 ev() { local out=$1; shift; timed python eval.py $EVAL "$@" --out $R/$out.json 2>&1 | grep -v "Loading weights" > $R/$out.log; }
 
-[ -f $S1.pt ] || timed python train.py --stage pretrain $COMMON --c4_max_tokens 320 --lr 2e-4 --max_steps 200 --eval_interval 100 --out $S1.pt > /dev/null
+[ -f $S1.pt ] || timed python train.py --stage pretrain $COMMON --c4_max_tokens 320 --lr 2e-4 --max_steps 200 --eval_interval 100 --base $S1BASE --out $S1.pt > /dev/null
 cp $S1.log $R/train_${S1#runs/seeds_}.log
 for s in ${SEEDS:-100 101 102}; do
   (timed python train.py $STAGE2 --seed $s --out runs/seeds_${NAME}_$s.pt > /dev/null
