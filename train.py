@@ -430,7 +430,7 @@ def train_step(r, model, args, step, timings):
 def item_flops(r, args, it):
     """flops.step_flops of one item, or flops.anchors_step_flops for --base anchors (no vectors without a distiller)."""
     lens = (len(it["teacher_demo"]), len(it["distiller_demo"]), list(map(len, it["queries"])))
-    if args.base == "anchors":
+    if "anchors" in it:  # --base anchors
         L = args.n_vectors if r.flops_cfg[1] is not None else 0
         return flops.anchors_step_flops(*r.flops_cfg, L, len(it["anchors"]), *lens, teacher=bool(args.lam))
     return flops.step_flops(*r.flops_cfg, args.n_vectors, *lens, teacher=bool(args.lam) or args.stage == "pretrain")
