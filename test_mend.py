@@ -47,7 +47,7 @@ def on_device():
 
 
 # -----------------------------------------------------------------------------
-# tiny models and a byte-level tokenizer
+# tiny models (their tokenizer: data.byte_tokenizer)
 
 
 def tiny_llm(family, seed=0):
@@ -96,7 +96,7 @@ def hf_logits(llm, prefix, query):
 
 
 # -----------------------------------------------------------------------------
-# model.py
+# model.py: the LLM reading a prefix, exactly as plain Hugging Face forwards
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama", "t5"])
@@ -166,8 +166,24 @@ def test_distiller_projection_and_parameter_count():
     assert model.count_params(llm, trainable_only=True) == 0
 
 
+def test_separate_distiller_with_its_own_tokenizer_and_width(saved_llm, tmp_path):
+    """A GPT-2 distiller (width 48, its own tokenizer files) for a Llama LLM (width 32): Linear+tanh, both stages run."""
+    torch.manual_seed(1)
+    path = tmp_path / "distiller"
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=48, n_head=2, vocab_size=VOCAB, n_positions=512)).save_pretrained(path)
+    data.byte_tokenizer(tmp_path).save_pretrained(path)
+    llm, out = saved_llm("llama"), tmp_path / "sep.pt"
+    for stage in ("pretrain", "finetune"):
+        args = train_args(llm, out, "--stage", stage, "--max_steps", "2", "--val_items", "0")
+        args.distiller = str(path)
+        losses = train.run(args)
+        assert len(losses) == 2 and all(math.isfinite(l) for _, l in losses)
+    state = model.load_checkpoint(out)
+    assert state["model"]["proj.0.weight"].shape == (32, 48) and state["config"]["distiller"] == str(path)
+
+
 # -----------------------------------------------------------------------------
-# distill.py
+# distill.py: the objectives
 
 
 def test_kl_zero_for_identical_positive_otherwise_and_brute_force():
@@ -255,39 +271,6 @@ def test_q_queries_after_one_demo_set_equal_q_separate_items(family, on_device):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 
-# -----------------------------------------------------------------------------
-# data.py
-
-
-def write_lines(path, lines):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(l + "\n" for l in lines))
-    return path
-
-
-def test_metaicl_loader_parses_and_rejects_with_file_and_line(tmp_path):
-    good = '{"task": "t", "input": "2+2?", "output": "4", "options": ["3", "4"]}'
-    assert data.read_metaicl(write_lines(tmp_path / "ok.jsonl", [good, good]))[1]["output"] == "4"
-    bad = {"json.jsonl": (good + "\n{oops", "json.jsonl:2: not valid JSON"),
-           "field.jsonl": ('{"task": "t", "input": "x", "options": []}', "field.jsonl:1: missing string field 'output'"),
-           "option.jsonl": ('{"task": "t", "input": "x", "output": "5", "options": ["3", "4"]}',
-                            "option.jsonl:1: output '5' is not among the options")}
-    for name, (text, message) in bad.items():
-        with pytest.raises(data.DataError, match=message):
-            data.read_metaicl(write_lines(tmp_path / name, text.split("\n")))
-
-
-def test_c4_reader_streams_plain_and_gzip_and_rejects_missing_text(tmp_path):
-    import gzip
-    write_lines(tmp_path / "c4" / "a.jsonl", ['{"text": "one"}', '{"text": "two"}'])
-    with gzip.open(tmp_path / "c4" / "b.json.gz", "wt") as f:
-        f.write('{"text": "three"}\n')
-    assert list(data.read_c4(tmp_path / "c4")) == ["one", "two", "three"]
-    write_lines(tmp_path / "c4" / "c.jsonl", ['{"url": "x"}'])
-    with pytest.raises(data.DataError, match="c.jsonl:1: missing string field 'text'"):
-        list(data.read_c4(tmp_path / "c4"))
-
-
 OPTION_ITEM = dict(teacher_demo=[5, 6, 7, 8, 9], distiller_demo=[5, 6, 7, 8, 9], inputs=[[10, 11, 12, 13, 14], [15, 16]],
                    options=[[[20, 21, 22], [23]], [[24, 25], [26, 27, 28], [29]]], gold=[0, 1])
 
@@ -346,6 +329,39 @@ def test_fitted_vectors_lower_the_kl_deterministically_and_zero_steps_change_not
     free = model.PromptTuning(llm, 3)
     free.placeholder.data = start[0].clone()  # the first step's KL (both inputs) is the option objective's, unlabeled
     assert history[0] == pytest.approx(distill.mend_loss(llm, free, data.collate([item], options=True))[0].item(), rel=1e-5)
+
+
+# -----------------------------------------------------------------------------
+# data.py: readers, items, budgets, perturbations
+
+
+def write_lines(path, lines):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(l + "\n" for l in lines))
+    return path
+
+
+def test_metaicl_loader_parses_and_rejects_with_file_and_line(tmp_path):
+    good = '{"task": "t", "input": "2+2?", "output": "4", "options": ["3", "4"]}'
+    assert data.read_metaicl(write_lines(tmp_path / "ok.jsonl", [good, good]))[1]["output"] == "4"
+    bad = {"json.jsonl": (good + "\n{oops", "json.jsonl:2: not valid JSON"),
+           "field.jsonl": ('{"task": "t", "input": "x", "options": []}', "field.jsonl:1: missing string field 'output'"),
+           "option.jsonl": ('{"task": "t", "input": "x", "output": "5", "options": ["3", "4"]}',
+                            "option.jsonl:1: output '5' is not among the options")}
+    for name, (text, message) in bad.items():
+        with pytest.raises(data.DataError, match=message):
+            data.read_metaicl(write_lines(tmp_path / name, text.split("\n")))
+
+
+def test_c4_reader_streams_plain_and_gzip_and_rejects_missing_text(tmp_path):
+    import gzip
+    write_lines(tmp_path / "c4" / "a.jsonl", ['{"text": "one"}', '{"text": "two"}'])
+    with gzip.open(tmp_path / "c4" / "b.json.gz", "wt") as f:
+        f.write('{"text": "three"}\n')
+    assert list(data.read_c4(tmp_path / "c4")) == ["one", "two", "three"]
+    write_lines(tmp_path / "c4" / "c.jsonl", ['{"url": "x"}'])
+    with pytest.raises(data.DataError, match="c.jsonl:1: missing string field 'text'"):
+        list(data.read_c4(tmp_path / "c4"))
 
 
 def test_c4_item_split_and_meta_train_item(tmp_path):
@@ -407,8 +423,18 @@ def test_partitions_from_file_and_builtin(tmp_path):
     assert len(builtin["train"]) == 43 and len(builtin["test"]) == 19 and "dbpedia_14" not in builtin["test"]
 
 
+def test_perturbed_demonstrations():
+    demos = [{"input": f"x{i}", "output": "a", "options": ["a", "b", "c"]} for i in range(40)]
+    shuffled = data.perturb_demos(demos, "random_labels", seed=13)
+    assert shuffled == data.perturb_demos(demos, "random_labels", seed=13) and {d["output"] for d in shuffled} == {"a", "b", "c"}
+    assert [d["input"] for d in shuffled] == [d["input"] for d in demos]
+    assert all(d["output"] == "" for d in data.perturb_demos(demos, "no_labels", 1))
+    assert all(d["input"] == "" and d["output"] == "a" for d in data.perturb_demos(demos, "no_inputs", 1))
+    assert data.perturb_demos(demos, "gold", 1) == demos
+
+
 # -----------------------------------------------------------------------------
-# train.py
+# train.py: resume, DDP, checkpoints
 
 
 def train_args(llm, out, *extra):
@@ -492,59 +518,30 @@ def test_init_from_another_llm_is_refused(saved_llm, tmp_path):
         train.run(train_args(saved_llm("llama"), tmp_path / "x.pt", "--stage", "finetune", "--init", str(ckpt)))
 
 
-def test_selection_rule_keeps_only_tasks_where_icl_reads_labels():
-    """A candidate is kept when ICL with the gold labels clears the one-class floor by FLOOR_MARGIN and beats ICL with
-    random labels by LABEL_MARGIN; the random-label pass runs only after the floor test passes, and its labels are
-    really random (the demonstrations it sees differ from the gold ones)."""
-    golds = [0, 1] * 10
-    demos = [{"input": f"x{i}", "output": "yes" if i % 2 else "no", "options": ["no", "yes"]} for i in range(16)]
-    def predictor(icl, icl_random):
-        calls = []
-        def predict(method, task, examples):
-            calls.append(method if method == "zeroshot" or examples[0] == demos else "icl_random")
-            right = {"zeroshot": 0, "icl": icl, "icl_random": icl_random}[calls[-1]]
-            return golds[:right] + [1 - g for g in golds[right:]], golds  # the first `right` predictions are correct
-        return predict, calls
-    predict, calls = predictor(icl=20, icl_random=10)   # macro-F1 100 vs 50 (floor 33.3)
-    assert evaluate.label_sensitive("t", (demos, golds), predict, 100, print) and calls == ["zeroshot", "icl", "icl_random"]
-    predict, calls = predictor(icl=20, icl_random=20)
-    assert not evaluate.label_sensitive("t", (demos, golds), predict, 100, print)
-    predict, calls = predictor(icl=0, icl_random=20)    # ICL below the floor: no random-label pass
-    assert not evaluate.label_sensitive("t", (demos, golds), predict, 100, print) and calls == ["zeroshot", "icl"]
-
-
-def test_selection_signal_holds_out_tasks_and_scores_like_eval(saved_llm, tmp_path, monkeypatch):
-    """--val_tasks: a task where ICL sits at the one-class floor is refused (the random tiny model collapses on all
-    three); with the margin lifted, the held-out task never enters training, the checkpoint leaves out the frozen
-    embeddings, the logged MEND signal is what eval.py's scorer gives for that task's examples with the saved
-    distiller, and the judge logs ICL and MEND with random labels too."""
-    llm, ckpt = saved_llm("llama"), tmp_path / "m.pt"
-    argv = ["--stage", "finetune", "--partition", "class2class", "--data", str(ROOT / "sample_data"), "--k", "4",
-            "--max_steps", "2", "--eval_interval", "2", "--val_tasks", "1", "--val_task_examples", "8"]
-    with pytest.raises(SystemExit, match="only 0 of 3 meta-train tasks qualify"):
-        train.run(train_args(llm, ckpt, *argv))
-    monkeypatch.setattr(evaluate, "FLOOR_MARGIN", -100.0)
-    monkeypatch.setattr(evaluate, "LABEL_MARGIN", -100.0)
-    train.run(train_args(llm, ckpt, *argv))
-    state = model.load_checkpoint(ckpt)
-    assert state["config"]["val_tasks_held_out"] == ["sample-topic"] and "sample-topic" not in state["config"]["train_tasks"]
-    assert not any("embed" in k for k in state["model"]) and any("placeholder" in k for k in state["model"])
-    log = ckpt.with_suffix(".log").read_text()
-    logged = [float(l.split("signal mend ")[1].split()[0]) for l in log.splitlines() if "signal mend" in l]
-    args = evaluate.get_args(["--data", str(ROOT / "sample_data"), "--ckpt", str(ckpt), "--partition", "class2class"])
-    lm, toks, distiller, meta, _ = evaluate.load_models(args, ["mend"], "cpu")
-    pool = data.read_metaicl(data.task_file(ROOT / "sample_data", "sample-topic", 16, 100, "test"))
-    preds = evaluate.evaluate_seed("mend", lm, toks, distiller, pool[:4], pool[4:12], args, {**meta, "task": "t", "seed": 1})
-    f1 = evaluate.macro_f1(preds, [ex["options"].index(ex["output"]) for ex in pool[4:12]])
-    assert "signal reference | held-out tasks macro-F1: zeroshot" in log and logged[-1] == pytest.approx(f1, abs=0.006)
-    assert "| icl_random " in log and "| mend_random " in log
-    import analyze
-    report = analyze.main(analyze.get_args(["--held_out", "--ckpt", str(ckpt), "--data", str(ROOT / "sample_data")]))
-    assert evaluate.macro_f1(*report["mend"]["sample-topic"]) == pytest.approx(f1)
+def test_prompt_tuning_and_no_kd_checkpoints_are_named_by_their_config(saved_llm, tmp_path, monkeypatch):
+    """--distiller prompt trains vectors that ignore the demonstrations; with --lam 0 the teacher never runs; eval.py
+    names the JSON entry after what was trained (prompt_tuning, mend_no_kd) and records the perturbation."""
+    llm = saved_llm("llama")
+    monkeypatch.setattr(distill, "teacher_logits", lambda *a, **k: pytest.fail("lam 0 must not run the teacher"))
+    for spec, out in [("prompt", "pt.pt"), ("layers:1", "nokd.pt")]:
+        args = train_args(llm, tmp_path / out, "--stage", "finetune", "--distiller", spec, "--lam", "0",
+                          "--max_steps", "2", "--val_items", "0", "--lr", "1e-2")
+        losses = train.run(args)
+        assert all(math.isfinite(loss) for _, loss in losses)
+    pt = model.build_distiller("prompt", tiny_llm("llama"), 3)
+    pt.load_state_dict(model.load_checkpoint(tmp_path / "pt.pt")["model"])
+    assert torch.equal(pt(ids([1, 2, 3]), ids([1, 1, 1])), pt(ids([9, 8]), ids([1, 1])))  # the demos are not read
+    names = {}
+    for out in ["pt.pt", "nokd.pt"]:
+        report = evaluate.main(evaluate.get_args(["--ckpt", str(tmp_path / out), "--methods", "mend", "--seeds", "100",
+                                                  "--max_examples", "2", "--perturb", "random_labels",
+                                                  "--out", str(tmp_path / "r.json")]))
+        names[out] = (list(report["methods"]), report["perturb"])
+    assert names == {"pt.pt": (["prompt_tuning"], "random_labels"), "nokd.pt": (["mend_no_kd"], "random_labels")}
 
 
 # -----------------------------------------------------------------------------
-# eval.py
+# eval.py: metrics, scoring, reports, and the selection signal train.py logs
 
 
 def test_task_type_follows_metaicl_then_the_option_sets():
@@ -655,6 +652,61 @@ def test_eval_reports_skipped_tasks_refuses_seen_tasks_and_writes_the_json(saved
         evaluate.main(evaluate.get_args(["--partition", "qa2qa", "--ckpt", str(tmp_path / "none.pt"), "--methods", "mend"]))
     with pytest.raises(SystemExit, match="was finetuned on sample-arithmetic"):
         evaluate.main(evaluate.get_args(["--partition", "nonclass2class", *common]))
+
+
+def test_selection_rule_keeps_only_tasks_where_icl_reads_labels():
+    """A candidate is kept when ICL with the gold labels clears the one-class floor by FLOOR_MARGIN and beats ICL with
+    random labels by LABEL_MARGIN; the random-label pass runs only after the floor test passes, and its labels are
+    really random (the demonstrations it sees differ from the gold ones)."""
+    golds = [0, 1] * 10
+    demos = [{"input": f"x{i}", "output": "yes" if i % 2 else "no", "options": ["no", "yes"]} for i in range(16)]
+    def predictor(icl, icl_random):
+        calls = []
+        def predict(method, task, examples):
+            calls.append(method if method == "zeroshot" or examples[0] == demos else "icl_random")
+            right = {"zeroshot": 0, "icl": icl, "icl_random": icl_random}[calls[-1]]
+            return golds[:right] + [1 - g for g in golds[right:]], golds  # the first `right` predictions are correct
+        return predict, calls
+    predict, calls = predictor(icl=20, icl_random=10)   # macro-F1 100 vs 50 (floor 33.3)
+    assert evaluate.label_sensitive("t", (demos, golds), predict, 100, print) and calls == ["zeroshot", "icl", "icl_random"]
+    predict, calls = predictor(icl=20, icl_random=20)
+    assert not evaluate.label_sensitive("t", (demos, golds), predict, 100, print)
+    predict, calls = predictor(icl=0, icl_random=20)    # ICL below the floor: no random-label pass
+    assert not evaluate.label_sensitive("t", (demos, golds), predict, 100, print) and calls == ["zeroshot", "icl"]
+
+
+def test_selection_signal_holds_out_tasks_and_scores_like_eval(saved_llm, tmp_path, monkeypatch):
+    """--val_tasks: a task where ICL sits at the one-class floor is refused (the random tiny model collapses on all
+    three); with the margin lifted, the held-out task never enters training, the checkpoint leaves out the frozen
+    embeddings, the logged MEND signal is what eval.py's scorer gives for that task's examples with the saved
+    distiller, and the judge logs ICL and MEND with random labels too."""
+    llm, ckpt = saved_llm("llama"), tmp_path / "m.pt"
+    argv = ["--stage", "finetune", "--partition", "class2class", "--data", str(ROOT / "sample_data"), "--k", "4",
+            "--max_steps", "2", "--eval_interval", "2", "--val_tasks", "1", "--val_task_examples", "8"]
+    with pytest.raises(SystemExit, match="only 0 of 3 meta-train tasks qualify"):
+        train.run(train_args(llm, ckpt, *argv))
+    monkeypatch.setattr(evaluate, "FLOOR_MARGIN", -100.0)
+    monkeypatch.setattr(evaluate, "LABEL_MARGIN", -100.0)
+    train.run(train_args(llm, ckpt, *argv))
+    state = model.load_checkpoint(ckpt)
+    assert state["config"]["val_tasks_held_out"] == ["sample-topic"] and "sample-topic" not in state["config"]["train_tasks"]
+    assert not any("embed" in k for k in state["model"]) and any("placeholder" in k for k in state["model"])
+    log = ckpt.with_suffix(".log").read_text()
+    logged = [float(l.split("signal mend ")[1].split()[0]) for l in log.splitlines() if "signal mend" in l]
+    args = evaluate.get_args(["--data", str(ROOT / "sample_data"), "--ckpt", str(ckpt), "--partition", "class2class"])
+    lm, toks, distiller, meta, _ = evaluate.load_models(args, ["mend"], "cpu")
+    pool = data.read_metaicl(data.task_file(ROOT / "sample_data", "sample-topic", 16, 100, "test"))
+    preds = evaluate.evaluate_seed("mend", lm, toks, distiller, pool[:4], pool[4:12], args, {**meta, "task": "t", "seed": 1})
+    f1 = evaluate.macro_f1(preds, [ex["options"].index(ex["output"]) for ex in pool[4:12]])
+    assert "signal reference | held-out tasks macro-F1: zeroshot" in log and logged[-1] == pytest.approx(f1, abs=0.006)
+    assert "| icl_random " in log and "| mend_random " in log
+    import analyze
+    report = analyze.main(analyze.get_args(["--held_out", "--ckpt", str(ckpt), "--data", str(ROOT / "sample_data")]))
+    assert evaluate.macro_f1(*report["mend"]["sample-topic"]) == pytest.approx(f1)
+
+
+# -----------------------------------------------------------------------------
+# the free prefixes (eval.py) and MEND started from them (train.py --base)
 
 
 def test_truncated_reads_the_last_l_demonstration_tokens(saved_llm):
@@ -824,8 +876,9 @@ def test_a_short_base_is_read_as_itself_and_only_the_gate_learns_at_zero():
     assert distiller.gate.grad.abs().sum() > 0
     assert all(p.grad is None or not p.grad.any() for n, p in distiller.named_parameters() if n != "gate")
 
+
 # -----------------------------------------------------------------------------
-# train.py --base anchors: distilled keys/values beside the anchors (distill.AnchorReader)
+# MEND on the anchors (train.py --base anchors, distill.AnchorReader)
 
 
 def anchors_case(tmp_path, family):
@@ -992,6 +1045,9 @@ def test_anchors_step_flops_match_the_flop_counter(spec, monkeypatch):
         flops.total_flops(cfg, 5, 5, 0) + 4 * 3 * 8 * 5 * 64
 
 
+# -----------------------------------------------------------------------------
+# analyze.py
+
 
 def test_ceiling_fits_vectors_per_task_from_unlabeled_inputs_of_other_seeds(saved_llm, tmp_path):
     """analyze.py --ceiling: per test task, fit inputs are the other seeds' inputs minus the test examples and the
@@ -1016,69 +1072,6 @@ def test_ceiling_fits_vectors_per_task_from_unlabeled_inputs_of_other_seeds(save
     assert fits["inputs"] == len(inputs) > 0 and not taken & {x["input"] for x in inputs}
     assert all(set(x) == {"input", "options"} for x in inputs)
     assert report["methods"]["fitted"]["tasks"]["sample-same_words"]["n_examples"] == 6
-
-
-def test_refine_and_clear_api_errors(saved_llm, tmp_path):
-    """MEND.refine: steps=0 returns the vectors unchanged, refining is deterministic and changes them; distill([]),
-    a demonstration that is not an (input, output) pair and empty options raise ValueError naming the problem."""
-    llm, ckpt = saved_llm("llama"), tmp_path / "mend.pt"
-    train.run(train_args(llm, ckpt, "--stage", "finetune", "--max_steps", "1", "--val_items", "0"))
-    mend = distill.MEND.load(str(ckpt), device="cpu")
-    demos = [("good film", "yes"), ("bad film", "no")]
-    vectors = mend.distill(demos)
-    inputs, options = ["nice film", "awful", "so-so"], ["yes", "no"]
-    assert mend.refine(vectors, demos, inputs, options, steps=0) is vectors
-    a = mend.refine(vectors, demos, inputs, options, steps=3, lr=0.5, seed=1)
-    assert torch.equal(a, mend.refine(vectors, demos, inputs, options, steps=3, lr=0.5, seed=1))
-    assert a.shape == vectors.shape and not torch.allclose(a, vectors)
-    with pytest.raises(ValueError, match="no demonstrations"):
-        mend.distill([])
-    with pytest.raises(ValueError, match="demonstration 1 is 'bad film', not an \\(input, output\\) pair"):
-        mend.distill([("good film", "yes"), "bad film"])
-    with pytest.raises(ValueError, match="options must be one non-empty list"):
-        mend.score(vectors, ["nice film"], [])
-    with pytest.raises(ValueError, match="options must be one non-empty list"):
-        mend.classify(vectors, ["nice film", "awful"], [["yes"], []])
-
-
-def test_distilled_vectors_round_trip_and_refuse_a_mismatch(tmp_path):
-    vectors, meta = torch.randn(1, 4, 8), {"llm": "a", "distiller": "layers:2", "ckpt_hash": "h", "demos_hash": "d"}
-    distill.save_vectors(tmp_path / "v.safetensors", vectors, meta)
-    assert torch.equal(distill.load_vectors(tmp_path / "v.safetensors", meta), vectors)
-    with pytest.raises(ValueError, match="made with distiller=layers:2, not distiller=gpt2"):
-        distill.load_vectors(tmp_path / "v.safetensors", {**meta, "distiller": "gpt2"})
-
-
-def test_prompt_tuning_and_no_kd_checkpoints_are_named_by_their_config(saved_llm, tmp_path, monkeypatch):
-    """--distiller prompt trains vectors that ignore the demonstrations; with --lam 0 the teacher never runs; eval.py
-    names the JSON entry after what was trained (prompt_tuning, mend_no_kd) and records the perturbation."""
-    llm = saved_llm("llama")
-    monkeypatch.setattr(distill, "teacher_logits", lambda *a, **k: pytest.fail("lam 0 must not run the teacher"))
-    for spec, out in [("prompt", "pt.pt"), ("layers:1", "nokd.pt")]:
-        args = train_args(llm, tmp_path / out, "--stage", "finetune", "--distiller", spec, "--lam", "0",
-                          "--max_steps", "2", "--val_items", "0", "--lr", "1e-2")
-        losses = train.run(args)
-        assert all(math.isfinite(loss) for _, loss in losses)
-    pt = model.build_distiller("prompt", tiny_llm("llama"), 3)
-    pt.load_state_dict(model.load_checkpoint(tmp_path / "pt.pt")["model"])
-    assert torch.equal(pt(ids([1, 2, 3]), ids([1, 1, 1])), pt(ids([9, 8]), ids([1, 1])))  # the demos are not read
-    names = {}
-    for out in ["pt.pt", "nokd.pt"]:
-        report = evaluate.main(evaluate.get_args(["--ckpt", str(tmp_path / out), "--methods", "mend", "--seeds", "100",
-                                                  "--max_examples", "2", "--perturb", "random_labels",
-                                                  "--out", str(tmp_path / "r.json")]))
-        names[out] = (list(report["methods"]), report["perturb"])
-    assert names == {"pt.pt": (["prompt_tuning"], "random_labels"), "nokd.pt": (["mend_no_kd"], "random_labels")}
-
-
-def test_perturbed_demonstrations():
-    demos = [{"input": f"x{i}", "output": "a", "options": ["a", "b", "c"]} for i in range(40)]
-    shuffled = data.perturb_demos(demos, "random_labels", seed=13)
-    assert shuffled == data.perturb_demos(demos, "random_labels", seed=13) and {d["output"] for d in shuffled} == {"a", "b", "c"}
-    assert [d["input"] for d in shuffled] == [d["input"] for d in demos]
-    assert all(d["output"] == "" for d in data.perturb_demos(demos, "no_labels", 1))
-    assert all(d["input"] == "" and d["output"] == "a" for d in data.perturb_demos(demos, "no_inputs", 1))
-    assert data.perturb_demos(demos, "gold", 1) == demos
 
 
 def test_analyze_attention_maps(saved_llm, tmp_path):
@@ -1135,7 +1128,7 @@ def test_sweep_scores_each_configuration_against_its_flops(saved_llm, tmp_path, 
 
 
 # -----------------------------------------------------------------------------
-# the MEND API (distill.MEND) and one-line errors
+# the MEND API (distill.MEND), vector files, and one-line errors for bad input
 
 
 def test_mend_api_distills_scores_classifies_and_generates(saved_llm, tmp_path):
@@ -1171,6 +1164,37 @@ def test_readme_snippet_runs(saved_llm, tmp_path, monkeypatch):
     exec(snippet, scope)
     assert scope["labels"] and set(scope["labels"]) <= {"positive", "negative"}
     assert (tmp_path / "tickets.safetensors").exists()
+
+
+def test_refine_and_clear_api_errors(saved_llm, tmp_path):
+    """MEND.refine: steps=0 returns the vectors unchanged, refining is deterministic and changes them; distill([]),
+    a demonstration that is not an (input, output) pair and empty options raise ValueError naming the problem."""
+    llm, ckpt = saved_llm("llama"), tmp_path / "mend.pt"
+    train.run(train_args(llm, ckpt, "--stage", "finetune", "--max_steps", "1", "--val_items", "0"))
+    mend = distill.MEND.load(str(ckpt), device="cpu")
+    demos = [("good film", "yes"), ("bad film", "no")]
+    vectors = mend.distill(demos)
+    inputs, options = ["nice film", "awful", "so-so"], ["yes", "no"]
+    assert mend.refine(vectors, demos, inputs, options, steps=0) is vectors
+    a = mend.refine(vectors, demos, inputs, options, steps=3, lr=0.5, seed=1)
+    assert torch.equal(a, mend.refine(vectors, demos, inputs, options, steps=3, lr=0.5, seed=1))
+    assert a.shape == vectors.shape and not torch.allclose(a, vectors)
+    with pytest.raises(ValueError, match="no demonstrations"):
+        mend.distill([])
+    with pytest.raises(ValueError, match="demonstration 1 is 'bad film', not an \\(input, output\\) pair"):
+        mend.distill([("good film", "yes"), "bad film"])
+    with pytest.raises(ValueError, match="options must be one non-empty list"):
+        mend.score(vectors, ["nice film"], [])
+    with pytest.raises(ValueError, match="options must be one non-empty list"):
+        mend.classify(vectors, ["nice film", "awful"], [["yes"], []])
+
+
+def test_distilled_vectors_round_trip_and_refuse_a_mismatch(tmp_path):
+    vectors, meta = torch.randn(1, 4, 8), {"llm": "a", "distiller": "layers:2", "ckpt_hash": "h", "demos_hash": "d"}
+    distill.save_vectors(tmp_path / "v.safetensors", vectors, meta)
+    assert torch.equal(distill.load_vectors(tmp_path / "v.safetensors", meta), vectors)
+    with pytest.raises(ValueError, match="made with distiller=layers:2, not distiller=gpt2"):
+        distill.load_vectors(tmp_path / "v.safetensors", {**meta, "distiller": "gpt2"})
 
 
 def run_script(*argv):
@@ -1462,20 +1486,8 @@ def test_step_flops_match_the_flop_counter_on_a_training_step(stage):
     assert abs(counter.get_total_flops() / want - 1) < 0.02, (counter.get_total_flops(), want)
 
 
-def test_separate_distiller_with_its_own_tokenizer_and_width(saved_llm, tmp_path):
-    """A GPT-2 distiller (width 48, its own tokenizer files) for a Llama LLM (width 32): Linear+tanh, both stages run."""
-    torch.manual_seed(1)
-    path = tmp_path / "distiller"
-    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=48, n_head=2, vocab_size=VOCAB, n_positions=512)).save_pretrained(path)
-    data.byte_tokenizer(tmp_path).save_pretrained(path)
-    llm, out = saved_llm("llama"), tmp_path / "sep.pt"
-    for stage in ("pretrain", "finetune"):
-        args = train_args(llm, out, "--stage", stage, "--max_steps", "2", "--val_items", "0")
-        args.distiller = str(path)
-        losses = train.run(args)
-        assert len(losses) == 2 and all(math.isfinite(l) for _, l in losses)
-    state = model.load_checkpoint(out)
-    assert state["model"]["proj.0.weight"].shape == (32, 48) and state["config"]["distiller"] == str(path)
+# -----------------------------------------------------------------------------
+# results/gpu/check.py
 
 
 def test_gpu_check_smoke_mode_runs_every_step(tmp_path):
