@@ -31,20 +31,23 @@ job() {  # NAME SEED FLAGS...: train (or finish) one seed, then evaluate it with
 }
 seeds() { local name=$1; shift; for s in 100 101 102; do job $name $s "$@" & done; wait; }
 
-[ -f runs/seeds_stage1.pt ] || timed python train.py $STAGE1 --n_vectors 32 --out runs/seeds_stage1.pt > /dev/null
-[ -f runs/seeds_stage1_l64.pt ] || timed python train.py $STAGE1 --n_vectors 64 --out runs/seeds_stage1_l64.pt > /dev/null
-cp runs/seeds_stage1_l64.log $R/train_stage1_l64.log
-for l in 32 64; do
-  seeds mend_anchors$l --distiller layers:4 --n_vectors $l --init runs/seeds_stage1$([ $l = 32 ] || echo _l$l).pt
+stage1() {  # L: results/seeds/run.sh's stage 1 at --n_vectors L (its checkpoint is reused where it exists)
+  local ckpt=runs/seeds_stage1$([ $1 = 32 ] || echo _l$1).pt
+  [ -f $ckpt ] || timed python train.py $STAGE1 --n_vectors $1 --out $ckpt > /dev/null
+  cp ${ckpt%.pt}.log $R/train_stage1_l$1.log
+}
+for l in ${LS:-32 64}; do  # LS=32 runs l=32 only
+  stage1 $l &  # the re-weighted anchors need no stage 1: they train beside it
   seeds anchors_reweighted$l --distiller none --n_vectors $l
+  seeds mend_anchors$l --distiller layers:4 --n_vectors $l --init runs/seeds_stage1$([ $l = 32 ] || echo _l$l).pt
 done
 
-for name in mend_anchors32 anchors_reweighted32 mend_anchors64 anchors_reweighted64; do
+for name in $(for l in ${LS:-32 64}; do echo mend_anchors$l anchors_reweighted$l; done); do
   python results/seeds/summary.py $R/$name | tee $R/summary_$name.log
 done
 { for s in 100 101 102; do
-    for l in 32 64; do python eval.py --compare $R/mend_anchors${l}_$s.json:mend,$R/anchors_reweighted${l}_$s.json:mend; done
-    for name in mend_anchors64 anchors_reweighted64; do
+    for l in ${LS:-32 64}; do python eval.py --compare $R/mend_anchors${l}_$s.json:mend,$R/anchors_reweighted${l}_$s.json:mend; done
+    for name in $([[ "${LS:-32 64}" != *64* ]] || echo mend_anchors64 anchors_reweighted64); do
       python eval.py --compare $R/${name}_$s.json:mend,results/free/anchors64.json:anchors
     done
   done; } | tee $R/compare.log
