@@ -5,7 +5,8 @@ the committed JSON files, and its FLOPs per query from flops.method_flops with t
 demonstration tokens eval.py measured (T = 64 query+option tokens, flops.py's default); then zero-shot, ICL and the
 free prefixes on nonpara2para and qa2qa. A trained MEND is the mean
 and range (min-max) over its training seeds (results/seeds); issue 16's single run is the seed-100 part of
-results/real/final/mend.json and mend_random.json (that checkpoint was not kept).
+results/real/final/mend.json and mend_random.json (that checkpoint was not kept); MEND on the anchors and the
+re-weighted anchors are results/anchors (issue 34).
 
     python results/free/table.py | tee results/free/table.log
 """
@@ -18,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import eval as evaluate  # noqa: E402
 import flops  # noqa: E402
 
-F, S = Path("results/free"), Path("results/seeds")
+F, S, A = Path("results/free"), Path("results/seeds"), Path("results/anchors")
 ICL = json.loads((F / "baselines.json").read_text())["methods"]["icl"]["tasks"]
 
 
@@ -78,8 +79,13 @@ def main():
             (*trained("MEND, paper (150 steps)", "mend"), g("mend", "mend_reuse")),
             (*trained("MEND, --base labels", "mend_labels"), g("mend", "mend_reuse")),
             (*trained("MEND, --base truncated", "mend_truncated"), g("mend", "mend_reuse")),
+            (*trained("MEND labels, stage 1 trunc.", "mend_labels_s1truncated"), g("mend", "mend_reuse")),
             (*trained("MEND labels, stage 1 1,600", "mend_plain", Path("results/stage1")), g("mend", "mend_reuse")),
-            (*trained("MEND labels, stage 1 trunc.", "mend_truncated", Path("results/stage1")), g("mend", "mend_reuse")),
+            (*trained("MEND labels, s1 trunc. 3,200", "mend_truncated", Path("results/stage1")), g("mend", "mend_reuse")),
+            (*trained("anchors re-weighted l=32", "anchors_reweighted32", A), g("anchors_reweighted", "anchors_reweighted_reuse")),
+            (*trained("MEND on anchors l=32", "mend_anchors32", A), g("mend_anchors", "mend_anchors_reuse")),
+            (*trained("anchors re-weighted l=64", "anchors_reweighted64", A), g64("anchors_reweighted", "anchors_reweighted_reuse")),
+            (*trained("MEND on anchors l=64", "mend_anchors64", A), g64("mend_anchors", "mend_anchors_reuse")),
             (*free("ICL", "baselines.json", "icl_random.json", "icl"), g("icl", "icl_reuse"))]
     print(f"D = {D:.0f} demonstration tokens (ICL), {Dm:.0f} (distiller); T = {T}; l = {L}; smollm2-135m + layers:4")
     print(f"{'method':28s} | {'gold':28s} | {'random labels':28s} | {'agreement with ICL':28s} | GFLOPs per query "
