@@ -1641,7 +1641,7 @@ def test_t5_flops_match_the_flop_counter(monkeypatch):
 def test_a_tokenizer_without_newlines_gets_separators_that_survive(tmp_path):
     """T5's SentencePiece turns "\\n" into a space: such a tokenizer gets PLAIN_SEPS, so demonstrations stay apart
     and the query still ends in a separator; a tokenizer that keeps newlines gets the newline format."""
-    plain = data.byte_tokenizer(tmp_path)                                          # writes tmp_path / tokenizer.json
+    plain = data.byte_tokenizer(tmp_path)                                     # writes tmp_path / tokenizer.json
     spec = json.loads((tmp_path / "tokenizer.json").read_text())
     spec["normalizer"] = {"type": "Replace", "pattern": {"String": "\n"}, "content": " "}
     (tmp_path / "sp.json").write_text(json.dumps(spec))
