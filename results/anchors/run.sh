@@ -31,15 +31,16 @@ job() {  # NAME SEED FLAGS...: train (or finish) one seed, then evaluate it with
 }
 seeds() { local name=$1; shift; for s in 100 101 102; do job $name $s "$@" & done; wait; }
 
+s1() { echo runs/seeds_stage1$([ $1 = 32 ] || echo _l$1).pt; }  # L -> the stage-1 checkpoint at l = L
 stage1() {  # L: results/seeds/run.sh's stage 1 at --n_vectors L (its checkpoint is reused where it exists)
-  local ckpt=runs/seeds_stage1$([ $1 = 32 ] || echo _l$1).pt
+  local ckpt=$(s1 $1)
   [ -f $ckpt ] || timed python train.py $STAGE1 --n_vectors $1 --out $ckpt > /dev/null
   cp ${ckpt%.pt}.log $R/train_stage1_l$1.log
 }
 for l in ${LS:-32 64}; do  # LS=32 runs l=32 only
   stage1 $l &  # the re-weighted anchors need no stage 1: they train beside it
   seeds anchors_reweighted$l --distiller none --n_vectors $l
-  seeds mend_anchors$l --distiller layers:4 --n_vectors $l --init runs/seeds_stage1$([ $l = 32 ] || echo _l$l).pt
+  seeds mend_anchors$l --distiller layers:4 --n_vectors $l --init $(s1 $l)
 done
 
 for name in $(for l in ${LS:-32 64}; do echo mend_anchors$l anchors_reweighted$l; done); do
