@@ -32,8 +32,9 @@ job() {  # NAME SEED FLAGS...: train (or finish) one seed, then evaluate it with
 seeds() { local name=$1; shift; for s in 100 101 102; do job $name $s "$@" & done; wait; }
 
 s1() { echo runs/seeds_stage1$([ $1 = 32 ] || echo _l$1).pt; }  # L -> the stage-1 checkpoint at l = L
-stage1() {  # L: results/seeds/run.sh's stage 1 at --n_vectors L (its checkpoint is reused where it exists)
-  local ckpt=$(s1 $1)
+stage1() {  # L: results/seeds/run.sh's stage 1 at --n_vectors L (its checkpoint is reused where it exists;
+  local ckpt=$(s1 $1)  # nothing runs once every MEND-on-anchors training at L has its log in $R)
+  ls $R/train_mend_anchors$1_{100,101,102}.log > /dev/null 2>&1 && return
   [ -f $ckpt ] || timed python train.py $STAGE1 --n_vectors $1 --out $ckpt > /dev/null
   cp ${ckpt%.pt}.log $R/train_stage1_l$1.log
 }
