@@ -1,7 +1,8 @@
 """
 MEND over training seeds against the free prefixes at its length (issue 22): each seed's class2class score with gold
 and random labels, the mean and spread (min-max) over seeds, and per seed the paired bootstrap against zero-shot, ICL,
-truncated, labels and anchors (results/free, the same examples: class2class, 100 examples, seed 100).
+truncated, labels and anchors (results/free, the same examples: class2class, 100 examples, seed 100). The anchors are
+those at the run's own length (its JSON's n_vectors: 32 or 64); the other free prefixes are at l=32.
 
     python results/seeds/summary.py [NAME [SEED ...]]   # NAME: mend (the paper's, default), mend_labels, mend_labels_lam4, ...
     python results/seeds/summary.py results/stage1/mend_plain   # a NAME with a folder reads that folder
@@ -18,6 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import eval as evaluate  # noqa: E402
 
 R, F = Path("results/seeds"), Path("results/free")
+ANCHORS = {32: F / "free32.json", 64: F / "anchors64.json"}  # l -> the results/free file with the anchors at l
 
 
 def tasks(path, method):
@@ -43,10 +45,11 @@ def main(name="mend", seeds=()):
     global R
     R, name = (Path(name).parent, Path(name).name) if "/" in name else (R, name)
     seeds = seeds or sorted(m[1] for p in R.glob("*.json") if (m := re.fullmatch(rf"{name}_(\d+)", p.stem)))
+    l = json.loads((R / f"{name}_{seeds[0]}.json").read_text())["n_vectors"]
     free = {"zeroshot": tasks(F / "baselines.json", "zeroshot"), "icl": tasks(F / "baselines.json", "icl"),
             "truncated": tasks(F / "baselines.json", "truncated"), "labels": tasks(F / "free32.json", "labels"),
-            "anchors": tasks(F / "free32.json", "anchors")}
-    print("free prefixes (l=32) and baselines: " + ", ".join(f"{m} {average(t):.1f}" for m, t in free.items()))
+            "anchors": tasks(ANCHORS[l], "anchors")}
+    print(f"free prefixes (l=32{'' if l == 32 else f'; anchors l={l}'}) and baselines: " + ", ".join(f"{m} {average(t):.1f}" for m, t in free.items()))
     gold, rand = {}, {}
     for s in seeds:
         gold[s] = tasks(R / f"{name}_{s}.json", "mend")
