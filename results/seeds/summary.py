@@ -49,7 +49,8 @@ def main(name="mend", seeds=()):
     free = {"zeroshot": tasks(F / "baselines.json", "zeroshot"), "icl": tasks(F / "baselines.json", "icl"),
             "truncated": tasks(F / "baselines.json", "truncated"), "labels": tasks(F / "free32.json", "labels"),
             "anchors": tasks(ANCHORS[l], "anchors")}
-    print(f"free prefixes (l=32{'' if l == 32 else f'; anchors l={l}'}) and baselines: " + ", ".join(f"{m} {average(t):.1f}" for m, t in free.items()))
+    lengths = "l=32" if l == 32 else f"l=32; anchors l={l}"
+    print(f"free prefixes ({lengths}) and baselines: " + ", ".join(f"{m} {average(t):.1f}" for m, t in free.items()))
     gold, rand = {}, {}
     for s in seeds:
         gold[s] = tasks(R / f"{name}_{s}.json", "mend")
