@@ -46,6 +46,8 @@ def main(name="mend", seeds=()):
     R, name = (Path(name).parent, Path(name).name) if "/" in name else (R, name)
     seeds = seeds or sorted(m[1] for p in R.glob("*.json") if (m := re.fullmatch(rf"{name}_(\d+)", p.stem)))
     l = json.loads((R / f"{name}_{seeds[0]}.json").read_text())["n_vectors"]
+    if l not in ANCHORS:
+        raise SystemExit(f"error: {R / name}_{seeds[0]}.json: l={l}, but results/free has the anchors at l={sorted(ANCHORS)} only")
     free = {"zeroshot": tasks(F / "baselines.json", "zeroshot"), "icl": tasks(F / "baselines.json", "icl"),
             "truncated": tasks(F / "baselines.json", "truncated"), "labels": tasks(F / "free32.json", "labels"),
             "anchors": tasks(ANCHORS[l], "anchors")}
