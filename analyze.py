@@ -15,7 +15,7 @@ What the distilled vectors attend to (the paper's analysis of MEND's vectors): f
 
 --curves reads train.py logs instead: the selection signal (held-out tasks' macro-F1) against training wall time.
 --held_out shows, per task held out by --val_tasks, how often zero-shot, ICL and MEND predict each class.
---ceiling fits l free vectors per test task (distill.fit_vectors: KL to the LLM reading the demonstrations, on the
+--ceiling fits l free vectors per test task (extensions/options.py fit_vectors: KL to the LLM reading the demonstrations, on the
 option rows of the task's unlabeled inputs from its other seeds' training files) and scores them next to zero-shot,
 ICL, truncated demonstrations and, with --ckpt, MEND and MEND refined (fitted starting from the distiller's output).
 --sweep reads eval.py JSON files (the l and K sweep of results/sweep/run.sh): each method's score next to the FLOPs
@@ -36,7 +36,9 @@ import torch
 import data
 import eval as evaluate
 import flops
-from distill import MEND, fit_vectors
+from distill import MEND
+from extensions.options import fit_vectors, option_fields
+from extensions.signal import Signal, signal_examples
 from eval import macro_f1
 from model import PROMPT, PromptTuning, prefix_cache
 
@@ -171,9 +173,9 @@ def held_out(args):
     mend = MEND.load(args.ckpt, device="cpu")
     cfg = SimpleNamespace(**{**mend.config, "data": args.data})
     pools = data.meta_train_pools(args.data, cfg.val_tasks_held_out, log=lambda msg: None)
-    signal = {t: evaluate.signal_examples(pools[t], cfg) for t in cfg.val_tasks_held_out}
-    report = {m: evaluate.signal_predictions(m, mend.llm, mend.distiller, signal, mend.toks, cfg, nullcontext())
-              for m in ("zeroshot", "icl", "mend")}
+    signal = {t: signal_examples(pools[t], cfg) for t in cfg.val_tasks_held_out}
+    judge = Signal(mend.llm, mend.distiller, mend.toks, cfg, nullcontext(), mend.steps)
+    report = {m: judge.predictions(m, signal) for m in ("zeroshot", "icl", "mend")}
     for task in signal:
         counts = lambda xs: dict(sorted(Counter(xs).items()))
         line = "  ".join(f"{m} {macro_f1(*report[m][task]):.1f} {counts(report[m][task][0])}" for m in report)
@@ -243,7 +245,7 @@ def fit_inputs(args, task, seed, demos, tests):
 def fitted(start, llm, teacher_ids, inputs, args, tok):
     """fit_vectors from `start` (1, L, C) on the inputs -> (vectors, fit record)."""
     item = dict(teacher_demo=teacher_ids, distiller_demo=teacher_ids,
-                **data.option_fields(tok, inputs, args.max_len_per_example))
+                **option_fields(tok, inputs, args.max_len_per_example))
     t = time.time()
     with torch.enable_grad():
         vectors, history = fit_vectors(llm, start, item, args.fit_steps, args.fit_lr, seed=0)

@@ -11,8 +11,8 @@ A data folder holds `c4/` (files of `{"text": ...}` lines, plain or gzipped) and
     queries         Q lists of LLM tokens the loss is taken on, all after the same demonstrations
                     (stage 1: the last 20% of a document, Q=1; stage 2: input ; output of Q examples of the task)
     answer_masks    Q lists, 1 on the output tokens of each query (stage 2 CE), else 0
-    base, base_mask (train.py --base only) the l LLM tokens of a free prefix MEND starts from, left-padded, and their mask
-    anchors         (train.py --base anchors only) the at most l positions of teacher_demo whose keys/values are kept
+
+An addition of ours (extensions/) adds its own fields to an item through a `fields` function.
 
 Format (our choice, see README): a demonstration is `input \\n output \\n\\n`, the query is `input \\n` and an option is
 scored as the tokens of `output`. Newlines are what MetaICL's own training format uses; the official MEND code joins
@@ -236,7 +236,7 @@ def encode(tok, text):
     return tok(text, add_special_tokens=False).input_ids
 
 
-@functools.lru_cache(maxsize=None)
+@functools.lru_cache(maxsize=16)
 def separators(tok):
     """(query separator, demonstration separator) of a tokenizer: newlines where it keeps them, else PLAIN_SEPS."""
     return (QUERY_SEP, DEMO_SEP) if "\n" in tok.decode(encode(tok, "\n")) else PLAIN_SEPS
@@ -274,72 +274,19 @@ def demo_item(toks, demos, budgets, max_len):
     return fit_demos(encoded, budgets)
 
 
-FREE_PREFIXES = ("truncated", "labels")  # the free prefixes train.py --base can start MEND from
+def demo_ids(toks, demos, budgets, max_len):
+    """demo_item of (input, output) dicts, or of one formatted string: each tokenizer's ids of its end, within budget."""
+    if not isinstance(demos, str):
+        return demo_item(toks, demos, budgets, max_len)
+    if not demos.strip():
+        raise ValueError("the demonstration text is empty")
+    return [encode(tok, demos)[-budget:] for tok, budget in zip(toks, budgets)]  # keep the end, nearest the query
 
 
-def free_prefix(toks, demos, name, l, budgets, max_len):
-    """The last l LLM tokens of the demonstrations (truncated) or of the demonstrations with their inputs removed
-    (labels): eval.py's free prefixes of those names, and the tokens a MEND trained with --base starts from (None
-    for --base none and --base anchors, which start from keys/values, not tokens)."""
-    if name in ("none", "anchors"):
-        return None
-    if name == "labels":
-        demos = perturb_demos(demos, "no_inputs", seed=0)  # no randomness in removing inputs
-    return demo_item(toks, demos, budgets, max_len)[0][-l:]
-
-
-def base_fields(toks, demos, base, budgets, max_len):
-    """An item's base (train.py --base; base = (name, l)): a free prefix's tokens in l slots (see base_slots), or the
-    anchors' positions in its teacher demonstrations (--base anchors)."""
-    name, l = base
-    if name == "anchors":
-        teacher = demo_item(toks, demos, budgets, max_len)[0]
-        return dict(anchors=anchor_positions(answer_rows(toks[0], demos, len(teacher), max_len), len(teacher), l))
-    return base_slots(free_prefix(toks, demos, name, l, budgets, max_len), l)
-
-
-def base_slots(ids, l):
-    """A base's ids left-padded to l slots, the padding slots masked, so that a shorter prefix is read as itself, at
-    the positions it has alone."""
-    pad = l - len(ids)
-    return dict(base=[0] * pad + ids, base_mask=[0] * pad + [1] * len(ids))
-
-
-def answer_rows(tok, demos, n_tokens, max_len):
-    """Where the labels sit in a joined prefix of n_tokens LLM tokens (demo_item's teacher ids, which hold whole
-    demonstrations in order): per demonstration, the positions of its last input token (the row that predicts the
-    label), its output tokens and its DEMO_SEP. eval.py's anchors baseline keeps the keys/values of these rows."""
-    rows, start = [], 0
-    for x, y in (encode_example(tok, d, max_len) for d in demos):
-        end = start + len(x) + len(y) + len(encode(tok, separators(tok)[1]))
-        if end > n_tokens:
-            break
-        rows.append(list(range(start + len(x) - 1, end)))
-        start = end
-    if start != n_tokens:
-        raise ValueError(f"answer_rows: {n_tokens} tokens are not a prefix of whole demonstrations")
-    return rows
-
-
-def anchor_positions(rows, n_tokens, l, sink=4):
-    """The positions whose keys/values the anchors baseline keeps, at most l, in order: all n_tokens when they fit
-    (then it is ICL), else the first `sink` positions (the attention sink) and the answer rows of whole
-    demonstrations, the latest demonstrations first, while they fit (after Wang et al. 2023, label words as anchors)."""
-    if l >= n_tokens:
-        return list(range(n_tokens))
-    keep = list(range(min(sink, n_tokens, l)))
-    for r in reversed(rows):
-        fresh = [p for p in r if p not in keep]
-        if len(keep) + len(fresh) > l:
-            break
-        keep += fresh
-    return sorted(keep)
-
-
-def meta_item(toks, targets, demo_pool, rng, k, budgets, max_len, exclude=(), relabel=None, base=None):
+def meta_item(toks, targets, demo_pool, rng, k, budgets, max_len, exclude=(), relabel=None, fields=None):
     """One stage-2 item: the target examples as Q queries, k examples of demo_pool (none of `exclude`) in random order
-    as demonstrations; relabel maps output words to other words, the same for demonstrations and queries; base =
-    (free prefix, l) adds the item's base (base_fields)."""
+    as demonstrations; relabel maps output words to other words, the same for demonstrations and queries. fields(item,
+    demos, targets) adds what an addition of ours reads (distill.Paper.fields)."""
     others = [j for j in rng.permutation(len(demo_pool))[:k + len(exclude)] if j not in exclude][:k]
     swap = (lambda ex: {**ex, "output": relabel.get(ex["output"], ex["output"]),
                         "options": [relabel.get(o, o) for o in ex["options"]]}) if relabel else (lambda ex: ex)
@@ -347,23 +294,9 @@ def meta_item(toks, targets, demo_pool, rng, k, budgets, max_len, exclude=(), re
     teacher, distiller = demo_item(toks, demos, budgets, max_len)
     targets = [swap(t) for t in targets]
     pairs = [encode_example(toks[0], t, max_len) for t in targets]
-    return dict(teacher_demo=teacher, distiller_demo=distiller, queries=[x + y for x, y in pairs],
-                answer_masks=[[0] * len(x) + [1] * len(y) for x, y in pairs], **option_fields(toks[0], targets, max_len),
-                **(base_fields(toks, demos, base, budgets, max_len) if base else {}))
-
-
-def option_fields(tok, examples, max_len):
-    """The queries as the option scorer reads them (train.py --kl_rows options): the input ids, cut for the longest
-    option as at test time; each option's ids (a generation example's only option is its output); and the index of
-    the gold option (-1 for an unlabeled example, as in fitting vectors)."""
-    out = dict(inputs=[], options=[], gold=[])
-    for ex in examples:
-        texts = ex.get("options") or [ex["output"]]
-        options = [encode(tok, o) for o in texts]
-        out["inputs"].append(encode_example(tok, ex, max_len, answer_len=max(map(len, options)))[0])
-        out["options"].append(options)
-        out["gold"].append(texts.index(ex["output"]) if "output" in ex else -1)
-    return out
+    item = dict(teacher_demo=teacher, distiller_demo=distiller, queries=[x + y for x, y in pairs],
+                answer_masks=[[0] * len(x) + [1] * len(y) for x, y in pairs])
+    return {**item, **(fields(item, demos, targets) if fields else {})}
 
 
 def label_map(options, vocabulary, rng):
@@ -376,7 +309,7 @@ def label_map(options, vocabulary, rng):
     return {o: words[int(j)] for o, j in zip(options, picks)}
 
 
-def meta_train_item(pools, toks, index, seed, k, budgets, max_len, queries=1, relabel=0.0, base=None):
+def meta_train_item(pools, toks, index, seed, k, budgets, max_len, queries=1, relabel=0.0, fields=None):
     """Training item number `index`, deterministic in (seed, index) so a resumed or multi-process run sees the same
     data: an example drawn uniformly from all pools, plus queries-1 more of its task, with k other examples of the task
     as demonstrations. With probability `relabel`, a classification task's labels are mapped to other tasks' labels."""
@@ -391,7 +324,7 @@ def meta_train_item(pools, toks, index, seed, k, budgets, max_len, queries=1, re
     if relabel and pool[i]["options"] and rng.random() < relabel and is_classification(pool):
         mapping = label_map(pool[i]["options"], label_vocabulary(pools), rng)
     targets = [pool[j] for j in [i] + more]
-    return meta_item(toks, targets, pool, rng, k, budgets, max_len, exclude=[i] + more, relabel=mapping, base=base)
+    return meta_item(toks, targets, pool, rng, k, budgets, max_len, exclude=[i] + more, relabel=mapping, fields=fields)
 
 
 def label_vocabulary(pools):
@@ -418,28 +351,26 @@ def split_pools(pools, n_held_out):
     return {t: p[:-n_held_out] for t, p in pools.items()}, {t: p[-n_held_out:] for t, p in pools.items()}
 
 
-def meta_val_items(train_pools, held_out, toks, seed, n, k, budgets, max_len, base=None):
+def meta_val_items(train_pools, held_out, toks, seed, n, k, budgets, max_len, fields=None):
     """n fixed validation items: held-out targets, task by task, with demonstrations from the task's training pool."""
     tasks, items = list(held_out), []
     for j in range(n):
         task = tasks[j % len(tasks)]
         target = held_out[task][(j // len(tasks)) % len(held_out[task])]
         rng = np.random.default_rng([seed, 1, j])
-        items.append(meta_item(toks, [target], train_pools[task], rng, k, budgets, max_len, base=base))
+        items.append(meta_item(toks, [target], train_pools[task], rng, k, budgets, max_len, fields=fields))
     return items
 
 
-def c4_item(text, toks, max_tokens, demo_fraction=0.8, base_l=0):
+def c4_item(text, toks, max_tokens, demo_fraction=0.8):
     """Stage-1 item from one document: its first max_tokens LLM tokens, the first 80% as 'demonstrations', the rest as
-    the query (KL only, no answer). The distiller re-tokenizes the demonstration text if its tokenizer differs.
-    base_l > 0 (train.py --stage pretrain --base truncated) adds the base: the last base_l demonstration tokens."""
+    the query (KL only, no answer). The distiller re-tokenizes the demonstration text if its tokenizer differs."""
     ids = encode(toks[0], text)[:max_tokens]
     m = int(demo_fraction * len(ids))
     if m < 1 or m == len(ids):
         return None  # too short to split
     distiller = ids[:m] if toks[0] is toks[1] else encode(toks[1], toks[0].decode(ids[:m]))[:max_tokens]
-    item = dict(teacher_demo=ids[:m], distiller_demo=distiller, queries=[ids[m:]], answer_masks=[[0] * (len(ids) - m)])
-    return {**item, **base_slots(ids[:m][-base_l:], base_l)} if base_l else item
+    return dict(teacher_demo=ids[:m], distiller_demo=distiller, queries=[ids[m:]], answer_masks=[[0] * (len(ids) - m)])
 
 
 # -----------------------------------------------------------------------------
@@ -457,42 +388,18 @@ def pad(seqs, value, left):
     return ids, mask
 
 
-def collate(items, device="cpu", options=False):
+def collate(items, device="cpu"):
     """Items -> a batch of tensors: demonstrations left-padded (so the distiller's placeholders and the teacher's query
     sit at the end), queries right-padded (so teacher and student query rows line up column by column). An item with Q
-    queries gives Q query rows; query_item[r] is the item (demonstration row) that query row r belongs to.
-    With options=True the batch carries the queries' inputs and options instead (the option objective); items with a
-    base (train.py --base) add base_ids and base_mask (B, L); items with anchors (--base anchors) add their positions in
-    the left-padded teacher demonstrations, anchor_positions (B, l), left-padded, and anchor_mask (B, l)."""
+    queries gives Q query rows; query_item[r] is the item (demonstration row) that query row r belongs to."""
     t, tm = pad([it["teacher_demo"] for it in items], 0, left=True)             # (B, D)
     d, dm = pad([it["distiller_demo"] for it in items], 0, left=True)           # (B, D')
-    owner = torch.tensor([b for b, it in enumerate(items) for _ in it["gold" if options else "queries"]])  # (B*Q,)
-    batch = dict(teacher_demo_ids=t, teacher_demo_mask=tm, distiller_demo_ids=d, distiller_demo_mask=dm,
-                 query_item=owner, **(collate_options(items) if options else collate_queries(items)))
-    if "base" in items[0]:
-        batch.update(base_ids=torch.tensor([it["base"] for it in items]), base_mask=torch.tensor([it["base_mask"] for it in items]))
-    if "anchors" in items[0]:
-        a, am = pad([[p + t.shape[1] - len(it["teacher_demo"]) for p in it["anchors"]] for it in items], 0, left=True)
-        batch.update(anchor_positions=a, anchor_mask=am)                       # (B, l): shifted by each row's padding
-    return {k: v.to(device) for k, v in batch.items()}
-
-
-def collate_queries(items):
     q, qm = pad([x for it in items for x in it["queries"]], 0, left=False)      # (B*Q, T)
     a, _ = pad([x for it in items for x in it["answer_masks"]], 0, left=False)  # (B*Q, T)
-    return dict(query_ids=q, query_mask=qm, answer_mask=a)
-
-
-def collate_options(items):
-    """Inputs (N, T) left-padded, so their last rows line up; all their options (M, To) right-padded, option_query[m]
-    = the input of option m; gold_option[n] = the row of input n's gold option (-1: unlabeled)."""
-    x, xm = pad([x for it in items for x in it["inputs"]], 0, left=True)       # (N, T)
-    per_input = [opts for it in items for opts in it["options"]]
-    o, om = pad([o for opts in per_input for o in opts], 0, left=False)         # (M, To)
-    first = np.cumsum([0] + [len(opts) for opts in per_input])[:-1]
-    gold = [int(f) + g if g >= 0 else -1 for f, g in zip(first, (g for it in items for g in it["gold"]))]
-    return dict(input_ids=x, input_mask=xm, option_ids=o, option_mask=om, gold_option=torch.tensor(gold),
-                option_query=torch.tensor([n for n, opts in enumerate(per_input) for _ in opts]))
+    owner = torch.tensor([b for b, it in enumerate(items) for _ in it["queries"]])  # (B*Q,)
+    batch = dict(teacher_demo_ids=t, teacher_demo_mask=tm, distiller_demo_ids=d, distiller_demo_mask=dm,
+                 query_ids=q, query_mask=qm, answer_mask=a, query_item=owner)
+    return {k: v.to(device) for k, v in batch.items()}
 
 
 # -----------------------------------------------------------------------------

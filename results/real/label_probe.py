@@ -5,7 +5,7 @@
 The tasks are the ones the label-sensitive judge kept in its scan (the log's "held out of training" line; ICL drops by
 5+ macro-F1 with random labels there). The final runs trained without the judge, so these tasks were among their
 training tasks: this probes label reading on trained tasks, not on unseen ones. Each checkpoint's MEND is scored
-with the judge's own code (train.signal_predictions: eval.py's scorer) with gold and with random labels.
+with the judge's own code (extensions.signal.Signal.predictions: eval.py's scorer) with gold and with random labels.
 """
 import sys
 from contextlib import nullcontext
@@ -15,9 +15,9 @@ import numpy as np
 
 sys.path.insert(0, ".")
 import data  # noqa: E402
-import train  # noqa: E402
-from eval import macro_f1  # noqa: E402
 from distill import MEND  # noqa: E402
+from eval import macro_f1  # noqa: E402
+from extensions.signal import Signal, random_labels, signal_examples  # noqa: E402
 
 line = next(l for l in open(sys.argv[1]) if "held out of training:" in l)
 tasks = line.split("held out of training: ")[1].split(" (")[0].split(", ")
@@ -25,8 +25,9 @@ for ckpt in sys.argv[2:]:
     mend = MEND.load(ckpt, device="cpu")
     cfg = SimpleNamespace(**{**mend.config, "val_task_examples": 40})
     pools = data.meta_train_pools(cfg.data, tasks, log=lambda msg: None)
-    signal = {t: train.signal_examples(pools[t], cfg) for t in tasks}
-    for name, sig in (("gold", signal), ("random labels", train.random_labels(signal, cfg.seed))):
-        preds = train.signal_predictions("mend", mend.llm, mend.distiller, sig, mend.toks, cfg, nullcontext())
+    signal = {t: signal_examples(pools[t], cfg) for t in tasks}
+    judge = Signal(mend.llm, mend.distiller, mend.toks, cfg, nullcontext(), mend.steps)
+    for name, sig in (("gold", signal), ("random labels", random_labels(signal, cfg.seed))):
+        preds = judge.predictions("mend", sig)
         scores = {t: macro_f1(*preds[t]) for t in tasks}
         print(f"{ckpt} | {name}: {np.mean(list(scores.values())):.2f} | " + " | ".join(f"{t} {s:.1f}" for t, s in scores.items()), flush=True)

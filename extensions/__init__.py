@@ -1,0 +1,72 @@
+"""
+Our additions to the paper's MEND, one file per concept; the paper's method is the six files above this folder.
+
+    prefixes.py  the free prefixes truncated and labels (eval.py methods) and the gated start (train.py --base)
+    anchors.py   the anchors (eval.py --methods anchors), MEND on them (--base anchors) and the re-weighted anchors
+                 (--base anchors --distiller none)
+    options.py   the option objective (train.py --kl_rows options), fitted vectors and refine
+    signal.py    the selection signal on held-out meta-train tasks (train.py --val_tasks)
+
+The folder imports the core; the core reaches it through one door, model.extensions(), which returns this module.
+What the core asks of it is below: the steps a run takes (each addition subclasses distill.Paper, the paper's
+steps), its flags and the checks of their combinations, eval.py's free prefixes, and the FLOPs rows of flops.py.
+"""
+import data
+from distill import Paper
+from extensions import anchors, options, prefixes
+from extensions.signal import Signal
+
+__all__ = ["PREFIXES", "Signal", "add_arguments", "combination_error", "method_flops", "options", "prefix_ids", "steps_for"]
+
+PREFIXES = {"truncated": prefixes.prefix("truncated"), "labels": prefixes.prefix("labels"), "anchors": anchors.prefix}
+
+
+def steps_for(config):
+    """The steps a run (train.py's flags as a dict) or a checkpoint (its config) takes: the paper's (distill.Paper)
+    unless --base or --kl_rows options (stage 2) name an addition."""
+    base = config.get("base", "none")
+    if base == "anchors":
+        return anchors.Anchors(config)
+    rows = config.get("kl_rows", "query") == "options" and config.get("stage") == "finetune"
+    gated = base in prefixes.FREE_PREFIXES
+    cls = {(False, False): Paper, (True, False): prefixes.Gated, (False, True): options.Options,
+           (True, True): options.GatedOptions}[(gated, rows)]
+    return cls(config)
+
+
+def add_arguments(parser):
+    """train.py's flags of our additions."""
+    ours = parser.add_argument_group("our additions (extensions/, README: What we added to the paper's method)")
+    ours.add_argument("--base", default="none", choices=["none", *prefixes.FREE_PREFIXES, "anchors"],
+                      help="start from a free prefix: its embeddings + gate * distiller output, gate at 0 (stage 1: "
+                      "truncated); anchors: the query reads eval.py's anchors + gate * the vectors' keys/values "
+                      "(extensions/anchors.py; with --distiller none, a bias on the anchor logits instead)")
+    ours.add_argument("--kl_rows", default="query", choices=["query", "options"],
+                      help="stage 2: the paper's query rows, or the rows the option scorer reads")
+    ours.add_argument("--val_tasks", type=data.count, default=0,
+                      help="stage 2: meta-train tasks held out of training for the selection signal (0 = none)")
+    ours.add_argument("--val_task_examples", type=data.positive_int, default=40, help="test examples per held-out task")
+    return ours
+
+
+def combination_error(args, prompt):
+    """Why our additions' flags cannot work with the others, or None (prompt: the PromptTuning distiller's name)."""
+    if args.base == "labels" and args.stage == "pretrain":
+        return "--base labels applies to --stage finetune (C4 text has no labels; stage 1 takes --base truncated)"
+    if args.base != "none" and args.distiller == prompt:
+        return f"--base {args.base} needs a distiller; PromptTuning (--distiller prompt) never reads the demonstrations"
+    if args.distiller == anchors.NO_DISTILLER and args.base != "anchors":
+        return "--distiller none applies to --base anchors only (the anchors re-weighted, no vectors)"
+    return anchors.anchors_error(args) if args.base == "anchors" else None
+
+
+def prefix_ids(method, toks, demos, args):
+    """The tokens a free prefix made of tokens reads (eval.py --bench's plain forward)."""
+    budgets = (args.teacher_demo_tokens, args.distiller_demo_tokens)
+    return prefixes.free_prefix(toks, demos, method, args.n_vectors, budgets, args.max_len_per_example)
+
+
+def method_flops(llm, D, T, L, Q, distill):
+    """flops.method_flops' rows of our additions (the free prefixes that need more than the core's formula)."""
+    return anchors.method_flops(llm, D, T, L, Q, distill)
+
