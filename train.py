@@ -13,7 +13,8 @@ gpt2 distiller, l=100, 16 demos, lr 5e-5 / 1e-5, 30k steps, global batch 8, budg
 Order of one step: lr from the schedule -> micro-batches (teacher forward without grad, distiller forward, student
 forward, loss / grad_accum, backward) -> unscale, clip, step, zero_grad -> log. Every eval_interval steps and at the
 last step: validation loss and an atomic checkpoint. Ctrl-C saves and exits; a NaN/inf loss stops the run and keeps
-the last good checkpoint; --resume continues exactly (same data, RNG and optimizer state, step for step).
+the last good checkpoint; --resume continues exactly on CPU (same data, RNG and optimizer state, step for step; on
+CUDA to the rounding of its atomic-add kernels, see README: What is exact on a GPU).
 """
 import argparse
 import json
@@ -30,7 +31,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import data
 import eval as evaluate
 import flops
-from distill import answer_ce_per_example, build_reader, kl_per_example, load_weights, mend_loss, phase
+from distill import answer_ce_per_example, build_reader, kl_per_example, load_weights, mend_loss, now, phase
 from model import (EMBEDDED, NO_DISTILLER, PROMPT, autocast, build_distiller, check_compatible, count_params,
                    distiller_state, llm_logits, lm_kind, load_checkpoint, load_llm, resolve_device, save_checkpoint,
                    teacher_logits, tokenizers)
@@ -45,6 +46,7 @@ PAPER = {  # the official pretrain.sh / finetune.sh (results/official_code.md); 
 }
 OUT = {"pretrain": "ckpt.pt", "finetune": "mend.pt"}
 GATE_LR = 100.0    # --base: the gate's learning rate, in units of --lr (see make_optimizer)
+SHARE_GPU = "MEND_SHARE_GPU"  # =1: all torchrun ranks share cuda:0 (results/gpu/check.py's DDP test on one GPU)
 
 
 def get_args(argv=None):
@@ -163,10 +165,11 @@ def setup_device(args):
     The autocast dtype (model.autocast) applies on CPU too: --dtype bfloat16 there runs the GPU's code path."""
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     cuda = resolve_device(args.device).startswith("cuda")
-    device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if cuda else "cpu"
+    shared = os.environ.get(SHARE_GPU) == "1"  # test-only: every rank on cuda:0 over gloo (NCCL refuses a shared GPU)
+    device = f"cuda:{0 if shared else int(os.environ.get('LOCAL_RANK', 0))}" if cuda else "cpu"
     dtype, ctx = autocast(device, args.dtype)
     if world > 1:
-        dist.init_process_group("nccl" if cuda else "gloo")
+        dist.init_process_group("nccl" if cuda and not shared else "gloo")
     if cuda:
         torch.cuda.set_device(device)
     return device, ctx, dtype, rank, world
@@ -192,13 +195,17 @@ def read_data(args, toks):
     if args.stage == "finetune":
         part = data.partition(args.data, args.partition)
         return data.meta_train_pools(args.data, part["train"], notes.append), notes
-    base_l = args.n_vectors if args.base == "truncated" else 0
-    docs = [d for d in (data.c4_item(t, toks, args.c4_max_tokens, base_l=base_l)
-                        for t in data.read_c4(Path(args.data) / "c4")) if d]
+    docs = [t for t in data.read_c4(Path(args.data) / "c4") if c4_doc(args, toks, t)]  # texts, tokenized when read:
+    # every rank holds all of C4, and a 1024-token item as Python lists takes about 74 KiB, its text about 4 KiB
     if len(docs) <= args.val_items:
         raise SystemExit(f"{args.data}/c4 has {len(docs)} usable documents; need more than "
                          f"--val_items={args.val_items}")
     return docs, notes
+
+
+def c4_doc(args, toks, text):
+    """The stage-1 item of one C4 text (None if too short to split)."""
+    return data.c4_item(text, toks, args.c4_max_tokens, base_l=args.n_vectors if args.base == "truncated" else 0)
 
 
 def make_items(args, read, toks, log, predict=None):
@@ -211,8 +218,8 @@ def make_items(args, read, toks, log, predict=None):
     if args.stage == "pretrain":
         train, val = source[:-args.val_items] if args.val_items else source, source[len(source) - args.val_items:]
         log(f"c4: {len(train):,} training documents, {len(val)} held out")
-        return (lambda i: train[torch.randperm(len(train), generator=torch.Generator().manual_seed(
-            args.seed + i // len(train)))[i % len(train)]]), val, [], {}
+        return (lambda i: c4_doc(args, toks, train[torch.randperm(len(train), generator=torch.Generator().manual_seed(
+            args.seed + i // len(train)))[i % len(train)]])), [c4_doc(args, toks, t) for t in val], [], {}
     signal = evaluate.selection_tasks(source, args, log, predict)
     pools = {t: p for t, p in source.items() if t not in signal}
     n_held = 2 if args.val_items else 0
@@ -228,10 +235,15 @@ def make_items(args, read, toks, log, predict=None):
 # checkpoints
 
 
-def checkpoint_state(distiller, optimizer, scaler, step, config):
+def checkpoint_state(distiller, optimizer, scaler, step, config, world=1):
+    """What a checkpoint holds; called on every rank (it gathers each rank's RNG states: their dropout masks differ)."""
     rng = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state()
+    if world > 1:
+        ranks = [None] * world
+        dist.all_gather_object(ranks, rng)
+        rng = {**rng, "ranks": ranks}
     return {"model": distiller_state(distiller), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
             "step": step, "config": config, "rng": rng}
 
@@ -252,14 +264,19 @@ def starting_state(args):
     return {**state, "path": path, "resume": resume}
 
 
-def restore(state, distiller, optimizer, scaler):
-    """--resume: weights, optimizer, scaler, RNG and step; returns the step to continue from."""
+def restore(state, distiller, optimizer, scaler, rank=0):
+    """--resume: weights, optimizer, scaler, this rank's RNG and step; returns the step to continue from. A scaler
+    state saved by a bf16 or fp32 run is empty (its scaler was disabled): an fp16 run then starts a fresh scale. A rank
+    the saved run did not have keeps its own seed."""
     load_weights(distiller, state["model"], state["path"])
     optimizer.load_state_dict(state["optimizer"])
-    scaler.load_state_dict(state["scaler"])
-    torch.set_rng_state(state["rng"]["torch"])
-    if "cuda" in state["rng"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["rng"]["cuda"])
+    if state["scaler"]:
+        scaler.load_state_dict(state["scaler"])
+    ranks = state["rng"].get("ranks", [state["rng"]])
+    if rank < len(ranks):
+        torch.set_rng_state(ranks[rank]["torch"])
+        if "cuda" in ranks[rank] and torch.cuda.is_available():
+            torch.cuda.set_rng_state(ranks[rank]["cuda"])
     return state["step"]
 
 
@@ -362,6 +379,7 @@ def run(args):
                         flops_cfg=(llm.config, getattr(getattr(getattr(distiller, "distiller", distiller), "backbone",
                                                                    None), "config", None)))
     log_references(r, args)
+    torch.manual_seed(args.seed + rank)  # the weights above are alike on every rank; dropout masks must differ
     step = apply_start(start, r, args)
     model = DDP(distiller) if world > 1 else distiller  # what the forward pass calls; r.distiller is what is saved
     model = torch.compile(model) if args.compile else model
@@ -375,7 +393,7 @@ def log_references(r, args):
         kl, ce, teacher_ce, truncated_kl = zero_shot_reference(r.llm, r.val_items, args, r.ctx, r.device)
         r.log(f"val reference | the LLM reading the query alone: kl {kl:.5g} | ce {ce:.5g} | the teacher: ce "
               f"{teacher_ce:.5g} | the last {args.n_vectors} demonstration tokens (truncated): kl {truncated_kl:.5g}")
-    if r.signal and r.rank == 0:
+    if r.signal:  # on every rank (only rank 0 logs), so that no rank waits in a collective meanwhile
         r.log("signal reference | held-out tasks macro-F1: " + evaluate.judge(
             [("zeroshot", "zeroshot", r.signal), ("icl", "icl", r.signal), ("icl_random", "icl", r.signal_random)],
             r.llm, r.distiller, r.toks, args, r.ctx))
@@ -384,7 +402,7 @@ def log_references(r, args):
 def apply_start(start, r, args):
     """--resume restores everything (-> its step); --init loads the distiller weights only (stage 2 from stage 1)."""
     if start and start["resume"]:
-        step = restore(start, r.distiller, r.optimizer, r.scaler)
+        step = restore(start, r.distiller, r.optimizer, r.scaler, r.rank)
         r.log(f"resumed from {args.out} at step {step}")
         return step
     if start:
@@ -448,8 +466,11 @@ def optimizer_step(optimizer, scaler, model, clip):
 
 def loop(r, model, args, step):
     """Steps from `step` to max_steps with logging, validation and checkpoints; returns this run's (step, loss)."""
-    save = lambda s: r.rank == 0 and save_checkpoint(args.out, checkpoint_state(r.distiller, r.optimizer, r.scaler, s,
-                                                                                  r.config))
+    def save(s):  # every rank gathers its RNG state into the checkpoint; rank 0 writes it
+        state = checkpoint_state(r.distiller, r.optimizer, r.scaler, s, r.config, r.world)
+        if r.rank == 0:
+            save_checkpoint(args.out, state)
+
     losses, bench, t_start, window = [], [], time.time(), []  # window: (loss, kl, ce, seconds, tokens) since last log
     model.train()
     try:
@@ -458,9 +479,9 @@ def loop(r, model, args, step):
             for group in r.optimizer.param_groups:
                 group["lr"] = group["peak_lr"] * factor
             lr = args.lr * factor
-            t0, timings = time.perf_counter(), ({} if args.bench else None)
+            t0, timings = now(), ({} if args.bench else None)
             stats, tokens, queries, work = train_step(r, model, args, step, timings)
-            step, dt = step + 1, time.perf_counter() - t0
+            step, dt = step + 1, now() - t0  # now() waits for the GPU: the step's kernels are inside dt
             losses.append((step, stats[0].item()))
             window.append(stats.tolist() + [dt, tokens * r.world, queries * r.world, work * r.world])
             if timings is not None:
@@ -476,7 +497,7 @@ def loop(r, model, args, step):
                 if r.val_items:
                     v = validate(r.llm, r.distiller, r.val_items, args, r.ctx, r.device)
                     r.log(f"step {step} | val loss {v[0]:.5g} | val kl {v[1]:.5g} | val ce {v[2]:.5g}")
-                if r.signal and r.rank == 0:
+                if r.signal:  # every rank judges, as above
                     f1 = evaluate.judge([("mend", "mend", r.signal), ("mend_random", "mend", r.signal_random)],
                                         r.llm, r.distiller, r.toks, args, r.ctx)
                     r.log(f"step {step} | signal {f1} | {time.time() - t_start:.0f}s")
@@ -487,7 +508,7 @@ def loop(r, model, args, step):
         raise SystemExit(130)
     r.log(f"done: {step} steps in {time.time() - t_start:.0f}s, final loss {losses[-1][1] if losses else float('nan'):.4f}"
           + (f" -> {args.out}" if losses else " (no step taken, nothing saved)"))
-    if bench:
+    if bench and r.rank == 0:
         write_bench(bench, args, r.log)
     return losses
 
