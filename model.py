@@ -369,6 +369,8 @@ class CausalLM:
     def context(llm, ids=None, embeds=None, mask=None):
         """Keys/values of prefix ids (B, P) or vectors (B, P, C), left-padded when a mask (B, P) is given."""
         pos = position_ids(mask) if mask is not None else None
+        if embeds is not None:  # fp32 vectors into an LLM held in bf16 (CPU autocast would not cast its norms)
+            embeds = embeds.to(llm.get_input_embeddings().weight.dtype)         # (B, P, C)
         out = llm(input_ids=ids, inputs_embeds=embeds, attention_mask=mask, position_ids=pos, use_cache=True,
                   logits_to_keep=1)  # only the keys/values are needed, not (B, P, V) logits
         return [(layer.keys, layer.values) for layer in out.cache.layers]       # per layer (B, H, P, h) twice
