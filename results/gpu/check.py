@@ -134,10 +134,12 @@ class Check:
     """Runs the steps. Each writes its output to OUT/<log>.log and returns (ok, summary cell); an exception, SystemExit
     included (train.py's NaN stop, a refused model), makes it FAILED. summary.md is rewritten after every step."""
 
-    def __init__(self, out, title, fail=()):
-        self.out, self.title, self.fail, self.rows = out, title, set(fail), []
+    def __init__(self, out, title, fail=(), only=()):
+        self.out, self.title, self.fail, self.only, self.rows = out, title, set(fail), set(only), []
 
     def __call__(self, name, fn, log):
+        if self.only and name not in self.only:
+            return
         t = time.time()
         with open(self.out / f"{log}.log", "a") as f:
             f.write(f"==== {name}\n")
@@ -302,6 +304,7 @@ def main(argv=None):
     p.add_argument("out", help="folder for the logs and summary.md")
     p.add_argument("--smoke", action="store_true", help="tiny shapes, 2 steps, on CPU")
     p.add_argument("--fail", default="", help="comma-separated steps made to fail (tests the check's own failure path)")
+    p.add_argument("--only", default="", help="comma-separated steps to run (default: all; to rerun a failed one)")
     args = p.parse_args(argv)
     versions = check_versions()
     print(versions, flush=True)
@@ -311,7 +314,8 @@ def main(argv=None):
     out.mkdir(parents=True, exist_ok=True)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
-    check = Check(out, f"# GPU check ({shape} shapes) on {name}, {versions}", args.fail.split(",") if args.fail else ())
+    names = lambda s: s.split(",") if s else ()
+    check = Check(out, f"# GPU check ({shape} shapes) on {name}, {versions}", names(args.fail), names(args.only))
     check.write()
     run_steps(check, shape, Path(tempfile.mkdtemp(prefix="mend_gpu_")), device)
     print("\n".join(check.write()))
