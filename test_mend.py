@@ -1762,3 +1762,14 @@ def test_issue43_a_failed_step_fails_the_check_and_is_named_in_the_summary(tmp_p
     summary = (tmp_path / "summary.md").read_text()
     assert "| precision |" in summary and "| ok |" in summary and "transformers" in summary
     assert "| train_pretrain_bfloat16 |" in summary and "FAILED | SystemExit: failure injected" in summary
+
+
+def test_issue43_a_layers_distiller_is_copied_from_float32_weights(saved_llm):
+    """--distiller layers:N of an LLM held in bf16 (the GPU's default) is built from the float32 weights, so its frozen
+    embeddings, which the checkpoint does not store, are those a CPU load of the checkpoint rebuilds (item 10). The
+    final norm, rescaled to the RMS of the LLM's (bf16) embeddings, is trained and stored, so it may differ."""
+    path = saved_llm("llama")
+    half = model.build_distiller("layers:1", model.load_llm(path, dtype=torch.bfloat16), 3)
+    full = model.build_distiller("layers:1", model.load_llm(path), 3)
+    a, b = half.backbone.state_dict(), full.backbone.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a if k != "norm.weight")

@@ -70,7 +70,9 @@ CUDA_TESTS = " or ".join(["test_student_with_empty_prefix_equals_hf_forward", "t
                           "test_q_queries_after_one_demo_set_equal_q_separate_items", "test_gpu_path"])
 RESUME_RTOL = 1e-2    # CUDA: resumed losses against straight ones (CPU: equal)
 DDP_RTOL = 1e-3       # 2 ranks of batch 1 against 1 process of batch 2, float32 (the CPU test's tolerance)
-EVAL_AGREEMENT = 0.9  # share of bf16 predictions equal to float32's on the realistic-scale LLM
+# share of bf16 predictions equal to float32's: 36 random layers in bf16 move close option scores, while a gross bf16
+# bug leaves about 1 in n_options equal
+EVAL_AGREEMENT = 0.75
 
 
 def required_transformers():
