@@ -25,10 +25,12 @@ and summarised in OUT/summary.md, rewritten after every step (a check cut off st
 The LLMs are GPT2Configs and a T5Config saved with save_pretrained, with a byte-level tokenizer (one token per byte);
 the GPT-2 LLM's logits are moved to a realistic scale (realistic_logits); the data is sample_data/.
 
-Time on one H200 (from the first run's step times: a paper-shape T5 stage ran 20 steps in 10-13 s, and the CUDA tests
-are the 10 of the 96 that compare numbers): models built and saved 40 s, tests 30 s, precision 10 s, 3 GPT-2 trainings
-of 10 steps 3 x 15 s, T5 2 x 12 s, anchors 15 s, resume (20 steps, 3 loads) 40 s, ddp (2 ranks + 1 run, gpt2 shapes)
-45 s, eval (3 runs) 45 s, latency 40 s: about 5.5 minutes, under the 6 the lead allows.
+Time on one H200, estimated from the first run's step times (a paper-shape T5 stage: 20 steps in 10-13 s with the
+model load; the whole suite: 243 s for 96 tests, of which the 14 in CUDA_TESTS use tiny models): models built and
+saved 40 s, tests 30 s, precision 10 s, 3 GPT-2 trainings of 10 steps 3 x 15 s, T5 2 x 12 s, anchors 15 s (each of
+these three with a layers:N distiller reloads its LLM in float32), resume (20 steps, 3 loads) 40 s, ddp (2 ranks + 1
+run, gpt2-small shapes, gloo copies the gradients through the host) 45 s, eval (3 runs) 45 s, latency 40 s: about
+5.5 minutes, under the 6 allowed; the wheels' install in run.sh adds about 15 s.
 """
 import argparse
 import json
