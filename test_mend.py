@@ -468,8 +468,8 @@ def test_resume_after_sigkill_gives_the_same_losses(saved_llm, tmp_path):
 def test_two_processes_match_one_with_the_same_global_batch(saved_llm, tmp_path):
     """torchrun --nproc_per_node=2 --batch 1 (gloo) gives the loss curve of one process with --batch 2."""
     llm = saved_llm("llama")
-    common = ["--stage", "pretrain", "--max_steps", "3", "--eval_interval", "3", "--lr", "1e-2", "--no-freeze_embeddings",
-              "--device", "cpu"]  # gloo on CPU also on a one-GPU machine (rank 1 would take cuda:1)
+    common = ["--stage", "pretrain", "--max_steps", "3", "--eval_interval", "3", "--lr", "1e-2",
+              "--no-freeze_embeddings", "--device", "cpu"]  # gloo on CPU also on a one-GPU machine (not cuda:1)
     single = train.run(train_args(llm, tmp_path / "one.pt", *common, "--batch", "2"))
     args = train_args(llm, tmp_path / "two.pt", *common, "--batch", "1")
     flags = [f"--{k}={v}" for k, v in vars(args).items() if not isinstance(v, bool)] + ["--no-freeze_embeddings"]
@@ -1660,8 +1660,8 @@ def test_a_tokenizer_without_newlines_gets_separators_that_survive(tmp_path):
 
 
 def test_gpu_path_logits_are_float32_under_bf16_autocast(saved_llm, on_device):
-    """The LM head runs in float32 even with the LLM held in bf16 under bf16 autocast: GPT-2's logits sit around -100,
-    where bf16 steps are 0.5 apart. If this fails, the KL and the option scores read rounded logits (issue 43, item 5)."""
+    """The LM head runs in float32 even with the LLM held in bf16 under bf16 autocast: GPT-2's logits sit around
+    -100, where bf16 steps are 0.5 apart. If this fails, the KL and the option scores read rounded logits (item 5)."""
     llm = model.load_llm(saved_llm("gpt2"), on_device, torch.bfloat16)
     _, ctx = model.autocast(on_device, "bfloat16")
     q = ids([5, 6, 7, 8], [9, 10, 11, 12])

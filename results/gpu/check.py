@@ -67,8 +67,9 @@ BUDGETS = {"paper": ["--n_vectors", "100", "--k", "16", "--max_len_per_example",
            "smoke": ["--n_vectors", "4", "--k", "4", "--max_len_per_example", "32", "--teacher_demo_tokens", "96",
                      "--distiller_demo_tokens", "96", "--c4_max_tokens", "64"]}
 STEPS = {"paper": 10, "smoke": 2}  # optimizer steps of each training
-CUDA_TESTS = " or ".join(["test_student_with_empty_prefix_equals_hf_forward", "test_teacher_equals_hf_on_the_concatenation",
-                          "test_padded_batch_equals_single_examples", "test_cached_prefix_equals_full_forward",
+CUDA_TESTS = " or ".join(["test_student_with_empty_prefix_equals_hf_forward",
+                          "test_teacher_equals_hf_on_the_concatenation", "test_padded_batch_equals_single_examples",
+                          "test_cached_prefix_equals_full_forward",
                           "test_q_queries_after_one_demo_set_equal_q_separate_items", "test_gpu_path"])
 RESUME_RTOL = 1e-2    # CUDA: resumed losses against straight ones (CPU: equal)
 DDP_RTOL = 1e-3       # 2 ranks of batch 1 against 1 process of batch 2, float32 (the CPU test's tolerance)
@@ -108,9 +109,9 @@ def realistic_logits(llm, shift=100.0):
 def build(folder, shape):
     """Random-init GPT-2 LLM (realistic logits) and distiller of the shape, and a smaller LLM without dropout for the
     DDP comparison, saved as local model folders -> (llm, distiller, plain llm) paths."""
-    paths = []
-    plain = SHAPES[shape]["distiller"]
-    for name, (n_layer, n_embd, n_head), drop in [*[(n, s, 0.1) for n, s in SHAPES[shape].items()], ("plain", plain, 0.0)]:
+    paths, shapes = [], SHAPES[shape]
+    for name, (n_layer, n_embd, n_head), drop in [("llm", shapes["llm"], 0.1), ("distiller", shapes["distiller"], 0.1),
+                                                  ("plain", shapes["distiller"], 0.0)]:
         path = folder / name
         torch.manual_seed(0)
         gpt = GPT2LMHeadModel(GPT2Config(n_layer=n_layer, n_embd=n_embd, n_head=n_head, n_positions=1024,
@@ -182,7 +183,7 @@ def train_argv(llm, distiller, shape, stage, out, steps, *extra):
 
 
 def one_training(llm, distiller, shape, stage, dtype, work, f, *extra):
-    """Steps of one stage in one dtype -> (finite losses, a cell: ms/step, tok/s and MFU of the last step, peak memory)."""
+    """Steps of one stage in one dtype -> (finite losses, a cell: ms/step, tok/s, MFU of the last step, peak memory)."""
     cuda = torch.cuda.is_available()
     if cuda:
         torch.cuda.reset_peak_memory_stats()
@@ -195,14 +196,15 @@ def one_training(llm, distiller, shape, stage, dtype, work, f, *extra):
     ms, tok = re.search(r"(\d+)ms \| (\d+) tok/s", last).groups()
     mfu = re.search(r"TFLOP/s(?: \((.*) of peak\))?", last).group(1) or "n/a"
     peak = f"{torch.cuda.max_memory_allocated() / 2**30:.1f} GiB" if cuda else "n/a (cpu)"
-    val = ", ".join(line.split(" | ", 1)[1].replace(" | ", ", ") for line in lines.splitlines() if " | val loss" in line)
+    val = ", ".join(x.split(" | ", 1)[1].replace(" | ", ", ") for x in lines.splitlines() if " | val loss" in x)
     ok = len(losses) == steps and all(math.isfinite(loss) for _, loss in losses)
     return ok, f"{ms} ms/step, {tok} tok/s, MFU {mfu}, peak memory {peak}" + (f", {val}" if val else "")
 
 
 def cuda_tests(f):
     """The number-comparing tests on CUDA kernels -> (rc 0, a cell)."""
-    rc = shell([sys.executable, "-m", "pytest", "-q", "test_mend.py", "-k", CUDA_TESTS], f, {"MEND_TEST_DEVICE": "cuda"})
+    rc = shell([sys.executable, "-m", "pytest", "-q", "test_mend.py", "-k", CUDA_TESTS], f,
+               {"MEND_TEST_DEVICE": "cuda"})
     return rc == 0, f"pytest rc {rc}"
 
 
@@ -223,12 +225,13 @@ def precision(llm, device, f):
 def resume_matches(llm, distiller, shape, work, f):
     """n + n steps with --resume against 2n straight steps (a constant lr, so max_steps does not change the schedule)."""
     n = STEPS[shape] // 2 or 1
-    run = lambda name, steps, *extra: train.run(train.get_args(train_argv(llm, distiller, shape, "finetune", work / name,
-                                                                          steps, "--schedule", "constant", *extra)))
+    run = lambda name, steps, *extra: train.run(train.get_args(train_argv(
+        llm, distiller, shape, "finetune", work / name, steps, "--schedule", "constant", *extra)))
     straight, first, rest = run("straight.pt", 2 * n), run("resumed.pt", n), run("resumed.pt", 2 * n, "--resume")
     f.write(f"straight {straight}\nresumed {first + rest}\n")
     if not torch.cuda.is_available():
-        return first + rest == straight, "equal" if first + rest == straight else f"DIFFERENT: {straight} vs {first + rest}"
+        same = first + rest == straight
+        return same, "equal" if same else f"DIFFERENT: {straight} vs {first + rest}"
     worst = max(abs(a - b) / abs(b) for (_, a), (_, b) in zip(first + rest, straight))
     return worst <= RESUME_RTOL and len(rest) == n, f"largest relative difference {worst:.1e} (tolerance {RESUME_RTOL})"
 
@@ -289,12 +292,14 @@ def run_steps(check, shape, work, device):
         check("tests", cuda_tests, "tests")
     check("precision", lambda f: precision(llm, device, f), "train")
     low = "float16" if shape == "paper" else "float32"  # the GradScaler path on the GPU; float32 on CPU
-    for stage, dtype, extra in [("pretrain", "bfloat16", ()), ("pretrain", low, ()), ("finetune", "bfloat16", ("--val_items", "4"))]:
-        check(f"train_{stage}_{dtype}", lambda f: one_training(llm, distiller, shape, stage, dtype, work, f, *extra), "train")
+    for stage, dtype, extra in [("pretrain", "bfloat16", ()), ("pretrain", low, ()),
+                                ("finetune", "bfloat16", ("--val_items", "4"))]:
+        check(f"train_{stage}_{dtype}", lambda f: one_training(llm, distiller, shape, stage, dtype, work, f, *extra),
+              "train")
     t5 = build_t5(work, shape)
     for stage in ("pretrain", "finetune"):
-        check(f"t5_{stage}_bfloat16", lambda f: one_training(t5, T5_DISTILLER[shape], shape, stage, "bfloat16", work, f),
-              "train")
+        check(f"t5_{stage}_bfloat16", lambda f: one_training(t5, T5_DISTILLER[shape], shape, stage, "bfloat16", work,
+                                                             f), "train")
     check("anchors_finetune_bfloat16", lambda f: one_training(llm, "layers:1", shape, "finetune", "bfloat16", work, f,
                                                               "--base", "anchors"), "train")
     check("resume", lambda f: resume_matches(llm, distiller, shape, work, f), "runs")
