@@ -209,7 +209,8 @@ def decoder_layers(base):
 def truncated_backbone(llm, n_layers):
     """A trainable copy of the LLM's embeddings and first n_layers blocks (plus its final norm) as a distiller; of a
     T5, its encoder (bidirectional, as the encoder reads the demonstrations). Copied from the float32 weights even when
-    the LLM is held in bf16, so that a GPU run and a CPU load build the same frozen embeddings (issue 43)."""
+    the LLM is held in bf16 (its checkpoint is read once more, in float32 on the CPU), so that a GPU run and a CPU load
+    build the same frozen embeddings (issue 43)."""
     if llm.dtype != torch.float32 and llm.name_or_path:  # a saved model (tests build some in memory)
         llm = from_pretrained(type(llm), llm.name_or_path, dtype=torch.float32)
     base = copy.deepcopy(llm.encoder if llm.config.is_encoder_decoder else llm.base_model)
