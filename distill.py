@@ -86,6 +86,13 @@ def sync():
         torch.cuda.synchronize()
 
 
+def now():
+    """time.perf_counter() after the GPU's queued work is done: CUDA kernels run asynchronously, so an unsynchronised
+    read times their launch, not their work (issue 43)."""
+    sync()
+    return time.perf_counter()
+
+
 def per_item_mean(values, query_item, n_items):
     """(B*Q,) per-query values -> their mean per item, then over the B items: each item weighs the same whatever its Q."""
     counts = torch.bincount(query_item, minlength=n_items).to(values.dtype)          # (B,)

@@ -309,9 +309,14 @@ def seq2seq_step_flops(cfg, L, teacher_len, query_lens, teacher):
     return total
 
 
-# nominal dense tensor-core peaks (TFLOP/s: bf16, fp32) from the vendors' datasheets, by a word of the device name
-GPU_PEAK_TFLOPS = {"H200": (989, 67), "H100": (989, 67), "A100": (312, 19.5), "L40S": (362, 91.6), "L4": (121, 30.3),
-                   "A10": (125, 31.2), "V100": (125, 15.7), "T4": (65, 8.1)}
+# nominal dense tensor-core peaks (TFLOP/s: bf16 (fp16 on V100/T4), fp32) from the vendors' datasheets, by the exact
+# torch.cuda.get_device_name(): a word of it would give an L40 the L4's peak and an H100 PCIe the SXM's (issue 43)
+GPU_PEAK_TFLOPS = {"NVIDIA H200": (989, 67), "NVIDIA H100 80GB HBM3": (989, 67), "NVIDIA H100 PCIe": (756, 51),
+                   "NVIDIA H100 NVL": (835, 60), "NVIDIA A100-SXM4-80GB": (312, 19.5),
+                   "NVIDIA A100-SXM4-40GB": (312, 19.5), "NVIDIA A100-PCIE-40GB": (312, 19.5),
+                   "NVIDIA A100 80GB PCIe": (312, 19.5), "NVIDIA L40S": (362, 91.6), "NVIDIA L40": (181, 90.5),
+                   "NVIDIA L4": (121, 30.3), "NVIDIA A10": (125, 31.2), "Tesla V100-SXM2-16GB": (125, 15.7),
+                   "Tesla V100-SXM2-32GB": (125, 15.7), "Tesla T4": (65, 8.1)}
 
 
 def peak_flops(device, dtype):
@@ -319,7 +324,7 @@ def peak_flops(device, dtype):
     --peak_tflops); on CPU this machine's float32 matmul rate, measured once (a 2048^3 matmul, best of 5)."""
     if str(device).startswith("cuda"):
         name = torch.cuda.get_device_name(device)
-        peaks = next((p for key, p in GPU_PEAK_TFLOPS.items() if key in name), None)
+        peaks = GPU_PEAK_TFLOPS.get(name)
         return None if peaks is None else 1e12 * peaks[dtype == torch.float32]
     a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
     best = float("inf")
@@ -398,7 +403,7 @@ def build_models(llm_name, L, device, dtype):
 
 def median_ms(fn, runs, warmup, device):
     """Median wall-clock milliseconds of fn() over `runs` calls after `warmup` untimed ones."""
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    sync = torch.cuda.synchronize if str(device).startswith("cuda") else (lambda: None)
     for _ in range(warmup):
         fn()
     times = []
@@ -543,12 +548,13 @@ def main(args):
     if args.threads:
         torch.set_num_threads(args.threads)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    bf16 = device == "cuda" and torch.cuda.is_bf16_supported()
+    cuda = device.startswith("cuda")  # cuda, cuda:0, ...
+    bf16 = cuda and torch.cuda.is_bf16_supported(including_emulation=False)
     dtype = getattr(torch, "bfloat16" if bf16 else "float32") if args.dtype == "auto" else getattr(torch, args.dtype)
     dtype_name = str(dtype).split(".")[1]
-    bench_pair = args.bench_pair if args.bench_pair != "auto" else "gpt2-large" if device == "cuda" else "smollm2-135m"
-    args.batches = ([1, 16] if device == "cuda" else [1]) if args.batches == "auto" else args.batches
-    hardware = torch.cuda.get_device_name() if device == "cuda" else f"threads={torch.get_num_threads()}"
+    bench_pair = args.bench_pair if args.bench_pair != "auto" else "gpt2-large" if cuda else "smollm2-135m"
+    args.batches = ([1, 16] if cuda else [1]) if args.batches == "auto" else args.batches
+    hardware = torch.cuda.get_device_name(device) if cuda else f"threads={torch.get_num_threads()}"
     where = f"{device} {hardware}"                                              # printed with every number
     print(f"device={where} dtype={dtype_name} T={args.query_tokens} L={args.n_vectors} Q={args.queries}")
 

@@ -127,7 +127,23 @@ def load_llm(name, device="cpu", dtype=torch.float32, cache_dir=None):
         raise SystemExit(f"{name} is a T5 encoder-decoder, whose activations overflow in float16; use --dtype bfloat16 "
                          f"or float32")
     llm = from_pretrained(AutoModelForSeq2SeqLM if seq2seq else AutoModelForCausalLM, name, cache_dir, dtype=dtype)
-    return freeze(llm.to(device))
+    freeze(llm.to(device))
+    return fp32_head(llm)
+
+
+def fp32_head(llm):
+    """Compute the LM head in float32 whatever the autocast or the dtype the LLM is held in (issue 43): GPT-2's logits
+    sit around -30 to -150, where bf16 steps are 0.5 apart, so bf16 logits would cost about 0.01 nats of KL and up to
+    0.25 nats on an option's log-probability. The weights stay as held; each call upcasts them (a (V, C) copy)."""
+    head = llm.get_output_embeddings()
+
+    def forward(h):                                                             # (B, T, C) -> (B, T, V) float32
+        with torch.autocast(h.device.type, enabled=False):
+            bias = None if head.bias is None else head.bias.float()
+            return nn.functional.linear(h.float(), head.weight.float(), bias)
+
+    head.forward = forward
+    return llm
 
 
 def lm_kind(path):
@@ -166,11 +182,11 @@ def autocast(device, dtype="auto"):
     there (training adds a GradScaler), fp32 on CPU. bf16 and fp16 autocast also run on CPU (slowly), so the GPU's
     reduced-precision code path is tested without a GPU. The frozen LLM is held in this dtype; trained weights stay fp32."""
     kind = "cuda" if str(device).startswith("cuda") else "cpu"
-    name = dtype if dtype != "auto" else "float32" if kind == "cpu" else (
-        "bfloat16" if torch.cuda.is_bf16_supported() else "float16")
+    native = kind == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False)  # V100/T4 only emulate bf16
+    name = dtype if dtype != "auto" else "float32" if kind == "cpu" else ("bfloat16" if native else "float16")
     if name == "float32":
         return torch.float32, nullcontext()
-    if kind == "cuda" and name == "bfloat16" and not torch.cuda.is_bf16_supported():
+    if kind == "cuda" and name == "bfloat16" and not native:
         raise SystemExit("--dtype bfloat16: this GPU does not support bf16; use --dtype float16")
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # torch warns, then silently disables autocast, for a dtype it does not support
@@ -202,7 +218,11 @@ def decoder_layers(base):
 
 def truncated_backbone(llm, n_layers):
     """A trainable copy of the LLM's embeddings and first n_layers blocks (plus its final norm) as a distiller; of a
-    T5, its encoder (bidirectional, as the encoder reads the demonstrations)."""
+    T5, its encoder (bidirectional, as the encoder reads the demonstrations). Copied from the float32 weights even when
+    the LLM is held in bf16 (its checkpoint is read once more, in float32 on the CPU), so that a GPU run and a CPU load
+    build the same frozen embeddings (issue 43)."""
+    if llm.dtype != torch.float32 and llm.name_or_path:  # a saved model (tests build some in memory)
+        llm = from_pretrained(type(llm), llm.name_or_path, dtype=torch.float32)
     base = copy.deepcopy(llm.encoder if llm.config.is_encoder_decoder else llm.base_model)
     blocks = decoder_layers(base)
     if not 0 < n_layers <= len(blocks):
@@ -346,6 +366,8 @@ class CausalLM:
     def context(llm, ids=None, embeds=None, mask=None):
         """Keys/values of prefix ids (B, P) or vectors (B, P, C), left-padded when a mask (B, P) is given."""
         pos = position_ids(mask) if mask is not None else None
+        if embeds is not None:  # fp32 vectors into an LLM held in bf16 (CPU autocast would not cast its norms)
+            embeds = embeds.to(llm.get_input_embeddings().weight.dtype)         # (B, P, C)
         out = llm(input_ids=ids, inputs_embeds=embeds, attention_mask=mask, position_ids=pos, use_cache=True,
                   logits_to_keep=1)  # only the keys/values are needed, not (B, P, V) logits
         return [(layer.keys, layer.values) for layer in out.cache.layers]       # per layer (B, H, P, h) twice

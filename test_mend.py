@@ -13,6 +13,7 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from types import SimpleNamespace
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # before transformers is imported: a test that reaches the network fails
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -335,7 +336,8 @@ def test_resume_after_sigkill_gives_the_same_losses(saved_llm, tmp_path):
 def test_two_processes_match_one_with_the_same_global_batch(saved_llm, tmp_path):
     """torchrun --nproc_per_node=2 --batch 1 (gloo) gives the loss curve of one process with --batch 2."""
     llm = saved_llm("llama")
-    common = ["--stage", "pretrain", "--max_steps", "3", "--eval_interval", "3", "--lr", "1e-2", "--no-freeze_embeddings"]
+    common = ["--stage", "pretrain", "--max_steps", "3", "--eval_interval", "3", "--lr", "1e-2",
+              "--no-freeze_embeddings", "--device", "cpu"]  # gloo on CPU also on a one-GPU machine (not cuda:1)
     single = train.run(train_args(llm, tmp_path / "one.pt", *common, "--batch", "2"))
     args = train_args(llm, tmp_path / "two.pt", *common, "--batch", "1")
     flags = [f"--{k}={v}" for k, v in vars(args).items() if not isinstance(v, bool)] + ["--no-freeze_embeddings"]
@@ -929,18 +931,18 @@ def test_step_flops_match_the_flop_counter_on_a_training_step(stage):
 
 
 def test_gpu_check_smoke_mode_runs_every_step(tmp_path):
-    """results/gpu/run.sh --smoke: every step of the GPU check runs on CPU with tiny shapes (the T5 runs too), resume
-    and torchrun reproduce the plain run's losses, bf16 and float32 predict alike, and the logs and summary are
-    written."""
+    """results/gpu/run.sh --smoke: every step of the GPU check runs on CPU with tiny shapes (the T5 and --base anchors
+    too) and passes: fp32 logits under bf16, resume and 2-rank DDP reproduce the plain runs' losses, bf16 and float32
+    predict alike, MEND from saved vectors as from fresh ones; the logs and summary are written; exit status 0."""
     subprocess.run(["bash", str(ROOT / "results" / "gpu" / "run.sh"), str(tmp_path), "--smoke"], check=True,
                    stdout=subprocess.DEVNULL)
     rows = [[c.strip() for c in line.strip("|").split("|")] for line in (tmp_path / "summary.md").read_text().splitlines()
-            if line.startswith("| ")][1:]                                              # (step, time, result) rows
-    assert [r[0] for r in rows] == ["train_pretrain_float32", "train_pretrain_bfloat16", "train_finetune_float32",
-                                        "train_finetune_bfloat16", "t5_pretrain_bfloat16", "t5_finetune_bfloat16",
-                                        "resume", "torchrun", "eval", "latency"]
-    assert not [r for r in rows if "FAILED" in r[2] or "DIFFERENT" in r[2]], rows
-    assert rows[6][2] == "equal" and "MFU" in rows[0][2] and "MFU" in rows[4][2]
+            if line.startswith("| ")][1:]                                      # (step, time, verdict, result) rows
+    assert [r[0] for r in rows] == ["precision", "train_pretrain_bfloat16", "train_pretrain_float32",
+                                    "train_finetune_bfloat16", "t5_pretrain_bfloat16", "t5_finetune_bfloat16",
+                                    "anchors_finetune_bfloat16", "resume", "ddp", "eval", "latency"]
+    assert all(r[2] == "ok" for r in rows), rows
+    assert rows[7][3] == "equal" and "MFU" in rows[1][3] and "MFU" in rows[4][3] and "val loss" in rows[3][3]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["eval.log", "latency.log", "runs.log", "summary.md", "train.log"]
 
 
@@ -1046,3 +1048,130 @@ def test_a_tokenizer_without_newlines_gets_separators_that_survive(tmp_path):
     demos = [{"input": "ab", "output": "yes"}, {"input": "cd", "output": "no"}]
     teacher, _ = data.demo_item((flat, flat), demos, (100, 100), 32)
     assert flat.decode(teacher) == "ab Answer: yes ; cd Answer: no ; "
+
+
+# ---- issue 43: the GPU path
+# Tests named test_gpu_path_* also run on CUDA kernels in results/gpu/check.py (MEND_TEST_DEVICE=cuda); the others show
+# on CPU, with torch.cuda mocked where needed, what the GPU would do.
+
+
+def test_gpu_path_logits_are_float32_under_bf16_autocast(saved_llm, on_device):
+    """The LM head runs in float32 even with the LLM held in bf16 under bf16 autocast: GPT-2's logits sit around
+    -100, where bf16 steps are 0.5 apart. If this fails, the KL and the option scores read rounded logits (item 5)."""
+    llm = model.load_llm(saved_llm("gpt2"), on_device, torch.bfloat16)
+    _, ctx = model.autocast(on_device, "bfloat16")
+    q = ids([5, 6, 7, 8], [9, 10, 11, 12])
+    with torch.no_grad(), ctx:
+        logits = model.llm_logits(llm, q, torch.ones_like(q))                   # (B, T, V)
+        h = llm.transformer(q).last_hidden_state                                # (B, T, C) after the final norm
+    assert llm.dtype == torch.bfloat16 and logits.dtype == torch.float32
+    torch.testing.assert_close(logits, F.linear(h.float(), llm.lm_head.weight.float()), rtol=1e-5, atol=1e-5)
+
+
+def test_issue43_step_timer_waits_for_the_gpu(saved_llm, tmp_path, monkeypatch):
+    """distill.now() synchronises CUDA before reading the clock, train.py's step time reads it twice a step, and
+    flops.py synchronises on 'cuda:0' as on 'cuda'. If not, ms/step times kernel launches, not kernels (item 6, 10)."""
+    import flops
+    calls = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: calls.append("sync"))
+    monkeypatch.setattr(distill.time, "perf_counter", lambda real=time.perf_counter: calls.append("read") or real())
+    distill.now()
+    assert calls == ["sync", "read"]
+    calls.clear()
+    flops.median_ms(lambda: None, runs=2, warmup=1, device="cuda:0")
+    assert calls.count("sync") == 4
+    monkeypatch.undo()
+    synced = []
+    monkeypatch.setattr(distill, "sync", lambda: synced.append(1))
+    train.run(train_args(saved_llm("llama"), tmp_path / "t.pt", "--stage", "pretrain", "--max_steps", "2",
+                         "--val_items", "0"))
+    assert len(synced) >= 4
+
+
+def test_issue43_gpu_peaks_are_looked_up_by_the_exact_name(monkeypatch):
+    """The MFU peak comes from the exact device name: an L40 is not an L4, an H100 PCIe not an SXM, and an A10G (not
+    listed) gets no peak rather than the A10's (item 10)."""
+    import flops
+    for name, want in [("NVIDIA L40", 181e12), ("NVIDIA L4", 121e12), ("NVIDIA H100 PCIe", 756e12),
+                       ("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H200", 989e12), ("NVIDIA A10G", None)]:
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a, n=name: n)
+        assert flops.peak_flops("cuda:0", torch.bfloat16) == want, name
+
+
+def test_issue43_auto_precision_ignores_emulated_bf16(monkeypatch):
+    """On a GPU that only emulates bf16 (V100, T4), --dtype auto picks fp16 (with its GradScaler) and bf16 is refused
+    (item 7)."""
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
+    monkeypatch.setattr(torch, "autocast", lambda *a, **k: None)  # no CUDA here to build a real context
+    assert model.autocast("cuda", "auto")[0] == torch.float16
+    with pytest.raises(SystemExit, match="does not support bf16"):
+        model.autocast("cuda:0", "bfloat16")
+
+
+def test_issue43_fp16_resumes_a_float32_checkpoint(saved_llm, tmp_path):
+    """A float32 (or bf16) run saves the empty state of its disabled GradScaler; an fp16 run resuming it starts a fresh
+    scale instead of failing (item 8)."""
+    llm, out = saved_llm("llama"), tmp_path / "r.pt"
+    common = ["--stage", "finetune", "--val_items", "0", "--eval_interval", "1"]
+    train.run(train_args(llm, out, *common, "--max_steps", "1"))
+    assert model.load_checkpoint(out)["scaler"] == {}
+    resumed = train.run(train_args(llm, out, *common, "--max_steps", "2", "--dtype", "float16", "--resume"))
+    assert [s for s, _ in resumed] == [2] and math.isfinite(resumed[0][1])
+
+
+def test_issue43_each_rank_saves_and_restores_its_own_rng(saved_llm, tmp_path, monkeypatch):
+    """With 2 ranks the checkpoint holds both ranks' RNG states (gathered) and rank 1 resumes from its own, so the
+    ranks' dropout masks stay different after --resume; run() seeds each rank with seed + rank (item 9)."""
+    layer = torch.nn.Linear(2, 1)
+    optimizer = torch.optim.AdamW(layer.parameters(), fused=True)
+    other = {"torch": torch.Generator().manual_seed(7).get_state()}
+    monkeypatch.setattr(train.dist, "all_gather_object", lambda out, obj: out.__setitem__(slice(None), [obj, other]))
+    state = train.checkpoint_state(layer, optimizer, torch.amp.GradScaler("cpu", enabled=False), 3, {}, world=2)
+    assert state["rng"]["ranks"][1] is other
+    r = SimpleNamespace(steps=SimpleNamespace(load=lambda *a: None), distiller=layer, optimizer=optimizer,
+                        scaler=torch.amp.GradScaler("cpu"), rank=1)
+    assert train.restore({**state, "path": "x.pt"}, r) == 3
+    assert torch.equal(torch.get_rng_state(), other["torch"])
+    seeds = []
+    monkeypatch.setattr(torch, "manual_seed", lambda s, real=torch.manual_seed: seeds.append(s) or real(s))
+    monkeypatch.setenv("RANK", "1")  # rank 1 of a world of 1: no process group is needed to see its seed
+    train.run(train_args(saved_llm("llama"), tmp_path / "r1.pt", "--stage", "pretrain", "--max_steps", "1"))
+    assert 100 + 1 in seeds
+
+
+def test_issue43_c4_is_held_as_text_and_tokenized_when_read(saved_llm, tmp_path):
+    """Every rank holds all of C4: as texts (about 4 KiB a document), not token lists (about 74 KiB), tokenized when an
+    item is read; the items are those of data.c4_item (item 9)."""
+    args = train_args(saved_llm("llama"), tmp_path / "c.pt", "--stage", "pretrain")
+    toks, steps = model.tokenizers(args.distiller, args.llm), distill.Paper(vars(args))
+    read = train.read_data(args, toks, steps)
+    assert read[0] and all(isinstance(t, str) for t in read[0])
+    item, val, _, _ = train.make_items(args, read, toks, lambda msg: None, None, steps)
+    assert len(val) == args.val_items and item(0) in [train.c4_doc(args, toks, steps, t) for t in read[0]]
+
+
+def test_issue43_a_failed_step_fails_the_check_and_is_named_in_the_summary(tmp_path):
+    """results/gpu/check.py --fail STEP: the step fails (a SystemExit inside it is caught), the other steps still run,
+    summary.md names it, and the check exits non-zero naming it (item 1)."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "results" / "gpu" / "check.py")
+    check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(check)
+    with pytest.raises(SystemExit, match="1 of 2 steps FAILED: train_pretrain_bfloat16"):
+        check.main([str(tmp_path), "--smoke", "--only", "precision,train_pretrain_bfloat16",
+                    "--fail", "train_pretrain_bfloat16"])
+    summary = (tmp_path / "summary.md").read_text()
+    assert "| precision |" in summary and "| ok |" in summary and "transformers" in summary
+    assert "| train_pretrain_bfloat16 |" in summary and "FAILED | SystemExit: failure injected" in summary
+
+
+def test_issue43_a_layers_distiller_is_copied_from_float32_weights(saved_llm):
+    """--distiller layers:N of an LLM held in bf16 (the GPU's default) is built from the float32 weights, so its frozen
+    embeddings, which the checkpoint does not store, are those a CPU load of the checkpoint rebuilds (item 10). The
+    final norm, rescaled to the RMS of the LLM's (bf16) embeddings, is trained and stored, so it may differ."""
+    path = saved_llm("llama")
+    half = model.build_distiller("layers:1", model.load_llm(path, dtype=torch.bfloat16), 3)
+    full = model.build_distiller("layers:1", model.load_llm(path), 3)
+    a, b = half.backbone.state_dict(), full.backbone.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a if k != "norm.weight")

@@ -13,7 +13,8 @@ gpt2 distiller, l=100, 16 demos, lr 5e-5 / 1e-5, 30k steps, global batch 8, budg
 Order of one step: lr from the schedule -> micro-batches (teacher forward without grad, distiller forward, student
 forward, loss / grad_accum, backward) -> unscale, clip, step, zero_grad -> log. Every eval_interval steps and at the
 last step: validation loss and an atomic checkpoint. Ctrl-C saves and exits; a NaN/inf loss stops the run and keeps
-the last good checkpoint; --resume continues exactly (same data, RNG and optimizer state, step for step).
+the last good checkpoint; --resume continues exactly on CPU (same data, RNG and optimizer state, step for step; on
+CUDA to the rounding of its atomic-add kernels, see README: What is exact on a GPU).
 """
 import argparse
 import json
@@ -29,7 +30,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import data
 import flops
-from distill import answer_ce_per_example, kl_per_example, mend_loss, phase, steps_for
+from distill import answer_ce_per_example, kl_per_example, mend_loss, now, phase, steps_for
 from model import (EMBEDDED, PROMPT, autocast, check_compatible, count_params, distiller_state, extensions,
                    llm_logits, load_checkpoint, load_llm, resolve_device, save_checkpoint, teacher_logits)
 
@@ -42,6 +43,7 @@ PAPER = {  # the official pretrain.sh / finetune.sh (results/official_code.md); 
     "finetune": dict(lr=1e-5),
 }
 OUT = {"pretrain": "ckpt.pt", "finetune": "mend.pt"}
+SHARE_GPU = "MEND_SHARE_GPU"  # =1: all torchrun ranks share cuda:0 (results/gpu/check.py's DDP test on one GPU)
 
 
 def get_args(argv=None):
@@ -136,10 +138,11 @@ def setup_device(args):
     The autocast dtype (model.autocast) applies on CPU too: --dtype bfloat16 there runs the GPU's code path."""
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     cuda = resolve_device(args.device).startswith("cuda")
-    device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if cuda else "cpu"
+    shared = os.environ.get(SHARE_GPU) == "1"  # test-only: every rank on cuda:0 over gloo (NCCL refuses a shared GPU)
+    device = f"cuda:{0 if shared else int(os.environ.get('LOCAL_RANK', 0))}" if cuda else "cpu"
     dtype, ctx = autocast(device, args.dtype)
     if world > 1:
-        dist.init_process_group("nccl" if cuda else "gloo")
+        dist.init_process_group("nccl" if cuda and not shared else "gloo")
     if cuda:
         torch.cuda.set_device(device)
     return device, ctx, dtype, rank, world
@@ -165,12 +168,18 @@ def read_data(args, toks, steps):
     if args.stage == "finetune":
         part = data.partition(args.data, args.partition)
         return data.meta_train_pools(args.data, part["train"], notes.append), notes
-    docs = [{**d, **steps.fields(toks, d, None, None)} for d in (data.c4_item(t, toks, args.c4_max_tokens)
-                                                                for t in data.read_c4(Path(args.data) / "c4")) if d]
+    docs = [t for t in data.read_c4(Path(args.data) / "c4") if c4_doc(args, toks, steps, t)]  # texts, tokenized when
+    # read: every rank holds all of C4, and a 1024-token item as Python lists takes about 74 KiB, its text about 4 KiB
     if len(docs) <= args.val_items:
         raise SystemExit(f"{args.data}/c4 has {len(docs)} usable documents; need more than "
                          f"--val_items={args.val_items}")
     return docs, notes
+
+
+def c4_doc(args, toks, steps, text):
+    """The stage-1 item of one C4 text, with the fields of the run's steps (None if too short to split)."""
+    item = data.c4_item(text, toks, args.c4_max_tokens)
+    return item and {**item, **steps.fields(toks, item, None, None)}
 
 
 def make_items(args, read, toks, log, signal, steps):
@@ -182,8 +191,8 @@ def make_items(args, read, toks, log, signal, steps):
     if args.stage == "pretrain":
         train, val = source[:-args.val_items] if args.val_items else source, source[len(source) - args.val_items:]
         log(f"c4: {len(train):,} training documents, {len(val)} held out")
-        return (lambda i: train[torch.randperm(len(train), generator=torch.Generator().manual_seed(
-            args.seed + i // len(train)))[i % len(train)]]), val, [], set()
+        return (lambda i: c4_doc(args, toks, steps, train[torch.randperm(len(train), generator=torch.Generator(
+        ).manual_seed(args.seed + i // len(train)))[i % len(train)]])), [c4_doc(args, toks, steps, t) for t in val], [], set()
     held_out = signal.choose(source, log)
     pools = {t: p for t, p in source.items() if t not in held_out}
     n_held = 2 if args.val_items else 0
@@ -199,10 +208,15 @@ def make_items(args, read, toks, log, signal, steps):
 # checkpoints
 
 
-def checkpoint_state(distiller, optimizer, scaler, step, config):
+def checkpoint_state(distiller, optimizer, scaler, step, config, world=1):
+    """What a checkpoint holds; called on every rank (it gathers each rank's RNG states: their dropout masks differ)."""
     rng = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state()
+    if world > 1:
+        ranks = [None] * world
+        dist.all_gather_object(ranks, rng)
+        rng = {**rng, "ranks": ranks}
     return {"model": distiller_state(distiller), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
             "step": step, "config": config, "rng": rng}
 
@@ -224,13 +238,18 @@ def starting_state(args):
 
 
 def restore(state, r):
-    """--resume: weights, optimizer, scaler, RNG and step; returns the step to continue from."""
+    """--resume: weights, optimizer, scaler, this rank's RNG and step; returns the step to continue from. A scaler
+    state saved by a bf16 or fp32 run is empty (its scaler was disabled): an fp16 run then starts a fresh scale. A rank
+    the saved run did not have keeps its own seed."""
     r.steps.load(r.distiller, state["model"], state["path"])
     r.optimizer.load_state_dict(state["optimizer"])
-    r.scaler.load_state_dict(state["scaler"])
-    torch.set_rng_state(state["rng"]["torch"])
-    if "cuda" in state["rng"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["rng"]["cuda"])
+    if state["scaler"]:
+        r.scaler.load_state_dict(state["scaler"])
+    ranks = state["rng"].get("ranks", [state["rng"]])
+    if r.rank < len(ranks):
+        torch.set_rng_state(ranks[r.rank]["torch"])
+        if "cuda" in ranks[r.rank] and torch.cuda.is_available():
+            torch.cuda.set_rng_state(ranks[r.rank]["cuda"])
     return state["step"]
 
 
@@ -320,6 +339,7 @@ def run(args):
                         signal=signal, peak=peak, flops_cfg=(llm.config, getattr(getattr(getattr(distiller, "distiller", distiller), "backbone",
                                                                    None), "config", None)))
     log_references(r, args)
+    torch.manual_seed(args.seed + rank)  # the weights above are alike on every rank; dropout masks must differ
     step = apply_start(start, r, args)
     model = DDP(distiller) if world > 1 else distiller  # what the forward pass calls; r.distiller is what is saved
     model = torch.compile(model) if args.compile else model
@@ -333,8 +353,7 @@ def log_references(r, args):
         kl, ce, teacher_ce, truncated_kl = zero_shot_reference(r.llm, r.val_items, args, r.ctx, r.device)
         r.log(f"val reference | the LLM reading the query alone: kl {kl:.5g} | ce {ce:.5g} | the teacher: ce "
               f"{teacher_ce:.5g} | the last {args.n_vectors} demonstration tokens (truncated): kl {truncated_kl:.5g}")
-    if r.rank == 0:
-        r.signal.log_reference(r.log)
+    r.signal.log_reference(r.log)  # on every rank (only rank 0 logs), so that no rank waits in a collective meanwhile
 
 
 def apply_start(start, r, args):
@@ -395,8 +414,11 @@ def optimizer_step(optimizer, scaler, model, clip):
 
 def loop(r, model, args, step):
     """Steps from `step` to max_steps with logging, validation and checkpoints; returns this run's (step, loss)."""
-    save = lambda s: r.rank == 0 and save_checkpoint(args.out, checkpoint_state(r.distiller, r.optimizer, r.scaler, s,
-                                                                                  r.config))
+    def save(s):  # every rank gathers its RNG state into the checkpoint; rank 0 writes it
+        state = checkpoint_state(r.distiller, r.optimizer, r.scaler, s, r.config, r.world)
+        if r.rank == 0:
+            save_checkpoint(args.out, state)
+
     losses, bench, t_start, window = [], [], time.time(), []  # window: (loss, kl, ce, seconds, tokens) since last log
     model.train()
     try:
@@ -405,9 +427,9 @@ def loop(r, model, args, step):
             for group in r.optimizer.param_groups:
                 group["lr"] = group["peak_lr"] * factor
             lr = args.lr * factor
-            t0, timings = time.perf_counter(), ({} if args.bench else None)
+            t0, timings = now(), ({} if args.bench else None)
             stats, tokens, queries, work = train_step(r, model, args, step, timings)
-            step, dt = step + 1, time.perf_counter() - t0
+            step, dt = step + 1, now() - t0  # now() waits for the GPU: the step's kernels are inside dt
             losses.append((step, stats[0].item()))
             window.append(stats.tolist() + [dt, tokens * r.world, queries * r.world, work * r.world])
             if timings is not None:
@@ -423,8 +445,7 @@ def loop(r, model, args, step):
                 if r.val_items:
                     v = validate(r, args)
                     r.log(f"step {step} | val loss {v[0]:.5g} | val kl {v[1]:.5g} | val ce {v[2]:.5g}")
-                if r.rank == 0:
-                    r.signal.log_step(step, time.time() - t_start, r.log)
+                r.signal.log_step(step, time.time() - t_start, r.log)  # every rank judges, as above
                 save(step)
     except KeyboardInterrupt:
         save(step)
@@ -432,7 +453,7 @@ def loop(r, model, args, step):
         raise SystemExit(130)
     r.log(f"done: {step} steps in {time.time() - t_start:.0f}s, final loss {losses[-1][1] if losses else float('nan'):.4f}"
           + (f" -> {args.out}" if losses else " (no step taken, nothing saved)"))
-    if bench:
+    if bench and r.rank == 0:
         write_bench(bench, args, r.log)
     return losses
 

@@ -1,9 +1,18 @@
 #!/usr/bin/env bash
-# Issue 24: the GPU path at the paper's shapes in one command (see results/gpu/check.py for the steps);
-# issue 31 added random-init T5-large with its distiller (first 4 encoder blocks) in bf16.
-#   bash results/gpu/run.sh OUT            on a CUDA machine, under 8 minutes
+# Issues 24 and 43: the GPU path at the paper's shapes in one command (see results/gpu/check.py for the steps); it exits
+# non-zero when any step fails. Where the machine's transformers is older than requirements.txt's floor and a .whl/
+# folder of wheels is present (transformers and what it needs that the machine lacks), they are installed first into
+# /tmp/site, so that the check runs on our transformers, not the machine's (check.py refuses an older one).
+#   bash results/gpu/run.sh OUT            on a CUDA machine, about 6 minutes
 #   bash results/gpu/run.sh OUT --smoke    the same on CPU, tiny shapes, under 2 minutes
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-OUT=${1:?usage: results/gpu/run.sh OUT [--smoke]}; shift
+OUT=${1:?usage: results/gpu/run.sh OUT [--smoke] [--fail STEP]}; shift
+old=$(python3 -c "import re, transformers as t; n = lambda v: tuple(int(x) for x in re.findall(r'\d+', v)[:3])
+print(int(n(t.__version__) < n(next(l for l in open('requirements.txt') if l.startswith('transformers')).split('>=')[1])))")
+if [ "$old" = 1 ] && ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+  export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+python3 -c "import torch, transformers; print(f'torch {torch.__version__}, transformers {transformers.__version__}')"
 PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 python3 results/gpu/check.py "$OUT" "$@" 2>&1 | grep -v "Loading weights\|Writing model shards"
