@@ -30,10 +30,10 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import data
 import eval as evaluate
 import flops
-from distill import answer_ce_per_example, build_reader, kl_per_example, load_weights, mend_loss, phase
+from distill import anchor_rows, answer_ce_per_example, build_reader, kl_per_example, load_weights, mend_loss, phase
 from model import (EMBEDDED, NO_DISTILLER, PROMPT, autocast, build_distiller, check_compatible, count_params,
-                   distiller_state, llm_logits, lm_kind, load_checkpoint, load_llm, resolve_device, save_checkpoint,
-                   teacher_logits, tokenizers)
+                   demo_cache, distiller_state, llm_logits, lm_kind, load_checkpoint, load_llm, resolve_device,
+                   save_checkpoint, teacher_logits, tokenizers)
 
 PAPER = {  # the official pretrain.sh / finetune.sh (results/official_code.md); batch is per GPU: 8 GPUs give the global 8
     "common": dict(llm="gpt2-large", distiller="gpt2", n_vectors=100, k=16, batch=1, grad_accum=1, max_steps=30000,
@@ -104,7 +104,8 @@ def get_args(argv=None):
                       help="stage 2: meta-train tasks held out of training for the selection signal (0 = none)")
     ours.add_argument("--val_task_examples", type=data.positive_int, default=40, help="test examples per held-out task")
     system = p.add_argument_group("system")
-    system.add_argument("--out", default="", help="checkpoint path (default: ckpt.pt for pretrain, mend.pt for finetune)")
+    system.add_argument("--out", default="", help="checkpoint path, its log beside it (default: ckpt.pt for pretrain, "
+                        "mend.pt for finetune); its folder must exist and be writable (it is not made)")
     system.add_argument("--resume", action="store_true", help="continue the run saved at --out (weights, optimizer, RNG)")
     system.add_argument("--eval_interval", type=data.positive_int, default=10, help="steps between validation + checkpoint")
     system.add_argument("--log_interval", type=data.positive_int, default=1, help="steps between log lines")
@@ -285,20 +286,37 @@ def validate(llm, distiller, items, args, ctx, device):
     return (totals / max(1, len(items))).tolist()
 
 
+def base_logits(llm, b, l):
+    """(1, T, V) logits of the LLM reading the query after the run's base as is, the student's start at gate 0: the
+    anchors (--base anchors), the base's tokens (--base truncated, labels), else the last l demonstration tokens."""
+    q, qm, t, tm = b["query_ids"], b["query_mask"], b["teacher_demo_ids"], b["teacher_demo_mask"]
+    if "anchor_positions" in b:
+        kv = anchor_rows(demo_cache(llm, t, tm, b["query_item"]), b["anchor_positions"])  # per layer (1, H, l, h)
+        shift = tm.sum(-1, keepdim=True) - b["anchor_mask"].sum(-1, keepdim=True)          # (1, 1): D - l
+        return llm_logits(llm, q, qm, prefix_kv=kv, prefix_mask=b["anchor_mask"], shift=shift)
+    ids, mask = (b["base_ids"], b["base_mask"]) if "base_ids" in b else (t[:, -l:], tm[:, -l:])  # (1, l)
+    return llm_logits(llm, q, qm, prefix_embeds=llm.get_input_embeddings()(ids), prefix_mask=mask)
+
+
+def base_name(args):
+    """How the reference line names base_logits' prefix."""
+    return {"anchors": f"the anchors at {args.n_vectors} positions", "labels": f"the labels prefix at l={args.n_vectors}"
+            }.get(args.base, f"the last {args.n_vectors} demonstration tokens (truncated)")
+
+
 def zero_shot_reference(llm, items, args, ctx, device):
     """On the validation items: KL and CE of the LLM reading the query with no prefix at all, the teacher's own CE,
-    and the KL of the truncated prefix at l (the LLM reading the last l demonstration tokens as ordinary tokens, as
-    the student reads a --base truncated at gate 0): what the distilled vectors must beat, and the CE they aim for
-    (the LLM is frozen, so this is computed once)."""
+    and the KL of the run's base (base_logits: for --base none the truncated prefix at l, the LLM reading the last l
+    demonstration tokens as ordinary tokens): what the distilled vectors must beat, and the CE they aim for (the LLM
+    is frozen, so this is computed once)."""
     kl, ce, teacher_ce, truncated_kl = 0.0, 0.0, 0.0, 0.0
-    l, embed = args.n_vectors, llm.get_input_embeddings()
     with torch.no_grad(), ctx:
         for it in items:
             b = data.collate([it], device)
             q, qm, t, tm = b["query_ids"], b["query_mask"], b["teacher_demo_ids"], b["teacher_demo_mask"]
             teacher = teacher_logits(llm, t, tm, q, qm)
             alone = llm_logits(llm, q, qm)                                      # (1, T, V)
-            truncated = llm_logits(llm, q, qm, prefix_embeds=embed(t[:, -l:]), prefix_mask=tm[:, -l:])  # (1, T, V)
+            truncated = base_logits(llm, b, args.n_vectors)                   # (1, T, V)
             kl += kl_per_example(teacher, alone, qm, args.temperature).item() / len(items)
             ce += answer_ce_per_example(alone, q, b["answer_mask"]).item() / len(items)
             teacher_ce += answer_ce_per_example(teacher, q, b["answer_mask"]).item() / len(items)
@@ -334,6 +352,7 @@ def run(args):
     torch.manual_seed(args.seed)
     if args.threads:
         torch.set_num_threads(args.threads)
+    data.check_output(args.out, "--out")  # every file the run writes sits beside --out
     start = starting_state(args)  # a bad --init/--resume fails here, before the LLM is touched
     toks = tokenizers(args.distiller, args.llm)  # so does a model that cannot be loaded
     read = read_data(args, toks)  # and a run that would read nothing
@@ -342,6 +361,8 @@ def run(args):
         else build_distiller(args.distiller, llm, args.n_vectors, freeze_embeddings=args.freeze_embeddings,
                              gated=args.base != "none")
     config = {**vars(args), "world_size": world}
+    if start and start["resume"]:  # marks where the resumed run's lines begin: later steps above were not saved
+        log(f"resumed from {args.out} at step {start['step']}")
     log(f"config: {json.dumps(config)}")  # the first write: a run refused before this leaves every file as it was
     log(f"device={device} dtype={str(dtype).removeprefix('torch.')} world={world} threads={torch.get_num_threads()} | llm {args.llm}: "
         f"{count_params(llm):,} params, frozen | distiller {args.distiller}: {count_params(distiller, True):,} "
@@ -374,7 +395,7 @@ def log_references(r, args):
     if r.val_items:
         kl, ce, teacher_ce, truncated_kl = zero_shot_reference(r.llm, r.val_items, args, r.ctx, r.device)
         r.log(f"val reference | the LLM reading the query alone: kl {kl:.5g} | ce {ce:.5g} | the teacher: ce "
-              f"{teacher_ce:.5g} | the last {args.n_vectors} demonstration tokens (truncated): kl {truncated_kl:.5g}")
+              f"{teacher_ce:.5g} | {base_name(args)}: kl {truncated_kl:.5g}")
     if r.signal and r.rank == 0:
         r.log("signal reference | held-out tasks macro-F1: " + evaluate.judge(
             [("zeroshot", "zeroshot", r.signal), ("icl", "icl", r.signal), ("icl_random", "icl", r.signal_random)],
@@ -384,9 +405,9 @@ def log_references(r, args):
 def apply_start(start, r, args):
     """--resume restores everything (-> its step); --init loads the distiller weights only (stage 2 from stage 1)."""
     if start and start["resume"]:
-        step = restore(start, r.distiller, r.optimizer, r.scaler)
-        r.log(f"resumed from {args.out} at step {step}")
-        return step
+        return restore(start, r.distiller, r.optimizer, r.scaler)
+    if args.resume:
+        r.log(f"--resume: no checkpoint found at {args.out}; training starts from step 0")
     if start:
         load_weights(r.distiller, start["model"], args.init)
         r.log(f"initialized the distiller from {args.init}")
