@@ -44,7 +44,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 import data
 from model import (NO_DISTILLER, CausalLM, CheckpointError, autocast, build_distiller, demo_cache, extend_prefix,
                    family, file_hash, freeze, llm_logits, load_checkpoint, load_distiller_state, load_llm,
-                   option_scores, prefix_cache, resolve_device, teacher_logits, tokenizers)
+                   option_scores, prefix_cache, resolve_device, teacher_logits, tokenizers, umask_mode)
 
 INPUT_ROWS = 4   # the option objective's KL rows of an input: its last 4 (the last one predicts each option's first token)
 FIT_BATCH = 8    # fit_vectors: inputs per step
@@ -430,6 +430,7 @@ def save_vectors(path, vectors, meta):
     """vectors (1, L, C) + metadata {llm, distiller, ckpt_hash, demos_hash} -> safetensors, atomically."""
     tmp = f"{path}.tmp{os.getpid()}"
     save_file({"vectors": vectors.detach().float().cpu().contiguous()}, tmp, metadata={k: str(v) for k, v in meta.items()})
+    umask_mode(tmp)
     os.replace(tmp, path)
 
 

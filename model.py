@@ -77,6 +77,7 @@ def embedded_model_dir(cache_dir=None):
     config.pop("quantization_config", None)  # the weights are plain fp32 now
     (tmp / "config.json").write_text(json.dumps(config, indent=1))
     save_model(model, str(tmp / "model.safetensors"))  # drops the tied lm_head copy
+    umask_mode(tmp / "model.safetensors")
     tok.save_pretrained(tmp)
     try:
         os.replace(tmp, out)  # atomic: a crash mid-conversion leaves no half-written cache
@@ -85,6 +86,13 @@ def embedded_model_dir(cache_dir=None):
             raise
         shutil.rmtree(tmp)
     return out
+
+
+def umask_mode(path):
+    """Give a written file the mode a new file gets under the user's umask (safetensors writes 0600, as a temp file)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(path, 0o666 & ~mask)
 
 
 def resolve_name(name, cache_dir=None):
@@ -595,7 +603,7 @@ def load_checkpoint(path, device="cpu"):
     try:
         state = torch.load(path, map_location=device, weights_only=True, mmap=True)
     except Exception as e:  # torch reports a truncated or foreign file as one of several zip/pickle/mmap errors
-        raise CheckpointError(f"{path}: not a readable checkpoint ({str(e).splitlines()[0][:120]})") from None
+        raise CheckpointError(f"{path}: not a readable checkpoint ({str(e).splitlines()[0]})") from None
     if not isinstance(state, dict) or not {"model", "config"} <= state.keys():
         raise CheckpointError(f"{path}: not a MEND checkpoint (no 'model' and 'config' entries)")
     return state
