@@ -68,7 +68,8 @@ def embedded_model_dir(cache_dir=None):
     missing = [m for m in ("gguf", "accelerate") if importlib.util.find_spec(m) is None]
     if missing:
         raise SystemExit(f"reading the embedded GGUF needs {' and '.join(missing)}; install with: {EMBEDDED_PIP}")
-    print(f"converting {gguf.name} to safetensors in {out} (once)...")
+    print(f"converting {gguf.name} to safetensors in {out} (once; its 'Loading weights' reads the GGUF, the next the "
+          f"converted copy)...")
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     tmp = out.with_name(out.name + f".tmp{os.getpid()}")
