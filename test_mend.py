@@ -1701,7 +1701,7 @@ def test_output_paths_are_refused_before_any_model_loads(saved_llm, tmp_path, ca
     cases = [(ev("--out", str(afile / "r.json")), f"{afile} is not a folder"),
              (ev("--out", str(tmp_path / "no" / "r.json")), f"no folder {tmp_path / 'no'} (it is not made"),
              (ev("--vectors_dir", str(afile / "vec")), f"--vectors_dir {afile / 'vec'}: {afile} is not a folder"),
-             (lambda: train.run(train_args(llm, tmp_path / "no" / "c.pt", "--stage", "pretrain")), "--out"),
+             (lambda: train.run(train_args(llm, tmp_path / "no" / "c.pt", "--stage", "pretrain")), "no folder"),
              (lambda: train.run(train_args(llm, afile / "c.pt", "--stage", "pretrain")), "is not a folder"),
              (lambda: flops.main(flops.get_args(["--out", str(afile / "f")])), f"--out {afile / 'f'}: {afile} is not"),
              (lambda: analyze.main(analyze.get_args(["--png", str(afile / "a.png")])), "--png")]
