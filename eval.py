@@ -80,8 +80,8 @@ def get_args(argv=None):
     p.add_argument("--perturb", default="gold", choices=list(data.PERTURBATIONS),
                    help="demonstrations for ICL and MEND: gold, random_labels, no_labels (inputs only), no_inputs")
     p.add_argument("--vectors_dir", default="", help="distill once: save/load distilled vectors here (safetensors)")
-    p.add_argument("--out", default="", help="JSON results file (default: eval_{partition}.json); its folder must exist and be "
-                   "writable (it is not made)")
+    p.add_argument("--out", default="", help="JSON results file (default: eval_{partition}.json); its folder must "
+                   "exist and be writable (it is not made)")
     p.add_argument("--device", default="auto", help="auto = cuda if available, else cpu")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="autocast dtype, and the LLM's; auto = bf16 on CUDA when supported, fp32 on CPU")
