@@ -1,5 +1,8 @@
 """
-What the distilled vectors attend to (the paper's analysis of MEND's vectors): for one task and its demonstrations,
+What the distilled vectors attend to (the paper's analysis of MEND's vectors); --curves, --held_out, --sweep and
+--ceiling instead read training logs, held-out tasks, eval.py results and fitted vectors.
+
+For one task and its demonstrations:
 
   1. the distiller's attention from each placeholder position over the demonstration tokens (last layer, mean over
      heads), printed as the top demonstration tokens per vector (and a PNG heatmap when matplotlib is installed);
@@ -312,6 +315,9 @@ def ceiling(args):
 
 
 def main(args):
+    for flag, path in (("--png", args.png), ("--out", args.out)):  # what it writes is checked before any work
+        if path:
+            data.check_output(path, flag)
     if args.ceiling:
         return ceiling(args)
     if args.curves:

@@ -27,7 +27,9 @@ import functools
 import gzip
 import json
 import math
+import os
 import sys
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -106,18 +108,38 @@ def budget_error(args):
     return None
 
 
+def check_output(path, flag, folder=False):
+    """Refuse, before any work, an output that cannot be written: a file (folder=False) must not be a folder, and its
+    folder must exist (it is not made) and be writable; a folder (folder=True) is made when missing, so its nearest
+    existing ancestor must be a writable folder."""
+    path = Path(path)
+    if path.exists() and path.is_dir() != folder:
+        raise SystemExit(f"{flag} {path}: {'not ' if folder else ''}a folder")
+    parent = path if folder else path.parent
+    while folder and not parent.exists():
+        parent = parent.parent
+    if not parent.exists():
+        raise SystemExit(f"{flag} {path}: no folder {parent} (it is not made: create it first)")
+    if not parent.is_dir():
+        raise SystemExit(f"{flag} {path}: {parent} is not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise SystemExit(f"{flag} {path}: {path if path.exists() else parent} cannot be written")
+
+
 # -----------------------------------------------------------------------------
 # JSONL reading with file:line errors
 
 
 def read_jsonl(path):
-    """Yield (line number, object) from a .jsonl / .json / .json.gz file of one JSON object per line."""
+    """Yield (line number, object) from a .jsonl / .json / .json.gz file of one JSON object per line, in UTF-8 (a
+    leading byte-order mark is skipped, as utf-8-sig reads it)."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: no such file")
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rt", encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    with opener(path, "rb") as f:
+        for lineno, raw in enumerate(byte_lines(f, path), 1):
+            line = decode_line(raw, path, lineno)
             if not line.strip():
                 continue
             try:
@@ -127,6 +149,22 @@ def read_jsonl(path):
             if not isinstance(obj, dict):
                 raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
             yield lineno, obj
+
+
+def byte_lines(f, path):
+    """The lines of an open binary file; a gzip file cut short or corrupt ends in one error naming the file."""
+    try:
+        yield from f
+    except (EOFError, OSError, zlib.error) as e:
+        raise DataError(f"{path}: cut short or corrupt ({e})") from None
+
+
+def decode_line(raw, path, lineno):
+    """One line's bytes as UTF-8 text (line 1 as utf-8-sig: a byte-order mark is dropped); else an error at file:line."""
+    try:
+        return raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}:{lineno}: not valid UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1})") from None
 
 
 def read_c4(folder):

@@ -34,7 +34,7 @@ import data
 import flops
 from model import (CheckpointError, autocast, build_distiller, extend_prefix, extensions, file_hash, freeze, llm_logits,
                    load_checkpoint, load_distiller_state, load_llm, option_scores, prefix_cache, resolve_device,
-                   teacher_logits, tokenizers)
+                   teacher_logits, tokenizers, umask_mode)
 
 
 def kl_per_example(teacher, student, mask, temperature=1.0):
@@ -197,6 +197,17 @@ class Paper:
     def terms(self, teacher, student, batch, temperature):
         return query_terms(teacher, student, batch, temperature)
 
+    def start_logits(self, llm, batch):
+        """What the student reads at the start, read by the LLM as it is (train.py's reference line): for the paper's
+        MEND the last l demonstration tokens (the truncated prefix) -> (N, T, V)."""
+        owner, l = batch["query_item"], self.config["n_vectors"]
+        t, tm = batch["teacher_demo_ids"][owner, -l:], batch["teacher_demo_mask"][owner, -l:]   # (N, l)
+        return llm_logits(llm, batch["query_ids"], batch["query_mask"], prefix_embeds=llm.get_input_embeddings()(t),
+                          prefix_mask=tm)                                       # (N, l, C) prefix -> (N, T, V)
+
+    def start_name(self):
+        return f"the last {self.config['n_vectors']} demonstration tokens (truncated)"
+
     def item_flops(self, cfgs, item):
         """flops.step_flops of one item; cfgs = (LLM config, distiller config or None for PromptTuning)."""
         lens = (len(item["teacher_demo"]), len(item["distiller_demo"]), list(map(len, item["queries"])))
@@ -242,6 +253,7 @@ def save_vectors(path, vectors, meta):
     """vectors (1, L, C) + metadata {llm, distiller, ckpt_hash, demos_hash} -> safetensors, atomically."""
     tmp = f"{path}.tmp{os.getpid()}"
     save_file({"vectors": vectors.detach().float().cpu().contiguous()}, tmp, metadata={k: str(v) for k, v in meta.items()})
+    umask_mode(tmp)
     os.replace(tmp, path)
 
 

@@ -33,6 +33,7 @@ of an example are scored in one batch. `--bench N` checks this against the naive
 """
 import argparse
 import json
+import os
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -65,7 +66,7 @@ def get_args(argv=None):
                    help="comma-separated subset of zeroshot,icl,truncated,labels,anchors,"
                    "mend (default: zeroshot,icl and mend when --ckpt exists); the free prefixes of length l: see above")
     p.add_argument("--n_vectors", type=data.positive_int, default=None,
-                   help="l of the free prefixes (default: the ckpt's, else 100)")
+                   help="l of the free prefixes (default: see --k; else 100)")
     p.add_argument("--ckpt", default="mend.pt", help="finetuned MEND checkpoint (made by train.py --stage finetune)")
     p.add_argument("--llm", type=data.model_name, default="",
                    help="frozen LLM (default: the checkpoint's, else smollm2-135m)")
@@ -73,17 +74,19 @@ def get_args(argv=None):
     p.add_argument("--max_examples", type=data.count, default=0, help="first N test examples per task (0 = all)")
     p.add_argument("--protocol", default="fixed", choices=["fixed", "random"], help="MetaICL's, or the official code's")
     p.add_argument("--k", type=data.positive_int, default=None,
-                   help="demonstrations (default: the checkpoint's, else 16)")
+                   help="demonstrations (default, as for l and the budgets, whatever the methods: --ckpt's "
+                   "when that file exists, else 16)")
     p.add_argument("--max_len_per_example", type=data.positive_int, default=None,
-                   help="tokens per input+option (default: ckpt's, else 256)")
+                   help="tokens per input+option (default: see --k; else 256)")
     p.add_argument("--teacher_demo_tokens", type=data.positive_int, default=None,
-                   help="ICL demo budget (default: ckpt's, else 767)")
+                   help="ICL demo budget (default: see --k; else 767)")
     p.add_argument("--distiller_demo_tokens", type=data.positive_int, default=None,
-                   help="MEND demo budget (default: ckpt's, else 643)")
+                   help="MEND demo budget (default: see --k; else 643)")
     p.add_argument("--perturb", default="gold", choices=list(data.PERTURBATIONS),
                    help="demonstrations for ICL and MEND: gold, random_labels, no_labels (inputs only), no_inputs")
     p.add_argument("--vectors_dir", default="", help="distill once: save/load distilled vectors here (safetensors)")
-    p.add_argument("--out", default="", help="JSON results file (default: eval_{partition}.json)")
+    p.add_argument("--out", default="", help="JSON results file (default: eval_{partition}.json); its folder must "
+                   "exist and be writable (it is not made)")
     p.add_argument("--device", default="auto", help="auto = cuda if available, else cpu")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="autocast dtype, and the LLM's; auto = bf16 on CUDA when supported, fp32 on CPU")
@@ -305,25 +308,34 @@ def task_files(args, task):
 
 
 def read_checkpoint(args, methods, device):
-    """The MEND checkpoint's state and training config (both empty without mend); lengths and budgets default to the
-    config's, else to the paper's values, and are checked. A bad checkpoint or budget fails here, before any model
-    loads."""
-    state, cfg = {}, {}
-    if "mend" in methods:
-        if not Path(args.ckpt).exists():
-            raise SystemExit(f"{args.ckpt} not found; make it with: python train.py --stage pretrain && "
-                             f"python train.py --stage finetune --init ckpt.pt  (or pass --methods zeroshot,icl)")
-        state = load_checkpoint(args.ckpt)  # on the CPU: the optimizer state is never needed on the GPU
-        cfg = state["config"]
-        if args.llm and args.llm != cfg["llm"]:
-            raise SystemExit(f"{args.ckpt} was trained for llm={cfg['llm']}, not --llm {args.llm}")
+    """The MEND checkpoint's state and training config (both empty without mend). One rule, whatever the methods:
+    k, l, the budgets and the LLM come from their flags, else from --ckpt's config when that file exists, else from
+    the paper's values (settings); they are checked. A bad checkpoint or budget fails here, before any model loads."""
+    if "mend" in methods and not Path(args.ckpt).exists():
+        raise SystemExit(f"{args.ckpt} not found; make it with: python train.py --stage pretrain && "
+                         f"python train.py --stage finetune --init ckpt.pt  (or pass --methods zeroshot,icl)")
+    state = load_checkpoint(args.ckpt) if Path(args.ckpt).exists() else {"config": {}}  # on the CPU
+    cfg = state["config"]
+    if "mend" in methods and args.llm and args.llm != cfg["llm"]:
+        raise SystemExit(f"{args.ckpt} was trained for llm={cfg['llm']}, not --llm {args.llm}")
+    settings(args, cfg)
+    if data.budget_error(args):
+        raise SystemExit(data.budget_error(args))
+    return (state, cfg) if "mend" in methods else ({}, {})
+
+
+def settings(args, cfg):
+    """Fill k, l, the budgets and the LLM left unset by their flags from a checkpoint's config (cfg), else from the
+    paper's values; args.settings says which came from where, for the header line."""
+    given = [f"--{key}" for key in PAPER_DEFAULTS if getattr(args, key) is not None]
     for key, paper_value in PAPER_DEFAULTS.items():
         if getattr(args, key) is None:
             setattr(args, key, cfg.get(key, paper_value))
     args.llm = args.llm or cfg.get("llm", EMBEDDED)
-    if data.budget_error(args):
-        raise SystemExit(data.budget_error(args))
-    return state, cfg
+    source = f"the config of {args.ckpt}" if cfg else f"the paper's values ({args.ckpt} not found)"
+    args.settings = (f"k {args.k}, l {args.n_vectors}, budgets {args.teacher_demo_tokens}/{args.distiller_demo_tokens} "
+                     f"tokens (teacher/distiller), {args.max_len_per_example} per example: from {source}"
+                     + (f" except {', '.join(given)} (flags)" if given else ""))
 
 
 def load_models(args, methods, device, dtype=torch.float32, checkpoint=None):
@@ -458,11 +470,21 @@ def naive_prefix(method, llm, toks, distiller, demos, args, meta, teacher_ids):
     return dict(prefix_ids=torch.tensor([extensions().prefix_ids(method, toks, demos, args)], device=llm.device))
 
 
+def write_json(path, report):
+    """The result file, written to a temp file and renamed, as checkpoints are: a crash mid-write leaves the old file."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    Path(tmp).write_text(json.dumps(report, indent=1))
+    os.replace(tmp, path)
+
+
 @torch.no_grad()
 def main(args):
     if args.compare:
         return compare(args.compare)
     t_start = time.time()
+    data.check_output(args.out, "--out")  # every path written is checked before any work
+    if args.vectors_dir:
+        data.check_output(args.vectors_dir, "--vectors_dir", folder=True)
     methods = args.methods or ["zeroshot", "icl"] + ["mend"] * Path(args.ckpt).exists()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -478,11 +500,12 @@ def main(args):
               f"python train.py --stage finetune --init ckpt.pt)")
     llm, toks, distiller, meta, cfg = load_models(args, methods, device, dtype, checkpoint)
     print(f"{args.partition}: evaluating {len(files)} of {len(part['test'])} test tasks ({len(skipped)} skipped), "
-          f"seeds {args.seeds}, methods {methods}, llm {args.llm}, device {device}, dtype {str(dtype)[6:]}")
+          f"seeds {args.seeds}, methods {methods}, llm {args.llm}, device {device}, dtype {str(dtype)[6:]}; "
+          f"{args.settings}")
     if args.bench:
         with ctx:
             report = {"device": device, "llm": args.llm, **bench(args, llm, toks, distiller, files, methods, meta)}
-        Path(args.out).write_text(json.dumps(report, indent=1))
+        write_json(args.out, report)
         return report
     results = {m: {"tasks": {}} for m in methods}
     for n, (task, seeds) in enumerate(files.items(), 1):
@@ -505,7 +528,7 @@ def main(args):
               "ckpt": args.ckpt if distiller is not None else None, "seeds": args.seeds, "max_examples": args.max_examples,
               "k": args.k, "n_vectors": args.n_vectors, "demo_tokens": demo_lengths(files, toks, args), "train_config": cfg or None,
               "reference": args.reference or ("icl" if "icl" in methods else None), "seconds": time.time() - t_start, "methods": results, "skipped_tasks": skipped}
-    Path(args.out).write_text(json.dumps(report, indent=1))
+    write_json(args.out, report)
     print(f"wrote {args.out} ({report['seconds']:.0f}s)")
     return report
 

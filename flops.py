@@ -2,7 +2,7 @@
 FLOPs and latency per test query of zero-shot, vanilla ICL, MEND and the free prefixes (the paper's Figure 3 and its headline "up to 75%
 fewer FLOPs, 33% faster", section 4).
 
-    python flops.py | tee results/flops.log               # analytic table for the paper's pairs + timings here
+    python flops.py --out results | tee results/flops.log  # the committed tables: the paper's pairs + timings here
     python flops.py --data ../shared/data                  # also the demo lengths of the real MetaICL files
     python flops.py --bench_pair gpt2-large --batches 1,16 --lengths class2class,nonnli2nli   # on a GPU
 
@@ -141,7 +141,8 @@ def get_args(argv=None):
                    help="auto = bfloat16 on cuda if supported, else float32")
     p.add_argument("--threads", type=data.count, default=0, help="CPU threads for torch (0 = torch's default)")
     p.add_argument("--seed", type=data.count, default=0, help="torch.manual_seed for the random-init weights and ids")
-    p.add_argument("--out", default="results", help="folder for flops.md and flops.json")
+    p.add_argument("--out", default=".", help="folder for flops.md and flops.json, made if missing (the committed "
+                   "results/flops.*: --out results)")
     p.add_argument("--plot", default="", help="also draw the FLOPs per query to this .png (needs matplotlib)")
     args = p.parse_args(argv)
     if len(args.demo_tokens) != 2 or min(args.demo_tokens) < args.max_len_per_example:
@@ -543,6 +544,9 @@ def plot(path, rows):
 
 def main(args):
     """The recipe: device/dtype -> lengths -> analytic FLOPs -> timings -> goals -> report."""
+    data.check_output(args.out, "--out", folder=True)  # every path written is checked before any work
+    if args.plot:
+        data.check_output(args.plot, "--plot")
     files = demo_files(args) if args.data else {}  # a --data with nothing to measure fails before any output
     torch.manual_seed(args.seed)
     if args.threads:

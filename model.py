@@ -78,7 +78,8 @@ def embedded_model_dir(cache_dir=None):
     missing = [m for m in ("gguf", "accelerate") if importlib.util.find_spec(m) is None]
     if missing:
         raise SystemExit(f"reading the embedded GGUF needs {' and '.join(missing)}; install with: {EMBEDDED_PIP}")
-    print(f"converting {gguf.name} to safetensors in {out} (once)...")
+    print(f"converting {gguf.name} to safetensors in {out} (once; its 'Loading weights' reads the GGUF, the next the "
+          f"converted copy)...")
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     tmp = out.with_name(out.name + f".tmp{os.getpid()}")
@@ -87,6 +88,7 @@ def embedded_model_dir(cache_dir=None):
     config.pop("quantization_config", None)  # the weights are plain fp32 now
     (tmp / "config.json").write_text(json.dumps(config, indent=1))
     save_model(model, str(tmp / "model.safetensors"))  # drops the tied lm_head copy
+    umask_mode(tmp / "model.safetensors")
     tok.save_pretrained(tmp)
     try:
         os.replace(tmp, out)  # atomic: a crash mid-conversion leaves no half-written cache
@@ -95,6 +97,13 @@ def embedded_model_dir(cache_dir=None):
             raise
         shutil.rmtree(tmp)
     return out
+
+
+def umask_mode(path):
+    """Give a written file the mode a new file gets under the user's umask (safetensors writes 0600, as a temp file)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(path, 0o666 & ~mask)
 
 
 def resolve_name(name, cache_dir=None):
@@ -613,7 +622,7 @@ def load_checkpoint(path, device="cpu"):
     try:
         state = torch.load(path, map_location=device, weights_only=True, mmap=True)
     except Exception as e:  # torch reports a truncated or foreign file as one of several zip/pickle/mmap errors
-        raise CheckpointError(f"{path}: not a readable checkpoint ({str(e).splitlines()[0][:120]})") from None
+        raise CheckpointError(f"{path}: not a readable checkpoint ({str(e).splitlines()[0]})") from None
     if not isinstance(state, dict) or not {"model", "config"} <= state.keys():
         raise CheckpointError(f"{path}: not a MEND checkpoint (no 'model' and 'config' entries)")
     return state

@@ -180,6 +180,7 @@ def test_llm_dropout_acts_in_training_passes_only(dropout):
     args = SimpleNamespace(batch=1, grad_accum=1, lam=1.0, temperature=1.0, clip=1.0, kl_rows="query", llm_dropout=dropout,
                            n_vectors=3, stage="finetune")
     r = SimpleNamespace(llm=llm, distiller=distiller, optimizer=opt, item=lambda i: item, world=1, rank=0,
+                        steps=distill.Paper(vars(args)),
                         flops_cfg=(llm.config, distiller.backbone.config),
                         device="cpu", ctx=torch.autocast("cpu", enabled=False), log=print,
                         scaler=torch.amp.GradScaler("cpu", enabled=False))
@@ -521,14 +522,6 @@ def test_eval_reports_skipped_tasks_refuses_seen_tasks_and_writes_the_json(saved
         evaluate.main(evaluate.get_args(["--partition", "qa2qa", "--ckpt", str(tmp_path / "none.pt"), "--methods", "mend"]))
     with pytest.raises(SystemExit, match="was finetuned on sample-arithmetic"):
         evaluate.main(evaluate.get_args(["--partition", "nonclass2class", *common]))
-
-
-# -----------------------------------------------------------------------------
-# the free prefixes (eval.py) and MEND started from them (train.py --base)
-
-
-# -----------------------------------------------------------------------------
-# MEND on the anchors (train.py --base anchors, distill.AnchorReader)
 
 
 # -----------------------------------------------------------------------------
@@ -1175,3 +1168,149 @@ def test_issue43_a_layers_distiller_is_copied_from_float32_weights(saved_llm):
     full = model.build_distiller("layers:1", model.load_llm(path), 3)
     a, b = half.backbone.state_dict(), full.backbone.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a if k != "norm.weight")
+
+
+# ---- issue 42: bad files and output paths
+
+
+def refused(capsys, run):
+    """run() under run_cli -> its one error line (status 2, one line on stderr)."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as stop:
+        data.run_cli(run)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert stop.value.code == 2 and len(err) == 1 and err[0].startswith("error: "), err
+    return err[0]
+
+
+def test_bad_utf8_a_cut_short_gzip_and_a_bom(saved_llm, tmp_path, capsys):
+    """An invalid UTF-8 byte (MetaICL or C4) is one error at file:line and a C4 .json.gz cut short one error naming the
+    file, exit status 2 through run_cli, never a UnicodeDecodeError or EOFError traceback; a leading BOM is read."""
+    import gzip
+    good = '{"task": "t", "input": "2+2?", "output": "4", "options": ["3", "4"]}\n'
+    (tmp_path / "bom.jsonl").write_bytes(b"\xef\xbb\xbf" + good.encode() * 2)
+    assert len(data.read_metaicl(tmp_path / "bom.jsonl")) == 2
+    (tmp_path / "bad.jsonl").write_bytes(good.encode() + b'{"task": "t\xff", "input": "x"}\n')
+    with pytest.raises(data.DataError, match=r"bad.jsonl:2: not valid UTF-8 \(byte 0xff"):
+        data.read_metaicl(tmp_path / "bad.jsonl")
+    write_lines(tmp_path / "c4" / "a.jsonl", ['{"text": "fine"}']).open("ab").write(b'{"text": "\xc3("}\n')
+    with pytest.raises(data.DataError, match="a.jsonl:2: not valid UTF-8"):
+        list(data.read_c4(tmp_path / "c4"))
+    (tmp_path / "c4" / "a.jsonl").unlink()
+    whole = gzip.compress(b'{"text": "one two three four five six seven"}\n' * 200)
+    (tmp_path / "c4" / "b.json.gz").write_bytes(whole[:len(whole) // 2])
+    llm = saved_llm("llama")
+    run = lambda: train.run(train_args(llm, tmp_path / "p.pt", "--stage", "pretrain", "--data", str(tmp_path)))
+    assert "b.json.gz: cut short" in refused(capsys, run)
+
+
+def test_output_paths_are_refused_before_any_model_loads(saved_llm, tmp_path, capsys, monkeypatch):
+    """train.py, eval.py, flops.py and analyze.py refuse an --out (or --vectors_dir, --plot, --png) in a missing folder,
+    under a regular file or in a folder that cannot be written, in one line before any model loads (tests run as root,
+    where chmod does not stop writes, so os.access is made to say no)."""
+    import analyze
+    import flops
+    llm, afile = saved_llm("llama"), tmp_path / "a_file"
+    afile.write_text("")
+    for module in (train, evaluate, model):
+        monkeypatch.setattr(module, "load_llm", lambda *a, **k: pytest.fail("a model loaded"))
+    ev = lambda *argv: lambda: evaluate.main(evaluate.get_args(["--llm", llm, "--methods", "zeroshot", *argv]))
+    cases = [(ev("--out", str(afile / "r.json")), f"{afile} is not a folder"),
+             (ev("--out", str(tmp_path / "no" / "r.json")), f"no folder {tmp_path / 'no'} (it is not made"),
+             (ev("--vectors_dir", str(afile / "vec")), f"--vectors_dir {afile / 'vec'}: {afile} is not a folder"),
+             (lambda: train.run(train_args(llm, tmp_path / "no" / "c.pt", "--stage", "pretrain")), "no folder"),
+             (lambda: train.run(train_args(llm, afile / "c.pt", "--stage", "pretrain")), "is not a folder"),
+             (lambda: flops.main(flops.get_args(["--out", str(afile / "f")])), f"--out {afile / 'f'}: {afile} is not"),
+             (lambda: analyze.main(analyze.get_args(["--png", str(afile / "a.png")])), "--png")]
+    for run, message in cases:
+        assert message in refused(capsys, run)
+    monkeypatch.setattr(os, "access", lambda path, mode: False)
+    assert f"{tmp_path} cannot be written" in refused(capsys, ev("--out", str(tmp_path / "r.json")))
+    assert not (tmp_path / "no").exists() and not (tmp_path / "c.log").exists()
+
+
+def test_eval_settings_follow_one_rule_the_header_names_them_and_the_result_file_is_atomic(saved_llm, tmp_path,
+                                                                                           capsys, monkeypatch):
+    """k, l and the budgets come from --ckpt's config when the file exists, whichever methods run (not the paper's
+    values when mend is not asked), a flag overriding; the header line prints them and their source. The result file
+    is written to a temp file and renamed: a crash mid-write leaves the previous one."""
+    llm, ckpt, out = saved_llm("llama"), tmp_path / "mend.pt", tmp_path / "r.json"
+    config = dict(llm=llm, distiller="layers:1", k=2, n_vectors=3, max_len_per_example=32, teacher_demo_tokens=96,
+                  distiller_demo_tokens=96)
+    model.save_checkpoint(ckpt, {"model": {}, "config": config})
+    argv = ["--ckpt", str(ckpt), "--seeds", "100", "--max_examples", "1", "--out", str(out)]
+    for methods in ("zeroshot,icl,anchors", "zeroshot"):
+        args = evaluate.get_args(["--methods", methods, *argv])
+        evaluate.read_checkpoint(args, args.methods, "cpu")
+        assert (args.k, args.n_vectors, args.teacher_demo_tokens, args.llm) == (2, 3, 96, llm)
+    report = evaluate.main(evaluate.get_args(["--methods", "zeroshot,anchors", "--k", "1", *argv]))
+    header = next(l for l in capsys.readouterr().out.splitlines() if "evaluating" in l)
+    assert (report["k"], report["n_vectors"]) == (1, 3) and json.loads(out.read_text())["k"] == 1
+    assert f"k 1, l 3, budgets 96/96 tokens (teacher/distiller), 32 per example: from the config of {ckpt} except --k" \
+        in header
+    real = Path.write_text
+    monkeypatch.setattr(Path, "write_text", lambda self, text: real(self, text[:10]) + 1 / 0)  # dies mid-write
+    with pytest.raises(ZeroDivisionError):
+        evaluate.main(evaluate.get_args(["--methods", "zeroshot", *argv]))
+    assert json.loads(out.read_text())["k"] == 1
+
+
+def test_resume_says_when_it_finds_no_checkpoint_and_marks_where_it_resumed(saved_llm, tmp_path):
+    """--resume with no checkpoint at --out says so and starts from step 0; a resumed run's first log line marks the
+    step it resumed from, before its config line (the lines after that step above it were not saved)."""
+    llm, out = saved_llm("llama"), tmp_path / "r.pt"
+    common = ["--stage", "pretrain", "--val_items", "0", "--eval_interval", "2", "--resume"]
+    train.run(train_args(llm, out, *common, "--max_steps", "2"))
+    lines = out.with_suffix(".log").read_text().splitlines()
+    assert f"--resume: no checkpoint found at {out}; training starts from step 0" in lines
+    train.run(train_args(llm, out, *common, "--max_steps", "3"))
+    lines = out.with_suffix(".log").read_text().splitlines()
+    second = [i for i, l in enumerate(lines) if l.startswith("config: ")][1]
+    assert lines[second - 1] == f"resumed from {out} at step 2"
+
+
+def test_a_checkpoint_error_keeps_its_whole_reason(tmp_path, monkeypatch):
+    """torch's reason for an unreadable checkpoint is kept whole, not cut mid-word."""
+    (tmp_path / "c.pt").write_bytes(b"PK\x03\x04")
+    reason = "failed reading zip archive: " + "a long explanation " * 10 + "and its last words"
+    monkeypatch.setattr(torch, "load", lambda *a, **k: (_ for _ in ()).throw(RuntimeError(reason)))
+    with pytest.raises(model.CheckpointError) as error:
+        model.load_checkpoint(tmp_path / "c.pt")
+    assert str(error.value).endswith(f"({reason})")
+
+
+def test_vector_files_and_the_converted_cache_get_the_umask_mode(tmp_path, monkeypatch):
+    """safetensors writes 0600; saved vectors and the converted embedded model get the mode of the user's umask."""
+    from types import SimpleNamespace
+    monkeypatch.setattr(model, "embedded_gguf_path", lambda: tmp_path / "x.gguf")
+    monkeypatch.setattr(model, "AutoTokenizer", SimpleNamespace(from_pretrained=lambda *a, **k: data.byte_tokenizer(tmp_path)))
+    monkeypatch.setattr(model, "AutoModelForCausalLM", SimpleNamespace(from_pretrained=lambda *a, **k: tiny_llm("llama")))
+    umask = os.umask(0o022)
+    try:
+        distill.save_vectors(tmp_path / "v.safetensors", torch.ones(1, 2, 3), {"llm": "x"})
+        cache = model.embedded_model_dir(tmp_path / "cache")
+    finally:
+        os.umask(umask)
+    for path in (tmp_path / "v.safetensors", cache / "model.safetensors"):
+        assert oct(path.stat().st_mode & 0o777) == oct(0o644), path
+
+
+def test_readme_flops_default_help_and_gitignore(capsys):
+    """README: at most 15,000 characters, its stage-1 line's lr at step 7 is what the schedule gives; flops.py writes
+    to the current folder unless told --out results; analyze.py's description is whole sentences; .gitignore covers
+    what the README's commands write."""
+    import analyze
+    import flops
+    from fnmatch import fnmatch
+    readme = (ROOT / "README.md").read_text()
+    args = train.get_args(["--stage", "pretrain"])
+    assert len(readme.encode()) <= 15000 and f"step 7 | loss 1.4045 | kl 1.4045 | ce 0 | lr {args.lr * train.get_lr(args, 6):.2e}" in readme
+    assert flops.get_args([]).out == "." and "--out results" in (ROOT / "results" / "README.md").read_text()
+    with pytest.raises(SystemExit):
+        analyze.get_args(["--help"])
+    description = capsys.readouterr().out.split("\n\n")[1]
+    assert description.rstrip().endswith(".")
+    ignored = [p.strip().lstrip("/") for p in (ROOT / ".gitignore").read_text().splitlines() if p and p[0] != "#"]
+    for name in ["ckpt.pt", "run.log", "eval_qa2qa.json", "mine.json", "attention_t.json", "tickets.safetensors",
+                 "flops.md", "flops.json", "ckpt.bench.json", "r.json.tmp123"]:
+        assert any(fnmatch(name, p) for p in ignored), name

@@ -95,7 +95,8 @@ def get_args(argv=None):
     ours.add_argument("--val_items", type=data.count, default=8, help="held-out validation examples (0 = none)")
     extensions().add_arguments(p)
     system = p.add_argument_group("system")
-    system.add_argument("--out", default="", help="checkpoint path (default: ckpt.pt for pretrain, mend.pt for finetune)")
+    system.add_argument("--out", default="", help="checkpoint path, its log beside it (default: ckpt.pt for pretrain, "
+                        "mend.pt for finetune); its folder must exist and be writable (it is not made)")
     system.add_argument("--resume", action="store_true", help="continue the run saved at --out (weights, optimizer, RNG)")
     system.add_argument("--eval_interval", type=data.positive_int, default=10, help="steps between validation + checkpoint")
     system.add_argument("--log_interval", type=data.positive_int, default=1, help="steps between log lines")
@@ -271,25 +272,24 @@ def validate(r, args):
     return (totals / max(1, len(r.val_items))).tolist()
 
 
-def zero_shot_reference(llm, items, args, ctx, device):
+def zero_shot_reference(r, args):
     """On the validation items: KL and CE of the LLM reading the query with no prefix at all, the teacher's own CE,
-    and the KL of the truncated prefix at l (the LLM reading the last l demonstration tokens as ordinary tokens, as
-    the student reads a --base truncated at gate 0): what the distilled vectors must beat, and the CE they aim for
-    (the LLM is frozen, so this is computed once)."""
-    kl, ce, teacher_ce, truncated_kl = 0.0, 0.0, 0.0, 0.0
-    l, embed = args.n_vectors, llm.get_input_embeddings()
-    with torch.no_grad(), ctx:
-        for it in items:
-            b = data.collate([it], device)
+    and the KL of the LLM reading what the student reads at the start (the steps' start_logits: for the paper's the
+    truncated prefix at l, the last l demonstration tokens as ordinary tokens): what the distilled vectors must beat,
+    and the CE they aim for (the LLM is frozen, so this is computed once)."""
+    kl, ce, teacher_ce, start_kl, llm, n = 0.0, 0.0, 0.0, 0.0, r.llm, len(r.val_items)
+    with torch.no_grad(), r.ctx:
+        for it in r.val_items:
+            b = r.steps.collate([it], r.device)
             q, qm, t, tm = b["query_ids"], b["query_mask"], b["teacher_demo_ids"], b["teacher_demo_mask"]
             teacher = teacher_logits(llm, t, tm, q, qm)
             alone = llm_logits(llm, q, qm)                                      # (1, T, V)
-            truncated = llm_logits(llm, q, qm, prefix_embeds=embed(t[:, -l:]), prefix_mask=tm[:, -l:])  # (1, T, V)
-            kl += kl_per_example(teacher, alone, qm, args.temperature).item() / len(items)
-            ce += answer_ce_per_example(alone, q, b["answer_mask"]).item() / len(items)
-            teacher_ce += answer_ce_per_example(teacher, q, b["answer_mask"]).item() / len(items)
-            truncated_kl += kl_per_example(teacher, truncated, qm, args.temperature).item() / len(items)
-    return kl, ce, teacher_ce, truncated_kl
+            start = r.steps.start_logits(llm, b)                                # (1, T, V)
+            kl += kl_per_example(teacher, alone, qm, args.temperature).item() / n
+            ce += answer_ce_per_example(alone, q, b["answer_mask"]).item() / n
+            teacher_ce += answer_ce_per_example(teacher, q, b["answer_mask"]).item() / n
+            start_kl += kl_per_example(teacher, start, qm, args.temperature).item() / n
+    return kl, ce, teacher_ce, start_kl
 
 
 def make_optimizer(distiller, args, steps):
@@ -314,12 +314,15 @@ def run(args):
     if args.threads:
         torch.set_num_threads(args.threads)
     steps = steps_for(vars(args))  # the paper's steps, or those of an addition of ours (--base, --kl_rows)
+    data.check_output(args.out, "--out")  # every file the run writes sits beside --out
     start = starting_state(args)  # a bad --init/--resume fails here, before the LLM is touched
     toks = steps.tokenizers(args.llm)  # so does a model that cannot be loaded
     read = read_data(args, toks, steps)  # and a run that would read nothing
     llm = load_llm(args.llm, device, dtype)  # the frozen LLM is held in the autocast dtype; the distiller stays fp32
     distiller = steps.build(llm, args.distiller, args.n_vectors, args.freeze_embeddings)
     config = {**vars(args), "world_size": world}
+    if start and start["resume"]:  # marks where the resumed run's lines begin: later steps above were not saved
+        log(f"resumed from {args.out} at step {start['step']}")
     log(f"config: {json.dumps(config)}")  # the first write: a run refused before this leaves every file as it was
     log(f"device={device} dtype={str(dtype).removeprefix('torch.')} world={world} threads={torch.get_num_threads()} | llm {args.llm}: "
         f"{count_params(llm):,} params, frozen | distiller {args.distiller}: {count_params(distiller, True):,} "
@@ -350,18 +353,18 @@ def log_references(r, args):
     """What the vectors must beat, computed once (the LLM is frozen): the validation KL/CE of the LLM reading the
     query alone and the teacher's CE; and zero-shot and ICL on the held-out tasks of the selection signal."""
     if r.val_items:
-        kl, ce, teacher_ce, truncated_kl = zero_shot_reference(r.llm, r.val_items, args, r.ctx, r.device)
+        kl, ce, teacher_ce, start_kl = zero_shot_reference(r, args)
         r.log(f"val reference | the LLM reading the query alone: kl {kl:.5g} | ce {ce:.5g} | the teacher: ce "
-              f"{teacher_ce:.5g} | the last {args.n_vectors} demonstration tokens (truncated): kl {truncated_kl:.5g}")
+              f"{teacher_ce:.5g} | {r.steps.start_name()}: kl {start_kl:.5g}")
     r.signal.log_reference(r.log)  # on every rank (only rank 0 logs), so that no rank waits in a collective meanwhile
 
 
 def apply_start(start, r, args):
     """--resume restores everything (-> its step); --init loads the distiller weights only (stage 2 from stage 1)."""
     if start and start["resume"]:
-        step = restore(start, r)
-        r.log(f"resumed from {args.out} at step {step}")
-        return step
+        return restore(start, r)
+    if args.resume:
+        r.log(f"--resume: no checkpoint found at {args.out}; training starts from step 0")
     if start:
         r.steps.load(r.distiller, r.steps.start_from(r.distiller, start["model"], start["config"]), args.init)
         r.log(f"initialized the distiller from {args.init}")

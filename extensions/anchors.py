@@ -234,6 +234,16 @@ class Anchors(Paper):
     def terms(self, teacher, student, batch, temperature):
         return super().terms(teacher[1], student, batch, temperature)
 
+    def start_logits(self, llm, batch):
+        """The LLM reading the query after the anchors alone (the start at gate 0 or bias 0) -> (N, T, V)."""
+        owner, tm, am = batch["query_item"], batch["teacher_demo_mask"], batch["anchor_mask"]
+        kv = anchor_rows(demo_cache(llm, batch["teacher_demo_ids"], tm, owner), batch["anchor_positions"][owner])
+        shift = tm[owner].sum(-1, keepdim=True) - am[owner].sum(-1, keepdim=True)  # (N, 1): D - l per row
+        return llm_logits(llm, batch["query_ids"], batch["query_mask"], prefix_kv=kv, prefix_mask=am[owner], shift=shift)
+
+    def start_name(self):
+        return f"the anchors at {self.config['n_vectors']} positions"
+
     def item_flops(self, cfgs, item):
         lens = (len(item["teacher_demo"]), len(item["distiller_demo"]), list(map(len, item["queries"])))
         L = self.config["n_vectors"] if cfgs[1] is not None else 0

@@ -14,7 +14,7 @@ import torch.nn as nn
 
 import data
 from distill import Paper
-from model import Distiller, build_distiller, load_distiller_state, prefix_cache
+from model import Distiller, build_distiller, llm_logits, load_distiller_state, prefix_cache
 
 FREE_PREFIXES = ("truncated", "labels")  # eval.py methods, and what train.py --base can start MEND from
 GATE_LR = 100.0  # the gate's learning rate, in units of --lr (Adam moves a parameter by about lr per step: at 1e-4 a
@@ -89,6 +89,17 @@ class Gated(Paper):
     def vectors(self, llm, distiller, batch):
         base = llm.get_input_embeddings()(batch["base_ids"])                     # (B, L, C)
         return distiller(batch["distiller_demo_ids"], batch["distiller_demo_mask"], base), batch["base_mask"]
+
+    def start_logits(self, llm, batch):
+        """The LLM reading the query after the base's tokens as they are (the start at gate 0) -> (N, T, V)."""
+        owner = batch["query_item"]
+        base = llm.get_input_embeddings()(batch["base_ids"][owner])              # (N, L, C)
+        return llm_logits(llm, batch["query_ids"], batch["query_mask"], prefix_embeds=base,
+                          prefix_mask=batch["base_mask"][owner])
+
+    def start_name(self):
+        l = self.config["n_vectors"]
+        return f"the labels prefix at l={l}" if self.config["base"] == "labels" else super().start_name()
 
     def param_groups(self, distiller, lr, lr_vectors):
         groups = super().param_groups(distiller, lr, lr_vectors)

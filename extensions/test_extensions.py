@@ -582,3 +582,16 @@ def test_answer_rows_with_separators_that_survive_a_tokenizer_without_newlines(t
     demos = [{"input": "ab", "output": "yes"}, {"input": "cd", "output": "no"}]
     teacher, _ = data.demo_item((flat, flat), demos, (100, 100), 32)
     assert answer_rows(flat, demos, len(teacher), 32)[1][0] == len("ab Answer: yes ; cd Answer: ") - 1  # predicts "no"
+
+
+def test_anchors_reference_line_reports_the_anchors_own_kl(saved_llm, tmp_path):
+    """train.py --base anchors: the reference line gives the KL of the anchors themselves, the student's start at
+    gate 0, so at lr 0 the validation KL equals it (not the truncated prefix's)."""
+    out = tmp_path / "a.pt"
+    train.run(train_args(saved_llm("llama"), out, "--stage", "finetune", "--base", "anchors", "--max_steps", "1",
+                         "--lr", "0", "--val_items", "3"))
+    lines = out.with_suffix(".log").read_text().splitlines()
+    ref = next(l for l in lines if l.startswith("val reference"))
+    assert "the anchors at 3 positions: kl " in ref
+    val = float(next(l for l in lines if "val kl" in l).split("val kl ")[1].split()[0])
+    assert val == pytest.approx(float(ref.split("kl ")[-1]), rel=1e-4, abs=1e-6)
