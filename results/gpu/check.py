@@ -76,6 +76,7 @@ DDP_RTOL = 1e-3       # 2 ranks of batch 1 against 1 process of batch 2, float32
 # share of bf16 predictions equal to float32's: 36 random layers in bf16 move close option scores, while a gross bf16
 # bug leaves about 1 in n_options equal
 EVAL_AGREEMENT = 0.75
+NEEDS = {"eval": ("train_finetune_bfloat16",)}  # --only STEP also runs the steps whose outputs STEP reads
 
 
 def required_transformers():
@@ -324,7 +325,8 @@ def main(argv=None):
     device = "cuda" if torch.cuda.is_available() else "cpu"
     name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
     names = lambda s: s.split(",") if s else ()
-    check = Check(out, f"# GPU check ({shape} shapes) on {name}, {versions}", names(args.fail), names(args.only))
+    only = [*names(args.only), *(need for step in names(args.only) for need in NEEDS.get(step, ()))]
+    check = Check(out, f"# GPU check ({shape} shapes) on {name}, {versions}", names(args.fail), only)
     check.write()
     run_steps(check, shape, Path(tempfile.mkdtemp(prefix="mend_gpu_")), device)
     print("\n".join(check.write()))

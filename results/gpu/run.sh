@@ -15,4 +15,6 @@ if [ "$old" = 1 ] && ls .whl/*.whl >/dev/null 2>&1; then
   export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
 python3 -c "import torch, transformers; print(f'torch {torch.__version__}, transformers {transformers.__version__}')"
+# offline, so no hub kernels: transformers (5.25) would kernelize every model it loads and needs the `kernels` package
+export USE_HUB_KERNELS=0
 PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 python3 results/gpu/check.py "$OUT" "$@" 2>&1 | grep -v "Loading weights\|Writing model shards"
