@@ -11,7 +11,6 @@ import signal
 import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -630,40 +629,29 @@ def test_distilled_vectors_round_trip_and_refuse_a_mismatch(tmp_path):
         distill.load_vectors(tmp_path / "v.safetensors", {**meta, "distiller": "gpt2"})
 
 
-def run_script(*argv):
-    """A script as a user runs it: -> (exit status, stderr lines)."""
-    proc = subprocess.run([sys.executable, *argv], cwd=ROOT, capture_output=True, text=True,
+ENTRY = {  # each script's entry point, as `python script.py ARGS` calls it (through data.run_cli)
+    "train.py": lambda argv: train.run(train.get_args(argv)),
+    "eval.py": lambda argv: evaluate.main(evaluate.get_args(argv)),
+    "flops.py": lambda argv: __import__("flops").main(__import__("flops").get_args(argv)),
+    "analyze.py": lambda argv: __import__("analyze").main(__import__("analyze").get_args(argv)),
+}
+
+
+def run_script(argv, capsys):
+    """A script's command line run in this process as `python script.py` runs it: -> (exit status, the lines it
+    printed on stdout and stderr). A traceback (any exception but run_cli's SystemExit) fails the test."""
+    script, *flags = map(str, argv)
+    with pytest.raises(SystemExit) as stop:
+        data.run_cli(lambda: ENTRY[script](flags))
+    out = capsys.readouterr()
+    return stop.value.code, [l for l in (out.out + out.err).splitlines() if l.strip() and "it/s]" not in l]
+
+
+def run_process(argv, cwd=ROOT):
+    """The same as a user runs it, in its own process: -> (exit status, stdout and stderr lines)."""
+    proc = subprocess.run([sys.executable, *map(str, argv)], cwd=cwd, capture_output=True, text=True,
                           env={**os.environ, "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""})
-    return proc.returncode, [l for l in proc.stderr.splitlines() if l.strip() and "it/s]" not in l]
-
-
-def test_bad_input_gives_one_error_line_and_status_2(saved_llm, tmp_path):
-    """Malformed C4/MetaICL lines and truncated or foreign checkpoints: `error: ...` naming the file, status 2, no
-    traceback, from train.py, eval.py and flops.py alike; a bad --init/--ckpt is refused before the LLM loads."""
-    llm = saved_llm("llama")
-    write_lines(tmp_path / "bad" / "c4" / "a.jsonl", ['{"text": "fine"}', "{oops"])
-    shutil.copytree(ROOT / "sample_data" / "metaicl", tmp_path / "bad" / "metaicl")
-    broken = tmp_path / "bad" / "metaicl" / "sample-opposite" / "sample-opposite_16_100_train.jsonl"
-    broken.write_text(broken.read_text() + '{"task": "x", "input": "y"}\n')
-    (tmp_path / "trunc.pt").write_bytes(b"PK\x03\x04 truncated")
-    torch.save({"weights": torch.ones(2)}, tmp_path / "foreign.pt")
-    cases = [
-        (["train.py", "--stage", "pretrain", "--llm", llm, "--data", str(tmp_path / "bad"), "--out", str(tmp_path / "p.pt")],
-         "a.jsonl:2: not valid JSON"),
-        (["train.py", "--stage", "finetune", "--llm", "no/such-llm", "--init", str(tmp_path / "trunc.pt"),
-          "--out", str(tmp_path / "f.pt")], "trunc.pt: not a readable checkpoint"),
-        (["eval.py", "--methods", "mend", "--ckpt", str(tmp_path / "foreign.pt")], "foreign.pt: not a MEND checkpoint"),
-        (["eval.py", "--methods", "zeroshot,icl", "--llm", llm, "--data", str(tmp_path / "bad"), "--max_examples", "2"],
-         "sample-opposite_16_100_train.jsonl:17: missing string field 'output'"),
-        (["flops.py", "--data", str(tmp_path / "bad"), "--tokenizer", llm, "--lengths", "qa2qa", "--bench_pair", "none"],
-         "sample-opposite_16_100_train.jsonl:17: missing string field 'output'"),
-        (["train.py", "--stage", "pretrain", "--llm", llm, "--device", "cuda"], "--device cuda: CUDA is not available"),
-        (["eval.py", "--methods", "zeroshot", "--llm", llm, "--device", "cuda:0"], "--device cuda:0: CUDA is not available"),
-    ]
-    for argv, message in cases:
-        status, lines = run_script(*argv)
-        assert (status, len(lines)) == (2, 1) and lines[0].startswith("error: ") and message in lines[0], (argv, lines)
-    assert not (tmp_path / "f.log").exists()  # a refused --init leaves no log behind
+    return proc.returncode, [l for l in (proc.stdout + proc.stderr).splitlines() if l.strip() and "it/s]" not in l]
 
 
 BAD_COMMAND_LINES = [  # (command line, what its one error line says); {llm}: a tiny local model, {empty}: a folder
@@ -696,27 +684,27 @@ BAD_COMMAND_LINES = [  # (command line, what its one error line says); {llm}: a 
 ]
 
 
-def test_bad_command_lines_give_one_error_line_and_change_no_file(saved_llm, tmp_path):
+def test_bad_command_lines_give_one_error_line_and_change_no_file(saved_llm, tmp_path, capsys, monkeypatch):
     """Every flag is checked when parsed, and impossible combinations and runs that would read nothing are refused:
     status 2, one `error:` line on stdout and stderr together, no traceback, and no file of the working folder created
-    or changed (eval.py leaves an earlier result of the same name as it was)."""
-    work, env = tmp_path / "work", {**os.environ, "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""}
+    or changed (eval.py leaves an earlier result of the same name as it was). Each line runs in this process through
+    the scripts' entry points; the first line of each script also runs as `python script.py`, with the same output."""
+    work = tmp_path / "work"
     (work / "empty").mkdir(parents=True)
     (work / "eval_qa2qa.json").write_text('{"an earlier": "result"}')
     names = dict(llm=saved_llm("llama"), empty=work / "empty", data=ROOT / "sample_data")
     snapshot = lambda: {p: p.is_file() and p.read_bytes() for p in work.rglob("*")}
     before = snapshot()
-
-    def run(line):
-        script, *flags = line.format(**names).split()
-        proc = subprocess.run([sys.executable, str(ROOT / script), *flags], cwd=work, env=env, capture_output=True,
-                              text=True)
-        return proc.returncode, [l for l in (proc.stdout + proc.stderr).splitlines() if l.strip()]
-
-    with ThreadPoolExecutor(os.cpu_count()) as pool:  # the lines run side by side: most of their time is imports
-        results = list(pool.map(run, [line for line, _ in BAD_COMMAND_LINES]))
-    for (line, message), (status, out) in zip(BAD_COMMAND_LINES, results):
+    monkeypatch.chdir(work)
+    first = {}
+    for line, message in BAD_COMMAND_LINES:
+        argv = line.format(**names).split()
+        status, out = run_script(argv, capsys)
         assert (status, len(out)) == (2, 1) and out[0].startswith("error: ") and message in out[0], (line, out)
+        first.setdefault(argv[0], (argv, (status, out)))
+    assert snapshot() == before
+    for argv, result in first.values():  # python script.py goes through the same handler
+        assert run_process([ROOT / argv[0], *argv[1:]], cwd=work) == result, argv
     assert snapshot() == before
 
 
