@@ -280,9 +280,6 @@ def test_relabel_maps_labels_alike_in_demos_and_queries(tmp_path):
         assert not words & own and words <= {"yes", "no", "red", "blue", "green", "up", "down", "left"}
         answers = {x: y for x, y in pairs}
         assert all(answers[x] == y for x, y in pairs)  # an input keeps one label wherever it appears
-        for opts, gold, q in zip(it["options"], it["gold"], it["queries"]):  # the option objective's view, remapped
-            words_o = [tok.decode(o) for o in opts]
-            assert not set(words_o) & own and words_o[gold] == tok.decode(q).split("\n")[1]
 
 
 def test_demo_budget_keeps_whole_demos_for_both_tokenizers(tmp_path):

@@ -595,3 +595,20 @@ def test_anchors_reference_line_reports_the_anchors_own_kl(saved_llm, tmp_path):
     assert "the anchors at 3 positions: kl " in ref
     val = float(next(l for l in lines if "val kl" in l).split("val kl ")[1].split()[0])
     assert val == pytest.approx(float(ref.split("kl ")[-1]), rel=1e-4, abs=1e-6)
+
+
+def test_relabelled_items_carry_the_remapped_options_of_the_option_objective(tmp_path):
+    """--relabel 1 with --kl_rows options: each query's options (Options.fields) use the item's new label words, and
+    its gold option is the query's remapped answer."""
+    tok = data.byte_tokenizer(tmp_path)
+    mk = lambda t, labels: [{"task": t, "input": f"{t}{i}", "output": labels[i % 2], "options": labels} for i in range(8)]
+    pools = {"a": mk("a", ["yes", "no"]), "b": mk("b", ["red", "blue", "green"]), "c": mk("c", ["up", "down", "left"])}
+    steps = Options({"max_len_per_example": 32})
+    fields = lambda item, demos, targets: steps.fields((tok, tok), item, demos, targets)
+    for index in range(9):
+        it = data.meta_train_item(pools, (tok, tok), index, seed=0, k=4, budgets=(500, 500), max_len=32, queries=2,
+                                  relabel=1.0, fields=fields)
+        own = {ex["output"] for ex in pools[tok.decode(it["queries"][0])[0]]}
+        for opts, gold, q in zip(it["options"], it["gold"], it["queries"]):
+            words = [tok.decode(o) for o in opts]
+            assert not set(words) & own and words[gold] == tok.decode(q).split("\n")[1]
