@@ -4,12 +4,13 @@
 #   bash results/structure/identity.sh OUT     # OUT: a folder for the logs and JSON (about 10 minutes on 2 cores)
 # The quick start's three commands (stage 1, stage 2, eval qa2qa); zero-shot, ICL and the three free prefixes on 20
 # examples; 5-step stage 2 runs with --base labels, --base anchors and --base anchors --distiller none, each evaluated.
-# Two threads everywhere (the same thread count before and after is what makes the sums identical).
+# One thread everywhere (the same thread count before and after is what makes the sums identical; one, so that
+# jobs beside it do not slow it down by oversubscribing the cores).
 set -euo pipefail
 OUT=$(realpath -m "${1:?usage: results/structure/identity.sh OUT}")
 mkdir -p "$OUT"
 export HF_HUB_OFFLINE=1
-T="--threads 2"
+T="--threads 1"
 ev() { local name=$1; shift; python eval.py $T "$@" --out "$OUT/$name.json" 2>&1 | grep -v "Loading weights" > "$OUT/$name.out"; }
 tr() { python train.py $T "$@" 2>&1 | grep -v "Loading weights" > /dev/null; }
 
