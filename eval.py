@@ -477,6 +477,22 @@ def write_json(path, report):
     os.replace(tmp, path)
 
 
+def evaluate_all(args, models, files, methods, ctx):
+    """Every method on every task, one line each -> {method: {"tasks": {task: evaluate_task's result}, "average"}}."""
+    llm, toks, distiller, meta = models
+    results = {m: {"tasks": {}} for m in methods}
+    for n, (task, seeds) in enumerate(files.items(), 1):
+        for method in methods:
+            t0 = time.time()
+            with ctx:
+                results[method]["tasks"][task] = score = evaluate_task(method, llm, toks, distiller, seeds, args, meta, task)
+            print(f"[{n}/{len(files)}] {task} {method}: {score['score']:.1f} "
+                  f"({' '.join(f'{v:.1f}' for v in score['per_seed'].values())}) {time.time() - t0:.0f}s", flush=True)
+    for m in methods:
+        results[m]["average"] = float(np.mean([t["score"] for t in results[m]["tasks"].values()]))
+    return results
+
+
 @torch.no_grad()
 def main(args):
     if args.compare:
@@ -507,20 +523,10 @@ def main(args):
             report = {"device": device, "llm": args.llm, **bench(args, llm, toks, distiller, files, methods, meta)}
         write_json(args.out, report)
         return report
-    results = {m: {"tasks": {}} for m in methods}
-    for n, (task, seeds) in enumerate(files.items(), 1):
-        for method in methods:
-            t0 = time.time()
-            with ctx:
-                results[method]["tasks"][task] = score = evaluate_task(method, llm, toks, distiller, seeds, args, meta, task)
-            print(f"[{n}/{len(files)}] {task} {method}: {score['score']:.1f} "
-                  f"({' '.join(f'{v:.1f}' for v in score['per_seed'].values())}) {time.time() - t0:.0f}s", flush=True)
-    for m in methods:
-        results[m]["average"] = float(np.mean([t["score"] for t in results[m]["tasks"].values()]))
-    if reference or "icl" in methods:
-        add_agreement(results, reference or {t: r["predictions"] for t, r in results["icl"]["tasks"].items()})
+    results = evaluate_all(args, (llm, toks, distiller, meta), files, methods, ctx)
     print_table(results, methods)
     if reference or "icl" in methods:
+        add_agreement(results, reference or {t: r["predictions"] for t, r in results["icl"]["tasks"].items()})
         print_table(results, methods, key="agreement")
     if "mend" in results and cfg:  # name what was trained: mend, mend_no_kd (lam 0) or prompt_tuning
         results[trained_method(cfg)] = results.pop("mend")

@@ -324,14 +324,7 @@ def run(args):
     if start and start["resume"]:  # marks where the resumed run's lines begin: later steps above were not saved
         log(f"resumed from {args.out} at step {start['step']}")
     log(f"config: {json.dumps(config)}")  # the first write: a run refused before this leaves every file as it was
-    log(f"device={device} dtype={str(dtype).removeprefix('torch.')} world={world} threads={torch.get_num_threads()} | llm {args.llm}: "
-        f"{count_params(llm):,} params, frozen | distiller {args.distiller}: {count_params(distiller, True):,} "
-        f"trainable params (backbone + {args.n_vectors} placeholders + projection)")
-    peak = args.peak_tflops * 1e12 or flops.peak_flops(device, dtype)
-    source = ("--peak_tflops" if args.peak_tflops else "measured float32 matmul rate" if device == "cpu"
-              else "nominal, flops.GPU_PEAK_TFLOPS")
-    log(f"peak for MFU: {peak / 1e12:.3g} TFLOP/s ({source})" if peak
-        else "peak for MFU: unknown GPU, pass --peak_tflops (MFU not logged)")
+    peak = log_setup(log, config, llm, distiller, device, dtype)
     signal = extensions().Signal(llm, distiller, toks, args, ctx, steps)  # --val_tasks: held-out tasks, else none
     item, val_items, tasks, held_out = make_items(args, read, toks, log, signal, steps)
     config["train_tasks"], config["val_tasks_held_out"] = tasks, sorted(held_out)
@@ -339,14 +332,29 @@ def run(args):
     scaler = torch.amp.GradScaler(device.split(":")[0], enabled=dtype == torch.float16)  # a no-op unless fp16
     r = SimpleNamespace(llm=llm, distiller=distiller, optimizer=optimizer, scaler=scaler, item=item, steps=steps,
                         val_items=val_items, config=config, ctx=ctx, device=device, rank=rank, world=world, log=log,
-                        signal=signal, peak=peak, flops_cfg=(llm.config, getattr(getattr(getattr(distiller, "distiller", distiller), "backbone",
-                                                                   None), "config", None)))
+                        signal=signal, peak=peak, flops_cfg=(llm.config, getattr(getattr(getattr(
+                            distiller, "distiller", distiller), "backbone", None), "config", None)))
     log_references(r, args)
     torch.manual_seed(args.seed + rank)  # the weights above are alike on every rank; dropout masks must differ
     step = apply_start(start, r, args)
     model = DDP(distiller) if world > 1 else distiller  # what the forward pass calls; r.distiller is what is saved
     model = torch.compile(model) if args.compile else model
     return loop(r, model, args, step)
+
+
+def log_setup(log, config, llm, distiller, device, dtype):
+    """The log's lines after the config: device, precision and sizes, then the peak MFU is taken against -> that peak
+    (None for a GPU of unknown peak)."""
+    log(f"device={device} dtype={str(dtype).removeprefix('torch.')} world={config['world_size']} "
+        f"threads={torch.get_num_threads()} | llm {config['llm']}: {count_params(llm):,} params, frozen | distiller "
+        f"{config['distiller']}: {count_params(distiller, True):,} trainable params (backbone + {config['n_vectors']} "
+        f"placeholders + projection)")
+    peak = config["peak_tflops"] * 1e12 or flops.peak_flops(device, dtype)
+    source = ("--peak_tflops" if config["peak_tflops"] else "measured float32 matmul rate" if device == "cpu"
+              else "nominal, flops.GPU_PEAK_TFLOPS")
+    log(f"peak for MFU: {peak / 1e12:.3g} TFLOP/s ({source})" if peak
+        else "peak for MFU: unknown GPU, pass --peak_tflops (MFU not logged)")
+    return peak
 
 
 def log_references(r, args):
@@ -438,11 +446,7 @@ def loop(r, model, args, step):
             if timings is not None:
                 bench.append({"step": step, "total": dt, "tokens": tokens, "queries": queries, **timings})
             if step % args.log_interval == 0 or step == args.max_steps:
-                loss, kl, ce, dt, tok, qs, fl = (sum(col) / len(window) for col in zip(*window))
-                mfu = f" ({fl / dt / r.world / r.peak:.1%} of peak)" if r.peak else ""  # peak is per device
-                r.log(f"step {step} | loss {loss:.5g} | kl {kl:.5g} | ce {ce:.5g} | lr {lr:.2e} | "
-                      f"{dt * 1000:.0f}ms | {tok / dt:.0f} tok/s | {qs / dt:.2f} queries/s | "
-                      f"{fl / dt / 1e12:.3g} TFLOP/s{mfu}")
+                log_window(r, step, lr, window)
                 window = []
             if step % args.eval_interval == 0 or step == args.max_steps:
                 if r.val_items:
@@ -459,6 +463,15 @@ def loop(r, model, args, step):
     if bench and r.rank == 0:
         write_bench(bench, args, r.log)
     return losses
+
+
+def log_window(r, step, lr, window):
+    """The step's log line: the means over the steps since the last line (the window) of loss, KL, CE, seconds per
+    step, tokens, queries and FLOPs per step, the last two as rates and MFU."""
+    loss, kl, ce, dt, tok, qs, fl = (sum(col) / len(window) for col in zip(*window))
+    mfu = f" ({fl / dt / r.world / r.peak:.1%} of peak)" if r.peak else ""  # peak is per device
+    r.log(f"step {step} | loss {loss:.5g} | kl {kl:.5g} | ce {ce:.5g} | lr {lr:.2e} | {dt * 1000:.0f}ms | "
+          f"{tok / dt:.0f} tok/s | {qs / dt:.2f} queries/s | {fl / dt / 1e12:.3g} TFLOP/s{mfu}")
 
 
 def write_bench(bench, args, log):
