@@ -309,10 +309,10 @@ def test_perturbed_demonstrations():
 
 
 def test_resume_after_sigkill_gives_the_same_losses(saved_llm, tmp_path):
-    """Kill a run with SIGKILL after its step-4 checkpoint; --resume must reproduce steps 5-6 exactly (GPT-2 has
+    """Kill a run with SIGKILL after its step-2 checkpoint; --resume must reproduce steps 3-4 exactly (GPT-2 has
     dropout, so this also checks the RNG state)."""
     llm = saved_llm("gpt2")
-    common = ["--stage", "finetune", "--max_steps", "6", "--eval_interval", "2"]
+    common = ["--stage", "finetune", "--max_steps", "4", "--eval_interval", "2"]
     reference = train.run(train_args(llm, tmp_path / "ref.pt", *common))
     killed = tmp_path / "killed.pt"
     cmd = [sys.executable, str(ROOT / "train.py"), *sys.argv[:0]]
@@ -320,14 +320,14 @@ def test_resume_after_sigkill_gives_the_same_losses(saved_llm, tmp_path):
     flags = [f"--{k}={v}" for k, v in vars(args).items() if not isinstance(v, bool)]
     proc = subprocess.Popen(cmd + flags, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     for line in proc.stdout:
-        if line.startswith("step 5 |"):  # step 4's checkpoint is on disk; step 5 is past
+        if line.startswith("step 3 |"):  # step 2's checkpoint is on disk; step 3 is past
             proc.send_signal(signal.SIGKILL)
             break
     proc.wait()
-    assert model.load_checkpoint(killed)["step"] == 4
+    assert model.load_checkpoint(killed)["step"] == 2
     resumed = train.run(train_args(llm, killed, *common, "--resume"))
-    assert [s for s, _ in resumed] == [5, 6]
-    assert resumed == reference[4:]
+    assert [s for s, _ in resumed] == [3, 4]
+    assert resumed == reference[2:]
 
 
 def test_two_processes_match_one_with_the_same_global_batch(saved_llm, tmp_path):
@@ -823,9 +823,13 @@ def test_two_processes_converting_the_embedded_default_at_once_both_get_the_cach
         real_save(m, path)
 
     monkeypatch.setattr(model, "save_model", other_process_finishes_first)
+    (tmp_path / "tok").mkdir()  # the race, not the reading of the GGUF, is tested: its two loaders give tiny models
+    monkeypatch.setattr(model, "AutoModelForCausalLM", SimpleNamespace(from_pretrained=lambda *a, **k: tiny_llm("llama")))
+    monkeypatch.setattr(model, "AutoTokenizer", SimpleNamespace(from_pretrained=lambda *a, **k: data.byte_tokenizer(
+        tmp_path / "tok")))
     assert model.embedded_model_dir(tmp_path) == out
     assert (out / "model.safetensors").read_text() == "the other process's weights"
-    assert sorted(p.name for p in tmp_path.iterdir()) == [model.EMBEDDED]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [model.EMBEDDED, "tok"]
 
 
 # -----------------------------------------------------------------------------
@@ -908,12 +912,23 @@ def test_step_flops_match_the_flop_counter_on_a_training_step(stage):
 # results/gpu/check.py
 
 
+def gpu_check():
+    """results/gpu/check.py as a module."""
+    spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "results" / "gpu" / "check.py")
+    check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(check)
+    return check
+
+
 def test_gpu_check_smoke_mode_runs_every_step(tmp_path):
-    """results/gpu/run.sh --smoke: every step of the GPU check runs on CPU with tiny shapes (the T5 and --base anchors
-    too) and passes: fp32 logits under bf16, resume and 2-rank DDP reproduce the plain runs' losses, bf16 and float32
-    predict alike, MEND from saved vectors as from fresh ones; the logs and summary are written; exit status 0."""
-    subprocess.run(["bash", str(ROOT / "results" / "gpu" / "run.sh"), str(tmp_path), "--smoke"], check=True,
-                   stdout=subprocess.DEVNULL)
+    """results/gpu/check.py --smoke: every step of the GPU check runs on CPU with tiny shapes (the T5 and --base
+    anchors too) and passes: fp32 logits under bf16, resume and 2-rank DDP reproduce the plain runs' losses, bf16 and
+    float32 predict alike, MEND from saved vectors as from fresh ones; the logs and summary are written. In this
+    process; results/gpu/run.sh, the command a GPU runs, is run once on its first step, with exit status 0."""
+    subprocess.run(["bash", str(ROOT / "results" / "gpu" / "run.sh"), str(tmp_path / "sh"), "--smoke", "--only",
+                    "precision"], check=True, stdout=subprocess.DEVNULL)
+    assert "| precision |" in (tmp_path / "sh" / "summary.md").read_text()
+    gpu_check().main([str(tmp_path), "--smoke"])
     rows = [[c.strip() for c in line.strip("|").split("|")] for line in (tmp_path / "summary.md").read_text().splitlines()
             if line.startswith("| ")][1:]                                      # (step, time, verdict, result) rows
     assert [r[0] for r in rows] == ["precision", "train_pretrain_bfloat16", "train_pretrain_float32",
@@ -921,7 +936,7 @@ def test_gpu_check_smoke_mode_runs_every_step(tmp_path):
                                     "anchors_finetune_bfloat16", "resume", "ddp", "eval", "latency"]
     assert all(r[2] == "ok" for r in rows), rows
     assert rows[7][3] == "equal" and "MFU" in rows[1][3] and "MFU" in rows[4][3] and "val loss" in rows[3][3]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["eval.log", "latency.log", "runs.log", "summary.md", "train.log"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["eval.log", "latency.log", "runs.log", "sh", "summary.md", "train.log"]
 
 
 # -----------------------------------------------------------------------------
@@ -1132,12 +1147,8 @@ def test_issue43_c4_is_held_as_text_and_tokenized_when_read(saved_llm, tmp_path)
 def test_issue43_a_failed_step_fails_the_check_and_is_named_in_the_summary(tmp_path):
     """results/gpu/check.py --fail STEP: the step fails (a SystemExit inside it is caught), the other steps still run,
     summary.md names it, and the check exits non-zero naming it (item 1)."""
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "results" / "gpu" / "check.py")
-    check = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(check)
     with pytest.raises(SystemExit, match="1 of 2 steps FAILED: train_pretrain_bfloat16"):
-        check.main([str(tmp_path), "--smoke", "--only", "precision,train_pretrain_bfloat16",
+        gpu_check().main([str(tmp_path), "--smoke", "--only", "precision,train_pretrain_bfloat16",
                     "--fail", "train_pretrain_bfloat16"])
     summary = (tmp_path / "summary.md").read_text()
     assert "| precision |" in summary and "| ok |" in summary and "transformers" in summary

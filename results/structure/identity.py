@@ -9,7 +9,7 @@ import re
 import sys
 from pathlib import Path
 
-TIMING = re.compile(r" \| \d+ms \|.*$|, \d+s,.*$| in \d+s|\d+ s\b")
+TIMING = re.compile(r" \| \d+ms \|.*$|, \d+s,.*$| in \d+s| -> .*$")  # timings and the output path
 
 
 def log_lines(path):
