@@ -1,8 +1,8 @@
 """
 MEND over training seeds against the free prefixes at its length (issue 22): each seed's class2class score with gold
 and random labels, the mean and spread (min-max) over seeds, and per seed the paired bootstrap against zero-shot, ICL,
-truncated, labels and anchors (results/free, the same examples: class2class, 100 examples, seed 100). The anchors are
-those at the run's own length (its JSON's n_vectors: 32 or 64); the other free prefixes are at l=32.
+truncated, labels and anchors (results/free, the same examples: class2class, 100 examples, seed 100). The anchors and
+the labels prefix are those at the run's own length (its JSON's n_vectors: 32 or 64); truncated is at l=32.
 
     python results/seeds/summary.py [NAME [SEED ...]]   # NAME: mend (the paper's, default), mend_labels, mend_labels_lam4, ...
     python results/seeds/summary.py results/stage1/mend_plain   # a NAME with a folder reads that folder
@@ -20,6 +20,7 @@ import eval as evaluate  # noqa: E402
 
 R, F = Path("results/seeds"), Path("results/free")
 ANCHORS = {32: F / "free32.json", 64: F / "anchors64.json"}  # l -> the results/free file with the anchors at l
+LABELS = {32: F / "free32.json", 64: F / "labels64.json"}  # l -> the results/free file with the labels prefix at l
 
 
 def tasks(path, method):
@@ -49,9 +50,9 @@ def main(name="mend", seeds=()):
     if l not in ANCHORS:
         raise SystemExit(f"error: {R / name}_{seeds[0]}.json: l={l}, but results/free has the anchors at l={sorted(ANCHORS)} only")
     free = {"zeroshot": tasks(F / "baselines.json", "zeroshot"), "icl": tasks(F / "baselines.json", "icl"),
-            "truncated": tasks(F / "baselines.json", "truncated"), "labels": tasks(F / "free32.json", "labels"),
+            "truncated": tasks(F / "baselines.json", "truncated"), "labels": tasks(LABELS[l], "labels"),
             "anchors": tasks(ANCHORS[l], "anchors")}
-    lengths = "l=32" if l == 32 else f"l=32; anchors l={l}"
+    lengths = "l=32" if l == 32 else f"l=32; anchors and labels l={l}"
     print(f"free prefixes ({lengths}) and baselines: " + ", ".join(f"{m} {average(t):.1f}" for m, t in free.items()))
     gold, rand = {}, {}
     for s in seeds:
