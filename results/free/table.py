@@ -66,18 +66,20 @@ def main():
     g = lambda key, reuse: f"{f1[key] / 1e9:.1f} / {f100[reuse] / 1e9:.1f}"
     h1, h100 = (flops.method_flops("smollm2-135m", D, T, 64, q, "layers:4") for q in (1, 100))
     g64 = lambda key, reuse: f"{h1[key] / 1e9:.1f} / {h100[reuse] / 1e9:.1f}"
-    zs = seed_average(F / "baselines.json", "zeroshot")
     free = lambda label, file, rand, m: (label, seed_average(F / file, m), seed_average(F / rand, m), agreement(F / file, m))
     rows = [(*free("zero-shot", "baselines.json", "baselines.json", "zeroshot"), g("zeroshot", "zeroshot")),
             (*free("truncated l=32", "baselines.json", "truncated_random.json", "truncated"), g("truncated", "truncated_reuse")),
             (*free("labels l=32", "free32.json", "free32_random.json", "labels"), g("truncated", "truncated_reuse")),
             (*free("anchors l=32", "free32.json", "free32_random.json", "anchors"), g("anchors", "anchors_reuse")),
             (*free("anchors l=64", "anchors64.json", "anchors64_random.json", "anchors"), g64("anchors", "anchors_reuse")),
+            (*free("labels l=64", "labels64.json", "labels64_random.json", "labels"), g64("truncated", "truncated_reuse")),
             ("MEND, issue 16 (one run)", seed_average("results/real/final/mend.json", "mend"),
              seed_average("results/real/final/mend_random.json", "mend"), agreement("results/real/final/mend.json", "mend"),
              g("mend", "mend_reuse")),
             (*trained("MEND, paper (150 steps)", "mend"), g("mend", "mend_reuse")),
             (*trained("MEND, --base labels", "mend_labels"), g("mend", "mend_reuse")),
+            (*trained("MEND, paper, l=64", "mend_l64"), g64("mend", "mend_reuse")),
+            (*trained("MEND, --base labels, l=64", "mend_labels_l64"), g64("mend", "mend_reuse")),
             (*trained("MEND, --base truncated", "mend_truncated"), g("mend", "mend_reuse")),
             (*trained("MEND labels, stage 1 trunc.", "mend_labels_s1truncated"), g("mend", "mend_reuse")),
             (*trained("MEND labels, stage 1 1,600", "mend_plain", Path("results/stage1")), g("mend", "mend_reuse")),
