@@ -176,19 +176,26 @@ def test_answer_rows_and_anchor_positions(tmp_path):
         answer_rows(tok, demos, 10, 32)
 
 
+def anchors_example(llm_path):
+    """The anchors' test case: a tiny LLM at l=20, 4 sentiment demonstrations and one test input with 3 options ->
+    (eval args, LLM, tokenizers, demos, example, the demonstrations' LLM tokens, the anchors' kept positions)."""
+    args = evaluate.get_args(["--llm", llm_path, "--n_vectors", "20", "--max_len_per_example", "32",
+                              "--teacher_demo_tokens", "96", "--distiller_demo_tokens", "96"])
+    llm, toks, _, _, _ = evaluate.load_models(args, ["anchors"], "cpu")
+    pool = data.read_metaicl(data.task_file(ROOT / "sample_data", "sample-sentiment", 16, 100, "train"))
+    demos, ex = pool[:4], {"input": pool[5]["input"], "options": ["good", "terrible!", "ok"], "output": "ok"}
+    teacher_ids = data.demo_item(toks, demos, (96, 96), 32)[0]
+    D = len(teacher_ids)
+    return args, llm, toks, demos, ex, teacher_ids, anchor_positions(answer_rows(toks[0], demos, D, 32), D, 20)
+
+
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
 def test_anchors_keep_the_full_prefix_keys_values_at_label_rows(saved_llm, family):
     """--methods anchors: each option's score equals a plain HF forward of input+option after the full prefix's keys
     and values at the kept positions only, with the positions the query has in full ICL; with l at least the prefix
     length it is ICL exactly; at the wrong positions (right after the kept entries) the scores change."""
-    args = evaluate.get_args(["--llm", saved_llm(family), "--n_vectors", "20", "--max_len_per_example", "32",
-                              "--teacher_demo_tokens", "96", "--distiller_demo_tokens", "96"])
-    llm, toks, _, _, _ = evaluate.load_models(args, ["anchors"], "cpu")
-    pool = data.read_metaicl(data.task_file(ROOT / "sample_data", "sample-sentiment", 16, 100, "train"))
-    demos, ex = pool[:4], {"input": pool[5]["input"], "options": ["good", "terrible!", "ok"], "output": "ok"}
-    teacher_ids, _ = data.demo_item(toks, demos, (96, 96), 32)
+    args, llm, toks, demos, ex, teacher_ids, keep = anchors_example(saved_llm(family))
     D = len(teacher_ids)
-    keep = anchor_positions(answer_rows(toks[0], demos, D, 32), D, 20)
     assert D > 20 and 4 < len(keep) <= 20 and keep[:4] == [0, 1, 2, 3]
     kv, start = evaluate.make_prefix("anchors", llm, toks, None, demos, args, {})
     scores = model.option_scores(llm, toks[0], ex, 32, kv, start)
@@ -518,14 +525,8 @@ def test_signal_curves_follow_a_resumed_run(tmp_path):
 def test_t5_anchors_keep_encoder_rows(saved_llm):
     """Anchors: each option's score equals HF with encoder_outputs restricted to the kept rows (and </s>); with l at
     least the prefix length it is ICL."""
-    args = evaluate.get_args(["--llm", saved_llm("t5"), "--n_vectors", "20", "--max_len_per_example", "32",
-                              "--teacher_demo_tokens", "96", "--distiller_demo_tokens", "96"])
-    llm, toks, _, _, _ = evaluate.load_models(args, ["anchors"], "cpu")
-    pool = data.read_metaicl(data.task_file(ROOT / "sample_data", "sample-sentiment", 16, 100, "train"))
-    demos, ex = pool[:4], {"input": pool[5]["input"], "options": ["good", "terrible!", "ok"], "output": "ok"}
-    teacher_ids, _ = data.demo_item(toks, demos, (96, 96), 32)
-    D = len(teacher_ids)
-    keep = anchor_positions(answer_rows(toks[0], demos, D, 32), D, 20) + [D]  # and </s>
+    args, llm, toks, demos, ex, teacher_ids, keep = anchors_example(saved_llm("t5"))
+    D, keep = len(teacher_ids), keep + [len(teacher_ids)]  # and </s>
     scores = model.option_scores(llm, toks[0], ex, 32, *evaluate.make_prefix("anchors", llm, toks, None, demos, args, {}))
     states = llm.encoder(input_ids=torch.tensor([teacher_ids + [256]])).last_hidden_state[:, keep]  # (1, l+1, C)
     x = data.encode_example(toks[0], ex, 32, answer_len=9)[0]
