@@ -1,6 +1,6 @@
 """
-Free prefixes and the gated start (ours, not the paper's): l prefix slots that cost no training, and a MEND that starts
-from one of them (train.py --base labels|truncated).
+Free prefixes and the gated start (ours, not the paper's): l prefix slots that cost no training, and a MEND that
+starts from one of them (train.py --base labels|truncated).
 
   truncated  the last l LLM tokens of the demonstration prefix (vanilla ICL reading only its end);
   labels     the same over the demonstrations with their inputs removed (mostly their labels).
