@@ -16,7 +16,7 @@ Free prefixes at MEND's length l (the checkpoint's n_vectors, else --n_vectors),
              first 4 (the attention sink) and the label rows of the latest demonstrations (Wang et al. 2023), at the
              positions the query has in full ICL. With l at least the prefix length, it is ICL.
 A MEND trained with --base anchors (train.py) is scored on top of the anchors: the query reads them and, through a
-gate per layer and head, the keys/values of its distilled vectors (distill.AnchorReader; no vectors, a bias on the
+gate per layer and head, the keys/values of its distilled vectors (extensions/anchors.py; no vectors, a bias on the
 anchor logits, for --distiller none). Its results are named mend.
 
 Protocol (MetaICL's): for each seed in 100,13,21,42,87 the demonstrations are {task}_16_{seed}_train.jsonl, in file
