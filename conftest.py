@@ -3,6 +3,7 @@ What the tests share (test_mend.py, the core's; extensions/test_extensions.py, o
 GPT-2, Llama and T5 models with the byte tokenizer of data.byte_tokenizer, the plain HF forward they are compared
 with, and small helpers. Offline: the hub is switched off before transformers is imported.
 """
+import functools
 import os
 from pathlib import Path
 
@@ -48,15 +49,23 @@ def tiny_llm(family, seed=0):
     return model.freeze(LlamaForCausalLM(cfg))
 
 
-@pytest.fixture
-def saved_llm(tmp_path):
-    """A tiny model + tokenizer saved as a local folder, usable as --llm by train.py and eval.py."""
+@pytest.fixture(scope="session")
+def saved_llm(tmp_path_factory):
+    """A tiny model + tokenizer saved as a local folder, usable as --llm by train.py and eval.py. Each family is built
+    and saved once per session and shared by the tests, which only read it: the session fails if a file changed."""
+    folder = tmp_path_factory.mktemp("llms")
+    files = lambda: {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+    written = {}
+
+    @functools.cache
     def make(family):
-        path = tmp_path / family
+        path = folder / family
         tiny_llm(family).save_pretrained(path)
-        data.byte_tokenizer(tmp_path).save_pretrained(path)
+        data.byte_tokenizer(folder).save_pretrained(path)
+        written.update(files())
         return str(path)
-    return make
+    yield make
+    assert files() == written, f"a test changed the shared tiny models under {folder}"
 
 
 def ids(*rows):

@@ -10,6 +10,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -313,18 +314,23 @@ def test_resume_after_sigkill_gives_the_same_losses(saved_llm, tmp_path):
     dropout, so this also checks the RNG state)."""
     llm = saved_llm("gpt2")
     common = ["--stage", "finetune", "--max_steps", "4", "--eval_interval", "2"]
-    reference = train.run(train_args(llm, tmp_path / "ref.pt", *common))
     killed = tmp_path / "killed.pt"
-    cmd = [sys.executable, str(ROOT / "train.py"), *sys.argv[:0]]
     args = train_args(llm, killed, *common)
     flags = [f"--{k}={v}" for k, v in vars(args).items() if not isinstance(v, bool)]
-    proc = subprocess.Popen(cmd + flags, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    for line in proc.stdout:
-        if line.startswith("step 3 |"):  # step 2's checkpoint is on disk; step 3 is past
-            proc.send_signal(signal.SIGKILL)
-            break
-    proc.wait()
-    assert model.load_checkpoint(killed)["step"] == 2
+    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *flags], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True)
+
+    def kill_after_step_2():
+        for line in proc.stdout:
+            if line.startswith("step 3 |"):  # step 2's checkpoint is on disk; step 3 is past
+                proc.send_signal(signal.SIGKILL)
+                break
+        proc.wait()
+    killer = threading.Thread(target=kill_after_step_2)
+    killer.start()                                                             # the process runs beside the reference
+    reference = train.run(train_args(llm, tmp_path / "ref.pt", *common))
+    killer.join()
+    assert proc.returncode == -signal.SIGKILL and model.load_checkpoint(killed)["step"] == 2
     resumed = train.run(train_args(llm, killed, *common, "--resume"))
     assert [s for s, _ in resumed] == [3, 4]
     assert resumed == reference[2:]
@@ -335,11 +341,13 @@ def test_two_processes_match_one_with_the_same_global_batch(saved_llm, tmp_path)
     llm = saved_llm("llama")
     common = ["--stage", "pretrain", "--max_steps", "3", "--eval_interval", "3", "--lr", "1e-2",
               "--no-freeze_embeddings", "--device", "cpu"]  # gloo on CPU also on a one-GPU machine (not cuda:1)
-    single = train.run(train_args(llm, tmp_path / "one.pt", *common, "--batch", "2"))
     args = train_args(llm, tmp_path / "two.pt", *common, "--batch", "1")
     flags = [f"--{k}={v}" for k, v in vars(args).items() if not isinstance(v, bool)] + ["--no-freeze_embeddings"]
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
-                    str(ROOT / "train.py"), *flags], cwd=ROOT, check=True, capture_output=True)
+    two_ranks = start_process(["-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
+                               ROOT / "train.py", *flags])                      # runs beside the single process
+    single = train.run(train_args(llm, tmp_path / "one.pt", *common, "--batch", "2"))
+    status, out = two_ranks()
+    assert status == 0, out[-5:]
     log = (tmp_path / "two.log").read_text().splitlines()
     two = [float(l.split("| loss ")[1].split()[0]) for l in log if l.startswith("step") and "| loss" in l]
     assert len(two) == 3 and single[-1][1] < single[0][1]
@@ -644,11 +652,17 @@ def run_script(argv, capsys):
     return stop.value.code, [l for l in (out.out + out.err).splitlines() if l.strip() and "it/s]" not in l]
 
 
-def run_process(argv, cwd=ROOT):
-    """The same as a user runs it, in its own process: -> (exit status, stdout and stderr lines)."""
-    proc = subprocess.run([sys.executable, *map(str, argv)], cwd=cwd, capture_output=True, text=True,
-                          env={**os.environ, "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""})
-    return proc.returncode, [l for l in (proc.stdout + proc.stderr).splitlines() if l.strip() and "it/s]" not in l]
+def start_process(argv, cwd=ROOT):
+    """Start a script as a user runs it, in its own process -> a function that waits for it and gives (exit status,
+    stdout and stderr lines). Started together, processes spend their start-up (imports, seconds) side by side."""
+    proc = subprocess.Popen([sys.executable, *map(str, argv)], cwd=cwd, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""})
+
+    def result():
+        out, err = proc.communicate()
+        return proc.returncode, [l for l in (out + err).splitlines() if l.strip() and "it/s]" not in l]
+    return result
 
 
 BAD_COMMAND_LINES = [  # (command line, what its one error line says); {llm}: a tiny local model, {empty}: a folder
@@ -693,15 +707,18 @@ def test_bad_command_lines_give_one_error_line_and_change_no_file(saved_llm, tmp
     snapshot = lambda: {p: p.is_file() and p.read_bytes() for p in work.rglob("*")}
     before = snapshot()
     monkeypatch.chdir(work)
-    first = {}
+    first = {}  # script -> its first command line, run as `python script.py` beside the in-process lines
+    for line, _ in BAD_COMMAND_LINES:
+        first.setdefault(line.split()[0], line.format(**names).split())
+    processes = {script: start_process([ROOT / script, *argv[1:]], cwd=work) for script, argv in first.items()}
+    results = {}
     for line, message in BAD_COMMAND_LINES:
         argv = line.format(**names).split()
         status, out = run_script(argv, capsys)
         assert (status, len(out)) == (2, 1) and out[0].startswith("error: ") and message in out[0], (line, out)
-        first.setdefault(argv[0], (argv, (status, out)))
-    assert snapshot() == before
-    for argv, result in first.values():  # python script.py goes through the same handler
-        assert run_process([ROOT / argv[0], *argv[1:]], cwd=work) == result, argv
+        results.setdefault(argv[0], (status, out))
+    for script, result in processes.items():  # python script.py goes through the same handler
+        assert result() == results[script], script
     assert snapshot() == before
 
 
@@ -925,10 +942,10 @@ def test_gpu_check_smoke_mode_runs_every_step(tmp_path):
     anchors too) and passes: fp32 logits under bf16, resume and 2-rank DDP reproduce the plain runs' losses, bf16 and
     float32 predict alike, MEND from saved vectors as from fresh ones; the logs and summary are written. In this
     process; results/gpu/run.sh, the command a GPU runs, is run once on its first step, with exit status 0."""
-    subprocess.run(["bash", str(ROOT / "results" / "gpu" / "run.sh"), str(tmp_path / "sh"), "--smoke", "--only",
-                    "precision"], check=True, stdout=subprocess.DEVNULL)
-    assert "| precision |" in (tmp_path / "sh" / "summary.md").read_text()
+    shell = subprocess.Popen(["bash", str(ROOT / "results" / "gpu" / "run.sh"), str(tmp_path / "sh"), "--smoke",
+                              "--only", "precision"], stdout=subprocess.DEVNULL)  # runs beside the in-process check
     gpu_check().main([str(tmp_path), "--smoke"])
+    assert shell.wait() == 0 and "| precision |" in (tmp_path / "sh" / "summary.md").read_text()
     rows = [[c.strip() for c in line.strip("|").split("|")] for line in (tmp_path / "summary.md").read_text().splitlines()
             if line.startswith("| ")][1:]                                      # (step, time, verdict, result) rows
     assert [r[0] for r in rows] == ["precision", "train_pretrain_bfloat16", "train_pretrain_float32",

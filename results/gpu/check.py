@@ -62,6 +62,9 @@ SHAPES = {  # name -> (n_layer, n_embd, n_head)
 }
 T5_SHAPES = {"paper": dict(d_model=1024, d_kv=64, d_ff=2816, num_layers=24, num_heads=16),   # t5-large-lm-adapt
              "smoke": dict(d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4)}
+# GPT-2's and T5's vocabularies at the paper's shapes; the smoke mode's byte tokenizer needs 257 (a 50k-row LM head
+# would be most of a tiny model's time); bos and eos are the byte tokenizer's 256 in both
+VOCAB = {"paper": {"gpt2": 50257, "t5": 32128}, "smoke": {"gpt2": 300, "t5": 300}}
 T5_DISTILLER = {"paper": "layers:4", "smoke": "layers:1"}  # the first encoder blocks of the T5 itself
 BUDGETS = {"paper": ["--n_vectors", "100", "--k", "16", "--max_len_per_example", "256", "--teacher_demo_tokens", "767",
                      "--distiller_demo_tokens", "643", "--c4_max_tokens", "1024"],
@@ -117,6 +120,7 @@ def build(folder, shape):
         path = folder / name
         torch.manual_seed(0)
         gpt = GPT2LMHeadModel(GPT2Config(n_layer=n_layer, n_embd=n_embd, n_head=n_head, n_positions=1024,
+                                         vocab_size=VOCAB[shape]["gpt2"], bos_token_id=256, eos_token_id=256,
                                          resid_pdrop=drop, embd_pdrop=drop, attn_pdrop=drop))
         if name == "llm":
             realistic_logits(gpt)
@@ -130,8 +134,9 @@ def build_t5(folder, shape):
     """Random-init T5 of the shape (v1.1 / LM-adapt layout: gated-gelu, untied head), saved as a local folder."""
     path = folder / "t5"
     torch.manual_seed(0)
-    T5ForConditionalGeneration(T5Config(vocab_size=32128, feed_forward_proj="gated-gelu", tie_word_embeddings=False,
-                                        decoder_start_token_id=0, pad_token_id=0, eos_token_id=256,
+    T5ForConditionalGeneration(T5Config(vocab_size=VOCAB[shape]["t5"], feed_forward_proj="gated-gelu",
+                                        tie_word_embeddings=False, decoder_start_token_id=0, pad_token_id=0,
+                                        eos_token_id=256,
                                         **T5_SHAPES[shape])).save_pretrained(path)
     data.byte_tokenizer(folder).save_pretrained(path)
     return str(path)

@@ -8,13 +8,13 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${1:?usage: results/gpu/run.sh OUT [--smoke] [--fail STEP]}; shift
-old=$(python3 -c "import re, transformers as t; n = lambda v: tuple(int(x) for x in re.findall(r'\d+', v)[:3])
-print(int(n(t.__version__) < n(next(l for l in open('requirements.txt') if l.startswith('transformers')).split('>=')[1])))")
+# the installed version from its metadata: importing transformers here would cost a few seconds per call
+old=$(python3 -c "import importlib.metadata as m, re; n = lambda v: tuple(int(x) for x in re.findall(r'\d+', v)[:3])
+print(int(n(m.version('transformers')) < n(next(l for l in open('requirements.txt') if l.startswith('transformers')).split('>=')[1])))")
 if [ "$old" = 1 ] && ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
   export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
-python3 -c "import torch, transformers; print(f'torch {torch.__version__}, transformers {transformers.__version__}')"
 # offline, so no hub kernels: transformers (5.25) would kernelize every model it loads and needs the `kernels` package
 export USE_HUB_KERNELS=0
 PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 python3 results/gpu/check.py "$OUT" "$@" 2>&1 | grep -v "Loading weights\|Writing model shards"
