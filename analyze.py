@@ -22,7 +22,7 @@ For one task and its demonstrations:
 option rows of the task's unlabeled inputs from its other seeds' training files) and scores them next to zero-shot,
 ICL, truncated demonstrations and, with --ckpt, MEND and MEND refined (fitted starting from the distiller's output).
 --sweep reads eval.py JSON files (the l and K sweep of results/sweep/run.sh): each method's score next to the FLOPs
-per query of its configuration (flops.method_flops with the demonstration tokens that eval.py measured).
+per query of its configuration (extensions.method_flops with the demonstration tokens that eval.py measured).
 """
 import argparse
 import importlib.util
@@ -38,12 +38,11 @@ import torch
 
 import data
 import eval as evaluate
+import extensions
 import flops
-from distill import MEND
 from extensions.options import fit_vectors, option_fields
 from extensions.signal import Signal, signal_examples
-from eval import macro_f1
-from model import PROMPT, PromptTuning, prefix_cache
+from model import PROMPT, PromptTuning, predict, prefix_cache
 
 
 def get_args(argv=None):
@@ -173,7 +172,7 @@ def curves(args):
 def held_out(args):
     """Per held-out task: gold class counts, then each method's macro-F1 and predicted class counts (does a method
     read the demonstrations, or predict one class whatever they say?)."""
-    mend = MEND.load(args.ckpt, device="cpu")
+    mend = extensions.load(args.ckpt, device="cpu")
     cfg = SimpleNamespace(**{**mend.config, "data": args.data})
     pools = data.meta_train_pools(args.data, cfg.val_tasks_held_out, log=lambda msg: None)
     signal = {t: signal_examples(pools[t], cfg) for t in cfg.val_tasks_held_out}
@@ -181,7 +180,7 @@ def held_out(args):
     report = {m: judge.predictions(m, signal) for m in ("zeroshot", "icl", "mend")}
     for task in signal:
         counts = lambda xs: dict(sorted(Counter(xs).items()))
-        line = "  ".join(f"{m} {macro_f1(*report[m][task]):.1f} {counts(report[m][task][0])}" for m in report)
+        line = "  ".join(f"{m} {data.macro_f1(*report[m][task]):.1f} {counts(report[m][task][0])}" for m in report)
         print(f"{task}: gold {counts(report['mend'][task][1])} | {line}")
     return report
 
@@ -200,7 +199,7 @@ def sweep_rows(args):
         for method, result in report["methods"].items():
             key, L = FLOPS_KEY[method], report["n_vectors"] or 0
             D = report["demo_tokens"]["icl" if method == "icl" else "mend"]
-            f = flops.method_flops(report["llm"], D, args.query_tokens, L, 1, spec)[key]
+            f = extensions.method_flops(report["llm"], D, args.query_tokens, L, 1, spec)[key]
             series = f"{method} ({Path(report['ckpt']).stem})" if report["ckpt"] and method != "icl" else method
             rows.append(dict(file=path, method=method, series=series, k=report["k"], l=L if key.startswith("mend") else 0,
                              D=round(D), score=result["average"], gflops=f / 1e9))
@@ -261,7 +260,7 @@ def ceiling_task(args, llm, toks, distiller, meta, task, seeds):
     inputs = fit_inputs(args, task, seed, demos, tests)
     teacher_ids = data.demo_item(toks, demos, (args.teacher_demo_tokens, args.distiller_demo_tokens),
                                  args.max_len_per_example)[0]
-    score = lambda prefix: evaluate.predict(llm, toks[0], tests, args.max_len_per_example, prefix)
+    score = lambda prefix: predict(llm, toks[0], tests, args.max_len_per_example, prefix)
     preds = {m: score(evaluate.make_prefix(m, llm, toks, distiller, demos, args, meta)) for m in ("zeroshot", "icl", "truncated")}
     start = PromptTuning(llm, args.n_vectors).placeholder.detach()[None]                 # (1, L, C) random tokens
     fits = {"inputs": len(inputs)}
@@ -298,7 +297,7 @@ def ceiling(args):
     for n, (task, seeds) in enumerate(files.items(), 1):
         t = time.time()
         preds, golds, report["fits"][task] = ceiling_task(ev, llm, toks, distiller, {**meta, "task": task, "seed": ev.seeds[0]}, task, seeds)
-        metric = macro_f1 if data.is_classification(seeds[ev.seeds[0]][1], task) else evaluate.accuracy
+        metric = data.macro_f1 if data.is_classification(seeds[ev.seeds[0]][1], task) else data.accuracy
         for m, p in preds.items():
             score = metric(p, golds)
             report["methods"].setdefault(m, {"tasks": {}})["tasks"][task] = {
@@ -328,7 +327,7 @@ def main(args):
         return held_out(args)
     demos = data.read_metaicl(data.task_file(args.data, args.task, 16, args.seed, "train"))  # a missing task fails
     query = data.read_metaicl(data.task_file(args.data, args.task, 16, 100, "test"))[0]     # before the model loads
-    mend = MEND.load(args.ckpt, device="cpu")
+    mend = extensions.load(args.ckpt, device="cpu")
     if mend.llm.config.is_encoder_decoder:
         raise SystemExit(f"{args.ckpt}: the attention maps read a decoder-only LLM's attention from the answer position "
                          f"to its prefix; an encoder-decoder LLM reads it through cross-attention (not analysed here)")

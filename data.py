@@ -213,6 +213,21 @@ def is_classification(examples, task=None):
     return fixed if task not in METAICL_TYPES["multi-choice"] else False
 
 
+def macro_f1(predictions, golds):
+    """MetaICL's macro-F1: mean over the gold classes of per-class F1 (a class never predicted has precision 1)."""
+    f1s = []
+    for c in sorted(set(golds)):
+        hits = sum(p == g == c for p, g in zip(predictions, golds))
+        predicted, actual = sum(p == c for p in predictions), sum(g == c for g in golds)
+        precision, recall = (hits / predicted if predicted else 1.0), hits / actual
+        f1s.append(0.0 if precision + recall == 0 else 2 * precision * recall / (precision + recall))
+    return 100 * float(np.mean(f1s))
+
+
+def accuracy(predictions, golds):
+    return 100 * float(np.mean([p == g for p, g in zip(predictions, golds)]))
+
+
 def partition(data_dir, name):
     """{'train': [...], 'test': [...], 'config': ...} for a short name (qa2qa) or MetaICL config name (qa_to_qa),
     read from metaicl/partitions.json when the data folder has one, else from the built-in MetaICL table."""

@@ -14,25 +14,27 @@ gradient accumulation and a single large batch give identical gradients.
 `Paper` names the steps of that path once (build the distiller, load its weights, the fields of an item, collate, the
 teacher, the vectors, the student, the loss terms, a step's FLOPs, the optimizer's groups, the vectors and prefix
 evaluation reads), each with the paper's version. It is the one plug point of our additions (extensions/): each of
-them subclasses it where it differs, and `steps_for(config)` picks the one a run's flags or a checkpoint's config name.
+them subclasses it where it differs, and `extensions.steps_for(config)` picks the one a run's flags or a checkpoint's
+config name.
 
 Above the objective sits what uses a trained distiller: the distill-once vector files (safetensors with the LLM,
 distiller, checkpoint and demonstrations that made them) and the MEND API (distill your demonstrations once, then
-score, classify or generate). Imports run one way: data <- model <- distill <- eval <- train.
+score, classify or generate). Imports run one way: data <- model <- flops <- distill <- extensions/ <- the entry
+scripts (train.py, eval.py, analyze.py), which choose the steps of a run or a checkpoint.
 """
 import hashlib
 import json
 import os
-import time
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
+from torch.profiler import record_function
 
 import data
 import flops
-from model import (CheckpointError, autocast, build_distiller, extend_prefix, extensions, file_hash, freeze, llm_logits,
+from model import (CheckpointError, autocast, build_distiller, extend_prefix, file_hash, freeze, llm_logits,
                    load_checkpoint, load_distiller_state, load_llm, option_scores, prefix_cache, resolve_device,
                    teacher_logits, tokenizers, umask_mode)
 
@@ -49,12 +51,6 @@ def row_kl(teacher, student, temperature=1.0):
     return (log_p.exp() * (log_p - log_q)).sum(-1)
 
 
-def option_ce(logits, option_ids, option_mask):
-    """Mean NLL of each option's tokens: logits (M, To, V) whose row t predicts option token t -> (M,)."""
-    nll = F.cross_entropy(logits.float().transpose(1, 2), option_ids, reduction="none")   # (M, To)
-    return masked_mean(nll, option_mask)
-
-
 def answer_ce_per_example(student, query_ids, answer_mask):
     """Next-token CE on the answer tokens: row t predicts token t+1. logits (B, T, V) -> (B,)."""
     logits, targets = student[:, :-1].float(), query_ids[:, 1:]               # (B, T-1, V), (B, T-1)
@@ -68,37 +64,10 @@ def masked_mean(values, mask):
     return (values * mask).sum(-1) / mask.sum(-1).clamp(min=1)
 
 
-@contextmanager
-def phase(timings, name):
-    """Add the wall time of a block to timings[name] (no-op when timings is None); synchronizes CUDA first."""
-    if timings is None:
-        yield
-        return
-    sync()
-    t = time.perf_counter()
-    yield
-    sync()
-    timings[name] = timings.get(name, 0.0) + time.perf_counter() - t
-
-
-def sync():
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-
-
-def now():
-    """time.perf_counter() after the GPU's queued work is done: CUDA kernels run asynchronously, so an unsynchronised
-    read times their launch, not their work (issue 43)."""
-    sync()
-    return time.perf_counter()
-
-
 def per_item_mean(values, query_item, n_items):
     """(B*Q,) per-query values -> their mean per item, then over the B items: each item weighs the same whatever its Q."""
     counts = torch.bincount(query_item, minlength=n_items).to(values.dtype)          # (B,)
     return (values / counts[query_item]).sum() / n_items
-
-
 
 
 def query_terms(teacher, student, batch, temperature):
@@ -112,27 +81,24 @@ def query_terms(teacher, student, batch, temperature):
 # the loss of one step
 
 
-def mend_loss(llm, distiller, batch, lam=1.0, temperature=1.0, timings=None, steps=None):
+def mend_loss(llm, distiller, batch, lam=1.0, temperature=1.0, steps=None):
     """One MEND step's loss on a collated batch (see data.collate). Returns (loss, kl, ce) as 0-d tensors.
 
     The teacher reads the demonstrations, the distiller makes the vectors, the student reads [vectors ; query]; the KL
     is taken on every query row and the CE on the answer tokens. Without answers (stage 1) the loss is the KL alone;
     stage 2 adds the answer CE: CE + lam * KL (with lam = 0 the teacher is not run and the logged KL is 0). An item
     with Q queries is read once by the teacher (keys/values of its demonstrations) and once by the distiller; its
-    vectors then precede each of its Q queries. `steps` (default: the paper's) supplies each step. With a timings
-    dict, the forward phases are timed, and timings["grad_at_vectors"] records when the backward pass reaches the
-    distilled vectors.
+    vectors then precede each of its Q queries. `steps` (default: the paper's) supplies each step; the phases are
+    named for torch.profiler (train.py --bench).
     """
     steps = steps or Paper({})
     owner, B = batch["query_item"], batch["distiller_demo_ids"].shape[0]
     has_answer = steps.has_answer(batch)
-    with phase(timings, "teacher_forward"):  # lam = 0 in stage 2 (MEND without distillation, PromptTuning): no logits
+    with record_function("teacher_forward"):  # lam = 0 in stage 2 (no distillation, PromptTuning): no logits
         teacher = steps.teacher(llm, batch, logits=bool(lam or not has_answer))
-    with phase(timings, "distiller_forward"):
+    with record_function("distiller_forward"):
         vectors, mask = steps.vectors(llm, distiller, batch)                   # (B, L, C), (B, L)
-    if timings is not None and vectors is not None and vectors.requires_grad:
-        vectors.register_hook(lambda g: timings.__setitem__("grad_at_vectors", (sync(), time.perf_counter())[1]))
-    with phase(timings, "student_forward"):
+    with record_function("student_forward"):
         student = steps.student(llm, distiller, batch, vectors, mask, teacher)
         kl, ce = steps.terms(teacher, student, batch, temperature)
         kl = per_item_mean(kl, owner, B) if kl is not None else student.new_zeros((), dtype=torch.float32)
@@ -159,12 +125,6 @@ class Paper:
 
     def load(self, distiller, state, path):
         load_distiller_state(distiller, state, path)
-
-    def start_from(self, distiller, state, config):
-        """--init: the weights this run takes from a checkpoint trained with `config`. The parameters that the
-        checkpoint's steps added and this distiller lacks stay behind (a stage 1 of ours continued by the paper's)."""
-        left = set(steps_for(config).own) - set(distiller.state_dict())
-        return {k: v for k, v in state.items() if k not in left}
 
     def fields(self, toks, item, demos, targets):
         """What an item carries beyond the paper's fields (demos, targets: None for a C4 document)."""
@@ -236,11 +196,6 @@ class Paper:
         return prefix_cache(llm, prefix_embeds=vectors_of(distiller)), None
 
 
-def steps_for(config):
-    """The steps a run (its flags as a dict) or a checkpoint (its config) takes: the paper's, or an addition's."""
-    return extensions().steps_for(config)
-
-
 # -----------------------------------------------------------------------------
 # distill once, reuse many: distilled vectors saved with what made them
 
@@ -290,22 +245,27 @@ class MEND:
         mend.classify(vectors, ["what a film", "I fell asleep"], ["positive", "negative"])  # -> ['positive', ...]
     """
 
-    def __init__(self, llm, distiller, toks, config, ckpt_hash, ctx=None):
+    def __init__(self, llm, distiller, toks, config, ckpt_hash, steps, ctx=None):
         self.llm, self.distiller, self.toks, self.config, self.ckpt_hash = llm, distiller, toks, config, ckpt_hash
         self.ctx = ctx or nullcontext()  # autocast when the LLM is held in bf16/fp16
         self.max_len = config["max_len_per_example"]
         self.budgets = (config["teacher_demo_tokens"], config["distiller_demo_tokens"])
-        self.steps = steps_for(config)
+        self.steps = steps
 
     @classmethod
-    def load(cls, ckpt, llm=None, device="auto", dtype="auto"):
+    def load(cls, ckpt, llm=None, device="auto", dtype="auto", recipe=None):
         """Refuses an `llm` other than the one the checkpoint was trained for, naming both. device auto = cuda when
-        available; dtype auto = bf16 there where supported (see autocast), fp32 on CPU."""
+        available; dtype auto = bf16 there where supported (see autocast), fp32 on CPU. recipe: config -> the steps
+        (default: the paper's; extensions.load passes the one that also knows our additions)."""
         state = load_checkpoint(ckpt)
         cfg = state["config"]
         if llm and llm != cfg["llm"]:
             raise CheckpointError(f"{ckpt} was trained for llm={cfg['llm']}, not llm={llm}")
-        steps = steps_for(cfg)
+        ours = cfg.get("base", "none") != "none" or (cfg.get("kl_rows"), cfg["stage"]) == ("options", "finetune")
+        if ours and recipe is None:
+            raise CheckpointError(f"{ckpt} was trained with one of our additions (--base {cfg.get('base')}, "
+                                  f"--kl_rows {cfg.get('kl_rows')}); load it with extensions.load({ckpt!r})")
+        steps = (recipe or Paper)(cfg)
         if steps.api_refusal:
             raise CheckpointError(f"{ckpt} {steps.api_refusal}; evaluate it with eval.py --methods mend --ckpt {ckpt}")
         device = resolve_device(device)
@@ -313,7 +273,7 @@ class MEND:
         lm = load_llm(cfg["llm"], device, dtype)
         distiller = steps.build(lm, cfg["distiller"], cfg["n_vectors"])
         steps.load(distiller, state["model"], ckpt)
-        return cls(lm, freeze(distiller), steps.tokenizers(cfg["llm"]), cfg, file_hash(ckpt), ctx)
+        return cls(lm, freeze(distiller), steps.tokenizers(cfg["llm"]), cfg, file_hash(ckpt), steps, ctx)
 
     def demos(self, demos):
         """(input, output) pairs as the data's dicts, or one formatted string as it is. Bad demonstrations: ValueError."""

@@ -42,19 +42,16 @@ import numpy as np
 import torch
 
 import data
-from distill import answer_ce_per_example, demos_hash, load_vectors, now, save_vectors, steps_for
-from model import (EMBEDDED, PROMPT, autocast, extensions, family, file_hash, load_checkpoint, load_llm, option_scores,
-                   prefix_cache, resolve_device, tokenizers)
+import extensions
+from distill import answer_ce_per_example, demos_hash, load_vectors, save_vectors
+from model import (EMBEDDED, PROMPT, autocast, family, file_hash, load_checkpoint, load_llm, now, option_scores,
+                   predict, prefix_cache, resolve_device, tokenizers)
 
 PAPER_DEFAULTS = dict(k=16, max_len_per_example=256, teacher_demo_tokens=767, distiller_demo_tokens=643, n_vectors=100)
 
 
-def all_methods():
-    """The paper's methods and, between them, our free prefixes (extensions/)."""
-    return ("zeroshot", "icl", *extensions().PREFIXES, "mend")
-
-
-METHOD_LIST = data.checked(lambda s: [m for m in s.split(",") if m], lambda v: set(v) <= set(all_methods()),
+METHODS = ("zeroshot", "icl", *extensions.PREFIXES, "mend")  # the paper's, and between them our free prefixes
+METHOD_LIST = data.checked(lambda s: [m for m in s.split(",") if m], lambda v: set(v) <= set(METHODS),
                            "a comma-separated subset of zeroshot,icl,truncated,labels,anchors,mend")
 
 
@@ -105,25 +102,10 @@ def get_args(argv=None):
 # metrics
 
 
-def macro_f1(predictions, golds):
-    """MetaICL's macro-F1: mean over the gold classes of per-class F1 (a class never predicted has precision 1)."""
-    f1s = []
-    for c in sorted(set(golds)):
-        hits = sum(p == g == c for p, g in zip(predictions, golds))
-        predicted, actual = sum(p == c for p in predictions), sum(g == c for g in golds)
-        precision, recall = (hits / predicted if predicted else 1.0), hits / actual
-        f1s.append(0.0 if precision + recall == 0 else 2 * precision * recall / (precision + recall))
-    return 100 * float(np.mean(f1s))
-
-
-def accuracy(predictions, golds):
-    return 100 * float(np.mean([p == g for p, g in zip(predictions, golds)]))
-
-
 def agreement(predictions, reference):
     """Agreement with ICL: the share (%) of examples on which a method picks the option ICL picks. It measures what
     MEND is trained for (behave as the LLM reading the demonstrations), whatever the gold answer."""
-    return accuracy(predictions, reference)
+    return data.accuracy(predictions, reference)
 
 
 def add_agreement(results, reference):
@@ -197,8 +179,8 @@ def make_prefix(method, llm, toks, distiller, demos, args, vector_meta):
     steps of a MEND trained with one of our additions may give a triple: the pair and a context to read it in."""
     if method == "zeroshot":
         return None, None
-    if method in extensions().PREFIXES:
-        return extensions().PREFIXES[method](llm, toks, demos, args)
+    if method in extensions.PREFIXES:
+        return extensions.PREFIXES[method](llm, toks, demos, args)
     if method == "icl":
         teacher_ids = data.demo_item(toks, demos, (args.teacher_demo_tokens, args.distiller_demo_tokens),
                                      args.max_len_per_example)[0]
@@ -238,18 +220,11 @@ def evaluate_seed(method, llm, toks, distiller, demos, tests, args, vector_meta)
     return predictions
 
 
-def predict(llm, tok, tests, max_len, prefix):
-    """The best-scoring option index of each test example after one cached prefix (make_prefix's pair or triple)."""
-    kv, start, *reading = prefix
-    with reading[0] if reading else nullcontext():
-        return [int(option_scores(llm, tok, ex, max_len, kv, start).argmax()) for ex in tests]
-
-
 def evaluate_task(method, llm, toks, distiller, seeds, args, meta, task):
     """One method on one task over all seeds -> {metric, score (mean over seeds), per_seed, n_examples}."""
     first_tests = seeds[args.seeds[0]][1]
     classification = data.is_classification(first_tests, task)
-    metric = macro_f1 if classification else accuracy
+    metric = data.macro_f1 if classification else data.accuracy
     per_seed, predictions, golds, seen = {}, {}, {}, {}
     for seed, (demos, tests) in seeds.items():
         golds[seed] = [ex["options"].index(ex["output"]) for ex in tests]
@@ -342,7 +317,7 @@ def load_models(args, methods, device, dtype=torch.float32, checkpoint=None):
     """LLM, (LLM tokenizer, distiller tokenizer), distiller (None without mend), the vector metadata and the training
     config, from read_checkpoint's (state, config) (read here when not given)."""
     state, cfg = checkpoint or read_checkpoint(args, methods, device)
-    steps = steps_for(cfg) if cfg else None  # the paper's steps, or an addition's (extensions/)
+    steps = extensions.steps_for(cfg) if cfg else None  # the paper's steps, or an addition's (extensions/)
     toks, distiller, meta = steps.tokenizers(args.llm) if cfg else tokenizers("layers:1", args.llm), None, {}
     llm = load_llm(args.llm, device, dtype)
     if cfg:
@@ -380,7 +355,7 @@ def paired_bootstrap(a, b, n=2000, seed=0, key="score"):
     for _ in range(n):
         per_task = []
         for task, ra in a.items():
-            rb, metric = b[task], macro_f1 if ra["metric"] == "macro_f1" and key == "score" else accuracy
+            rb, metric = b[task], data.macro_f1 if ra["metric"] == "macro_f1" and key == "score" else data.accuracy
             seeds = []
             for s, golds in ra["golds" if key == "score" else "reference"].items():
                 i = rng.integers(len(golds), size=len(golds))
@@ -467,7 +442,7 @@ def naive_prefix(method, llm, toks, distiller, demos, args, meta, teacher_ids):
         return dict(prefix_ids=torch.tensor([teacher_ids], device=llm.device)) if method == "icl" else {}
     if method == "mend":
         return dict(prefix_embeds=distill(llm, toks, distiller, demos, args, meta))
-    return dict(prefix_ids=torch.tensor([extensions().prefix_ids(method, toks, demos, args)], device=llm.device))
+    return dict(prefix_ids=torch.tensor([extensions.prefix_ids(method, toks, demos, args)], device=llm.device))
 
 
 def write_json(path, report):

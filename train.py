@@ -17,22 +17,25 @@ the last good checkpoint; --resume continues exactly on CPU (same data, RNG and 
 CUDA to the rounding of its atomic-add kernels, see README: What is exact on a GPU).
 """
 import argparse
+import functools
 import json
 import math
 import os
 import time
+from contextlib import nullcontext
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.profiler import record_function
 
 import data
+import extensions
 import flops
-from distill import answer_ce_per_example, kl_per_example, mend_loss, now, phase, steps_for
-from model import (EMBEDDED, PROMPT, autocast, check_compatible, count_params, distiller_state, extensions,
-                   llm_logits, load_checkpoint, load_llm, resolve_device, save_checkpoint, teacher_logits)
+from distill import answer_ce_per_example, kl_per_example, mend_loss
+from model import (EMBEDDED, PROMPT, autocast, check_compatible, count_params, distiller_state, llm_logits,
+                   load_checkpoint, load_llm, now, resolve_device, save_checkpoint, teacher_logits)
 
 PAPER = {  # the official pretrain.sh / finetune.sh (results/official_code.md); batch is per GPU: 8 GPUs give the global 8
     "common": dict(llm="gpt2-large", distiller="gpt2", n_vectors=100, k=16, batch=1, grad_accum=1, max_steps=30000,
@@ -93,7 +96,7 @@ def get_args(argv=None):
     ours.add_argument("--lr_vectors", type=data.non_negative, default=0.0,
                       help="peak lr of the placeholders and projection (0: --lr)")
     ours.add_argument("--val_items", type=data.count, default=8, help="held-out validation examples (0 = none)")
-    extensions().add_arguments(p)
+    extensions.add_arguments(p)
     system = p.add_argument_group("system")
     system.add_argument("--out", default="", help="checkpoint path, its log beside it (default: ckpt.pt for pretrain, "
                         "mend.pt for finetune); its folder must exist and be writable (it is not made)")
@@ -121,7 +124,7 @@ def get_args(argv=None):
 
 def combination_error(args):
     """Why flags that are each in range cannot work together, or None."""
-    why = extensions().combination_error(args, PROMPT)
+    why = extensions.combination_error(args, PROMPT)
     if why:
         return why
     layers = args.distiller.removeprefix("layers:")
@@ -158,6 +161,8 @@ def get_lr(args, step):
     return {"linear": 1 - frac, "cosine": 0.5 * (1 + math.cos(math.pi * frac)), "constant": 1.0}[args.schedule]
 
 
+
+
 # -----------------------------------------------------------------------------
 # data: item number i of the run, the same whatever the number of processes
 
@@ -192,8 +197,12 @@ def make_items(args, read, toks, log, signal, steps):
     if args.stage == "pretrain":
         train, val = source[:-args.val_items] if args.val_items else source, source[len(source) - args.val_items:]
         log(f"c4: {len(train):,} training documents, {len(val)} held out")
-        return (lambda i: c4_doc(args, toks, steps, train[torch.randperm(len(train), generator=torch.Generator(
-        ).manual_seed(args.seed + i // len(train)))[i % len(train)]])), [c4_doc(args, toks, steps, t) for t in val], [], set()
+
+        @functools.lru_cache(maxsize=1)
+        def order(epoch):  # one permutation per pass over the corpus, made once, not once per item
+            return torch.randperm(len(train), generator=torch.Generator().manual_seed(args.seed + epoch))
+        item = lambda i: c4_doc(args, toks, steps, train[order(i // len(train))[i % len(train)]])
+        return item, [c4_doc(args, toks, steps, t) for t in val], [], set()
     held_out = signal.choose(source, log)
     pools = {t: p for t, p in source.items() if t not in held_out}
     n_held = 2 if args.val_items else 0
@@ -238,108 +247,62 @@ def starting_state(args):
     return {**state, "path": path, "resume": resume}
 
 
-def restore(state, r):
-    """--resume: weights, optimizer, scaler, this rank's RNG and step; returns the step to continue from. A scaler
-    state saved by a bf16 or fp32 run is empty (its scaler was disabled): an fp16 run then starts a fresh scale. A rank
-    the saved run did not have keeps its own seed."""
-    r.steps.load(r.distiller, state["model"], state["path"])
-    r.optimizer.load_state_dict(state["optimizer"])
+def restore(state, optimizer, scaler, rank):
+    """--resume: optimizer, scaler and this rank's RNG; returns the step to continue from. A scaler state saved by a
+    bf16 or fp32 run is empty (its scaler was disabled): an fp16 run then starts a fresh scale. A rank the saved run
+    did not have keeps its own seed."""
+    optimizer.load_state_dict(state["optimizer"])
     if state["scaler"]:
-        r.scaler.load_state_dict(state["scaler"])
+        scaler.load_state_dict(state["scaler"])
     ranks = state["rng"].get("ranks", [state["rng"]])
-    if r.rank < len(ranks):
-        torch.set_rng_state(ranks[r.rank]["torch"])
-        if "cuda" in ranks[r.rank] and torch.cuda.is_available():
-            torch.cuda.set_rng_state(ranks[r.rank]["cuda"])
+    if rank < len(ranks):
+        torch.set_rng_state(ranks[rank]["torch"])
+        if "cuda" in ranks[rank] and torch.cuda.is_available():
+            torch.cuda.set_rng_state(ranks[rank]["cuda"])
     return state["step"]
 
 
 # -----------------------------------------------------------------------------
-# the run
+# what the loop calls besides the step: validation, the reference line, the log
 
 
-def validate(r, args):
+@torch.no_grad()
+def validate(llm, distiller, val_items, steps, args, device):
     """Mean loss, KL and CE on the held-out items (distiller in eval mode, no gradients)."""
-    r.distiller.eval()
+    distiller.eval()
     totals = torch.zeros(3)
-    with torch.no_grad(), r.ctx:
-        for i in range(0, len(r.val_items), args.batch):
-            chunk = r.val_items[i:i + args.batch]
-            out = mend_loss(r.llm, r.distiller, r.steps.collate(chunk, r.device), args.lam, args.temperature,
-                            steps=r.steps)
-            totals += torch.stack([o.float().cpu() for o in out]) * len(chunk)
-    r.distiller.train()
-    return (totals / max(1, len(r.val_items))).tolist()
+    for i in range(0, len(val_items), args.batch):
+        chunk = val_items[i:i + args.batch]
+        out = mend_loss(llm, distiller, steps.collate(chunk, device), args.lam, args.temperature, steps)
+        totals += torch.stack([o.float().cpu() for o in out]) * len(chunk)
+    distiller.train()
+    return (totals / max(1, len(val_items))).tolist()
 
 
-def zero_shot_reference(r, args):
-    """On the validation items: KL and CE of the LLM reading the query with no prefix at all, the teacher's own CE,
-    and the KL of the LLM reading what the student reads at the start (the steps' start_logits: for the paper's the
-    truncated prefix at l, the last l demonstration tokens as ordinary tokens): what the distilled vectors must beat,
-    and the CE they aim for (the LLM is frozen, so this is computed once)."""
-    kl, ce, teacher_ce, start_kl, llm, n = 0.0, 0.0, 0.0, 0.0, r.llm, len(r.val_items)
-    with torch.no_grad(), r.ctx:
-        for it in r.val_items:
-            b = r.steps.collate([it], r.device)
-            q, qm, t, tm = b["query_ids"], b["query_mask"], b["teacher_demo_ids"], b["teacher_demo_mask"]
-            teacher = teacher_logits(llm, t, tm, q, qm)
-            alone = llm_logits(llm, q, qm)                                      # (1, T, V)
-            start = r.steps.start_logits(llm, b)                                # (1, T, V)
-            kl += kl_per_example(teacher, alone, qm, args.temperature).item() / n
-            ce += answer_ce_per_example(alone, q, b["answer_mask"]).item() / n
-            teacher_ce += answer_ce_per_example(teacher, q, b["answer_mask"]).item() / n
-            start_kl += kl_per_example(teacher, start, qm, args.temperature).item() / n
-    return kl, ce, teacher_ce, start_kl
+@torch.no_grad()
+def reference_line(llm, val_items, steps, args, device):
+    """What the vectors must beat, on the validation items (the LLM is frozen, so it is computed once): KL and CE of
+    the LLM reading the query alone, the teacher's own CE, and the KL of the LLM reading what the student reads at
+    the start (the steps' start_logits: for the paper's, the last l demonstration tokens as ordinary tokens)."""
+    kl, ce, teacher_ce, start_kl, n = 0.0, 0.0, 0.0, 0.0, len(val_items)
+    for it in val_items:
+        b = steps.collate([it], device)
+        q, qm, t, tm = b["query_ids"], b["query_mask"], b["teacher_demo_ids"], b["teacher_demo_mask"]
+        teacher = teacher_logits(llm, t, tm, q, qm)
+        alone = llm_logits(llm, q, qm)                                          # (1, T, V)
+        start = steps.start_logits(llm, b)                                      # (1, T, V)
+        kl += kl_per_example(teacher, alone, qm, args.temperature).item() / n
+        ce += answer_ce_per_example(alone, q, b["answer_mask"]).item() / n
+        teacher_ce += answer_ce_per_example(teacher, q, b["answer_mask"]).item() / n
+        start_kl += kl_per_example(teacher, start, qm, args.temperature).item() / n
+    return (f"val reference | the LLM reading the query alone: kl {kl:.5g} | ce {ce:.5g} | the teacher: ce "
+            f"{teacher_ce:.5g} | {steps.start_name()}: kl {start_kl:.5g}")
 
 
 def make_optimizer(distiller, args, steps):
     """Fused AdamW (10x faster on CPU too) over the parameter groups of the run's steps, each with its peak lr."""
     groups = steps.param_groups(distiller, args.lr, args.lr_vectors)
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=args.lr, weight_decay=args.weight_decay, fused=True)
-
-
-def run(args):
-    """The recipe: device -> data -> models -> config -> items -> optimizer -> loop -> final save. Every bad input is
-    refused before the first line of the log is written. Returns the step losses."""
-    device, ctx, dtype, rank, world = setup_device(args)
-    log_path = Path(args.out).with_suffix(".log")
-
-    def log(msg):
-        if rank == 0:
-            print(msg, flush=True)
-            with open(log_path, "a") as f:
-                f.write(msg + "\n")
-
-    torch.manual_seed(args.seed)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    steps = steps_for(vars(args))  # the paper's steps, or those of an addition of ours (--base, --kl_rows)
-    data.check_output(args.out, "--out")  # every file the run writes sits beside --out
-    start = starting_state(args)  # a bad --init/--resume fails here, before the LLM is touched
-    toks = steps.tokenizers(args.llm)  # so does a model that cannot be loaded
-    read = read_data(args, toks, steps)  # and a run that would read nothing
-    llm = load_llm(args.llm, device, dtype)  # the frozen LLM is held in the autocast dtype; the distiller stays fp32
-    distiller = steps.build(llm, args.distiller, args.n_vectors, args.freeze_embeddings)
-    config = {**vars(args), "world_size": world}
-    if start and start["resume"]:  # marks where the resumed run's lines begin: later steps above were not saved
-        log(f"resumed from {args.out} at step {start['step']}")
-    log(f"config: {json.dumps(config)}")  # the first write: a run refused before this leaves every file as it was
-    peak = log_setup(log, config, llm, distiller, device, dtype)
-    signal = extensions().Signal(llm, distiller, toks, args, ctx, steps)  # --val_tasks: held-out tasks, else none
-    item, val_items, tasks, held_out = make_items(args, read, toks, log, signal, steps)
-    config["train_tasks"], config["val_tasks_held_out"] = tasks, sorted(held_out)
-    optimizer = make_optimizer(distiller, args, steps)
-    scaler = torch.amp.GradScaler(device.split(":")[0], enabled=dtype == torch.float16)  # a no-op unless fp16
-    r = SimpleNamespace(llm=llm, distiller=distiller, optimizer=optimizer, scaler=scaler, item=item, steps=steps,
-                        val_items=val_items, config=config, ctx=ctx, device=device, rank=rank, world=world, log=log,
-                        signal=signal, peak=peak, flops_cfg=(llm.config, getattr(getattr(getattr(
-                            distiller, "distiller", distiller), "backbone", None), "config", None)))
-    log_references(r, args)
-    torch.manual_seed(args.seed + rank)  # the weights above are alike on every rank; dropout masks must differ
-    step = apply_start(start, r, args)
-    model = DDP(distiller) if world > 1 else distiller  # what the forward pass calls; r.distiller is what is saved
-    model = torch.compile(model) if args.compile else model
-    return loop(r, model, args, step)
 
 
 def log_setup(log, config, llm, distiller, device, dtype):
@@ -357,141 +320,170 @@ def log_setup(log, config, llm, distiller, device, dtype):
     return peak
 
 
-def log_references(r, args):
-    """What the vectors must beat, computed once (the LLM is frozen): the validation KL/CE of the LLM reading the
-    query alone and the teacher's CE; and zero-shot and ICL on the held-out tasks of the selection signal."""
-    if r.val_items:
-        kl, ce, teacher_ce, start_kl = zero_shot_reference(r, args)
-        r.log(f"val reference | the LLM reading the query alone: kl {kl:.5g} | ce {ce:.5g} | the teacher: ce "
-              f"{teacher_ce:.5g} | {r.steps.start_name()}: kl {start_kl:.5g}")
-    r.signal.log_reference(r.log)  # on every rank (only rank 0 logs), so that no rank waits in a collective meanwhile
+def logger(path, rank):
+    """log(msg): rank 0 prints msg and appends it to the log file at path."""
+    def log(msg):
+        if rank == 0:
+            print(msg, flush=True)
+            with open(path, "a") as f:
+                f.write(msg + "\n")
+    return log
 
 
-def apply_start(start, r, args):
-    """--resume restores everything (-> its step); --init loads the distiller weights only (stage 2 from stage 1)."""
-    if start and start["resume"]:
-        return restore(start, r)
-    if args.resume:
-        r.log(f"--resume: no checkpoint found at {args.out}; training starts from step 0")
-    if start:
-        r.steps.load(r.distiller, r.steps.start_from(r.distiller, start["model"], start["config"]), args.init)
-        r.log(f"initialized the distiller from {args.init}")
-    return 0
+# -----------------------------------------------------------------------------
+# the run
 
 
-def train_step(r, model, args, step, timings):
-    """One optimizer step: grad_accum micro-batches (forward, loss / grad_accum, backward), then unscale, clip, step.
-    Returns the mean (loss, kl, ce) over all processes, the numbers of tokens and queries this process read, and the
-    analytic FLOPs of its work (flops.step_flops)."""
-    per_step = args.batch * args.grad_accum * r.world
-    stats, tokens, queries, work = torch.zeros(3, device=r.device), 0, 0, 0
-    r.llm.train(args.llm_dropout)  # dropout only; the LLM's weights stay frozen (no gradients)
-    for micro in range(args.grad_accum):
-        first = step * per_step + (micro * r.world + r.rank) * args.batch
-        items = [r.item(i) for i in range(first, first + args.batch)]
-        tokens += sum(len(it["teacher_demo"]) + sum(map(len, it["queries"])) for it in items)
-        queries += sum(len(it["queries"]) for it in items)
-        work += sum(r.steps.item_flops(r.flops_cfg, it) for it in items)
-        with r.ctx:
-            batch = r.steps.collate(items, r.device)
-            loss, kl, ce = mend_loss(r.llm, model, batch, args.lam, args.temperature, timings, r.steps)
-        if not torch.isfinite(loss):
-            r.log(f"step {step + 1}: loss is {loss.item()}; stopping. The last good checkpoint {args.out} is kept.")
-            raise SystemExit(1)
-        t_backward = time.perf_counter()
-        with phase(timings, "backward"):
-            r.scaler.scale(loss / args.grad_accum).backward()
-        if timings is not None:
-            timings["student_backward"] = timings.get("student_backward", 0) + timings.get("grad_at_vectors", t_backward) - t_backward
-        stats += torch.stack([loss.detach(), kl, ce]) / args.grad_accum
-    r.llm.eval()
-    with phase(timings, "optimizer"):
-        optimizer_step(r.optimizer, r.scaler, r.distiller, args.clip)
-    if r.world > 1:
-        dist.all_reduce(stats)
-        stats /= r.world
-    return stats, tokens, queries, work
+def run(args):
+    """The recipe: device -> data -> models -> config -> items -> optimizer -> the loop. Every bad input is refused
+    before the first line of the log is written. Returns this run's [(step, loss)]."""
+    device, ctx, dtype, rank, world = setup_device(args)
+    log = logger(Path(args.out).with_suffix(".log"), rank)
+    torch.manual_seed(args.seed)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    steps = extensions.steps_for(vars(args))  # the paper's steps, or those of an addition (--base, --kl_rows)
+    data.check_output(args.out, "--out")  # every file the run writes sits beside --out
+    start = starting_state(args)  # a bad --init/--resume fails here, before the LLM is touched
+    toks = steps.tokenizers(args.llm)  # so does a model that cannot be loaded
+    read = read_data(args, toks, steps)  # and a run that would read nothing
+    llm = load_llm(args.llm, device, dtype)  # the frozen LLM is held in the autocast dtype; the distiller stays fp32
+    distiller = steps.build(llm, args.distiller, args.n_vectors, args.freeze_embeddings)
+    config = {**vars(args), "world_size": world}
+    if start and start["resume"]:  # marks where the resumed run's lines begin: later steps above were not saved
+        log(f"resumed from {args.out} at step {start['step']}")
+    log(f"config: {json.dumps(config)}")  # the first write: a run refused before this leaves every file as it was
+    peak = log_setup(log, config, llm, distiller, device, dtype)
+    signal = extensions.Signal(llm, distiller, toks, args, ctx, steps)  # --val_tasks: held-out tasks, else none
+    item, val_items, tasks, held_out = make_items(args, read, toks, log, signal, steps)
+    config["train_tasks"], config["val_tasks_held_out"] = tasks, sorted(held_out)
+    optimizer = make_optimizer(distiller, args, steps)
+    scaler = torch.amp.GradScaler(device.split(":")[0], enabled=dtype == torch.float16)  # a no-op unless fp16
+    backbone = getattr(getattr(distiller, "distiller", distiller), "backbone", None)  # None: PromptTuning
+    flops_cfg = (llm.config, backbone and backbone.config)
+    if val_items:
+        with ctx:
+            log(reference_line(llm, val_items, steps, args, device))
+    signal.log_reference(log)  # on every rank (only rank 0 logs), so that no rank waits in a collective meanwhile
+    torch.manual_seed(args.seed + rank)  # the weights above are alike on every rank; dropout masks must differ
+    step = 0
+    if start:  # --resume restores everything; --init loads the distiller's weights only (stage 2 from stage 1)
+        left = set(extensions.steps_for(start["config"]).own) - set(distiller.state_dict())  # what its steps added
+        steps.load(distiller, {k: v for k, v in start["model"].items() if k not in left}, start["path"])
+        step = restore(start, optimizer, scaler, rank) if start["resume"] else 0
+    if args.resume and not (start and start["resume"]):
+        log(f"--resume: no checkpoint found at {args.out}; training starts from step 0")
+    if start and not start["resume"]:
+        log(f"initialized the distiller from {args.init}")
+    model = DDP(distiller) if world > 1 else distiller  # what the forward pass calls; distiller is what is saved
+    model = torch.compile(model) if args.compile else model
 
-
-def optimizer_step(optimizer, scaler, model, clip):
-    """Unscale, clip, step, update the scale, zero the gradients. With fp16 the GradScaler skips a step whose gradients
-    hold an inf or NaN (and lowers the scale) instead of applying it; otherwise it is a plain clipped step."""
-    scaler.unscale_(optimizer)
-    torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
-    scaler.step(optimizer)
-    scaler.update()
-    optimizer.zero_grad(set_to_none=True)
-
-
-def loop(r, model, args, step):
-    """Steps from `step` to max_steps with logging, validation and checkpoints; returns this run's (step, loss)."""
     def save(s):  # every rank gathers its RNG state into the checkpoint; rank 0 writes it
-        state = checkpoint_state(r.distiller, r.optimizer, r.scaler, s, r.config, r.world)
-        if r.rank == 0:
+        state = checkpoint_state(distiller, optimizer, scaler, s, config, world)
+        if rank == 0:
             save_checkpoint(args.out, state)
 
-    losses, bench, t_start, window = [], [], time.time(), []  # window: (loss, kl, ce, seconds, tokens) since last log
+    # the training loop: lr -> micro-batches (loss, backward) -> clip, step -> log -> validation and checkpoint
+    per_step = args.batch * args.grad_accum * world  # items per optimizer step, over all processes
+    losses, window, t_start = [], [], time.time()  # window: per step since the last log line
+    profiler = bench_profiler(args) if args.bench else nullcontext()
     model.train()
     try:
-        while step < args.max_steps:
-            factor = get_lr(args, step)
-            for group in r.optimizer.param_groups:
-                group["lr"] = group["peak_lr"] * factor
-            lr = args.lr * factor
-            t0, timings = now(), ({} if args.bench else None)
-            stats, tokens, queries, work = train_step(r, model, args, step, timings)
-            step, dt = step + 1, now() - t0  # now() waits for the GPU: the step's kernels are inside dt
-            losses.append((step, stats[0].item()))
-            window.append(stats.tolist() + [dt, tokens * r.world, queries * r.world, work * r.world])
-            if timings is not None:
-                bench.append({"step": step, "total": dt, "tokens": tokens, "queries": queries, **timings})
-            if step % args.log_interval == 0 or step == args.max_steps:
-                log_window(r, step, lr, window)
-                window = []
-            if step % args.eval_interval == 0 or step == args.max_steps:
-                if r.val_items:
-                    v = validate(r, args)
-                    r.log(f"step {step} | val loss {v[0]:.5g} | val kl {v[1]:.5g} | val ce {v[2]:.5g}")
-                r.signal.log_step(step, time.time() - t_start, r.log)  # every rank judges, as above
-                save(step)
+        with profiler:
+            while step < args.max_steps:
+                factor = get_lr(args, step)
+                for group in optimizer.param_groups:
+                    group["lr"] = group["peak_lr"] * factor
+                t0, stats, tokens, queries, work = now(), torch.zeros(3, device=device), 0, 0, 0
+                llm.train(args.llm_dropout)  # dropout only; the LLM's weights stay frozen (no gradients)
+                for micro in range(args.grad_accum):
+                    first = step * per_step + (micro * world + rank) * args.batch
+                    items = [item(i) for i in range(first, first + args.batch)]
+                    tokens += sum(len(it["teacher_demo"]) + sum(map(len, it["queries"])) for it in items)
+                    queries += sum(len(it["queries"]) for it in items)
+                    work += sum(steps.item_flops(flops_cfg, it) for it in items)
+                    with ctx:
+                        batch = steps.collate(items, device)
+                        loss, kl, ce = mend_loss(llm, model, batch, args.lam, args.temperature, steps)
+                    if not torch.isfinite(loss):
+                        log(f"step {step + 1}: loss is {loss.item()}; stopping. The last good checkpoint "
+                            f"{args.out} is kept.")
+                        raise SystemExit(1)
+                    with record_function("backward"):
+                        scaler.scale(loss / args.grad_accum).backward()
+                    stats += torch.stack([loss.detach(), kl, ce]) / args.grad_accum
+                llm.eval()
+                with record_function("optimizer"):  # fp16: the scaler skips a step whose gradients hold inf/NaN
+                    scaler.unscale_(optimizer)
+                    torch.nn.utils.clip_grad_norm_(distiller.parameters(), args.clip)
+                    scaler.step(optimizer)
+                    scaler.update()
+                    optimizer.zero_grad(set_to_none=True)
+                if world > 1:
+                    dist.all_reduce(stats)
+                    stats /= world
+                step, dt = step + 1, now() - t0  # now() waits for the GPU: the step's kernels are inside dt
+                losses.append((step, stats[0].item()))
+                window.append(stats.tolist() + [dt, tokens * world, queries * world, work * world])
+                if args.bench:
+                    profiler.step()
+                if step % args.log_interval == 0 or step == args.max_steps:  # the means over the window
+                    loss, kl, ce, dt, tok, qs, fl = (sum(col) / len(window) for col in zip(*window))
+                    mfu = f" ({fl / dt / world / peak:.1%} of peak)" if peak else ""  # peak is per device
+                    log(f"step {step} | loss {loss:.5g} | kl {kl:.5g} | ce {ce:.5g} | lr {args.lr * factor:.2e} | "
+                        f"{dt * 1000:.0f}ms | {tok / dt:.0f} tok/s | {qs / dt:.2f} queries/s | "
+                        f"{fl / dt / 1e12:.3g} TFLOP/s{mfu}")
+                    window = []
+                if step % args.eval_interval == 0 or step == args.max_steps:
+                    if val_items:
+                        with ctx:
+                            v = validate(llm, distiller, val_items, steps, args, device)
+                        log(f"step {step} | val loss {v[0]:.5g} | val kl {v[1]:.5g} | val ce {v[2]:.5g}")
+                    signal.log_step(step, time.time() - t_start, log)  # every rank judges, as above
+                    save(step)
     except KeyboardInterrupt:
         save(step)
-        r.log(f"interrupted: saved step {step} to {args.out}; continue with --resume")
+        log(f"interrupted: saved step {step} to {args.out}; continue with --resume")
         raise SystemExit(130)
-    r.log(f"done: {step} steps in {time.time() - t_start:.0f}s, final loss {losses[-1][1] if losses else float('nan'):.4f}"
-          + (f" -> {args.out}" if losses else " (no step taken, nothing saved)"))
-    if bench and r.rank == 0:
-        write_bench(bench, args, r.log)
+    final = f"{losses[-1][1]:.4f} -> {args.out}" if losses else "nan (no step taken, nothing saved)"
+    log(f"done: {step} steps in {time.time() - t_start:.0f}s, final loss {final}")
+    if args.bench and rank == 0:
+        write_bench(profiler, losses, args, log)
     return losses
 
 
-def log_window(r, step, lr, window):
-    """The step's log line: the means over the steps since the last line (the window) of loss, KL, CE, seconds per
-    step, tokens, queries and FLOPs per step, the last two as rates and MFU."""
-    loss, kl, ce, dt, tok, qs, fl = (sum(col) / len(window) for col in zip(*window))
-    mfu = f" ({fl / dt / r.world / r.peak:.1%} of peak)" if r.peak else ""  # peak is per device
-    r.log(f"step {step} | loss {loss:.5g} | kl {kl:.5g} | ce {ce:.5g} | lr {lr:.2e} | {dt * 1000:.0f}ms | "
-          f"{tok / dt:.0f} tok/s | {qs / dt:.2f} queries/s | {fl / dt / 1e12:.3g} TFLOP/s{mfu}")
+# -----------------------------------------------------------------------------
+# --bench: where a step's time goes
 
 
-def write_bench(bench, args, log):
-    """--bench: mean time per step of each phase (after 2 warm-up steps) and the loop's overhead over them, logged
-    and written beside the checkpoint (--out with the suffix .bench.json)."""
-    rows = bench[2:] or bench
-    keys = ["teacher_forward", "distiller_forward", "student_forward", "student_backward", "backward", "optimizer"]
-    mean = {k: sum(r.get(k, 0.0) for r in rows) / len(rows) for k in keys + ["total"]}
-    mean["distiller_backward"] = mean["backward"] - mean["student_backward"]
-    parts = mean["teacher_forward"] + mean["distiller_forward"] + mean["student_forward"] + mean["backward"] + mean["optimizer"]
-    overhead = mean["total"] / parts - 1
-    for k in ["teacher_forward", "distiller_forward", "student_forward", "student_backward", "distiller_backward",
-              "optimizer", "total"]:
-        log(f"bench | {k:18s} {mean[k] * 1000:8.1f} ms/step")
-    log(f"bench | loop overhead over the model calls: {overhead * 100:.1f}% ({len(rows)} steps)")
-    mean["queries_per_s"] = sum(r["queries"] for r in rows) / sum(r["total"] for r in rows)
-    log(f"bench | {mean['queries_per_s']:.2f} query examples/s")
+PHASES = ["teacher_forward", "distiller_forward", "student_forward", "backward", "optimizer"]
+
+
+def bench_profiler(args):
+    """torch.profiler over the steps after 2 warm-up steps; mend_loss and the loop mark the PHASES."""
+    skip = min(2, args.max_steps - 1)
+    gpu = [torch.profiler.ProfilerActivity.CUDA] if torch.cuda.is_available() else []
+    return torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU, *gpu],
+                                  schedule=torch.profiler.schedule(skip_first=skip, wait=0, warmup=0,
+                                                                   active=args.max_steps))
+
+
+def write_bench(profiler, losses, args, log):
+    """--bench: mean time per step of each phase (its GPU time on CUDA, else its wall time) and the loop's overhead
+    over them, logged and written beside the checkpoint (--out with the suffix .bench.json)."""
+    events = {e.key: e for e in profiler.key_averages()}
+    n = args.max_steps - min(2, args.max_steps - 1) if losses else 1
+    gpu = torch.cuda.is_available()
+    ms = {k: (events[k].device_time_total if gpu else events[k].cpu_time_total) / 1000 / n if k in events else 0.0
+          for k in PHASES}
+    total = events["ProfilerStep*"].cpu_time_total / 1000 / n if "ProfilerStep*" in events else sum(ms.values())
+    overhead = total / max(sum(ms.values()), 1e-9) - 1
+    for k in PHASES:
+        log(f"bench | {k:18s} {ms[k]:8.1f} ms/step")
+    log(f"bench | {'total':18s} {total:8.1f} ms/step; the loop's overhead over the phases: {overhead * 100:.1f}% "
+        f"({n} steps)")
     Path(args.out).with_suffix(".bench.json").write_text(json.dumps(
-        {"config": vars(args), "ms_per_step": {k: v * 1000 for k, v in mean.items() if k != "queries_per_s"},
-         "queries_per_s": mean["queries_per_s"], "overhead": overhead}, indent=1))
+        {"config": vars(args), "ms_per_step": {**ms, "total": total}, "overhead": overhead}, indent=1))
 
 
 if __name__ == "__main__":

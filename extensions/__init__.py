@@ -7,18 +7,26 @@ Our additions to the paper's MEND, one file per concept; the paper's method is t
     options.py   the option objective (train.py --kl_rows options), fitted vectors and refine
     signal.py    the selection signal on held-out meta-train tasks (train.py --val_tasks)
 
-The folder imports the core; the core reaches it through one door, model.extensions(), which returns this module.
-What the core asks of it is below: the steps a run takes (each addition subclasses distill.Paper, the paper's
-steps), its flags and the checks of their combinations, eval.py's free prefixes, and the FLOPs rows of flops.py.
+The folder imports the core and the core never imports it: the entry scripts (train.py, eval.py, analyze.py) do.
+What they ask of it is below: the steps a run or checkpoint takes (each addition subclasses distill.Paper, the
+paper's steps) and the API's loader, the flags and the checks of their combinations, eval.py's free prefixes, and
+the FLOPs rows of the anchors.
 """
 import data
-from distill import Paper
+import flops
+from distill import MEND, Paper
 from extensions import anchors, options, prefixes
 from extensions.signal import Signal
 
-__all__ = ["PREFIXES", "Signal", "add_arguments", "combination_error", "method_flops", "options", "prefix_ids", "steps_for"]
+__all__ = ["PREFIXES", "Signal", "add_arguments", "combination_error", "load", "method_flops", "options", "prefix_ids",
+           "steps_for"]
 
 PREFIXES = {"truncated": prefixes.prefix("truncated"), "labels": prefixes.prefix("labels"), "anchors": anchors.prefix}
+
+
+def load(ckpt, **kwargs):
+    """distill.MEND.load of a checkpoint trained with the paper's recipe or with one of our additions."""
+    return MEND.load(ckpt, recipe=steps_for, **kwargs)
 
 
 def steps_for(config):
@@ -66,7 +74,8 @@ def prefix_ids(method, toks, demos, args):
     return prefixes.free_prefix(toks, demos, method, args.n_vectors, budgets, args.max_len_per_example)
 
 
-def method_flops(llm, D, T, L, Q, distill):
-    """flops.method_flops' rows of our additions (the free prefixes that need more than the core's formula)."""
-    return anchors.method_flops(llm, D, T, L, Q, distill)
+def method_flops(llm_name, D, T, L, Q, distiller=None):
+    """flops.method_flops with the rows of the anchors, MEND on them and the re-weighted anchors."""
+    llm, distill = flops.CONFIGS[flops.known(llm_name)], flops.distill_flops(llm_name, D, L, distiller)
+    return {**flops.method_flops(llm_name, D, T, L, Q, distiller), **anchors.method_flops(llm, D, T, L, Q, distill)}
 

@@ -9,8 +9,7 @@ import numpy as np
 import torch
 
 import data
-from eval import macro_f1, predict as predict_options
-from model import prefix_cache
+from model import predict as predict_options, prefix_cache
 
 FLOOR_MARGIN = 5.0  # a task is kept where ICL beats the best one-class prediction by this much macro-F1
 LABEL_MARGIN = 5.0  # ... and ICL with random labels by this much
@@ -43,12 +42,12 @@ def label_sensitive(task, examples, predict, seed, log):
     points above ICL with random labels (the teacher reads the labels, so a student can be shown to). Zero-shot is
     logged beside them; the random-label pass runs only when the first test passes."""
     preds, golds = predict("zeroshot", task, examples)
-    floor = max(macro_f1([c] * len(golds), golds) for c in set(golds))
-    zero_shot, icl = macro_f1(preds, golds), macro_f1(*predict("icl", task, examples))
+    floor = max(data.macro_f1([c] * len(golds), golds) for c in set(golds))
+    zero_shot, icl = data.macro_f1(preds, golds), data.macro_f1(*predict("icl", task, examples))
     line = f"selection signal candidate {task}: one-class floor {floor:.1f}, zero-shot {zero_shot:.1f}, icl {icl:.1f}"
     ok = icl >= floor + FLOOR_MARGIN
     if ok:
-        icl_random = macro_f1(*predict("icl", task, random_labels({task: examples}, seed)[task]))
+        icl_random = data.macro_f1(*predict("icl", task, random_labels({task: examples}, seed)[task]))
         line += f", icl random labels {icl_random:.1f}"
         ok = icl >= icl_random + LABEL_MARGIN
     log(line + (" -> kept" if ok else ""))
@@ -103,7 +102,7 @@ class Signal:
 
     def score(self, method, tasks):
         """A method's macro-F1 averaged over the held-out tasks."""
-        return float(np.mean([macro_f1(p, g) for p, g in self.predictions(method, tasks).values()]))
+        return float(np.mean([data.macro_f1(p, g) for p, g in self.predictions(method, tasks).values()]))
 
     def judge(self, methods):
         """' | '-joined macro-F1 of each (label, method, tasks)."""

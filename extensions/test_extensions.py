@@ -16,6 +16,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 import data
 import distill
 import eval as evaluate
+import extensions
 import model
 import train
 from conftest import ROOT, hf_logits, ids, tiny_llm, train_args, write_lines
@@ -133,12 +134,12 @@ def test_selection_signal_holds_out_tasks_and_scores_like_eval(saved_llm, tmp_pa
     lm, toks, distiller, meta, _ = evaluate.load_models(args, ["mend"], "cpu")
     pool = data.read_metaicl(data.task_file(ROOT / "sample_data", "sample-topic", 16, 100, "test"))
     preds = evaluate.evaluate_seed("mend", lm, toks, distiller, pool[:4], pool[4:12], args, {**meta, "task": "t", "seed": 1})
-    f1 = evaluate.macro_f1(preds, [ex["options"].index(ex["output"]) for ex in pool[4:12]])
+    f1 = data.macro_f1(preds, [ex["options"].index(ex["output"]) for ex in pool[4:12]])
     assert "signal reference | held-out tasks macro-F1: zeroshot" in log and logged[-1] == pytest.approx(f1, abs=0.006)
     assert "| icl_random " in log and "| mend_random " in log
     import analyze
     report = analyze.main(analyze.get_args(["--held_out", "--ckpt", str(ckpt), "--data", str(ROOT / "sample_data")]))
-    assert evaluate.macro_f1(*report["mend"]["sample-topic"]) == pytest.approx(f1)
+    assert data.macro_f1(*report["mend"]["sample-topic"]) == pytest.approx(f1)
 
 
 def test_truncated_reads_the_last_l_demonstration_tokens(saved_llm):
@@ -260,7 +261,7 @@ def test_mend_from_a_base_at_gate_zero_scores_exactly_as_its_base(saved_llm, tmp
     free = model.option_scores(llm_, toks[0], ex, 32, *evaluate.make_prefix(base, llm_, toks, None, demos, args, {}))
     mend = model.option_scores(llm_, toks[0], ex, 32, *evaluate.make_prefix("mend", llm_, toks, distiller, demos, args, meta))
     assert torch.equal(mend, free)
-    api = distill.MEND.load(str(ckpt), device="cpu")
+    api = extensions.load(str(ckpt), device="cpu")
     pairs = [(d["input"], d["output"]) for d in demos]
     assert torch.equal(api.distill(pairs), llm_.get_input_embeddings()(torch.tensor([tokens])))
     assert api.vector_meta(pairs)["base_hash"] == distill.demos_hash(tokens)
@@ -443,7 +444,9 @@ def test_train_then_eval_on_the_anchors_end_to_end(saved_llm, tmp_path, spec):
                                               "--out", str(tmp_path / "t.json")]))
     assert report["train_config"]["init"] == "" and "mend" in report["methods"]
     with pytest.raises(model.CheckpointError, match="trained with --base anchors.*eval.py --methods mend"):
-        distill.MEND.load(str(ckpt), device="cpu")
+        extensions.load(str(ckpt), device="cpu")
+    with pytest.raises(model.CheckpointError, match=r"one of our additions.*extensions\.load\("):
+        distill.MEND.load(str(ckpt), device="cpu")  # the core knows only the paper's recipe
     with pytest.raises(SystemExit, match="--base anchors needs a decoder-only LLM"):
         train.get_args(["--stage", "finetune", "--llm", saved_llm("t5"), "--base", "anchors"])
     with pytest.raises(SystemExit, match="--distiller none applies to --base anchors only"):
@@ -476,7 +479,7 @@ def test_anchors_step_flops_match_the_flop_counter(spec, monkeypatch):
     want = anchors_step_flops(cfg, dis_cfg, L, len(anchors), 40, 40, [20, 20])
     assert counter.get_total_flops() == want
     monkeypatch.setitem(flops.CONFIGS, "tiny", cfg)
-    f = flops.method_flops("tiny", 40, 8, 5, 4, distiller="layers:1")
+    f = extensions.method_flops("tiny", 40, 8, 5, 4, distiller="layers:1")
     assert f["anchors_reweighted"] == f["anchors"] < f["mend_anchors"] and f["mend_anchors_reuse"] < f["mend_anchors"]
     assert f["mend_anchors"] - f["anchors"] - f["mend"] + flops.total_flops(cfg, 5 + 8, 5 + 8, 8) == \
         flops.total_flops(cfg, 5, 5, 0) + 4 * 3 * 8 * 5 * 64
@@ -563,7 +566,7 @@ def test_refine_is_deterministic_and_zero_steps_change_nothing(saved_llm, tmp_pa
     deterministic and changes them."""
     llm, ckpt = saved_llm("llama"), tmp_path / "mend.pt"
     train.run(train_args(llm, ckpt, "--stage", "finetune", "--max_steps", "1", "--val_items", "0"))
-    mend = distill.MEND.load(str(ckpt), device="cpu")
+    mend = extensions.load(str(ckpt), device="cpu")
     demos = [("good film", "yes"), ("bad film", "no")]
     vectors = mend.distill(demos)
     inputs, options = ["nice film", "awful", "so-so"], ["yes", "no"]

@@ -1,7 +1,7 @@
 """
 The README's table at MEND's length (l=32): each method's class2class score (100 examples, seed 100) with gold and
 with random labels and its agreement with ICL (the share of examples where it picks ICL's option, gold labels), from
-the committed JSON files, and its FLOPs per query from flops.method_flops with the
+the committed JSON files, and its FLOPs per query from extensions.method_flops with the
 demonstration tokens eval.py measured (T = 64 query+option tokens, flops.py's default); then zero-shot, ICL and the
 free prefixes on nonpara2para and qa2qa. A trained MEND is the mean
 and range (min-max) over its training seeds (results/seeds); issue 16's single run is the seed-100 part of
@@ -17,6 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import eval as evaluate  # noqa: E402
+import extensions  # noqa: E402
 import flops  # noqa: E402
 
 F, S, A = Path("results/free"), Path("results/seeds"), Path("results/anchors")
@@ -62,9 +63,9 @@ def cell(score):
 def main():
     base = json.loads((F / "baselines.json").read_text())
     D, Dm, T, L = base["demo_tokens"]["icl"], base["demo_tokens"]["mend"], 64, 32
-    f1, f100 = (flops.method_flops("smollm2-135m", D, T, L, q, "layers:4") for q in (1, 100))
+    f1, f100 = (extensions.method_flops("smollm2-135m", D, T, L, q, "layers:4") for q in (1, 100))
     g = lambda key, reuse: f"{f1[key] / 1e9:.1f} / {f100[reuse] / 1e9:.1f}"
-    h1, h100 = (flops.method_flops("smollm2-135m", D, T, 64, q, "layers:4") for q in (1, 100))
+    h1, h100 = (extensions.method_flops("smollm2-135m", D, T, 64, q, "layers:4") for q in (1, 100))
     g64 = lambda key, reuse: f"{h1[key] / 1e9:.1f} / {h100[reuse] / 1e9:.1f}"
     free = lambda label, file, rand, m: (label, seed_average(F / file, m), seed_average(F / rand, m), agreement(F / file, m))
     rows = [(*free("zero-shot", "baselines.json", "baselines.json", "zeroshot"), g("zeroshot", "zeroshot")),

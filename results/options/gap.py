@@ -10,7 +10,7 @@ import json
 import sys
 
 sys.path.insert(0, ".")
-from eval import accuracy, macro_f1  # noqa: E402
+from data import accuracy, macro_f1  # noqa: E402
 
 ceiling = json.load(open(sys.argv[1]))
 path, method = sys.argv[2].rsplit(":", 1)

@@ -24,7 +24,7 @@ def rescore(report):
                 continue
             metric = "macro_f1" if task in data.METAICL_TYPES["classification"] else "accuracy"
             if metric != r["metric"]:
-                fn = evaluate.macro_f1 if metric == "macro_f1" else evaluate.accuracy
+                fn = data.macro_f1 if metric == "macro_f1" else data.accuracy
                 r["per_seed"] = {s: fn(r["predictions"][s], r["golds"][s]) for s in r["golds"]}
                 old, r["score"], r["metric"] = r["score"], float(np.mean(list(r["per_seed"].values()))), metric
                 print(f"{name} {task}: {r['metric']} {r['score']:.2f} (was {old:.2f} by the option-set rule)")

@@ -15,14 +15,14 @@ import numpy as np
 
 sys.path.insert(0, ".")
 import data  # noqa: E402
-from distill import MEND  # noqa: E402
-from eval import macro_f1  # noqa: E402
+import extensions  # noqa: E402
+from data import macro_f1  # noqa: E402
 from extensions.signal import Signal, random_labels, signal_examples  # noqa: E402
 
 line = next(l for l in open(sys.argv[1]) if "held out of training:" in l)
 tasks = line.split("held out of training: ")[1].split(" (")[0].split(", ")
 for ckpt in sys.argv[2:]:
-    mend = MEND.load(ckpt, device="cpu")
+    mend = extensions.load(ckpt, device="cpu")
     cfg = SimpleNamespace(**{**mend.config, "val_task_examples": 40})
     pools = data.meta_train_pools(cfg.data, tasks, log=lambda msg: None)
     signal = {t: signal_examples(pools[t], cfg) for t in tasks}

@@ -1,6 +1,7 @@
 """
-Issue 40: the project's import graph, file by file (which of the project's modules each one imports, and where: at
-the top of the file, or inside a function), from the files of a commit.
+The project's import graph, file by file (which of the project's modules each one imports, and where: at the top
+of the file, or inside a function), from the files of a commit, and its cycles (imports inside functions counted;
+extensions/ taken as one module).
 
     python results/structure/imports.py [COMMIT]     # default: the working tree
 """
@@ -37,7 +38,24 @@ def imports(text):
     return found
 
 
+def cycles(graph):
+    """The import cycles of {module: set of modules it imports}, each as a path that starts where it ends."""
+    found = set()
+
+    def walk(path):
+        for nxt in sorted(graph.get(path[-1], ())):
+            if nxt == path[0]:
+                i = path.index(min(path))  # one rotation per cycle
+                found.add(tuple(path[i:] + path[:i]))
+            elif nxt not in path:
+                walk(path + [nxt])
+    for start in graph:
+        walk([start])
+    return [" -> ".join(c + (c[0],)) for c in sorted(found)]
+
+
 def main(commit=None):
+    graph = {}
     for path in FILES:
         text = source(path, commit)
         if text is not None:
@@ -45,6 +63,10 @@ def main(commit=None):
             found = imports(text)
             print(f"{path:24s} {lines:4d} lines  imports " + (", ".join(f"{m}" + ("" if w == "top" else f" ({w})")
                                                                for m, w in sorted(found.items())) or "none"))
+            module = path.split("/")[0].removesuffix(".py")
+            graph.setdefault(module, set()).update(m.split(".")[0] for m in found if m.split(".")[0] != module)
+    found = cycles(graph)
+    print(f"{len(found)} import cycles" + "".join(f"\n  {c}" for c in found))
 
 
 if __name__ == "__main__":
