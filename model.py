@@ -197,15 +197,11 @@ def autocast(device, dtype="auto"):
             raise SystemExit(f"--dtype {name} is not supported on {kind}: {str(e).splitlines()[0]}") from None
 
 
-def sync():
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-
-
 def now():
     """time.perf_counter() after the GPU's queued work is done: CUDA kernels run asynchronously, so an unsynchronised
     read times their launch, not their work."""
-    sync()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
     return time.perf_counter()
 
 

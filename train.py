@@ -116,21 +116,13 @@ def get_args(argv=None):
         p.set_defaults(**PAPER["common"], **PAPER[known.stage])
     args = p.parse_args(argv)
     args.out = args.out or OUT[args.stage]
-    why = combination_error(args)
+    layers = args.distiller.removeprefix("layers:")  # flags each in range that cannot work together
+    if layers != args.distiller and not (layers.isdigit() and int(layers) >= 1):
+        p.error(f"--distiller {args.distiller}: layers:N takes an integer N >= 1")
+    why = extensions.combination_error(args, PROMPT) or (data.budget_error(args) if args.stage == "finetune" else None)
     if why:
         p.error(why)
     return args
-
-
-def combination_error(args):
-    """Why flags that are each in range cannot work together, or None."""
-    why = extensions.combination_error(args, PROMPT)
-    if why:
-        return why
-    layers = args.distiller.removeprefix("layers:")
-    if layers != args.distiller and not (layers.isdigit() and int(layers) >= 1):
-        return f"--distiller {args.distiller}: layers:N takes an integer N >= 1"
-    return data.budget_error(args) if args.stage == "finetune" else None
 
 
 # -----------------------------------------------------------------------------
@@ -203,7 +195,7 @@ def make_items(args, read, toks, log, signal, steps):
             return torch.randperm(len(train), generator=torch.Generator().manual_seed(args.seed + epoch))
         item = lambda i: c4_doc(args, toks, steps, train[order(i // len(train))[i % len(train)]])
         return item, [c4_doc(args, toks, steps, t) for t in val], [], set()
-    held_out = signal.choose(source, log)
+    held_out = signal.choose(source, log) if signal else set()
     pools = {t: p for t, p in source.items() if t not in held_out}
     n_held = 2 if args.val_items else 0
     train_pools, held = data.split_pools(pools, n_held) if n_held else (pools, {})
@@ -354,7 +346,7 @@ def run(args):
         log(f"resumed from {args.out} at step {start['step']}")
     log(f"config: {json.dumps(config)}")  # the first write: a run refused before this leaves every file as it was
     peak = log_setup(log, config, llm, distiller, device, dtype)
-    signal = extensions.Signal(llm, distiller, toks, args, ctx, steps)  # --val_tasks: held-out tasks, else none
+    signal = args.val_tasks and extensions.Signal(llm, distiller, toks, args, ctx, steps)  # held-out tasks
     item, val_items, tasks, held_out = make_items(args, read, toks, log, signal, steps)
     config["train_tasks"], config["val_tasks_held_out"] = tasks, sorted(held_out)
     optimizer = make_optimizer(distiller, args, steps)
@@ -364,7 +356,8 @@ def run(args):
     if val_items:
         with ctx:
             log(reference_line(llm, val_items, steps, args, device))
-    signal.log_reference(log)  # on every rank (only rank 0 logs), so that no rank waits in a collective meanwhile
+    if signal:  # on every rank (only rank 0 logs), so that no rank waits in a collective meanwhile
+        signal.log_reference(log)
     torch.manual_seed(args.seed + rank)  # the weights above are alike on every rank; dropout masks must differ
     step = 0
     if start:  # --resume restores everything; --init loads the distiller's weights only (stage 2 from stage 1)
@@ -439,7 +432,8 @@ def run(args):
                         with ctx:
                             v = validate(llm, distiller, val_items, steps, args, device)
                         log(f"step {step} | val loss {v[0]:.5g} | val kl {v[1]:.5g} | val ce {v[2]:.5g}")
-                    signal.log_step(step, time.time() - t_start, log)  # every rank judges, as above
+                    if signal:  # every rank judges, as above
+                        signal.log_step(step, time.time() - t_start, log)
                     save(step)
     except KeyboardInterrupt:
         save(step)

@@ -12,6 +12,8 @@ What they ask of it is below: the steps a run or checkpoint takes (each addition
 paper's steps) and the API's loader, the flags and the checks of their combinations, eval.py's free prefixes, and
 the FLOPs rows of the anchors.
 """
+from functools import partial
+
 import data
 import flops
 from distill import MEND, Paper
@@ -21,7 +23,8 @@ from extensions.signal import Signal
 __all__ = ["PREFIXES", "Signal", "add_arguments", "combination_error", "load", "method_flops", "options", "prefix_ids",
            "steps_for"]
 
-PREFIXES = {"truncated": prefixes.prefix("truncated"), "labels": prefixes.prefix("labels"), "anchors": anchors.prefix}
+PREFIXES = {"truncated": partial(prefixes.prefix, "truncated"), "labels": partial(prefixes.prefix, "labels"),
+            "anchors": anchors.prefix}
 
 
 def load(ckpt, **kwargs):

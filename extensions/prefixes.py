@@ -41,13 +41,11 @@ def base_slots(ids, l):
     return dict(base=[0] * pad + ids, base_mask=[0] * pad + [1] * len(ids))
 
 
-def prefix(name):
+def prefix(name, llm, toks, demos, args):
     """eval.py's method `name`: the cached prefix of a demonstration set's free prefix at l = args.n_vectors."""
-    def make(llm, toks, demos, args):
-        keep = free_prefix(toks, demos, name, args.n_vectors, (args.teacher_demo_tokens, args.distiller_demo_tokens),
-                           args.max_len_per_example)
-        return prefix_cache(llm, prefix_ids=torch.tensor([keep], device=llm.device)), None
-    return make
+    keep = free_prefix(toks, demos, name, args.n_vectors, (args.teacher_demo_tokens, args.distiller_demo_tokens),
+                       args.max_len_per_example)
+    return prefix_cache(llm, prefix_ids=torch.tensor([keep], device=llm.device)), None
 
 
 class GatedDistiller(Distiller):
