@@ -204,6 +204,10 @@ def read_metaicl(path):
 # MetaICL partitions and files
 
 
+METAICL = Path(__file__).with_name("metaicl.json")  # MetaICL's partitions and task types
+METAICL_TYPES = {t: set(names) for t, names in json.loads(METAICL.read_text())["task_types"].items()}
+
+
 def is_classification(examples, task=None):
     """Classification (macro-F1) or multiple choice (accuracy): MetaICL's task type when its task configs list the
     task (METAICL_TYPES), else one fixed option set for every example = classification."""
@@ -230,10 +234,10 @@ def accuracy(predictions, golds):
 
 def partition(data_dir, name):
     """{'train': [...], 'test': [...], 'config': ...} for a short name (qa2qa) or MetaICL config name (qa_to_qa),
-    read from metaicl/partitions.json when the data folder has one, else from the built-in MetaICL table."""
+    read from metaicl/partitions.json when the data folder has one, else from MetaICL's (metaicl.json)."""
     path = Path(data_dir) / "metaicl" / "partitions.json"
-    table = json.loads(path.read_text()) if path.exists() else {
-        k: {"config": c, "train": tr.split(), "test": te.split()} for k, (c, tr, te) in BUILTIN_PARTITIONS.items()}
+    table = json.loads((path if path.exists() else METAICL).read_text())
+    table = table.get("partitions", table)  # metaicl.json also holds the task types
     for short, part in table.items():
         if name in (short, part.get("config")):
             return part
@@ -453,106 +457,3 @@ def collate(items, device="cpu"):
     batch = dict(teacher_demo_ids=t, teacher_demo_mask=tm, distiller_demo_ids=d, distiller_demo_mask=dm,
                  query_ids=q, query_mask=qm, answer_mask=a, query_item=owner)
     return {k: v.to(device) for k, v in batch.items()}
-
-
-# -----------------------------------------------------------------------------
-# MetaICL's seven partitions (config/*.json of the MetaICL and MEND code; MEND drops dbpedia_14 from the ->Class tests),
-# used when the data folder has no partitions.json: short name -> (config name, train tasks, test tasks)
-BUILTIN_PARTITIONS = {
-    "hr2lr": ("hr_to_lr",
-        "piqa hate_speech_offensive google_wellformed_query social_i_qa circa quoref glue-sst2 scitail emo "
-        "cosmos_qa freebase_qa ag_news art paws kilt_ay2 glue-qnli quail ade_corpus_v2-classification sciq "
-        "hatexplain emotion glue-qqp kilt_fever kilt_nq dbpedia_14 kilt_zsre hellaswag squad-with_context hotpot_qa "
-        "glue-mnli ropes squad-no_context kilt_hotpotqa discovery superglue-record race-middle race-high lama-trex "
-        "swag gigaword amazon_polarity biomrc tab_fact tweet_eval-emoji tweet_eval-offensive tweet_eval-sentiment "
-        "tweet_qa imdb lama-conceptnet liar anli wiki_qa kilt_trex wikisql wino_grande wiqa search_qa xsum "
-        "yahoo_answers_topics yelp_polarity yelp_review_full",
-        "quarel financial_phrasebank openbookqa codah qasc glue-mrpc dream sick commonsense_qa "
-        "medical_questions_pairs quartz-with_knowledge poem_sentiment quartz-no_knowledge glue-wnli climate_fever "
-        "ethos-national_origin ethos-race ethos-religion ai2_arc hate_speech18 glue-rte superglue-cb superglue-copa "
-        "tweet_eval-hate tweet_eval-stance_atheism tweet_eval-stance_feminist"),
-    "class2class": ("class_to_class",
-        "superglue-rte tweet_eval-sentiment discovery glue-rte superglue-wsc glue-mrpc tweet_eval-stance_hillary "
-        "tweet_eval-offensive emotion hatexplain glue-cola sick paws ethos-sexual_orientation glue-qqp "
-        "tweet_eval-emotion sms_spam health_fact glue-mnli imdb ethos-disability glue-wnli scitail trec-finegrained "
-        "yahoo_answers_topics liar glue-sst2 tweet_eval-stance_abortion circa tweet_eval-stance_climate glue-qnli "
-        "tweet_eval-emoji ethos-directed_vs_generalized ade_corpus_v2-classification hate_speech_offensive "
-        "superglue-wic google_wellformed_query tweet_eval-irony ethos-gender onestop_english trec rotten_tomatoes "
-        "kilt_fever",
-        "tweet_eval-stance_feminist ethos-national_origin tweet_eval-hate ag_news amazon_polarity hate_speech18 "
-        "poem_sentiment climate_fever medical_questions_pairs tweet_eval-stance_atheism superglue-cb wiki_qa emo "
-        "yelp_polarity ethos-religion financial_phrasebank tab_fact anli ethos-race"),
-    "nonclass2class": ("non_class_to_class",
-        "ade_corpus_v2-dosage art biomrc blimp-anaphor_number_agreement blimp-ellipsis_n_bar_2 "
-        "blimp-sentential_negation_npi_licensor_present blimp-sentential_negation_npi_scope commonsense_qa "
-        "crows_pairs dream freebase_qa gigaword hellaswag hotpot_qa kilt_ay2 kilt_hotpotqa kilt_trex kilt_zsre "
-        "lama-conceptnet lama-google_re lama-squad numer_sense openbookqa piqa proto_qa qa_srl quarel "
-        "quartz-no_knowledge race-high ropes sciq social_i_qa spider superglue-multirc wikisql xsum "
-        "yelp_review_full",
-        "tweet_eval-stance_feminist ethos-national_origin tweet_eval-hate ag_news amazon_polarity hate_speech18 "
-        "poem_sentiment climate_fever medical_questions_pairs tweet_eval-stance_atheism superglue-cb wiki_qa emo "
-        "yelp_polarity ethos-religion financial_phrasebank tab_fact anli ethos-race"),
-    "qa2qa": ("qa_to_qa",
-        "biomrc boolq freebase_qa hotpot_qa kilt_hotpotqa kilt_nq kilt_trex kilt_zsre lama-conceptnet "
-        "lama-google_re lama-squad lama-trex mc_taco numer_sense quoref ropes search_qa squad-no_context "
-        "squad-with_context superglue-multirc superglue-record tweet_qa web_questions unifiedqa:squad2 "
-        "unifiedqa:natural_questions_with_dpr_para unifiedqa:race_string unifiedqa:squad1_1 unifiedqa:drop "
-        "unifiedqa:newsqa unifiedqa:narrativeqa unifiedqa:winogrande_xl unifiedqa:social_iqa unifiedqa:quoref "
-        "unifiedqa:physical_iqa unifiedqa:ropes unifiedqa:commonsenseqa unifiedqa:boolq",
-        "ai2_arc codah cosmos_qa dream hellaswag openbookqa qasc quail quarel quartz-no_knowledge "
-        "quartz-with_knowledge sciq superglue-copa swag wino_grande wiqa unifiedqa:qasc unifiedqa:qasc_with_ir "
-        "unifiedqa:openbookqa unifiedqa:openbookqa_with_ir unifiedqa:mctest unifiedqa:ai2_science_middle"),
-    "nonqa2qa": ("non_qa_to_qa",
-        "hate_speech_offensive google_wellformed_query circa glue-sst2 scitail emo ag_news art paws kilt_ay2 "
-        "glue-qnli ade_corpus_v2-classification hatexplain emotion glue-qqp kilt_fever dbpedia_14 glue-mnli "
-        "discovery gigaword amazon_polarity tab_fact tweet_eval-emoji tweet_eval-offensive tweet_eval-sentiment "
-        "imdb liar anli wikisql xsum yahoo_answers_topics yelp_polarity yelp_review_full",
-        "ai2_arc codah cosmos_qa dream hellaswag openbookqa qasc quail quarel quartz-no_knowledge "
-        "quartz-with_knowledge sciq superglue-copa swag wino_grande wiqa unifiedqa:qasc unifiedqa:qasc_with_ir "
-        "unifiedqa:openbookqa unifiedqa:openbookqa_with_ir unifiedqa:mctest unifiedqa:ai2_science_middle"),
-    "nonnli2nli": ("non_nli_to_nli",
-        "ade_corpus_v2-classification ag_news amazon_polarity circa climate_fever dbpedia_14 discovery emo emotion "
-        "ethos-directed_vs_generalized ethos-disability ethos-gender ethos-national_origin ethos-race "
-        "ethos-religion ethos-sexual_orientation financial_phrasebank glue-cola glue-mrpc glue-qqp glue-sst2 "
-        "google_wellformed_query hate_speech18 hate_speech_offensive hatexplain health_fact imdb kilt_fever liar "
-        "medical_questions_pairs onestop_english paws poem_sentiment rotten_tomatoes sick sms_spam superglue-wic "
-        "superglue-wsc tab_fact trec trec-finegrained tweet_eval-emoji tweet_eval-emotion tweet_eval-hate "
-        "tweet_eval-irony tweet_eval-offensive tweet_eval-sentiment tweet_eval-stance_abortion "
-        "tweet_eval-stance_atheism tweet_eval-stance_climate tweet_eval-stance_feminist tweet_eval-stance_hillary "
-        "wiki_qa yahoo_answers_topics yelp_polarity",
-        "anli glue-mnli glue-qnli glue-rte glue-wnli scitail sick superglue-cb"),
-    "nonpara2para": ("non_paraphrase_to_paraphrase",
-        "ade_corpus_v2-classification ag_news amazon_polarity anli circa climate_fever dbpedia_14 discovery emo "
-        "emotion ethos-directed_vs_generalized ethos-disability ethos-gender ethos-national_origin ethos-race "
-        "ethos-religion ethos-sexual_orientation financial_phrasebank glue-cola glue-mnli glue-qnli glue-rte "
-        "glue-sst2 glue-wnli google_wellformed_query hate_speech18 hate_speech_offensive hatexplain health_fact "
-        "imdb kilt_fever liar onestop_english poem_sentiment rotten_tomatoes scitail sick sms_spam superglue-cb "
-        "superglue-rte superglue-wic superglue-wsc tab_fact trec trec-finegrained tweet_eval-emoji "
-        "tweet_eval-emotion tweet_eval-hate tweet_eval-irony tweet_eval-offensive tweet_eval-sentiment "
-        "tweet_eval-stance_abortion tweet_eval-stance_atheism tweet_eval-stance_climate tweet_eval-stance_feminist "
-        "tweet_eval-stance_hillary wiki_qa yahoo_answers_topics yelp_polarity",
-        "glue-mrpc glue-qqp medical_questions_pairs paws"),
-}
-
-
-METAICL_TYPES = {  # "task_type" of MetaICL's config/tasks/{task}.json (facebookresearch/MetaICL), as facts; free-form
-    # tasks have no options. wiqa is multi-choice there although every test example offers the same three options.
-    t: set(names.split()) for t, names in {
-    "classification": (
-    "ade_corpus_v2-classification ag_news amazon_polarity anli art biomrc blimp-anaphor_number_agreement "
-    "blimp-ellipsis_n_bar_2 blimp-sentential_negation_npi_licensor_present blimp-sentential_negation_npi_scope "
-    "boolq circa climate_fever crows_pairs dbpedia_14 discovery emo emotion ethos-directed_vs_generalized "
-    "ethos-disability ethos-gender ethos-national_origin ethos-race ethos-religion ethos-sexual_orientation "
-    "financial_phrasebank glue-cola glue-mnli glue-mrpc glue-qnli glue-qqp glue-rte glue-sst2 glue-wnli "
-    "google_wellformed_query hate_speech18 hate_speech_offensive hatexplain health_fact imdb kilt_fever liar "
-    "mc_taco medical_questions_pairs numer_sense onestop_english paws piqa poem_sentiment rotten_tomatoes scitail "
-    "sick sms_spam superglue-cb superglue-rte superglue-wic superglue-wsc tab_fact trec trec-finegrained "
-    "tweet_eval-emoji tweet_eval-emotion tweet_eval-hate tweet_eval-irony tweet_eval-offensive "
-    "tweet_eval-sentiment tweet_eval-stance_abortion tweet_eval-stance_atheism tweet_eval-stance_climate "
-    "tweet_eval-stance_feminist tweet_eval-stance_hillary unifiedqa:boolq wiki_qa yahoo_answers_topics "
-    "yelp_polarity yelp_review_full "),
-    "multi-choice": (
-    "ai2_arc codah commonsense_qa cosmos_qa dream hellaswag openbookqa qasc quail quarel quartz-no_knowledge "
-    "quartz-with_knowledge race-high race-middle sciq social_i_qa superglue-copa superglue-multirc swag "
-    "unifiedqa:ai2_science_middle unifiedqa:mctest unifiedqa:openbookqa unifiedqa:openbookqa_with_ir "
-    "unifiedqa:qasc unifiedqa:qasc_with_ir wino_grande wiqa ")}.items()}
