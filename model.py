@@ -263,7 +263,7 @@ class Distiller(nn.Module):
         embeds = self.backbone.get_input_embeddings()(demo_ids)                 # (B, D, c)
         x = torch.cat([embeds, self.placeholder.expand(B, L, -1).to(embeds.dtype)], dim=1)  # (B, D+L, c)
         mask = torch.cat([demo_mask, demo_mask.new_ones(B, L)], dim=1)          # (B, D+L)
-        return dict(inputs_embeds=x, attention_mask=mask, position_ids=position_ids(mask))
+        return dict(inputs_embeds=x, attention_mask=mask, position_ids=position_ids(mask), use_cache=False)
 
     def forward(self, demo_ids, demo_mask):
         """-> (B, L, C): the last-layer hidden states at the placeholders, in the LLM's width."""

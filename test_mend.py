@@ -107,6 +107,19 @@ def test_distiller_projection_and_parameter_count():
     assert model.count_params(llm, trainable_only=True) == 0
 
 
+@pytest.mark.parametrize("family", ["gpt2", "llama", "t5"])
+def test_the_distiller_builds_no_kv_cache(family):
+    """The distiller reads the demonstrations once: its backbone keeps no keys/values (transformers would build a
+    cache by default, work that nothing reads), and its hidden states are those of the plain forward."""
+    llm = tiny_llm(family)
+    distiller = model.build_distiller("layers:1", llm, 3).eval()
+    ids, mask = torch.randint(0, VOCAB, (2, 6)), torch.tensor([[0, 1, 1, 1, 1, 1], [1] * 6])
+    inputs = distiller.backbone_inputs(ids, mask)
+    assert inputs["use_cache"] is False and distiller.backbone(**inputs).cache is None
+    plain = distiller.backbone(**{k: v for k, v in inputs.items() if k != "use_cache"}).last_hidden_state
+    assert torch.equal(distiller(ids, mask), distiller.proj(plain[:, -3:]))
+
+
 def test_separate_distiller_with_its_own_tokenizer_and_width(saved_llm, tmp_path):
     """A GPT-2 distiller (width 48, its own tokenizer files) for a Llama LLM (width 32): Linear+tanh, both stages run."""
     torch.manual_seed(1)
