@@ -61,10 +61,11 @@ against MEND's context of 100 vectors, so those lengths are D and both methods a
 one tokenizer between LLM and distiller, so the distiller reads the same D tokens. With --data, D is measured instead:
 data.demo_item on the k seed-100 train demonstrations of each available test task, averaged over the tasks.
 
-Latency is measured on random-init models of the real shapes (speed does not depend on the weights): warm-up, then
-the median of --runs forwards under torch.no_grad, synchronized on CUDA. A batch holds B query rows (query+option
-each). "no reuse" = every row carries its whole input; "reuse" = the demos' (ICL) or the vectors' (MEND) keys/values
-are computed once beforehand (model.prefix_cache) and only the query rows are timed. Per-query = batch time / B.
+Latency is measured on random-init models of the real shapes (speed does not depend on the weights), the LM head in
+float32 as in eval.py: --warmup untimed forwards, then the median of --runs forwards under torch.no_grad,
+synchronized on CUDA. A batch holds B query rows (query+option each). "no reuse" = every row carries its whole
+input; "reuse" = the demos' (ICL) or the vectors' (MEND) keys/values are computed once beforehand
+(model.prefix_cache) and only the query rows are timed. Per-query = batch time / B.
 """
 import argparse
 import copy
@@ -79,7 +80,7 @@ from transformers import (AutoModel, AutoModelForCausalLM, AutoModelForSeq2SeqLM
                           T5EncoderModel)
 
 import data
-from model import Distiller, count_params, freeze, llm_logits, load_tokenizer, prefix_cache
+from model import Distiller, count_params, fp32_head, freeze, llm_logits, load_tokenizer, prefix_cache
 
 # -----------------------------------------------------------------------------
 # configs: published hyperparameters, built here so nothing is downloaded
@@ -134,9 +135,10 @@ def get_args(argv=None):
     p.add_argument("--lengths", default="class2class", help="comma-separated partitions whose paper D is timed")
     p.add_argument("--batches", type=lambda s: s if s == "auto" else data.positive_ints(s), default="auto",
                    help="query rows per batch (comma list): auto = 1,16 on cuda, else 1")
-    p.add_argument("--runs", type=data.checked(int, lambda v: v >= 20, "an integer >= 20"), default=20,
+    p.add_argument("--runs", type=data.checked(int, lambda v: v >= 50, "an integer >= 50"), default=50,
                    help="timed forwards per cell (the median is reported)")
-    p.add_argument("--warmup", type=data.count, default=1, help="untimed forwards before each cell")
+    p.add_argument("--warmup", type=data.checked(int, lambda v: v >= 10, "an integer >= 10"), default=10,
+                   help="untimed forwards before each cell")
     p.add_argument("--device", default="auto", help="auto = cuda if available, else cpu")
     p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"],
                    help="auto = bfloat16 on cuda if supported, else float32")
@@ -405,13 +407,14 @@ def flops_table(rows):
 
 
 def build_models(llm_name, L, device, dtype):
-    """Random-init LLM and distiller (model.Distiller on a bare backbone) of the pair's real shapes, frozen."""
+    """Random-init LLM and distiller (model.Distiller on a bare backbone) of the pair's real shapes, frozen; the LM
+    head in float32, as eval.py's (model.fp32_head)."""
     cfg, dis = CONFIGS[llm_name], distiller_config(llm_name)
     with torch.device(device):
         llm = (AutoModelForSeq2SeqLM if cfg.is_encoder_decoder else AutoModelForCausalLM).from_config(cfg).to(dtype)
         backbone = T5EncoderModel(dis) if dis.model_type == "t5" else AutoModel.from_config(dis)  # T5: the encoder
         distiller = Distiller(backbone, L, llm.config.hidden_size).to(dtype)
-    return freeze(llm), freeze(distiller)
+    return freeze(fp32_head(llm)), freeze(distiller)
 
 
 def median_ms(fn, runs, warmup, device):

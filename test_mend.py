@@ -710,7 +710,8 @@ BAD_COMMAND_LINES = [  # (command line, what its one error line says); {llm}: a 
     ("eval.py --methods zeroshot,fewshot", "argument --methods: got 'zeroshot,fewshot'"),
     ("eval.py --seeds 100,x", "argument --seeds: got '100,x'"),
     ("eval.py --methods zeroshot --teacher_demo_tokens 100 --data {data}", "--teacher_demo_tokens 100: must be at"),
-    ("flops.py --runs 5", "argument --runs: got '5'; allowed: an integer >= 20"),
+    ("flops.py --runs 20", "argument --runs: got '20'; allowed: an integer >= 50"),
+    ("flops.py --warmup 1", "argument --warmup: got '1'; allowed: an integer >= 10"),
     ("flops.py --demo_tokens 767", "--demo_tokens 767: two budgets"),
     ("flops.py --data {empty} --bench_pair none", "no test task of class2class"),
     ("analyze.py --top 0", "argument --top: got '0'"),
@@ -919,6 +920,8 @@ def test_method_flops_match_the_timed_forwards(monkeypatch):
     D, T, L, B = 24, 8, 4, 2
     llm, distiller = flops.build_models("tiny", L, "cpu", torch.float32)
     f = extensions.method_flops("tiny", D, T, L, 1)
+    held_bf16 = flops.build_models("tiny", L, "cpu", torch.bfloat16)[0]  # the LM head in float32, as eval.py's
+    assert held_bf16(torch.ones(1, 2, dtype=torch.long)).logits.dtype == torch.float32
     want = {"zero-shot": f["zeroshot"], "ICL": f["icl"], "MEND": f["mend"],
             "ICL + demo KV reuse": flops.total_flops(llm_cfg, T, D + T, T),
             "MEND + distill once": flops.total_flops(llm_cfg, T, L + T, T)}
