@@ -597,13 +597,15 @@ def test_mend_api_distills_scores_classifies_and_generates(saved_llm, tmp_path):
     torch.testing.assert_close(mend.distill("good film\nyes\n\nbad film\nno\n\n"), vectors)  # text = pairs
     scores = mend.score(vectors, ["nice film", "awful"], ["yes", "no!"])
     ex = {"input": "awful", "options": ["yes", "no!"]}
-    torch.testing.assert_close(scores[1], evaluate.naive_option_scores(mend.llm, mend.toks[0], ex, 32, prefix_embeds=vectors))
-    assert mend.classify(vectors, ["nice film", "awful"], ["yes", "no!"]) == [["yes", "no!"][int(s.argmax())] for s in scores]
+    naive = evaluate.naive_option_scores(mend.llm, mend.toks[0], ex, 32, prefix_embeds=vectors)
+    torch.testing.assert_close(torch.tensor(scores[1]), naive)
+    assert mend.classify(vectors, ["nice film", "awful"], ["yes", "no!"]) == [["yes", "no!"][s.index(max(s))] for s in scores]
     x = torch.tensor([data.encode(mend.toks[0], "nice film\n")])
     embeds = torch.cat([vectors, mend.llm.get_input_embeddings()(x)], dim=1)          # (1, L+T, C)
     hf = mend.llm.generate(inputs_embeds=embeds, attention_mask=torch.ones(embeds.shape[:2], dtype=torch.long),
                            max_new_tokens=12, do_sample=False, min_new_tokens=12)
-    assert mend.generate(vectors, "nice film", max_new_tokens=12) == mend.toks[0].decode(hf[0], skip_special_tokens=True)
+    assert mend.generate(vectors, "nice film", max_new_tokens=12) == \
+        mend.toks[0].decode(hf[0], skip_special_tokens=True).lstrip()
     with pytest.raises(model.CheckpointError, match="was trained for llm=.*llama, not llm=gpt2"):
         distill.MEND.load(str(ckpt), llm="gpt2")
 
@@ -714,7 +716,7 @@ def test_bad_command_lines_give_one_error_line_and_change_no_file(saved_llm, tmp
     the scripts' entry points; the first line of each script also runs as `python script.py`, with the same output."""
     work = tmp_path / "work"
     (work / "empty").mkdir(parents=True)
-    (work / "eval_qa2qa.json").write_text('{"an earlier": "result"}')
+    (work / "eval_qa2qa.json").write_text('{"partition": "qa2qa", "llm": "an earlier result"}')
     names = dict(llm=saved_llm("llama"), empty=work / "empty", data=ROOT / "sample_data")
     snapshot = lambda: {p: p.is_file() and p.read_bytes() for p in work.rglob("*")}
     before = snapshot()
@@ -773,7 +775,7 @@ def test_bf16_scores_agree_with_float32(saved_llm, tmp_path, family):
     full, half = (distill.MEND.load(str(ckpt), device="cpu", dtype=d) for d in ("float32", "bfloat16"))
     assert half.llm.dtype == torch.bfloat16 and half.distiller.placeholder.dtype == torch.float32
     demos, inputs, options = [("good film", "yes"), ("bad film", "no")], ["nice film", "awful", "dull"], ["yes", "no!", "maybe so"]
-    a, b = full.score(full.distill(demos), inputs, options), half.score(half.distill(demos), inputs, options)
+    a, b = (torch.tensor(m.score(m.distill(demos), inputs, options)) for m in (full, half))
     decided = 0
     for x, y in zip(a, b):
         assert (x - y).abs().max() < 0.1
@@ -1046,7 +1048,7 @@ def test_t5_train_then_eval_end_to_end(saved_llm, tmp_path):
     seq, out = data.encode_example(mend.toks[0], {"input": "nice film"}, 32, answer_len=6)[0], []
     while len(out) < 6 and mend.toks[0].eos_token_id not in out:
         out.append(int(hf_logits(mend.llm, vectors, torch.tensor([seq + out]))[0, -1].argmax()))
-    assert mend.generate(vectors, "nice film", max_new_tokens=6) == mend.toks[0].decode(out, skip_special_tokens=True)
+    assert mend.generate(vectors, "nice film", max_new_tokens=6) == mend.toks[0].decode(out, skip_special_tokens=True).lstrip()
     import analyze
     with pytest.raises(SystemExit, match="encoder-decoder"):
         analyze.main(analyze.get_args(["--ckpt", str(s2), "--task", "sample-opposite"]))
