@@ -197,7 +197,7 @@ def sweep_rows(args):
             raise SystemExit(f"{path}: no demo_tokens; rerun eval.py (files written before the sweep lack them)")
         spec = report["distiller"] if report["distiller"] not in (None, PROMPT) else None
         for method, result in report["methods"].items():
-            key, L = FLOPS_KEY[method], report["n_vectors"] or 0
+            key, L = FLOPS_KEY[method.removesuffix(evaluate.STAGE1)], report["n_vectors"] or 0
             D = report["demo_tokens"]["icl" if method == "icl" else "mend"]
             f = extensions.method_flops(report["llm"], D, args.query_tokens, L, 1, spec)[key]
             series = f"{method} ({Path(report['ckpt']).stem})" if report["ckpt"] and method != "icl" else method
@@ -281,6 +281,7 @@ def ceiling(args):
     after every task."""
     ev = evaluate.get_args(["--data", args.data, "--ckpt", args.ckpt, *args.protocol])
     ev.fit_steps, ev.fit_lr, ev.out = args.fit_steps, args.fit_lr, args.out or f"ceiling_{ev.partition}.json"
+    data.check_output(ev.out, "--out", kind="eval")  # eval.py's layout
     ev.seeds_all = [100, 13, 21, 42, 87]
     ev.seeds = ev.seeds[:1]
     if ev.threads:
@@ -307,16 +308,15 @@ def ceiling(args):
         print(f"[{n}/{len(files)}] {task} ({report['fits'][task]['inputs']} fit inputs): " +
               " | ".join(f"{m} {report['methods'][m]['tasks'][task]['score']:.1f}" for m in preds) + f" | {time.time() - t:.0f}s",
               flush=True)
-        Path(ev.out).write_text(json.dumps(report, indent=1))
+        evaluate.write_json(ev.out, report)
     print("average over " + f"{len(files)} tasks: " + " | ".join(f"{m} {r['average']:.1f}" for m, r in report["methods"].items()))
     print(f"wrote {ev.out}")
     return report
 
 
 def main(args):
-    for flag, path in (("--png", args.png), ("--out", args.out)):  # what it writes is checked before any work
-        if path:
-            data.check_output(path, flag)
+    if args.png:  # what it writes is checked before any work
+        data.check_output(args.png, "--png", kind="png")
     if args.ceiling:
         return ceiling(args)
     if args.curves:
@@ -325,6 +325,8 @@ def main(args):
         return sweep(args)
     if args.held_out:
         return held_out(args)
+    out = args.out or f"attention_{args.task}.json"
+    data.check_output(out, "--out", kind="attention")
     demos = data.read_metaicl(data.task_file(args.data, args.task, 16, args.seed, "train"))  # a missing task fails
     query = data.read_metaicl(data.task_file(args.data, args.task, 16, 100, "test"))[0]     # before the model loads
     mend = extensions.load(args.ckpt, device="cpu")
@@ -354,8 +356,7 @@ def main(args):
     report["llm_share_on_demos"] = prefix_share(mend, demo_embeds, x)
     for layer, (s, t) in enumerate(zip(report["llm_share_on_vectors"], report["llm_share_on_demos"])):
         print(f"LLM layer {layer:2d}: answer position -> vectors {s:.3f} | -> real demonstrations {t:.3f}")
-    out = args.out or f"attention_{args.task}.json"
-    Path(out).write_text(json.dumps(report))
+    evaluate.write_json(out, report)
     print(f"wrote {out}")
     return report
 

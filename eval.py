@@ -33,7 +33,6 @@ of an example are scored in one batch. `--bench N` checks this against the naive
 """
 import argparse
 import json
-import os
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -329,9 +328,16 @@ def load_models(args, methods, device, dtype=torch.float32, checkpoint=None):
     return llm, toks, distiller, meta, cfg
 
 
+STAGE1 = " (stage 1 only)"  # the name's suffix for a checkpoint of train.py --stage pretrain, never finetuned
+
+
 def trained_method(cfg):
-    """The method a checkpoint implements, from its training config (not its file name)."""
-    return "prompt_tuning" if cfg["distiller"] == PROMPT else "mend_no_kd" if cfg.get("lam", 1.0) == 0 else "mend"
+    """The method a checkpoint implements, from its training config (not its file name): mend, mend_no_kd (lam 0)
+    or prompt_tuning, followed by STAGE1 when the checkpoint is stage 1's (KL only, where lam plays no part)."""
+    stage1 = cfg.get("stage") == "pretrain"
+    no_kd = cfg.get("lam", 1.0) == 0 and not stage1
+    name = "prompt_tuning" if cfg["distiller"] == PROMPT else "mend_no_kd" if no_kd else "mend"
+    return name + STAGE1 * stage1
 
 
 def refuse_seen_tasks(cfg, tests, args):
@@ -397,13 +403,15 @@ def compare(spec):
 def print_table(results, methods, key="score"):
     """One row per task and the average: each method's score, or (key="agreement") its agreement with ICL."""
     tasks = list(results[methods[0]]["tasks"])
-    width = max([len(t) for t in tasks] + [7])
-    print(f"{'task':{width}s} {'metric' if key == 'score' else 'agreement':9s} " + " ".join(f"{m:>9s}" for m in methods))
+    width, cols = max([len(t) for t in tasks] + [7]), [max(9, len(m)) for m in methods]
+    print(f"{'task':{width}s} {'metric' if key == 'score' else 'agreement':9s} "
+          + " ".join(f"{m:>{c}s}" for m, c in zip(methods, cols)))
     for t in tasks:
         metric = results[methods[0]]["tasks"][t]["metric"] if key == "score" else "with ICL"
-        print(f"{t:{width}s} {metric:9s} " + " ".join(f"{results[m]['tasks'][t][key]:9.1f}" for m in methods))
-    print(f"{'average':{width}s} {'':9s} " + " ".join(f"{results[m]['average' if key == 'score' else key]:9.1f}"
-                                                     for m in methods))
+        print(f"{t:{width}s} {metric:9s} "
+              + " ".join(f"{results[m]['tasks'][t][key]:{c}.1f}" for m, c in zip(methods, cols)))
+    print(f"{'average':{width}s} {'':9s} " + " ".join(f"{results[m]['average' if key == 'score' else key]:{c}.1f}"
+                                                     for m, c in zip(methods, cols)))
 
 
 def bench(args, llm, toks, distiller, files, methods, meta):
@@ -447,24 +455,23 @@ def naive_prefix(method, llm, toks, distiller, demos, args, meta, teacher_ids):
 
 def write_json(path, report):
     """The result file, written to a temp file and renamed, as checkpoints are: a crash mid-write leaves the old file."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    Path(tmp).write_text(json.dumps(report, indent=1))
-    os.replace(tmp, path)
+    data.write_text(path, json.dumps(report, indent=1))
 
 
-def evaluate_all(args, models, files, methods, ctx):
-    """Every method on every task, one line each -> {method: {"tasks": {task: evaluate_task's result}, "average"}}."""
+def evaluate_all(args, models, files, names, ctx):
+    """Every method on every task, one line each; names = {method: the name it is reported under} ->
+    {name: {"tasks": {task: evaluate_task's result}, "average"}}."""
     llm, toks, distiller, meta = models
-    results = {m: {"tasks": {}} for m in methods}
+    results = {name: {"tasks": {}} for name in names.values()}
     for n, (task, seeds) in enumerate(files.items(), 1):
-        for method in methods:
+        for method, name in names.items():
             t0 = time.time()
             with ctx:
-                results[method]["tasks"][task] = score = evaluate_task(method, llm, toks, distiller, seeds, args, meta, task)
-            print(f"[{n}/{len(files)}] {task} {method}: {score['score']:.1f} "
+                results[name]["tasks"][task] = score = evaluate_task(method, llm, toks, distiller, seeds, args, meta, task)
+            print(f"[{n}/{len(files)}] {task} {name}: {score['score']:.1f} "
                   f"({' '.join(f'{v:.1f}' for v in score['per_seed'].values())}) {time.time() - t0:.0f}s", flush=True)
-    for m in methods:
-        results[m]["average"] = float(np.mean([t["score"] for t in results[m]["tasks"].values()]))
+    for r in results.values():
+        r["average"] = float(np.mean([t["score"] for t in r["tasks"].values()]))
     return results
 
 
@@ -473,7 +480,7 @@ def main(args):
     if args.compare:
         return compare(args.compare)
     t_start = time.time()
-    data.check_output(args.out, "--out")  # every path written is checked before any work
+    data.check_output(args.out, "--out", kind="eval")  # every path written is checked before any work
     if args.vectors_dir:
         data.check_output(args.vectors_dir, "--vectors_dir", folder=True)
     methods = args.methods or ["zeroshot", "icl"] + ["mend"] * Path(args.ckpt).exists()
@@ -490,21 +497,20 @@ def main(args):
         print(f"note: {args.ckpt} not found, so no mend (make it with: python train.py --stage pretrain && "
               f"python train.py --stage finetune --init ckpt.pt)")
     llm, toks, distiller, meta, cfg = load_models(args, methods, device, dtype, checkpoint)
+    names = {m: trained_method(cfg) if m == "mend" and cfg else m for m in methods}  # what a checkpoint was trained as
     print(f"{args.partition}: evaluating {len(files)} of {len(part['test'])} test tasks ({len(skipped)} skipped), "
-          f"seeds {args.seeds}, methods {methods}, llm {args.llm}, device {device}, dtype {str(dtype)[6:]}; "
+          f"seeds {args.seeds}, methods {list(names.values())}, llm {args.llm}, device {device}, dtype {str(dtype)[6:]}; "
           f"{args.settings}")
     if args.bench:
         with ctx:
-            report = {"device": device, "llm": args.llm, **bench(args, llm, toks, distiller, files, methods, meta)}
+            report = {"partition": args.partition, "device": device, "llm": args.llm, **bench(args, llm, toks, distiller, files, methods, meta)}
         write_json(args.out, report)
         return report
-    results = evaluate_all(args, (llm, toks, distiller, meta), files, methods, ctx)
-    print_table(results, methods)
+    results = evaluate_all(args, (llm, toks, distiller, meta), files, names, ctx)
+    print_table(results, list(results))
     if reference or "icl" in methods:
         add_agreement(results, reference or {t: r["predictions"] for t, r in results["icl"]["tasks"].items()})
-        print_table(results, methods, key="agreement")
-    if "mend" in results and cfg:  # name what was trained: mend, mend_no_kd (lam 0) or prompt_tuning
-        results[trained_method(cfg)] = results.pop("mend")
+        print_table(results, list(results), key="agreement")
     report = {"partition": args.partition, "perturb": args.perturb, "llm": args.llm, "dtype": str(dtype)[6:], "distiller": cfg.get("distiller"),
               "ckpt": args.ckpt if distiller is not None else None, "seeds": args.seeds, "max_examples": args.max_examples,
               "k": args.k, "n_vectors": args.n_vectors, "demo_tokens": demo_lengths(files, toks, args), "train_config": cfg or None,

@@ -557,8 +557,11 @@ def plot(path, rows):
 def main(args):
     """The recipe: device/dtype -> lengths -> analytic FLOPs -> timings -> goals -> report."""
     data.check_output(args.out, "--out", folder=True)  # every path written is checked before any work
+    for name, kind in (("flops.md", "flops_md"), ("flops.json", "flops_json")):
+        if Path(args.out, name).exists():  # replaced only when flops.py wrote it
+            data.check_output(Path(args.out, name), "--out", kind=kind)
     if args.plot:
-        data.check_output(args.plot, "--plot")
+        data.check_output(args.plot, "--plot", kind="png")
     files = demo_files(args) if args.data else {}  # a --data with nothing to measure fails before any output
     torch.manual_seed(args.seed)
     if args.threads:
@@ -593,9 +596,9 @@ def main(args):
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "flops.md").write_text("\n".join(report) + "\n")
-    (out / "flops.json").write_text(json.dumps(dict(config=vars(args), device=where, dtype=dtype_name,
-                                                    flops=rows, latency=timings, goals=goals), indent=1))
+    data.write_text(out / "flops.md", "\n".join(report) + "\n")
+    data.write_text(out / "flops.json", json.dumps(dict(config=vars(args), device=where, dtype=dtype_name,
+                                                        flops=rows, latency=timings, goals=goals), indent=1))
     print(f"wrote {out / 'flops.md'} and {out / 'flops.json'}")
     if args.plot:
         plot(args.plot, rows)

@@ -343,7 +343,7 @@ def run(args):
     if args.threads:
         torch.set_num_threads(args.threads)
     steps = extensions.steps_for(vars(args))  # the paper's steps, or those of an addition (--base, --kl_rows)
-    data.check_output(args.out, "--out")  # every file the run writes sits beside --out
+    data.check_output(args.out, "--out", kind="checkpoint")  # every file the run writes sits beside --out
     start = starting_state(args)  # a bad --init/--resume fails here, before the LLM is touched
     toks = steps.tokenizers(args.llm)  # so does a model that cannot be loaded
     read = read_data(args, toks, steps)  # and a run that would read nothing
