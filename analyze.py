@@ -24,7 +24,6 @@ ICL, truncated demonstrations and, with --ckpt, MEND and MEND refined (fitted st
 --sweep reads eval.py JSON files (the l and K sweep of results/sweep/run.sh): each method's score next to the FLOPs
 per query of its configuration (extensions.method_flops with the demonstration tokens that eval.py measured).
 """
-import argparse
 import importlib.util
 import json
 import time
@@ -46,25 +45,35 @@ from model import PROMPT, PromptTuning, predict, prefix_cache
 
 
 def get_args(argv=None):
-    p = data.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--ckpt", default="mend.pt", help="a checkpoint made by train.py")
-    p.add_argument("--data", default="sample_data", help="data folder with metaicl/")
-    p.add_argument("--task", default="sample-sentiment", help="task whose {task}_16_{seed}_train.jsonl are the demos")
-    p.add_argument("--seed", type=data.count, default=100, help="MetaICL seed of the demonstrations")
-    p.add_argument("--top", type=data.positive_int, default=5, help="demonstration tokens listed per vector")
-    p.add_argument("--png", default="", help="also draw the placeholder-to-demonstration heatmap here (matplotlib)")
-    p.add_argument("--curves", default="", help="comma-separated train.py logs: print and plot the selection signal")
-    p.add_argument("--held_out", action="store_true", help="class counts of the predictions on the held-out tasks")
-    p.add_argument("--sweep", default="", help="comma-separated eval.py JSON files: score against FLOPs per query")
+    p = data.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--ckpt", default="mend.pt", help="Checkpoint made by train.py. Default: %(default)s.")
+    p.add_argument("--data", default="sample_data", help="Data folder holding metaicl/. Default: %(default)s.")
+    p.add_argument("--task", default="sample-sentiment", help="Task whose demonstrations (its "
+                   "TASK_16_SEED_train.jsonl) are analysed. Default: %(default)s.")
+    p.add_argument("--seed", type=data.count, default=100,
+                   help="MetaICL seed of the demonstrations. Default: %(default)s.")
+    p.add_argument("--top", type=data.positive_int, default=5,
+                   help="Demonstration tokens listed for each vector, the most attended first. Default: %(default)s.")
+    p.add_argument("--png", default="", help="Also draw a plot to this PNG file (needs matplotlib): the attention "
+                   "heatmap, or the plot of --curves or --sweep; an existing file is replaced only if it is a PNG.")
+    p.add_argument("--curves", default="", help="Comma-separated train.py logs: print and plot their selection "
+                   "signal (held-out macro-F1) against training time.")
+    p.add_argument("--held_out", action="store_true", help="Count, for each task held out by train.py --val_tasks, "
+                   "how often zero-shot, ICL and MEND predict each class.")
+    p.add_argument("--sweep", default="", help="Comma-separated eval.py JSON files: print and plot each method's "
+                   "score against its FLOPs per query.")
     p.add_argument("--query_tokens", type=data.positive_int, default=64,
-                   help="--sweep: T, tokens of one query row (flops.py's)")
-    p.add_argument("--ceiling", action="store_true", help="fitted vectors against zero-shot, ICL, truncated (and MEND, "
-                   "MEND refined with --ckpt) on a partition's test tasks; eval.py's flags that follow set the protocol")
-    p.add_argument("--fit_steps", type=data.positive_int, default=60, help="--ceiling: Adam steps of each fit")
-    p.add_argument("--fit_lr", type=data.positive, default=0.1,
-                   help="--ceiling: lr relative to the RMS of the token embeddings")
-    p.add_argument("--out", default="", help="JSON with both attention maps (default: attention_{task}.json), or "
-                   "with --ceiling its results (default: ceiling_{partition}.json)")
+                   help="With --sweep: T, the tokens of one query row, as in flops.py. Default: %(default)s.")
+    p.add_argument("--ceiling", action="store_true", help="Fit l free vectors per test task of a partition and score "
+                   "them beside zero-shot, ICL, truncated demonstrations and, with --ckpt, MEND and MEND refined; "
+                   "eval.py's flags after it set the protocol.")
+    p.add_argument("--fit_steps", type=data.positive_int, default=60,
+                   help="With --ceiling: Adam steps of each fit. Default: %(default)s.")
+    p.add_argument("--fit_lr", type=data.positive, default=0.1, help="With --ceiling: the fit's learning rate, "
+                   "relative to the RMS of the token embeddings. Default: %(default)s.")
+    p.add_argument("--out", default="", help="JSON file to write, the attention maps or the --ceiling results; an "
+                   "existing file is replaced only if it is of the same kind. Default: attention_TASK.json, or "
+                   "ceiling_PARTITION.json with --ceiling.")
     args, rest = p.parse_known_args(argv)
     if rest and not args.ceiling:
         p.error(f"unrecognized arguments: {' '.join(rest)}")

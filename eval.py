@@ -31,7 +31,6 @@ Speed without changing a score: one (task, seed) shares its demonstrations, so t
 distilled vectors and the vectors' keys/values (MEND) are computed once and reused for every example, and all options
 of an example are scored in one batch. `--bench N` checks this against the naive full forward per option.
 """
-import argparse
 import json
 import time
 from contextlib import nullcontext
@@ -55,43 +54,57 @@ METHOD_LIST = data.checked(lambda s: [m for m in s.split(",") if m], lambda v: s
 
 
 def get_args(argv=None):
-    p = data.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--partition", default="qa2qa", help="hr2lr class2class nonclass2class qa2qa nonqa2qa nonnli2nli nonpara2para")
-    p.add_argument("--data", default="sample_data", help="data folder with metaicl/ (real data: ../shared/data)")
+    p = data.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--partition", default="qa2qa", help="MetaICL partition whose test tasks are evaluated: hr2lr, "
+                   "class2class, nonclass2class, qa2qa, nonqa2qa, nonnli2nli or nonpara2para. Default: %(default)s.")
+    p.add_argument("--data", default="sample_data", help="Data folder holding metaicl/ (README: Real data). "
+                   "Default: %(default)s.")
     p.add_argument("--methods", type=METHOD_LIST, default="",
-                   help="comma-separated subset of zeroshot,icl,truncated,labels,anchors,"
-                   "mend (default: zeroshot,icl and mend when --ckpt exists); the free prefixes of length l: see above")
-    p.add_argument("--n_vectors", type=data.positive_int, default=None,
-                   help="l of the free prefixes (default: see --k; else 100)")
-    p.add_argument("--ckpt", default="mend.pt", help="finetuned MEND checkpoint (made by train.py --stage finetune)")
+                   help="Comma-separated methods among zeroshot, icl, truncated, labels, anchors and mend (truncated, "
+                   "labels and anchors: the free prefixes of length l, no training). Default: zeroshot,icl, and mend "
+                   "when --ckpt exists.")
+    p.add_argument("--n_vectors", type=data.positive_int, default=None, help="Length l of the free prefixes. "
+                   "Default: --ckpt's number of vectors when that file exists, else 100.")
+    p.add_argument("--ckpt", default="mend.pt", help="MEND checkpoint made by train.py (a stage-1 checkpoint is "
+                   "reported as 'mend (stage 1 only)'). Default: %(default)s.")
     p.add_argument("--llm", type=data.model_name, default="",
-                   help="frozen LLM (default: the checkpoint's, else smollm2-135m)")
-    p.add_argument("--seeds", type=data.seed_list, default="100,13,21,42,87", help="comma-separated MetaICL seeds")
-    p.add_argument("--max_examples", type=data.count, default=0, help="first N test examples per task (0 = all)")
-    p.add_argument("--protocol", default="fixed", choices=["fixed", "random"], help="MetaICL's, or the official code's")
-    p.add_argument("--k", type=data.positive_int, default=None,
-                   help="demonstrations (default, as for l and the budgets, whatever the methods: --ckpt's "
-                   "when that file exists, else 16)")
-    p.add_argument("--max_len_per_example", type=data.positive_int, default=None,
-                   help="tokens per input+option (default: see --k; else 256)")
-    p.add_argument("--teacher_demo_tokens", type=data.positive_int, default=None,
-                   help="ICL demo budget (default: see --k; else 767)")
-    p.add_argument("--distiller_demo_tokens", type=data.positive_int, default=None,
-                   help="MEND demo budget (default: see --k; else 643)")
-    p.add_argument("--perturb", default="gold", choices=list(data.PERTURBATIONS),
-                   help="demonstrations for ICL and MEND: gold, random_labels, no_labels (inputs only), no_inputs")
-    p.add_argument("--vectors_dir", default="", help="distill once: save/load distilled vectors here (safetensors)")
-    p.add_argument("--out", default="", help="JSON results file (default: eval_{partition}.json); its folder must "
-                   "exist and be writable (it is not made)")
-    p.add_argument("--device", default="auto", help="auto = cuda if available, else cpu")
+                   help="The frozen LLM. Default: the one --ckpt was trained for, else smollm2-135m.")
+    p.add_argument("--seeds", type=data.seed_list, default="100,13,21,42,87", help="Comma-separated MetaICL seeds, "
+                   "each with its own demonstrations. Default: %(default)s.")
+    p.add_argument("--max_examples", type=data.count, default=0, help="Test examples evaluated per task, the first "
+                   "ones; 0 evaluates all. Default: %(default)s.")
+    p.add_argument("--protocol", default="fixed", choices=["fixed", "random"], help="How demonstrations are drawn: "
+                   "fixed (MetaICL's: the seed's file, in order) or random (the official MEND code's: a new random "
+                   "draw for every test example). Default: %(default)s.")
+    p.add_argument("--k", type=data.positive_int, default=None, help="Number of demonstrations. Default: --ckpt's "
+                   "when that file exists (whatever the methods), else 16.")
+    p.add_argument("--max_len_per_example", type=data.positive_int, default=None, help="Most tokens of one input and "
+                   "option together; a longer input is cut. Default: --ckpt's when that file exists, else 256.")
+    p.add_argument("--teacher_demo_tokens", type=data.positive_int, default=None, help="Most demonstration tokens "
+                   "ICL reads. Default: --ckpt's when that file exists, else 767.")
+    p.add_argument("--distiller_demo_tokens", type=data.positive_int, default=None, help="Most demonstration tokens "
+                   "MEND's distiller reads. Default: --ckpt's when that file exists, else 643.")
+    p.add_argument("--perturb", default="gold", choices=list(data.PERTURBATIONS), help="The demonstrations ICL and "
+                   "MEND read: gold, random_labels (each label a random option), no_labels (inputs only) or no_inputs "
+                   "(labels only). Default: %(default)s.")
+    p.add_argument("--vectors_dir", default="", help="Folder that keeps distilled vectors (safetensors files): each "
+                   "demonstration set is distilled once, later runs load its vectors. Without it, none are kept.")
+    p.add_argument("--out", default="", help="JSON file for the results; its folder must exist, and an existing file "
+                   "is replaced only if it is an eval.py result. Default: eval_PARTITION.json.")
+    p.add_argument("--device", default="auto", help="Device to run on, e.g. cuda:1; auto is cuda when available, "
+                   "else cpu. Default: %(default)s.")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                   help="autocast dtype, and the LLM's; auto = bf16 on CUDA when supported, fp32 on CPU")
-    p.add_argument("--threads", type=data.count, default=0, help="CPU threads (0: torch's default, every core)")
-    p.add_argument("--reference", default="", help="an eval JSON holding ICL's predictions on the same examples: "
-                   "every method's agreement with them (default: this run's icl, when it runs)")
-    p.add_argument("--compare", default="", help="A.json:METHOD,B.json:METHOD: paired bootstrap of two result files")
-    p.add_argument("--bench", type=data.count, default=0, help="compare cached scoring with the naive forward on N "
-                   "examples (0 = off)")
+                   help="Autocast dtype, also the LLM's: auto is bfloat16 on a GPU that supports it, else float16, "
+                   "and float32 on a CPU. Default: %(default)s.")
+    p.add_argument("--threads", type=data.count, default=0,
+                   help="CPU threads for torch; 0 lets torch use every core. Default: %(default)s.")
+    p.add_argument("--reference", default="", help="An eval.py JSON file holding ICL's predictions on the same "
+                   "examples, which every method's agreement is measured against. Without it, this run's icl, when "
+                   "it runs.")
+    p.add_argument("--compare", default="", help="Instead of evaluating, compare two result files: "
+                   "A.json:METHOD,B.json:METHOD gives a paired bootstrap of A's METHOD over B's.")
+    p.add_argument("--bench", type=data.count, default=0, help="Instead of evaluating, time cached scoring against "
+                   "a full forward per option on N test examples; 0 is off. Default: %(default)s.")
     args = p.parse_args(argv)
     args.out = args.out or f"eval_{args.partition}.json"
     return args
