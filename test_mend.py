@@ -646,8 +646,10 @@ def test_mend_api_distills_scores_classifies_and_generates(saved_llm, tmp_path):
         distill.MEND.load(str(ckpt), llm="gpt2")
 
 
-def test_readme_snippet_runs(saved_llm, tmp_path, monkeypatch):
-    """The README's "Use MEND on your own demonstrations" code, run as written against a tiny checkpoint."""
+def test_readme_snippet_runs(saved_llm, tmp_path, monkeypatch, capsys):
+    """The README's "Use MEND on your own demonstrations" code, run as written against a tiny checkpoint: it prints
+    what the README says it prints, in form (labels and plain floats, not tensors)."""
+    import re
     readme = (ROOT / "README.md").read_text()
     snippet = readme.split("## Use MEND on your own demonstrations")[1].split("```python\n")[1].split("```")[0]
     train.run(train_args(saved_llm("llama"), tmp_path / "mend.pt", "--stage", "finetune", "--max_steps", "1",
@@ -657,6 +659,9 @@ def test_readme_snippet_runs(saved_llm, tmp_path, monkeypatch):
     exec(snippet, scope)
     assert scope["labels"] and set(scope["labels"]) <= {"positive", "negative"}
     assert (tmp_path / "tickets.safetensors").exists()
+    said = readme.split("## Use MEND on your own demonstrations")[1].split("It prints `")[1].split("`")[0]
+    form = r"\[('(positive|negative)'(, )?)+\] \[-?\d+\.\d+, -?\d+\.\d+\]"
+    assert re.fullmatch(form, said) and any(re.fullmatch(form, l) for l in capsys.readouterr().out.splitlines())
 
 
 def test_clear_api_errors(saved_llm, tmp_path):
@@ -1491,6 +1496,29 @@ def test_readme_flops_default_help_and_gitignore(capsys):
     for name in ["ckpt.pt", "run.log", "eval_qa2qa.json", "mine.json", "attention_t.json", "tickets.safetensors",
                  "flops.md", "flops.json", "ckpt.bench.json", "r.json.tmp123"]:
         assert any(fnmatch(name, p) for p in ignored), name
+
+
+def test_readme_says_how_to_get_the_real_data_and_what_a_partial_copy_prints(saved_llm, tmp_path, capsys):
+    """README's Real data: where C4 and MetaICL's files come from, the layout data.py reads, and the lines a partial
+    copy prints, in the form eval.py and train.py's reader print them (here on a copy of sample_data missing a test
+    file and a meta-train task)."""
+    import re
+    section = (ROOT / "README.md").read_text().split("## Real data\n")[1].split("\n## ")[0]
+    for fact in ("allenai/c4", "en/c4-validation.*.json.gz", "MetaICL", "_build_gym.py", "k=16",
+                 "seeds 100, 13, 21, 42, 87", "`c4/`", "`metaicl/{task}/`", "{task}_16_{seed}_train.jsonl",
+                 "{task}_16_100_test.jsonl", "{task}_16384_100_train.jsonl", "partitions.json"):
+        assert fact in section, fact
+    shutil.copytree(ROOT / "sample_data" / "metaicl", tmp_path / "metaicl")
+    (tmp_path / "metaicl" / "sample-first_word" / "sample-first_word_16_100_test.jsonl").unlink()
+    shutil.rmtree(tmp_path / "metaicl" / "sample-reverse")
+    evaluate.main(evaluate.get_args(["--data", str(tmp_path), "--llm", saved_llm("llama"), "--methods", "zeroshot",
+                                     "--ckpt", str(tmp_path / "none.pt"), "--seeds", "100", "--max_examples", "1",
+                                     "--out", str(tmp_path / "r.json")]))
+    data.meta_train_pools(tmp_path, data.partition(tmp_path, "qa2qa")["train"])
+    printed = capsys.readouterr().out
+    for form in (r"warning: skipping (\S+): missing \1_16_100_test\.jsonl",
+                 r"\w+: evaluating \d+ of \d+ test tasks \(\d+ skipped\)", r"meta-train: \d+ of \d+ tasks, [\d,]+ examples"):
+        assert re.search(form, printed) and re.search(form, " ".join(section.split())), form
 
 
 def help_entries(text):
