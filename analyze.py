@@ -119,7 +119,7 @@ def pyplot():
 
 def save_figure(fig, path):
     fig.tight_layout()
-    fig.savefig(path, dpi=150)
+    data.write_atomically(path, lambda tmp: fig.savefig(tmp, format="png", dpi=150))
     print(f"wrote {path}")
 
 

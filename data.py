@@ -47,8 +47,8 @@ class DataError(ValueError):
 def run_cli(main):
     """Run a script's entry point: bad input (a DataError, or a SystemExit with a message) ends in one line
     `error: ...` on stderr and exit status 2, never in a traceback; Ctrl-C in one line and status 130 (the scripts
-    write every file through a temp file and a rename, so none is left half-written). Integer exits (NaN stop,
-    train.py's own Ctrl-C line) pass through."""
+    write their results through write_atomically, so none is left half-written). Integer exits (NaN stop, train.py's
+    own Ctrl-C line) pass through."""
     try:
         main()
     except KeyboardInterrupt:
@@ -176,10 +176,10 @@ OUTPUTS = {  # what the scripts write, each told by its content: kind -> (what i
 }
 
 
-def write_text(path, text):
-    """Write a file through a temp file and a rename: a crash or Ctrl-C mid-write leaves the old file whole."""
+def write_atomically(path, write):
+    """write(a temp path), then rename the temp file to path: a crash or Ctrl-C mid-write leaves the old file whole."""
     tmp = f"{path}.tmp{os.getpid()}"
-    Path(tmp).write_text(text)
+    write(tmp)
     os.replace(tmp, path)
 
 

@@ -468,7 +468,7 @@ def naive_prefix(method, llm, toks, distiller, demos, args, meta, teacher_ids):
 
 def write_json(path, report):
     """The result file, written to a temp file and renamed, as checkpoints are: a crash mid-write leaves the old file."""
-    data.write_text(path, json.dumps(report, indent=1))
+    data.write_atomically(path, lambda tmp: Path(tmp).write_text(json.dumps(report, indent=1)))
 
 
 def evaluate_all(args, models, files, names, ctx):
@@ -480,7 +480,8 @@ def evaluate_all(args, models, files, names, ctx):
         for method, name in names.items():
             t0 = time.time()
             with ctx:
-                results[name]["tasks"][task] = score = evaluate_task(method, llm, toks, distiller, seeds, args, meta, task)
+                score = evaluate_task(method, llm, toks, distiller, seeds, args, meta, task)
+                results[name]["tasks"][task] = score
             print(f"[{n}/{len(files)}] {task} {name}: {score['score']:.1f} "
                   f"({' '.join(f'{v:.1f}' for v in score['per_seed'].values())}) {time.time() - t0:.0f}s", flush=True)
     for r in results.values():
@@ -512,11 +513,13 @@ def main(args):
     llm, toks, distiller, meta, cfg = load_models(args, methods, device, dtype, checkpoint)
     names = {m: trained_method(cfg) if m == "mend" and cfg else m for m in methods}  # what a checkpoint was trained as
     print(f"{args.partition}: evaluating {len(files)} of {len(part['test'])} test tasks ({len(skipped)} skipped), "
-          f"seeds {args.seeds}, methods {list(names.values())}, llm {args.llm}, device {device}, dtype {str(dtype)[6:]}; "
+          f"seeds {args.seeds}, methods {list(names.values())}, llm {args.llm}, device {device}, "
+          f"dtype {str(dtype)[6:]}; "
           f"{args.settings}")
     if args.bench:
         with ctx:
-            report = {"partition": args.partition, "device": device, "llm": args.llm, **bench(args, llm, toks, distiller, files, methods, meta)}
+            report = {"partition": args.partition, "device": device, "llm": args.llm,
+                      **bench(args, llm, toks, distiller, files, methods, meta)}
         write_json(args.out, report)
         return report
     results = evaluate_all(args, (llm, toks, distiller, meta), files, names, ctx)

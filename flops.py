@@ -560,7 +560,7 @@ def plot(path, rows):
     ax.set_ylabel(f"GFLOPs per query (T={rows[0]['T']}, L={rows[0]['L']}, Q={rows[0]['Q']})")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path)
+    data.write_atomically(path, lambda tmp: fig.savefig(tmp, format="png"))
     print(f"wrote {path}")
 
 
@@ -609,9 +609,11 @@ def main(args):
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    data.write_text(out / "flops.md", "\n".join(report) + "\n")
-    data.write_text(out / "flops.json", json.dumps(dict(config=vars(args), device=where, dtype=dtype_name,
-                                                        flops=rows, latency=timings, goals=goals), indent=1))
+    table = "\n".join(report) + "\n"
+    summary = json.dumps(dict(config=vars(args), device=where, dtype=dtype_name, flops=rows, latency=timings,
+                              goals=goals), indent=1)
+    data.write_atomically(out / "flops.md", lambda tmp: Path(tmp).write_text(table))
+    data.write_atomically(out / "flops.json", lambda tmp: Path(tmp).write_text(summary))
     print(f"wrote {out / 'flops.md'} and {out / 'flops.json'}")
     if args.plot:
         plot(args.plot, rows)

@@ -635,7 +635,8 @@ def test_mend_api_distills_scores_classifies_and_generates(saved_llm, tmp_path):
     ex = {"input": "awful", "options": ["yes", "no!"]}
     naive = evaluate.naive_option_scores(mend.llm, mend.toks[0], ex, 32, prefix_embeds=vectors)
     torch.testing.assert_close(torch.tensor(scores[1]), naive)
-    assert mend.classify(vectors, ["nice film", "awful"], ["yes", "no!"]) == [["yes", "no!"][s.index(max(s))] for s in scores]
+    best = [["yes", "no!"][s.index(max(s))] for s in scores]
+    assert mend.classify(vectors, ["nice film", "awful"], ["yes", "no!"]) == best
     x = torch.tensor([data.encode(mend.toks[0], "nice film\n")])
     embeds = torch.cat([vectors, mend.llm.get_input_embeddings()(x)], dim=1)          # (1, L+T, C)
     hf = mend.llm.generate(inputs_embeds=embeds, attention_mask=torch.ones(embeds.shape[:2], dtype=torch.long),
@@ -1123,7 +1124,8 @@ def test_t5_train_then_eval_end_to_end(saved_llm, tmp_path):
     seq, out = data.encode_example(mend.toks[0], {"input": "nice film"}, 32, answer_len=6)[0], []
     while len(out) < 6 and mend.toks[0].eos_token_id not in out:
         out.append(int(hf_logits(mend.llm, vectors, torch.tensor([seq + out]))[0, -1].argmax()))
-    assert mend.generate(vectors, "nice film", max_new_tokens=6) == mend.toks[0].decode(out, skip_special_tokens=True).lstrip()
+    text = mend.toks[0].decode(out, skip_special_tokens=True).lstrip()
+    assert mend.generate(vectors, "nice film", max_new_tokens=6) == text
     import analyze
     with pytest.raises(SystemExit, match="encoder-decoder"):
         analyze.main(analyze.get_args(["--ckpt", str(s2), "--task", "sample-opposite"]))
@@ -1517,7 +1519,8 @@ def test_readme_says_how_to_get_the_real_data_and_what_a_partial_copy_prints(sav
     data.meta_train_pools(tmp_path, data.partition(tmp_path, "qa2qa")["train"])
     printed = capsys.readouterr().out
     for form in (r"warning: skipping (\S+): missing \1_16_100_test\.jsonl",
-                 r"\w+: evaluating \d+ of \d+ test tasks \(\d+ skipped\)", r"meta-train: \d+ of \d+ tasks, [\d,]+ examples"):
+                 r"\w+: evaluating \d+ of \d+ test tasks \(\d+ skipped\)",
+                 r"meta-train: \d+ of \d+ tasks, [\d,]+ examples"):
         assert re.search(form, printed) and re.search(form, " ".join(section.split())), form
 
 
