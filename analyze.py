@@ -24,7 +24,6 @@ ICL, truncated demonstrations and, with --ckpt, MEND and MEND refined (fitted st
 --sweep reads eval.py JSON files (the l and K sweep of results/sweep/run.sh): each method's score next to the FLOPs
 per query of its configuration (extensions.method_flops with the demonstration tokens that eval.py measured).
 """
-import argparse
 import importlib.util
 import json
 import time
@@ -46,25 +45,35 @@ from model import PROMPT, PromptTuning, predict, prefix_cache
 
 
 def get_args(argv=None):
-    p = data.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--ckpt", default="mend.pt", help="a checkpoint made by train.py")
-    p.add_argument("--data", default="sample_data", help="data folder with metaicl/")
-    p.add_argument("--task", default="sample-sentiment", help="task whose {task}_16_{seed}_train.jsonl are the demos")
-    p.add_argument("--seed", type=data.count, default=100, help="MetaICL seed of the demonstrations")
-    p.add_argument("--top", type=data.positive_int, default=5, help="demonstration tokens listed per vector")
-    p.add_argument("--png", default="", help="also draw the placeholder-to-demonstration heatmap here (matplotlib)")
-    p.add_argument("--curves", default="", help="comma-separated train.py logs: print and plot the selection signal")
-    p.add_argument("--held_out", action="store_true", help="class counts of the predictions on the held-out tasks")
-    p.add_argument("--sweep", default="", help="comma-separated eval.py JSON files: score against FLOPs per query")
+    p = data.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--ckpt", default="mend.pt", help="Checkpoint made by train.py. Default: %(default)s.")
+    p.add_argument("--data", default="sample_data", help="Data folder holding metaicl/. Default: %(default)s.")
+    p.add_argument("--task", default="sample-sentiment", help="Task whose demonstrations (its "
+                   "TASK_16_SEED_train.jsonl) are analysed. Default: %(default)s.")
+    p.add_argument("--seed", type=data.count, default=100,
+                   help="MetaICL seed of the demonstrations. Default: %(default)s.")
+    p.add_argument("--top", type=data.positive_int, default=5,
+                   help="Demonstration tokens listed for each vector, the most attended first. Default: %(default)s.")
+    p.add_argument("--png", default="", help="Also draw a plot to this PNG file (needs matplotlib): the attention "
+                   "heatmap, or the plot of --curves or --sweep; an existing file is replaced only if it is a PNG.")
+    p.add_argument("--curves", default="", help="Comma-separated train.py logs: print and plot their selection "
+                   "signal (held-out macro-F1) against training time.")
+    p.add_argument("--held_out", action="store_true", help="Count, for each task held out by train.py --val_tasks, "
+                   "how often zero-shot, ICL and MEND predict each class.")
+    p.add_argument("--sweep", default="", help="Comma-separated eval.py JSON files: print and plot each method's "
+                   "score against its FLOPs per query.")
     p.add_argument("--query_tokens", type=data.positive_int, default=64,
-                   help="--sweep: T, tokens of one query row (flops.py's)")
-    p.add_argument("--ceiling", action="store_true", help="fitted vectors against zero-shot, ICL, truncated (and MEND, "
-                   "MEND refined with --ckpt) on a partition's test tasks; eval.py's flags that follow set the protocol")
-    p.add_argument("--fit_steps", type=data.positive_int, default=60, help="--ceiling: Adam steps of each fit")
-    p.add_argument("--fit_lr", type=data.positive, default=0.1,
-                   help="--ceiling: lr relative to the RMS of the token embeddings")
-    p.add_argument("--out", default="", help="JSON with both attention maps (default: attention_{task}.json), or "
-                   "with --ceiling its results (default: ceiling_{partition}.json)")
+                   help="With --sweep: T, the tokens of one query row, as in flops.py. Default: %(default)s.")
+    p.add_argument("--ceiling", action="store_true", help="Fit l free vectors per test task of a partition and score "
+                   "them beside zero-shot, ICL, truncated demonstrations and, with --ckpt, MEND and MEND refined; "
+                   "eval.py's flags after it set the protocol.")
+    p.add_argument("--fit_steps", type=data.positive_int, default=60,
+                   help="With --ceiling: Adam steps of each fit. Default: %(default)s.")
+    p.add_argument("--fit_lr", type=data.positive, default=0.1, help="With --ceiling: the fit's learning rate, "
+                   "relative to the RMS of the token embeddings. Default: %(default)s.")
+    p.add_argument("--out", default="", help="JSON file to write, the attention maps or the --ceiling results; an "
+                   "existing file is replaced only if it is of the same kind. Default: attention_TASK.json, or "
+                   "ceiling_PARTITION.json with --ceiling.")
     args, rest = p.parse_known_args(argv)
     if rest and not args.ceiling:
         p.error(f"unrecognized arguments: {' '.join(rest)}")
@@ -110,7 +119,7 @@ def pyplot():
 
 def save_figure(fig, path):
     fig.tight_layout()
-    fig.savefig(path, dpi=150)
+    data.write_atomically(path, lambda tmp: fig.savefig(tmp, format="png", dpi=150))
     print(f"wrote {path}")
 
 
@@ -197,7 +206,7 @@ def sweep_rows(args):
             raise SystemExit(f"{path}: no demo_tokens; rerun eval.py (files written before the sweep lack them)")
         spec = report["distiller"] if report["distiller"] not in (None, PROMPT) else None
         for method, result in report["methods"].items():
-            key, L = FLOPS_KEY[method], report["n_vectors"] or 0
+            key, L = FLOPS_KEY[method.removesuffix(evaluate.STAGE1)], report["n_vectors"] or 0
             D = report["demo_tokens"]["icl" if method == "icl" else "mend"]
             f = extensions.method_flops(report["llm"], D, args.query_tokens, L, 1, spec)[key]
             series = f"{method} ({Path(report['ckpt']).stem})" if report["ckpt"] and method != "icl" else method
@@ -281,6 +290,7 @@ def ceiling(args):
     after every task."""
     ev = evaluate.get_args(["--data", args.data, "--ckpt", args.ckpt, *args.protocol])
     ev.fit_steps, ev.fit_lr, ev.out = args.fit_steps, args.fit_lr, args.out or f"ceiling_{ev.partition}.json"
+    data.check_output(ev.out, "--out", kind="eval")  # eval.py's layout
     ev.seeds_all = [100, 13, 21, 42, 87]
     ev.seeds = ev.seeds[:1]
     if ev.threads:
@@ -307,16 +317,15 @@ def ceiling(args):
         print(f"[{n}/{len(files)}] {task} ({report['fits'][task]['inputs']} fit inputs): " +
               " | ".join(f"{m} {report['methods'][m]['tasks'][task]['score']:.1f}" for m in preds) + f" | {time.time() - t:.0f}s",
               flush=True)
-        Path(ev.out).write_text(json.dumps(report, indent=1))
+        evaluate.write_json(ev.out, report)
     print("average over " + f"{len(files)} tasks: " + " | ".join(f"{m} {r['average']:.1f}" for m, r in report["methods"].items()))
     print(f"wrote {ev.out}")
     return report
 
 
 def main(args):
-    for flag, path in (("--png", args.png), ("--out", args.out)):  # what it writes is checked before any work
-        if path:
-            data.check_output(path, flag)
+    if args.png:  # what it writes is checked before any work
+        data.check_output(args.png, "--png", kind="png")
     if args.ceiling:
         return ceiling(args)
     if args.curves:
@@ -325,6 +334,8 @@ def main(args):
         return sweep(args)
     if args.held_out:
         return held_out(args)
+    out = args.out or f"attention_{args.task}.json"
+    data.check_output(out, "--out", kind="attention")
     demos = data.read_metaicl(data.task_file(args.data, args.task, 16, args.seed, "train"))  # a missing task fails
     query = data.read_metaicl(data.task_file(args.data, args.task, 16, 100, "test"))[0]     # before the model loads
     mend = extensions.load(args.ckpt, device="cpu")
@@ -354,8 +365,7 @@ def main(args):
     report["llm_share_on_demos"] = prefix_share(mend, demo_embeds, x)
     for layer, (s, t) in enumerate(zip(report["llm_share_on_vectors"], report["llm_share_on_demos"])):
         print(f"LLM layer {layer:2d}: answer position -> vectors {s:.3f} | -> real demonstrations {t:.3f}")
-    out = args.out or f"attention_{args.task}.json"
-    Path(out).write_text(json.dumps(report))
+    evaluate.write_json(out, report)
     print(f"wrote {out}")
     return report
 

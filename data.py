@@ -46,9 +46,14 @@ class DataError(ValueError):
 
 def run_cli(main):
     """Run a script's entry point: bad input (a DataError, or a SystemExit with a message) ends in one line
-    `error: ...` on stderr and exit status 2, never in a traceback. Integer exits (NaN stop, Ctrl-C) pass through."""
+    `error: ...` on stderr and exit status 2, never in a traceback; Ctrl-C in one line and status 130 (the scripts
+    write their results through write_atomically, so none is left half-written). Integer exits (NaN stop, train.py's
+    own Ctrl-C line) pass through."""
     try:
         main()
+    except KeyboardInterrupt:
+        print("interrupted (Ctrl-C): stopped; files already written are whole, none is half-written", file=sys.stderr)
+        raise SystemExit(130) from None
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
@@ -108,10 +113,11 @@ def budget_error(args):
     return None
 
 
-def check_output(path, flag, folder=False):
+def check_output(path, flag, folder=False, kind=None):
     """Refuse, before any work, an output that cannot be written: a file (folder=False) must not be a folder, and its
     folder must exist (it is not made) and be writable; a folder (folder=True) is made when missing, so its nearest
-    existing ancestor must be a writable folder."""
+    existing ancestor must be a writable folder. A file that exists is replaced only when its content shows it is the
+    command's own kind of output (kind, a key of OUTPUTS): a command never overwrites a file it did not make."""
     path = Path(path)
     if path.exists() and path.is_dir() != folder:
         raise SystemExit(f"{flag} {path}: {'not ' if folder else ''}a folder")
@@ -124,6 +130,57 @@ def check_output(path, flag, folder=False):
         raise SystemExit(f"{flag} {path}: {parent} is not a folder")
     if not os.access(parent, os.W_OK | os.X_OK) or (path.exists() and not os.access(path, os.W_OK)):
         raise SystemExit(f"{flag} {path}: {path if path.exists() else parent} cannot be written")
+    if kind and path.is_file() and not OUTPUTS[kind][1](path):
+        raise SystemExit(f"{flag} {path}: the file exists and is not {OUTPUTS[kind][0]}, so it is not replaced; "
+                         f"choose another path or remove the file first")
+
+
+def json_keys(path):
+    """The keys of a file holding one JSON object; an empty set for any other file."""
+    try:
+        obj = json.loads(Path(path).read_bytes())
+    except (OSError, ValueError):  # not JSON, or not UTF-8
+        return set()
+    return set(obj) if isinstance(obj, dict) else set()
+
+
+def checkpoint_keys(path):
+    """The keys of a torch checkpoint holding a dict (read as load_checkpoint reads it); an empty set otherwise."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # torch reports a foreign file as one of several zip/pickle/mmap errors
+        return set()
+    return set(state) if isinstance(state, dict) else set()
+
+
+def starts_with(path, prefix):
+    try:
+        with open(path, "rb") as f:
+            return f.read(len(prefix)) == prefix
+    except OSError:
+        return False
+
+
+OUTPUTS = {  # what the scripts write, each told by its content: kind -> (what it is, test of an existing file)
+    "checkpoint": ("a checkpoint of train.py (a torch file with 'model' and 'config')",
+                   lambda path: {"model", "config"} <= checkpoint_keys(path)),
+    "eval": ("a result of eval.py (a JSON object with 'partition' and 'llm')",
+             lambda path: {"partition", "llm"} <= json_keys(path)),
+    "attention": ("an attention map of analyze.py (a JSON object with 'task', 'ckpt' and 'query')",
+                  lambda path: {"task", "ckpt", "query"} <= json_keys(path)),
+    "flops_json": ("a flops.json of flops.py (a JSON object with 'config', 'flops' and 'goals')",
+                   lambda path: {"config", "flops", "goals"} <= json_keys(path)),
+    "flops_md": ("a flops.md of flops.py (its first line: '## Analytic FLOPs per test query')",
+                 lambda path: starts_with(path, b"## Analytic FLOPs per test query")),
+    "png": ("a PNG image", lambda path: starts_with(path, b"\x89PNG\r\n\x1a\n")),
+}
+
+
+def write_atomically(path, write):
+    """write(a temp path), then rename the temp file to path: a crash or Ctrl-C mid-write leaves the old file whole."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    write(tmp)
+    os.replace(tmp, path)
 
 
 # -----------------------------------------------------------------------------
@@ -183,8 +240,9 @@ def read_c4(folder):
 
 def read_metaicl(path):
     """A MetaICL file -> list of examples, each validated: task/input/output strings, options a list of strings
-    that contains the output whenever it is non-empty (empty options = a generation task, meta-train only)."""
-    examples = []
+    that contains the output whenever it is non-empty (empty options = a generation task, meta-train only: then every
+    line of the file has none, and a line without options among lines with options is an error)."""
+    examples, with_options = [], {}  # with_options: has options? -> the first line of each kind
     for lineno, ex in read_jsonl(path):
         for key in ("task", "input", "output"):
             if not isinstance(ex.get(key), str):
@@ -194,9 +252,13 @@ def read_metaicl(path):
             raise DataError(f"{path}:{lineno}: 'options' must be a list of strings")
         if options and ex["output"] not in options:
             raise DataError(f"{path}:{lineno}: output {ex['output']!r} is not among the options {options}")
+        with_options.setdefault(bool(options), lineno)
         examples.append(ex)
     if not examples:
         raise DataError(f"{path}: no examples")
+    if len(with_options) == 2:
+        raise DataError(f"{path}:{with_options[False]}: 'options' is empty, but line {with_options[True]} has "
+                        f"options (only a generation task's lines have none, and then all of them)")
     return examples
 
 

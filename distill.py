@@ -309,22 +309,32 @@ class MEND:
 
     @torch.no_grad()
     def score(self, vectors, inputs, options):
-        """Per input, one score per option: -(mean NLL of the option's tokens) after [vectors ; input]. options is
-        one list for every input, or one list per input. The vectors' keys/values are computed once."""
+        """Per input, one float per option: -(mean NLL of the option's tokens) after [vectors ; input]. inputs is a
+        list of strings (-> a list of score lists) or one string (-> its score list); options is one list for every
+        input, or one list per input. The vectors' keys/values are computed once."""
+        if isinstance(inputs, str):
+            return self.score(vectors, [inputs], options)[0]
         with self.ctx:
             kv = prefix_cache(self.llm, prefix_embeds=vectors.to(self.llm.device))
-            return [option_scores(self.llm, self.toks[0], {"input": x, "options": o}, self.max_len, kv)
+            return [option_scores(self.llm, self.toks[0], {"input": x, "options": o}, self.max_len, kv).tolist()
                     for x, o in zip(inputs, options_per_input(inputs, options))]
 
     def classify(self, vectors, inputs, options):
-        """The best option per input."""
+        """The best option per input of a list, or of one string (-> one option)."""
+        if isinstance(inputs, str):
+            return self.classify(vectors, [inputs], options)[0]
         per_input = options_per_input(inputs, options)
-        return [o[int(s.argmax())] for s, o in zip(self.score(vectors, inputs, options), per_input)]
+        return [o[s.index(max(s))] for s, o in zip(self.score(vectors, inputs, options), per_input)]
 
     @torch.no_grad()
     def generate(self, vectors, input, max_new_tokens=32):
         """Greedy continuation of `input` (formatted as a query) after the vectors, whose keys/values are computed
-        once; each new token extends the cache. Stops at the tokenizer's end-of-sequence token."""
+        once; each new token extends the cache. Stops at the tokenizer's end-of-sequence token. The text is returned
+        without the whitespace it starts with (the line break after the query, in the format of the demonstrations)."""
+        if not isinstance(input, str):
+            raise ValueError(f"input must be one string, got {type(input).__name__}: generate one input at a time")
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
         x, _ = data.encode_example(self.toks[0], {"input": input}, self.max_len, answer_len=max_new_tokens)
         out = []
         with self.ctx:
@@ -335,4 +345,4 @@ class MEND:
                 if out[-1] == self.toks[0].eos_token_id:
                     break
                 logits, kv = extend_prefix(self.llm, torch.tensor([out[-1:]], device=self.llm.device), kv)
-        return self.toks[0].decode(out, skip_special_tokens=True)
+        return self.toks[0].decode(out, skip_special_tokens=True).lstrip()

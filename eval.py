@@ -31,9 +31,7 @@ Speed without changing a score: one (task, seed) shares its demonstrations, so t
 distilled vectors and the vectors' keys/values (MEND) are computed once and reused for every example, and all options
 of an example are scored in one batch. `--bench N` checks this against the naive full forward per option.
 """
-import argparse
 import json
-import os
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -56,43 +54,57 @@ METHOD_LIST = data.checked(lambda s: [m for m in s.split(",") if m], lambda v: s
 
 
 def get_args(argv=None):
-    p = data.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--partition", default="qa2qa", help="hr2lr class2class nonclass2class qa2qa nonqa2qa nonnli2nli nonpara2para")
-    p.add_argument("--data", default="sample_data", help="data folder with metaicl/ (real data: ../shared/data)")
+    p = data.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--partition", default="qa2qa", help="MetaICL partition whose test tasks are evaluated: hr2lr, "
+                   "class2class, nonclass2class, qa2qa, nonqa2qa, nonnli2nli or nonpara2para. Default: %(default)s.")
+    p.add_argument("--data", default="sample_data", help="Data folder holding metaicl/ (README: Real data). "
+                   "Default: %(default)s.")
     p.add_argument("--methods", type=METHOD_LIST, default="",
-                   help="comma-separated subset of zeroshot,icl,truncated,labels,anchors,"
-                   "mend (default: zeroshot,icl and mend when --ckpt exists); the free prefixes of length l: see above")
-    p.add_argument("--n_vectors", type=data.positive_int, default=None,
-                   help="l of the free prefixes (default: see --k; else 100)")
-    p.add_argument("--ckpt", default="mend.pt", help="finetuned MEND checkpoint (made by train.py --stage finetune)")
+                   help="Comma-separated methods among zeroshot, icl, truncated, labels, anchors and mend (truncated, "
+                   "labels and anchors: the free prefixes of length l, no training). Default: zeroshot,icl, and mend "
+                   "when --ckpt exists.")
+    p.add_argument("--n_vectors", type=data.positive_int, default=None, help="Length l of the free prefixes. "
+                   "Default: --ckpt's number of vectors when that file exists, else 100.")
+    p.add_argument("--ckpt", default="mend.pt", help="MEND checkpoint made by train.py (a stage-1 checkpoint is "
+                   "reported as 'mend (stage 1 only)'). Default: %(default)s.")
     p.add_argument("--llm", type=data.model_name, default="",
-                   help="frozen LLM (default: the checkpoint's, else smollm2-135m)")
-    p.add_argument("--seeds", type=data.seed_list, default="100,13,21,42,87", help="comma-separated MetaICL seeds")
-    p.add_argument("--max_examples", type=data.count, default=0, help="first N test examples per task (0 = all)")
-    p.add_argument("--protocol", default="fixed", choices=["fixed", "random"], help="MetaICL's, or the official code's")
-    p.add_argument("--k", type=data.positive_int, default=None,
-                   help="demonstrations (default, as for l and the budgets, whatever the methods: --ckpt's "
-                   "when that file exists, else 16)")
-    p.add_argument("--max_len_per_example", type=data.positive_int, default=None,
-                   help="tokens per input+option (default: see --k; else 256)")
-    p.add_argument("--teacher_demo_tokens", type=data.positive_int, default=None,
-                   help="ICL demo budget (default: see --k; else 767)")
-    p.add_argument("--distiller_demo_tokens", type=data.positive_int, default=None,
-                   help="MEND demo budget (default: see --k; else 643)")
-    p.add_argument("--perturb", default="gold", choices=list(data.PERTURBATIONS),
-                   help="demonstrations for ICL and MEND: gold, random_labels, no_labels (inputs only), no_inputs")
-    p.add_argument("--vectors_dir", default="", help="distill once: save/load distilled vectors here (safetensors)")
-    p.add_argument("--out", default="", help="JSON results file (default: eval_{partition}.json); its folder must "
-                   "exist and be writable (it is not made)")
-    p.add_argument("--device", default="auto", help="auto = cuda if available, else cpu")
+                   help="The frozen LLM. Default: the one --ckpt was trained for, else smollm2-135m.")
+    p.add_argument("--seeds", type=data.seed_list, default="100,13,21,42,87", help="Comma-separated MetaICL seeds, "
+                   "each with its own demonstrations. Default: %(default)s.")
+    p.add_argument("--max_examples", type=data.count, default=0, help="Test examples evaluated per task, the first "
+                   "ones; 0 evaluates all. Default: %(default)s.")
+    p.add_argument("--protocol", default="fixed", choices=["fixed", "random"], help="How demonstrations are drawn: "
+                   "fixed (MetaICL's: the seed's file, in order) or random (the official MEND code's: a new random "
+                   "draw for every test example). Default: %(default)s.")
+    p.add_argument("--k", type=data.positive_int, default=None, help="Number of demonstrations. Default: --ckpt's "
+                   "when that file exists (whatever the methods), else 16.")
+    p.add_argument("--max_len_per_example", type=data.positive_int, default=None, help="Most tokens of one input and "
+                   "option together; a longer input is cut. Default: --ckpt's when that file exists, else 256.")
+    p.add_argument("--teacher_demo_tokens", type=data.positive_int, default=None, help="Most demonstration tokens "
+                   "ICL reads. Default: --ckpt's when that file exists, else 767.")
+    p.add_argument("--distiller_demo_tokens", type=data.positive_int, default=None, help="Most demonstration tokens "
+                   "MEND's distiller reads. Default: --ckpt's when that file exists, else 643.")
+    p.add_argument("--perturb", default="gold", choices=list(data.PERTURBATIONS), help="The demonstrations ICL and "
+                   "MEND read: gold, random_labels (each label a random option), no_labels (inputs only) or no_inputs "
+                   "(labels only). Default: %(default)s.")
+    p.add_argument("--vectors_dir", default="", help="Folder that keeps distilled vectors (safetensors files): each "
+                   "demonstration set is distilled once, later runs load its vectors. Without it, none are kept.")
+    p.add_argument("--out", default="", help="JSON file for the results; its folder must exist, and an existing file "
+                   "is replaced only if it is an eval.py result. Default: eval_PARTITION.json.")
+    p.add_argument("--device", default="auto", help="Device to run on, e.g. cuda:1; auto is cuda when available, "
+                   "else cpu. Default: %(default)s.")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                   help="autocast dtype, and the LLM's; auto = bf16 on CUDA when supported, fp32 on CPU")
-    p.add_argument("--threads", type=data.count, default=0, help="CPU threads (0: torch's default, every core)")
-    p.add_argument("--reference", default="", help="an eval JSON holding ICL's predictions on the same examples: "
-                   "every method's agreement with them (default: this run's icl, when it runs)")
-    p.add_argument("--compare", default="", help="A.json:METHOD,B.json:METHOD: paired bootstrap of two result files")
-    p.add_argument("--bench", type=data.count, default=0, help="compare cached scoring with the naive forward on N "
-                   "examples (0 = off)")
+                   help="Autocast dtype, also the LLM's: auto is bfloat16 on a GPU that supports it, else float16, "
+                   "and float32 on a CPU. Default: %(default)s.")
+    p.add_argument("--threads", type=data.count, default=0,
+                   help="CPU threads for torch; 0 lets torch use every core. Default: %(default)s.")
+    p.add_argument("--reference", default="", help="An eval.py JSON file holding ICL's predictions on the same "
+                   "examples, which every method's agreement is measured against. Without it, this run's icl, when "
+                   "it runs.")
+    p.add_argument("--compare", default="", help="Instead of evaluating, compare two result files: "
+                   "A.json:METHOD,B.json:METHOD gives a paired bootstrap of A's METHOD over B's.")
+    p.add_argument("--bench", type=data.count, default=0, help="Instead of evaluating, time cached scoring against "
+                   "a full forward per option on N test examples; 0 is off. Default: %(default)s.")
     args = p.parse_args(argv)
     args.out = args.out or f"eval_{args.partition}.json"
     return args
@@ -329,9 +341,16 @@ def load_models(args, methods, device, dtype=torch.float32, checkpoint=None):
     return llm, toks, distiller, meta, cfg
 
 
+STAGE1 = " (stage 1 only)"  # the name's suffix for a checkpoint of train.py --stage pretrain, never finetuned
+
+
 def trained_method(cfg):
-    """The method a checkpoint implements, from its training config (not its file name)."""
-    return "prompt_tuning" if cfg["distiller"] == PROMPT else "mend_no_kd" if cfg.get("lam", 1.0) == 0 else "mend"
+    """The method a checkpoint implements, from its training config (not its file name): mend, mend_no_kd (lam 0)
+    or prompt_tuning, followed by STAGE1 when the checkpoint is stage 1's (KL only, where lam plays no part)."""
+    stage1 = cfg.get("stage") == "pretrain"
+    no_kd = cfg.get("lam", 1.0) == 0 and not stage1
+    name = "prompt_tuning" if cfg["distiller"] == PROMPT else "mend_no_kd" if no_kd else "mend"
+    return name + STAGE1 * stage1
 
 
 def refuse_seen_tasks(cfg, tests, args):
@@ -397,13 +416,15 @@ def compare(spec):
 def print_table(results, methods, key="score"):
     """One row per task and the average: each method's score, or (key="agreement") its agreement with ICL."""
     tasks = list(results[methods[0]]["tasks"])
-    width = max([len(t) for t in tasks] + [7])
-    print(f"{'task':{width}s} {'metric' if key == 'score' else 'agreement':9s} " + " ".join(f"{m:>9s}" for m in methods))
+    width, cols = max([len(t) for t in tasks] + [7]), [max(9, len(m)) for m in methods]
+    print(f"{'task':{width}s} {'metric' if key == 'score' else 'agreement':9s} "
+          + " ".join(f"{m:>{c}s}" for m, c in zip(methods, cols)))
     for t in tasks:
         metric = results[methods[0]]["tasks"][t]["metric"] if key == "score" else "with ICL"
-        print(f"{t:{width}s} {metric:9s} " + " ".join(f"{results[m]['tasks'][t][key]:9.1f}" for m in methods))
-    print(f"{'average':{width}s} {'':9s} " + " ".join(f"{results[m]['average' if key == 'score' else key]:9.1f}"
-                                                     for m in methods))
+        print(f"{t:{width}s} {metric:9s} "
+              + " ".join(f"{results[m]['tasks'][t][key]:{c}.1f}" for m, c in zip(methods, cols)))
+    print(f"{'average':{width}s} {'':9s} " + " ".join(f"{results[m]['average' if key == 'score' else key]:{c}.1f}"
+                                                     for m, c in zip(methods, cols)))
 
 
 def bench(args, llm, toks, distiller, files, methods, meta):
@@ -447,24 +468,24 @@ def naive_prefix(method, llm, toks, distiller, demos, args, meta, teacher_ids):
 
 def write_json(path, report):
     """The result file, written to a temp file and renamed, as checkpoints are: a crash mid-write leaves the old file."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    Path(tmp).write_text(json.dumps(report, indent=1))
-    os.replace(tmp, path)
+    data.write_atomically(path, lambda tmp: Path(tmp).write_text(json.dumps(report, indent=1)))
 
 
-def evaluate_all(args, models, files, methods, ctx):
-    """Every method on every task, one line each -> {method: {"tasks": {task: evaluate_task's result}, "average"}}."""
+def evaluate_all(args, models, files, names, ctx):
+    """Every method on every task, one line each; names = {method: the name it is reported under} ->
+    {name: {"tasks": {task: evaluate_task's result}, "average"}}."""
     llm, toks, distiller, meta = models
-    results = {m: {"tasks": {}} for m in methods}
+    results = {name: {"tasks": {}} for name in names.values()}
     for n, (task, seeds) in enumerate(files.items(), 1):
-        for method in methods:
+        for method, name in names.items():
             t0 = time.time()
             with ctx:
-                results[method]["tasks"][task] = score = evaluate_task(method, llm, toks, distiller, seeds, args, meta, task)
-            print(f"[{n}/{len(files)}] {task} {method}: {score['score']:.1f} "
+                score = evaluate_task(method, llm, toks, distiller, seeds, args, meta, task)
+                results[name]["tasks"][task] = score
+            print(f"[{n}/{len(files)}] {task} {name}: {score['score']:.1f} "
                   f"({' '.join(f'{v:.1f}' for v in score['per_seed'].values())}) {time.time() - t0:.0f}s", flush=True)
-    for m in methods:
-        results[m]["average"] = float(np.mean([t["score"] for t in results[m]["tasks"].values()]))
+    for r in results.values():
+        r["average"] = float(np.mean([t["score"] for t in r["tasks"].values()]))
     return results
 
 
@@ -473,7 +494,7 @@ def main(args):
     if args.compare:
         return compare(args.compare)
     t_start = time.time()
-    data.check_output(args.out, "--out")  # every path written is checked before any work
+    data.check_output(args.out, "--out", kind="eval")  # every path written is checked before any work
     if args.vectors_dir:
         data.check_output(args.vectors_dir, "--vectors_dir", folder=True)
     methods = args.methods or ["zeroshot", "icl"] + ["mend"] * Path(args.ckpt).exists()
@@ -490,21 +511,22 @@ def main(args):
         print(f"note: {args.ckpt} not found, so no mend (make it with: python train.py --stage pretrain && "
               f"python train.py --stage finetune --init ckpt.pt)")
     llm, toks, distiller, meta, cfg = load_models(args, methods, device, dtype, checkpoint)
+    names = {m: trained_method(cfg) if m == "mend" and cfg else m for m in methods}  # what a checkpoint was trained as
     print(f"{args.partition}: evaluating {len(files)} of {len(part['test'])} test tasks ({len(skipped)} skipped), "
-          f"seeds {args.seeds}, methods {methods}, llm {args.llm}, device {device}, dtype {str(dtype)[6:]}; "
+          f"seeds {args.seeds}, methods {list(names.values())}, llm {args.llm}, device {device}, "
+          f"dtype {str(dtype)[6:]}; "
           f"{args.settings}")
     if args.bench:
         with ctx:
-            report = {"device": device, "llm": args.llm, **bench(args, llm, toks, distiller, files, methods, meta)}
+            report = {"partition": args.partition, "device": device, "llm": args.llm,
+                      **bench(args, llm, toks, distiller, files, methods, meta)}
         write_json(args.out, report)
         return report
-    results = evaluate_all(args, (llm, toks, distiller, meta), files, methods, ctx)
-    print_table(results, methods)
+    results = evaluate_all(args, (llm, toks, distiller, meta), files, names, ctx)
+    print_table(results, list(results))
     if reference or "icl" in methods:
         add_agreement(results, reference or {t: r["predictions"] for t, r in results["icl"]["tasks"].items()})
-        print_table(results, methods, key="agreement")
-    if "mend" in results and cfg:  # name what was trained: mend, mend_no_kd (lam 0) or prompt_tuning
-        results[trained_method(cfg)] = results.pop("mend")
+        print_table(results, list(results), key="agreement")
     report = {"partition": args.partition, "perturb": args.perturb, "llm": args.llm, "dtype": str(dtype)[6:], "distiller": cfg.get("distiller"),
               "ckpt": args.ckpt if distiller is not None else None, "seeds": args.seeds, "max_examples": args.max_examples,
               "k": args.k, "n_vectors": args.n_vectors, "demo_tokens": demo_lengths(files, toks, args), "train_config": cfg or None,

@@ -67,7 +67,6 @@ synchronized on CUDA. A batch holds B query rows (query+option each). "no reuse"
 input; "reuse" = the demos' (ICL) or the vectors' (MEND) keys/values are computed once beforehand
 (model.prefix_cache) and only the query rows are timed. Per-query = batch time / B.
 """
-import argparse
 import copy
 import functools
 import json
@@ -114,39 +113,52 @@ GOALS = dict(mend_vs_icl=0.5, reuse_vs_zeroshot=1.3)  # this project's latency g
 
 
 def get_args(argv=None):
-    p = data.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--pairs", default=",".join(PAIRS), help="comma-separated LLMs of the FLOPs table (see PAIRS)")
+    p = data.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--pairs", default=",".join(PAIRS), help="Comma-separated LLMs of the FLOPs table, each with its "
+                   "distiller, among " + ", ".join(f"{llm} (distiller {d})" for llm, d in PAIRS.items())
+                   + ". Default: all of them.")
     p.add_argument("--query_tokens", type=data.positive_int, default=64,
-                   help="T: tokens of one query row (input+option)")
-    p.add_argument("--n_vectors", type=data.positive_int, default=100, help="L: distillation vectors (the paper's l)")
-    p.add_argument("--queries", type=data.positive_int, default=100,
-                   help="Q: test queries sharing one demonstration set")
-    p.add_argument("--data", default="", help="folder with metaicl/ to measure D per partition, e.g. ../shared/data")
-    p.add_argument("--tokenizer", type=data.model_name, default="smollm2-135m",
-                   help="tokenizer for --data (gpt2 if it is cached locally)")
+                   help="T, the tokens of one query row (input and option). Default: %(default)s.")
+    p.add_argument("--n_vectors", type=data.positive_int, default=100,
+                   help="L, the number of distillation vectors (the paper's l). Default: %(default)s.")
+    p.add_argument("--queries", type=data.positive_int, default=100, help="Q, the test queries that share one "
+                   "demonstration set (the amortised columns). Default: %(default)s.")
+    p.add_argument("--data", default="", help="Data folder holding metaicl/, where each partition's demonstration "
+                   "length D is also measured (e.g. ../shared/data). Without it, only the paper's D.")
+    p.add_argument("--tokenizer", type=data.model_name, default="smollm2-135m", help="Tokenizer that measures D in "
+                   "--data (gpt2 works when it is in the local Hugging Face cache). Default: %(default)s.")
     p.add_argument("--k", type=data.positive_int, default=16,
-                   help="--data: demonstrations per task (eval.py's default)")
+                   help="With --data: demonstrations per task, as eval.py reads them. Default: %(default)s.")
     p.add_argument("--max_len_per_example", type=data.positive_int, default=256,
-                   help="--data: tokens per demo (eval.py's default)")
-    p.add_argument("--demo_tokens", type=data.positive_ints, default="767,643",
-                   help="--data: ICL,distiller demo budgets (eval.py's defaults)")
-    p.add_argument("--bench_pair", default="auto", choices=["auto", "none", *PAIRS],
-                   help="LLM (with its distiller) to time: auto = gpt2-large on cuda, smollm2-135m on cpu")
-    p.add_argument("--lengths", default="class2class", help="comma-separated partitions whose paper D is timed")
+                   help="With --data: most tokens of one demonstration, as in eval.py. Default: %(default)s.")
+    p.add_argument("--demo_tokens", type=data.positive_ints, default="767,643", help="With --data: the "
+                   "demonstration budgets of ICL and of the distiller, as in eval.py. Default: %(default)s.")
+    p.add_argument("--bench_pair", default="auto", choices=["auto", "none", *PAIRS], help="LLM whose latency is "
+                   "timed, with its distiller (random weights): auto is gpt2-large on a GPU and smollm2-135m on a "
+                   "CPU; none times nothing. Default: %(default)s.")
+    p.add_argument("--lengths", default="class2class", help="Comma-separated partitions timed, each at the "
+                   "demonstration length D the paper gives for it (tokens, its Figure 3): "
+                   + ", ".join(f"{part} {D}" for part, D in PAPER_LENGTHS.items()) + ". Default: %(default)s.")
     p.add_argument("--batches", type=lambda s: s if s == "auto" else data.positive_ints(s), default="auto",
-                   help="query rows per batch (comma list): auto = 1,16 on cuda, else 1")
+                   help="Comma-separated query rows per timed batch: auto is 1,16 on a GPU and 1 on a CPU. "
+                   "Default: %(default)s.")
     p.add_argument("--runs", type=data.checked(int, lambda v: v >= 50, "an integer >= 50"), default=50,
-                   help="timed forwards per cell (the median is reported)")
+                   help="Timed forwards per cell; the median is reported. Default: %(default)s.")
     p.add_argument("--warmup", type=data.checked(int, lambda v: v >= 10, "an integer >= 10"), default=10,
-                   help="untimed forwards before each cell")
-    p.add_argument("--device", default="auto", help="auto = cuda if available, else cpu")
-    p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"],
-                   help="auto = bfloat16 on cuda if supported, else float32")
-    p.add_argument("--threads", type=data.count, default=0, help="CPU threads for torch (0 = torch's default)")
-    p.add_argument("--seed", type=data.count, default=0, help="torch.manual_seed for the random-init weights and ids")
-    p.add_argument("--out", default=".", help="folder for flops.md and flops.json, made if missing (the committed "
-                   "results/flops.*: --out results)")
-    p.add_argument("--plot", default="", help="also draw the FLOPs per query to this .png (needs matplotlib)")
+                   help="Untimed forwards before each cell. Default: %(default)s.")
+    p.add_argument("--device", default="auto", help="Device to time on, e.g. cuda:1; auto is cuda when available, "
+                   "else cpu. Default: %(default)s.")
+    p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"], help="Data type of "
+                   "the timed models: auto is bfloat16 on a GPU that supports it, else float32. Default: %(default)s.")
+    p.add_argument("--threads", type=data.count, default=0,
+                   help="CPU threads for torch; 0 lets torch use every core. Default: %(default)s.")
+    p.add_argument("--seed", type=data.count, default=0,
+                   help="Seed of the random weights and token ids that are timed. Default: %(default)s.")
+    p.add_argument("--out", default=".", help="Folder for flops.md and flops.json, made if missing (the committed "
+                   "tables: --out results); an existing flops.md or flops.json is replaced only if flops.py wrote "
+                   "it. Default: the current folder.")
+    p.add_argument("--plot", default="", help="Also draw the FLOPs per query to this PNG file (needs matplotlib); an "
+                   "existing file is replaced only if it is a PNG image.")
     args = p.parse_args(argv)
     if len(args.demo_tokens) != 2 or min(args.demo_tokens) < args.max_len_per_example:
         p.error(f"--demo_tokens {','.join(map(str, args.demo_tokens))}: two budgets (ICL,distiller), each at least "
@@ -550,7 +562,7 @@ def plot(path, rows):
     ax.set_ylabel(f"GFLOPs per query (T={rows[0]['T']}, L={rows[0]['L']}, Q={rows[0]['Q']})")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path)
+    data.write_atomically(path, lambda tmp: fig.savefig(tmp, format="png"))
     print(f"wrote {path}")
 
 
@@ -560,8 +572,11 @@ def plot(path, rows):
 def main(args):
     """The recipe: device/dtype -> lengths -> analytic FLOPs -> timings -> goals -> report."""
     data.check_output(args.out, "--out", folder=True)  # every path written is checked before any work
+    for name, kind in (("flops.md", "flops_md"), ("flops.json", "flops_json")):
+        if Path(args.out, name).exists():  # replaced only when flops.py wrote it
+            data.check_output(Path(args.out, name), "--out", kind=kind)
     if args.plot:
-        data.check_output(args.plot, "--plot")
+        data.check_output(args.plot, "--plot", kind="png")
     files = demo_files(args) if args.data else {}  # a --data with nothing to measure fails before any output
     torch.manual_seed(args.seed)
     if args.threads:
@@ -596,9 +611,11 @@ def main(args):
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "flops.md").write_text("\n".join(report) + "\n")
-    (out / "flops.json").write_text(json.dumps(dict(config=vars(args), device=where, dtype=dtype_name,
-                                                    flops=rows, latency=timings, goals=goals), indent=1))
+    table = "\n".join(report) + "\n"
+    summary = json.dumps(dict(config=vars(args), device=where, dtype=dtype_name, flops=rows, latency=timings,
+                              goals=goals), indent=1)
+    data.write_atomically(out / "flops.md", lambda tmp: Path(tmp).write_text(table))
+    data.write_atomically(out / "flops.json", lambda tmp: Path(tmp).write_text(summary))
     print(f"wrote {out / 'flops.md'} and {out / 'flops.json'}")
     if args.plot:
         plot(args.plot, rows)

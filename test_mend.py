@@ -439,6 +439,20 @@ def test_prompt_tuning_and_no_kd_checkpoints_are_named_by_their_config(saved_llm
     assert names == {"pt.pt": (["prompt_tuning"], "random_labels"), "nokd.pt": (["mend_no_kd"], "random_labels")}
 
 
+def test_a_stage1_checkpoint_is_named_stage_1_only_in_the_header_table_and_json(saved_llm, tmp_path, capsys):
+    """eval.py --methods mend with a checkpoint of train.py --stage pretrain names it 'mend (stage 1 only)' in its
+    header, its table and its JSON (it was reported as mend, as if finetuned)."""
+    ckpt, out = tmp_path / "ckpt.pt", tmp_path / "r.json"
+    train.run(train_args(saved_llm("llama"), ckpt, "--stage", "pretrain", "--max_steps", "1", "--val_items", "0"))
+    capsys.readouterr()
+    evaluate.main(evaluate.get_args(["--ckpt", str(ckpt), "--methods", "mend", "--seeds", "100", "--max_examples", "2",
+                                     "--out", str(out)]))
+    lines = capsys.readouterr().out.splitlines()
+    assert "methods ['mend (stage 1 only)']" in next(l for l in lines if ": evaluating " in l)
+    assert next(l for l in lines if l.startswith("task ")).endswith(" mend (stage 1 only)")
+    assert list(json.loads(out.read_text())["methods"]) == ["mend (stage 1 only)"]
+
+
 # -----------------------------------------------------------------------------
 # eval.py: metrics, scoring, reports, and the selection signal train.py logs
 
@@ -553,6 +567,28 @@ def test_eval_reports_skipped_tasks_refuses_seen_tasks_and_writes_the_json(saved
         evaluate.main(evaluate.get_args(["--partition", "nonclass2class", *common]))
 
 
+def test_a_test_line_without_options_among_lines_with_options_is_an_error(saved_llm, tmp_path, capsys):
+    """A test example with "options": [] in a task whose other lines have options is a malformed line: one error at
+    its file and line, status 2 (it was taken for a generation task: the task dropped, exit 0); a task whose lines all
+    have no options (a generation task) is still skipped with a one-line warning."""
+    shutil.copytree(ROOT / "sample_data" / "metaicl", tmp_path / "d" / "metaicl")
+    test = tmp_path / "d" / "metaicl" / "sample-sentiment" / "sample-sentiment_16_100_test.jsonl"
+    lines = test.read_text().splitlines()
+    no_options = lambda line: json.dumps({**json.loads(line), "options": []})
+    argv = ["--partition", "class2class", "--data", str(tmp_path / "d"), "--llm", saved_llm("llama"), "--methods",
+            "zeroshot", "--ckpt", str(tmp_path / "none.pt"), "--seeds", "100", "--max_examples", "2", "--out",
+            str(tmp_path / "r.json")]
+    write_lines(test, lines[:2] + [no_options(lines[2])] + lines[3:])
+    assert run_script(["eval.py", *argv], capsys) == (2, [
+        f"error: {test}:3: 'options' is empty, but line 1 has options (only a generation task's lines have none, "
+        f"and then all of them)"])
+    write_lines(test, [no_options(line) for line in lines])
+    report = evaluate.main(evaluate.get_args(argv))
+    assert report["skipped_tasks"] == {"sample-sentiment": "a test example has no options (a generation task)"}
+    assert "warning: skipping sample-sentiment: a test example has no options (a generation task)" in \
+        capsys.readouterr().out.splitlines()
+
+
 # -----------------------------------------------------------------------------
 # analyze.py
 
@@ -610,19 +646,24 @@ def test_mend_api_distills_scores_classifies_and_generates(saved_llm, tmp_path):
     torch.testing.assert_close(mend.distill("good film\nyes\n\nbad film\nno\n\n"), vectors)  # text = pairs
     scores = mend.score(vectors, ["nice film", "awful"], ["yes", "no!"])
     ex = {"input": "awful", "options": ["yes", "no!"]}
-    torch.testing.assert_close(scores[1], evaluate.naive_option_scores(mend.llm, mend.toks[0], ex, 32, prefix_embeds=vectors))
-    assert mend.classify(vectors, ["nice film", "awful"], ["yes", "no!"]) == [["yes", "no!"][int(s.argmax())] for s in scores]
+    naive = evaluate.naive_option_scores(mend.llm, mend.toks[0], ex, 32, prefix_embeds=vectors)
+    torch.testing.assert_close(torch.tensor(scores[1]), naive)
+    best = [["yes", "no!"][s.index(max(s))] for s in scores]
+    assert mend.classify(vectors, ["nice film", "awful"], ["yes", "no!"]) == best
     x = torch.tensor([data.encode(mend.toks[0], "nice film\n")])
     embeds = torch.cat([vectors, mend.llm.get_input_embeddings()(x)], dim=1)          # (1, L+T, C)
     hf = mend.llm.generate(inputs_embeds=embeds, attention_mask=torch.ones(embeds.shape[:2], dtype=torch.long),
                            max_new_tokens=12, do_sample=False, min_new_tokens=12)
-    assert mend.generate(vectors, "nice film", max_new_tokens=12) == mend.toks[0].decode(hf[0], skip_special_tokens=True)
+    assert mend.generate(vectors, "nice film", max_new_tokens=12) == \
+        mend.toks[0].decode(hf[0], skip_special_tokens=True).lstrip()
     with pytest.raises(model.CheckpointError, match="was trained for llm=.*llama, not llm=gpt2"):
         distill.MEND.load(str(ckpt), llm="gpt2")
 
 
-def test_readme_snippet_runs(saved_llm, tmp_path, monkeypatch):
-    """The README's "Use MEND on your own demonstrations" code, run as written against a tiny checkpoint."""
+def test_readme_snippet_runs(saved_llm, tmp_path, monkeypatch, capsys):
+    """The README's "Use MEND on your own demonstrations" code, run as written against a tiny checkpoint: it prints
+    what the README says it prints, in form (labels and plain floats, not tensors)."""
+    import re
     readme = (ROOT / "README.md").read_text()
     snippet = readme.split("## Use MEND on your own demonstrations")[1].split("```python\n")[1].split("```")[0]
     train.run(train_args(saved_llm("llama"), tmp_path / "mend.pt", "--stage", "finetune", "--max_steps", "1",
@@ -632,6 +673,9 @@ def test_readme_snippet_runs(saved_llm, tmp_path, monkeypatch):
     exec(snippet, scope)
     assert scope["labels"] and set(scope["labels"]) <= {"positive", "negative"}
     assert (tmp_path / "tickets.safetensors").exists()
+    said = readme.split("## Use MEND on your own demonstrations")[1].split("It prints `")[1].split("`")[0]
+    form = r"\[('(positive|negative)'(, )?)+\] \[-?\d+\.\d+, -?\d+\.\d+\]"
+    assert re.fullmatch(form, said) and any(re.fullmatch(form, l) for l in capsys.readouterr().out.splitlines())
 
 
 def test_clear_api_errors(saved_llm, tmp_path):
@@ -649,6 +693,40 @@ def test_clear_api_errors(saved_llm, tmp_path):
         mend.score(vectors, ["nice film"], [])
     with pytest.raises(ValueError, match="options must be one non-empty list"):
         mend.classify(vectors, ["nice film", "awful"], [["yes"], []])
+
+
+def test_api_takes_one_string_as_one_input_and_scores_are_plain_floats(saved_llm, tmp_path):
+    """score and classify take one string where a list of inputs belongs as one input (classify gave one label per
+    character), and score gives plain Python floats a user prints and compares without torch."""
+    llm, ckpt = saved_llm("llama"), tmp_path / "mend.pt"
+    train.run(train_args(llm, ckpt, "--stage", "finetune", "--max_steps", "1", "--val_items", "0"))
+    mend = distill.MEND.load(str(ckpt), device="cpu")
+    vectors, options = mend.distill([("good film", "yes"), ("bad film", "no")]), ["yes", "no!"]
+    one = mend.score(vectors, "nice film", options)
+    assert one == mend.score(vectors, ["nice film"], [options])[0] and [type(s) for s in one] == [float, float]
+    label = mend.classify(vectors, "nice film", options)
+    assert label == mend.classify(vectors, ["nice film"], options)[0] == options[one.index(max(one))]
+
+
+def test_generate_refuses_no_new_tokens_and_drops_the_leading_line_break(saved_llm, tmp_path, monkeypatch):
+    """max_new_tokens below 1 is a ValueError (it gave ''), a list is refused, and the continuation comes without
+    the line break it starts with (the model's steps are steered here: a line break, then "ab")."""
+    llm, ckpt = saved_llm("llama"), tmp_path / "mend.pt"
+    train.run(train_args(llm, ckpt, "--stage", "finetune", "--max_steps", "1", "--val_items", "0"))
+    mend = distill.MEND.load(str(ckpt), device="cpu")
+    vectors = mend.distill([("good film", "yes"), ("bad film", "no")])
+    for n in (0, -1):
+        with pytest.raises(ValueError, match=f"max_new_tokens must be an integer >= 1, got {n}"):
+            mend.generate(vectors, "nice film", max_new_tokens=n)
+    with pytest.raises(ValueError, match="input must be one string, got list"):
+        mend.generate(vectors, ["nice film", "awful"])
+    picks, real = iter(data.encode(mend.toks[0], "\nabc")), distill.extend_prefix  # c: after the last token
+
+    def steered(llm, ids, kv):  # the model's own step, with the next token picked here
+        logits, kv = real(llm, ids, kv)                                               # (1, V)
+        return F.one_hot(torch.tensor([next(picks)]), logits.shape[-1]).float(), kv  # (1, V)
+    monkeypatch.setattr(distill, "extend_prefix", steered)
+    assert mend.generate(vectors, "nice film", max_new_tokens=3) == "ab"
 
 
 def test_distilled_vectors_round_trip_and_refuse_a_mismatch(tmp_path):
@@ -728,7 +806,7 @@ def test_bad_command_lines_give_one_error_line_and_change_no_file(saved_llm, tmp
     the scripts' entry points; the first line of each script also runs as `python script.py`, with the same output."""
     work = tmp_path / "work"
     (work / "empty").mkdir(parents=True)
-    (work / "eval_qa2qa.json").write_text('{"an earlier": "result"}')
+    (work / "eval_qa2qa.json").write_text('{"partition": "qa2qa", "llm": "an earlier result"}')
     names = dict(llm=saved_llm("llama"), empty=work / "empty", data=ROOT / "sample_data")
     snapshot = lambda: {p: p.is_file() and p.read_bytes() for p in work.rglob("*")}
     before = snapshot()
@@ -787,7 +865,7 @@ def test_bf16_scores_agree_with_float32(saved_llm, tmp_path, family):
     full, half = (distill.MEND.load(str(ckpt), device="cpu", dtype=d) for d in ("float32", "bfloat16"))
     assert half.llm.dtype == torch.bfloat16 and half.distiller.placeholder.dtype == torch.float32
     demos, inputs, options = [("good film", "yes"), ("bad film", "no")], ["nice film", "awful", "dull"], ["yes", "no!", "maybe so"]
-    a, b = full.score(full.distill(demos), inputs, options), half.score(half.distill(demos), inputs, options)
+    a, b = (torch.tensor(m.score(m.distill(demos), inputs, options)) for m in (full, half))
     decided = 0
     for x, y in zip(a, b):
         assert (x - y).abs().max() < 0.1
@@ -1062,7 +1140,8 @@ def test_t5_train_then_eval_end_to_end(saved_llm, tmp_path):
     seq, out = data.encode_example(mend.toks[0], {"input": "nice film"}, 32, answer_len=6)[0], []
     while len(out) < 6 and mend.toks[0].eos_token_id not in out:
         out.append(int(hf_logits(mend.llm, vectors, torch.tensor([seq + out]))[0, -1].argmax()))
-    assert mend.generate(vectors, "nice film", max_new_tokens=6) == mend.toks[0].decode(out, skip_special_tokens=True)
+    text = mend.toks[0].decode(out, skip_special_tokens=True).lstrip()
+    assert mend.generate(vectors, "nice film", max_new_tokens=6) == text
     import analyze
     with pytest.raises(SystemExit, match="encoder-decoder"):
         analyze.main(analyze.get_args(["--ckpt", str(s2), "--task", "sample-opposite"]))
@@ -1293,6 +1372,63 @@ def test_output_paths_are_refused_before_any_model_loads(saved_llm, tmp_path, ca
     assert not (tmp_path / "no").exists() and not (tmp_path / "c.log").exists()
 
 
+def test_outputs_replace_only_their_own_kind_of_file(saved_llm, tmp_path, capsys, monkeypatch):
+    """--out, --png and --plot refuse, before any work, to replace an existing file that is not the script's own kind
+    of output (eval.py replaced a README.md with its JSON); a script's own earlier output is replaced as before."""
+    import analyze
+    import flops
+    llm, notes, folder = saved_llm("llama"), tmp_path / "README.md", tmp_path / "f"
+    write_lines(notes, ["# my notes"])
+    write_lines(folder / "flops.md", ["# my table"])
+    for module in (train, evaluate, model):
+        monkeypatch.setattr(module, "load_llm", lambda *a, **k: pytest.fail("a model loaded"))
+    ev = ["--llm", llm, "--methods", "zeroshot", "--ckpt", str(tmp_path / "none.pt"), "--seeds", "100",
+          "--max_examples", "1"]
+    cases = [(lambda: train.run(train_args(llm, notes, "--stage", "pretrain")), "not a checkpoint of train.py"),
+             (lambda: evaluate.main(evaluate.get_args([*ev, "--out", str(notes)])), "not a result of eval.py"),
+             (lambda: flops.main(flops.get_args(["--out", str(folder)])), "not a flops.md of flops.py"),
+             (lambda: flops.main(flops.get_args(["--plot", str(notes)])), "not a PNG image"),
+             (lambda: analyze.main(analyze.get_args(["--png", str(notes)])), "not a PNG image"),
+             (lambda: analyze.main(analyze.get_args(["--out", str(notes)])), "not an attention map of analyze.py"),
+             (lambda: analyze.main(analyze.get_args(["--ceiling", "--out", str(notes)])), "not a result of eval.py")]
+    for run, message in cases:
+        assert f"the file exists and is {message}" in refused(capsys, run)
+    assert notes.read_text() == "# my notes\n" and (folder / "flops.md").read_text() == "# my table\n"
+    monkeypatch.undo()
+    ckpt, result = tmp_path / "c.pt", tmp_path / "r.json"
+    for _ in range(2):  # the second run of each replaces the first's output
+        train.run(train_args(llm, ckpt, "--stage", "pretrain", "--max_steps", "1", "--val_items", "0"))
+        evaluate.main(evaluate.get_args([*ev, "--out", str(result)]))
+        flops.main(flops.get_args(["--out", str(tmp_path), "--bench_pair", "none"]))
+    (tmp_path / "p.png").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(8))
+    data.check_output(tmp_path / "p.png", "--png", kind="png")
+
+
+def test_ctrl_c_ends_in_one_line_and_status_130_leaving_the_result_file(saved_llm, tmp_path, capsys, monkeypatch):
+    """Ctrl-C in eval.py, flops.py and analyze.py ends as in train.py: one last line, exit status 130, no traceback (it
+    was a KeyboardInterrupt traceback), and an earlier result file as it was."""
+    import analyze
+    import flops
+    out = write_lines(tmp_path / "r.json", ['{"partition": "qa2qa", "llm": "an earlier result"}'])
+    before = out.read_text()
+
+    def ctrl_c(*args, **kwargs):
+        raise KeyboardInterrupt
+    for module, name in ((evaluate, "evaluate_task"), (flops, "flops_rows"), (analyze.extensions, "load")):
+        monkeypatch.setattr(module, name, ctrl_c)
+    for argv in (["eval.py", "--llm", saved_llm("llama"), "--methods", "zeroshot", "--ckpt", tmp_path / "none.pt",
+                  "--seeds", "100", "--out", out],
+                 ["flops.py", "--out", tmp_path, "--bench_pair", "none"],
+                 ["analyze.py", "--ckpt", tmp_path / "none.pt", "--out", tmp_path / "a.json"]):
+        try:
+            status, lines = run_script(argv, capsys)
+        except KeyboardInterrupt:
+            pytest.fail(f"{argv[0]}: Ctrl-C ended in a traceback")
+        assert (status, lines[-1]) == (130, "interrupted (Ctrl-C): stopped; files already written are whole, "
+                                            "none is half-written"), argv[0]
+    assert out.read_text() == before and not (tmp_path / "flops.md").exists()
+
+
 def test_eval_settings_follow_one_rule_the_header_names_them_and_the_result_file_is_atomic(saved_llm, tmp_path,
                                                                                            capsys, monkeypatch):
     """k, l and the budgets come from --ckpt's config when the file exists, whichever methods run (not the paper's
@@ -1360,7 +1496,7 @@ def test_vector_files_and_the_converted_cache_get_the_umask_mode(tmp_path, monke
 
 
 def test_readme_flops_default_help_and_gitignore(capsys):
-    """README: at most 15,000 characters, its stage-1 line's lr at step 7 is what the schedule gives; flops.py writes
+    """README: at most 16,000 characters, its stage-1 line's lr at step 7 is what the schedule gives; flops.py writes
     to the current folder unless told --out results; analyze.py's description is whole sentences; .gitignore covers
     what the README's commands write."""
     import analyze
@@ -1368,7 +1504,7 @@ def test_readme_flops_default_help_and_gitignore(capsys):
     from fnmatch import fnmatch
     readme = (ROOT / "README.md").read_text()
     args = train.get_args(["--stage", "pretrain"])
-    assert len(readme.encode()) <= 15000 and f"step 7 | loss 1.4045 | kl 1.4045 | ce 0 | lr {args.lr * train.get_lr(args, 6):.2e}" in readme
+    assert len(readme.encode()) <= 16000 and f"step 7 | loss 1.4045 | kl 1.4045 | ce 0 | lr {args.lr * train.get_lr(args, 6):.2e}" in readme
     assert flops.get_args([]).out == "." and "--out results" in (ROOT / "results" / "README.md").read_text()
     with pytest.raises(SystemExit):
         analyze.get_args(["--help"])
@@ -1378,3 +1514,55 @@ def test_readme_flops_default_help_and_gitignore(capsys):
     for name in ["ckpt.pt", "run.log", "eval_qa2qa.json", "mine.json", "attention_t.json", "tickets.safetensors",
                  "flops.md", "flops.json", "ckpt.bench.json", "r.json.tmp123"]:
         assert any(fnmatch(name, p) for p in ignored), name
+
+
+def test_readme_says_how_to_get_the_real_data_and_what_a_partial_copy_prints(saved_llm, tmp_path, capsys):
+    """README's Real data: where C4 and MetaICL's files come from, the layout data.py reads, and the lines a partial
+    copy prints, in the form eval.py and train.py's reader print them (here on a copy of sample_data missing a test
+    file and a meta-train task)."""
+    import re
+    section = (ROOT / "README.md").read_text().split("## Real data\n")[1].split("\n## ")[0]
+    for fact in ("allenai/c4", "en/c4-validation.*.json.gz", "MetaICL", "_build_gym.py", "k=16",
+                 "seeds 100, 13, 21, 42, 87", "`c4/`", "`metaicl/{task}/`", "{task}_16_{seed}_train.jsonl",
+                 "{task}_16_100_test.jsonl", "{task}_16384_100_train.jsonl", "partitions.json"):
+        assert fact in section, fact
+    shutil.copytree(ROOT / "sample_data" / "metaicl", tmp_path / "metaicl")
+    (tmp_path / "metaicl" / "sample-first_word" / "sample-first_word_16_100_test.jsonl").unlink()
+    shutil.rmtree(tmp_path / "metaicl" / "sample-reverse")
+    evaluate.main(evaluate.get_args(["--data", str(tmp_path), "--llm", saved_llm("llama"), "--methods", "zeroshot",
+                                     "--ckpt", str(tmp_path / "none.pt"), "--seeds", "100", "--max_examples", "1",
+                                     "--out", str(tmp_path / "r.json")]))
+    data.meta_train_pools(tmp_path, data.partition(tmp_path, "qa2qa")["train"])
+    printed = capsys.readouterr().out
+    for form in (r"warning: skipping (\S+): missing \1_16_100_test\.jsonl",
+                 r"\w+: evaluating \d+ of \d+ test tasks \(\d+ skipped\)",
+                 r"meta-train: \d+ of \d+ tasks, [\d,]+ examples"):
+        assert re.search(form, printed) and re.search(form, " ".join(section.split())), form
+
+
+def help_entries(text):
+    """argparse's --help output -> {flag column: its help text on one line}."""
+    entries, flag = {}, None
+    for line in text.splitlines():
+        if line.startswith("  -"):
+            flag, _, text = line.strip().partition("  ")
+            entries[flag] = text
+        elif flag and line.startswith(" " * 24):
+            entries[flag] += " " + line.strip()
+        else:
+            flag = None
+    return {f: " ".join(t.split()) for f, t in entries.items() if f != "-h, --help"}
+
+
+@pytest.mark.parametrize("script", ["train.py", "eval.py", "flops.py", "analyze.py"])
+def test_every_help_line_is_a_sentence_that_shows_its_default_once(script, capsys):
+    """--help: every flag's help is a sentence (a capital first, a full stop last) that names its default at most
+    once and no constant of the code (analyze.py's --out gave its default three ways, flops.py said "see PAIRS")."""
+    with pytest.raises(SystemExit):
+        ENTRY[script](["--help"])
+    entries = help_entries(capsys.readouterr().out)
+    assert len(entries) > 10
+    for flag, text in entries.items():
+        assert text[0].isupper() and text.endswith(".") and text.lower().count("default") <= 1, (flag, text)
+        assert "PAIRS" not in text and "(see " not in text, (flag, text)
+

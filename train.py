@@ -50,67 +50,108 @@ SHARE_GPU = "MEND_SHARE_GPU"  # =1: all torchrun ranks share cuda:0 (results/gpu
 
 
 def get_args(argv=None):
-    p = data.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = data.ArgumentParser(description=__doc__.split("\n\n")[0])
     paper = p.add_argument_group("the paper's recipe (--preset paper sets the paper's values)")
-    paper.add_argument("--stage", required=True, choices=["pretrain", "finetune"], help="1: C4, KL only; 2: MetaICL, CE+KL")
-    paper.add_argument("--preset", default="cpu", choices=["cpu", "paper"], help="defaults: a short CPU run, or the paper's")
-    paper.add_argument("--init", default="", help="start the distiller from this checkpoint (stage 2 from stage 1)")
-    paper.add_argument("--data", default="sample_data", help="folder with c4/ and metaicl/ (real data: ../shared/data)")
-    paper.add_argument("--partition", default="qa2qa", help="MetaICL partition whose meta-train tasks stage 2 uses")
+    paper.add_argument("--stage", required=True, choices=["pretrain", "finetune"],
+                       help="The stage to train: pretrain (stage 1: C4 text, KL loss only) or finetune (stage 2: "
+                       "MetaICL tasks, answer CE + lambda x KL).")
+    paper.add_argument("--preset", default="cpu", choices=["cpu", "paper"],
+                       help="The values of the flags in this group: cpu (a short run on a CPU) or paper (the "
+                       "paper's recipe, for GPUs). Default: %(default)s.")
+    paper.add_argument("--init", default="", help="Start the distiller from this checkpoint, e.g. stage 2 from "
+                       "stage 1's ckpt.pt. Without it, the distiller starts from its pretrained or copied weights.")
+    paper.add_argument("--data", default="sample_data", help="Data folder holding c4/ and metaicl/ (README: Real "
+                       "data). Default: %(default)s.")
+    paper.add_argument("--partition", default="qa2qa", help="MetaICL partition whose meta-train tasks stage 2 trains "
+                       "on: hr2lr, class2class, nonclass2class, qa2qa, nonqa2qa, nonnli2nli or nonpara2para. "
+                       "Default: %(default)s.")
     paper.add_argument("--llm", type=data.model_name, default=EMBEDDED,
-                       help="frozen LLM, decoder-only or T5: hub name, local path, or smollm2-135m (offline)")
+                       help="The frozen LLM, decoder-only or T5: a hub name, a local folder, or smollm2-135m "
+                       "(embedded, works offline). Default: %(default)s.")
     paper.add_argument("--distiller", type=data.model_name, default="layers:2",
-                       help="hub name / path (paper: gpt2), or layers:N = the LLM's first N (of a T5: its encoder's)")
-    paper.add_argument("--n_vectors", type=data.positive_int, default=16, help="l, distillation vectors (paper: 100)")
-    paper.add_argument("--k", type=data.positive_int, default=4, help="demonstrations per stage-2 example (paper: 16)")
+                       help="The distiller: a hub name or local folder (paper: gpt2), or layers:N, a copy of the "
+                       "LLM's first N layers (of a T5: of its encoder). Default: %(default)s.")
+    paper.add_argument("--n_vectors", type=data.positive_int, default=16,
+                       help="Number l of distillation vectors (paper: 100). Default: %(default)s.")
+    paper.add_argument("--k", type=data.positive_int, default=4,
+                       help="Demonstrations per stage-2 example (paper: 16). Default: %(default)s.")
     paper.add_argument("--max_len_per_example", type=data.positive_int, default=64,
-                       help="tokens per input+output (MetaICL: 256)")
+                       help="Most tokens of one example, input and output together; a longer input is cut "
+                       "(MetaICL: 256). Default: %(default)s.")
     paper.add_argument("--teacher_demo_tokens", type=data.positive_int, default=256,
-                       help="teacher's demonstration budget (paper: 767)")
+                       help="Most demonstration tokens the teacher reads, whole demonstrations only (paper: 767). "
+                       "Default: %(default)s.")
     paper.add_argument("--distiller_demo_tokens", type=data.positive_int, default=256,
-                       help="distiller's demonstration budget (paper: 643)")
+                       help="Most demonstration tokens the distiller reads (paper: 643). Default: %(default)s.")
     paper.add_argument("--c4_max_tokens", type=data.checked(int, lambda v: v >= 2, "an integer >= 2 (demonstrations "
-                       "and a query)"), default=128, help="tokens kept per C4 document (paper: 1024)")
+                       "and a query)"), default=128, help="Tokens kept of each C4 document in stage 1: the first "
+                       "80%% are the demonstrations, the rest the query (paper: 1024). Default: %(default)s.")
     paper.add_argument("--lr", type=data.non_negative, default=1e-4,
-                       help="peak AdamW lr (paper: 5e-5 / 1e-5; 0 = weights stay as initialised)")
-    paper.add_argument("--weight_decay", type=data.non_negative, default=0.0, help="AdamW weight decay (paper: 0)")
-    paper.add_argument("--schedule", default="linear", choices=["linear", "cosine", "constant"], help="after warmup")
-    paper.add_argument("--warmup", type=data.count, default=0, help="linear warmup steps (paper: 0)")
-    paper.add_argument("--max_steps", type=data.positive_int, default=30, help="optimizer steps (paper: 30000)")
+                       help="Peak AdamW learning rate (paper: 5e-5 in stage 1, 1e-5 in stage 2); 0 keeps the weights "
+                       "as initialised. Default: %(default)s.")
+    paper.add_argument("--weight_decay", type=data.non_negative, default=0.0,
+                       help="AdamW weight decay (paper: 0). Default: %(default)s.")
+    paper.add_argument("--schedule", default="linear", choices=["linear", "cosine", "constant"],
+                       help="Learning-rate schedule after the warmup: linear or cosine decay, or constant. "
+                       "Default: %(default)s.")
+    paper.add_argument("--warmup", type=data.count, default=0,
+                       help="Steps of linear learning-rate warmup (paper: 0). Default: %(default)s.")
+    paper.add_argument("--max_steps", type=data.positive_int, default=30,
+                       help="Optimizer steps (paper: 30000). Default: %(default)s.")
     paper.add_argument("--batch", type=data.positive_int, default=2,
-                       help="examples per micro-batch per process (paper: 1 x 8 GPUs)")
-    paper.add_argument("--grad_accum", type=data.positive_int, default=1, help="micro-batches per optimizer step")
-    paper.add_argument("--clip", type=data.positive, default=1.0, help="gradient-norm clip (HF Trainer default: 1.0)")
-    paper.add_argument("--lam", type=data.non_negative, default=1.0, help="lambda, stage 2's KL weight (0 = CE only)")
-    paper.add_argument("--temperature", type=data.positive, default=1.0, help="KL temperature tau (paper: 1)")
+                       help="Examples per micro-batch in each process (paper: 1 on each of 8 GPUs). "
+                       "Default: %(default)s.")
+    paper.add_argument("--grad_accum", type=data.positive_int, default=1,
+                       help="Micro-batches accumulated into one optimizer step. Default: %(default)s.")
+    paper.add_argument("--clip", type=data.positive, default=1.0, help="Gradient-norm clipping threshold (the "
+                       "Hugging Face Trainer's, which the paper's code uses). Default: %(default)s.")
+    paper.add_argument("--lam", type=data.non_negative, default=1.0, help="Weight lambda of the KL term in stage 2's "
+                       "loss, CE + lambda x KL; 0 trains on the answer CE alone. Default: %(default)s.")
+    paper.add_argument("--temperature", type=data.positive, default=1.0,
+                       help="Temperature tau of the KL (paper: 1). Default: %(default)s.")
     paper.add_argument("--llm_dropout", action=argparse.BooleanOptionalAction, default=False,
-                       help="the frozen LLM's dropout on in training passes (official code: on; see results/official_code.md)")
-    paper.add_argument("--seed", type=data.count, default=100, help="seed of the data order and of torch")
+                       help="Keep the frozen LLM's dropout on in training passes, as the official code does "
+                       "(results/official_code.md). Default: off.")
+    paper.add_argument("--seed", type=data.count, default=100,
+                       help="Seed of the data order and of torch's random numbers. Default: %(default)s.")
     ours = p.add_argument_group("our additions to the paper's step (README: What we added to the paper's method)")
     ours.add_argument("--queries_per_demo", type=data.positive_int, default=1,
-                      help="stage 2: queries of a task read after one demonstration set")
+                      help="Stage 2: queries of a task that read one demonstration set (one teacher and one "
+                      "distiller pass serve them all). Default: %(default)s.")
     ours.add_argument("--relabel", type=data.fraction, default=0.0,
-                      help="stage 2: chance an item's label words are swapped for other tasks' labels (symbol tuning)")
+                      help="Stage 2: probability that an example's label words are swapped for other tasks' labels "
+                      "(symbol tuning). Default: %(default)s.")
     ours.add_argument("--freeze_embeddings", action=argparse.BooleanOptionalAction, default=True,
-                      help="keep the distiller's token embeddings frozen (paper: trained)")
+                      help="Keep the distiller's token embeddings as loaded (the paper trains them). Default: on.")
     ours.add_argument("--lr_vectors", type=data.non_negative, default=0.0,
-                      help="peak lr of the placeholders and projection (0: --lr)")
-    ours.add_argument("--val_items", type=data.count, default=8, help="held-out validation examples (0 = none)")
+                      help="Peak learning rate of the placeholders and the projection; 0 uses --lr. "
+                      "Default: %(default)s.")
+    ours.add_argument("--val_items", type=data.count, default=8, help="Held-out validation examples, scored at every "
+                      "checkpoint; 0 for none. Default: %(default)s.")
     extensions.add_arguments(p)
     system = p.add_argument_group("system")
-    system.add_argument("--out", default="", help="checkpoint path, its log beside it (default: ckpt.pt for pretrain, "
-                        "mend.pt for finetune); its folder must exist and be writable (it is not made)")
-    system.add_argument("--resume", action="store_true", help="continue the run saved at --out (weights, optimizer, RNG)")
-    system.add_argument("--eval_interval", type=data.positive_int, default=10, help="steps between validation + checkpoint")
-    system.add_argument("--log_interval", type=data.positive_int, default=1, help="steps between log lines")
-    system.add_argument("--device", default="auto", help="auto = cuda if available, else cpu")
+    system.add_argument("--out", default="", help="Checkpoint file to write, its log (.log) beside it; its folder "
+                        "must exist, and an existing file is replaced only if it is a checkpoint. Default: ckpt.pt "
+                        "for --stage pretrain, mend.pt for finetune.")
+    system.add_argument("--resume", action="store_true",
+                        help="Continue the run saved at --out: weights, optimizer, random states and step.")
+    system.add_argument("--eval_interval", type=data.positive_int, default=10,
+                        help="Steps between validations and checkpoint saves. Default: %(default)s.")
+    system.add_argument("--log_interval", type=data.positive_int, default=1,
+                        help="Steps between log lines. Default: %(default)s.")
+    system.add_argument("--device", default="auto", help="Device to train on, e.g. cuda:1; auto is cuda when "
+                        "available, else cpu. Default: %(default)s.")
     system.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                        help="autocast dtype and the LLM's; auto = bf16 on CUDA if supported, else fp16; fp32 on CPU")
-    system.add_argument("--threads", type=data.count, default=0, help="CPU threads (0: torch's default, every core)")
-    system.add_argument("--compile", action="store_true", help="torch.compile the distiller (opt-in)")
-    system.add_argument("--bench", action="store_true", help="time every phase of every step; write a breakdown JSON")
+                        help="Autocast dtype, also the frozen LLM's: auto is bfloat16 on a GPU that supports it, "
+                        "else float16, and float32 on a CPU. Default: %(default)s.")
+    system.add_argument("--threads", type=data.count, default=0,
+                        help="CPU threads for torch; 0 lets torch use every core. Default: %(default)s.")
+    system.add_argument("--compile", action="store_true", help="Compile the distiller with torch.compile.")
+    system.add_argument("--bench", action="store_true", help="Time every phase of every step and write the "
+                        "breakdown to a JSON file beside --out (.bench.json).")
     system.add_argument("--peak_tflops", type=data.non_negative, default=0.0,
-                        help="peak for MFU (0: the GPU's nominal peak; on CPU the measured float32 matmul rate)")
+                        help="Peak TFLOP/s that MFU is given against; 0 uses the GPU's nominal peak, or on a CPU its "
+                        "measured float32 matmul rate. Default: %(default)s.")
     known, _ = p.parse_known_args(argv)
     if known.preset == "paper":
         p.set_defaults(**PAPER["common"], **PAPER[known.stage])
@@ -335,7 +376,7 @@ def run(args):
     if args.threads:
         torch.set_num_threads(args.threads)
     steps = extensions.steps_for(vars(args))  # the paper's steps, or those of an addition (--base, --kl_rows)
-    data.check_output(args.out, "--out")  # every file the run writes sits beside --out
+    data.check_output(args.out, "--out", kind="checkpoint")  # every file the run writes sits beside --out
     start = starting_state(args)  # a bad --init/--resume fails here, before the LLM is touched
     toks = steps.tokenizers(args.llm)  # so does a model that cannot be loaded
     read = read_data(args, toks, steps)  # and a run that would read nothing

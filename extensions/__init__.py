@@ -49,14 +49,18 @@ def add_arguments(parser):
     """train.py's flags of our additions."""
     ours = parser.add_argument_group("our additions (extensions/, README: What we added to the paper's method)")
     ours.add_argument("--base", default="none", choices=["none", *prefixes.FREE_PREFIXES, "anchors"],
-                      help="start from a free prefix: its embeddings + gate * distiller output, gate at 0 (stage 1: "
-                      "truncated); anchors: the query reads eval.py's anchors + gate * the vectors' keys/values "
-                      "(extensions/anchors.py; with --distiller none, a bias on the anchor logits instead)")
+                      help="Start from a free prefix: the vectors are its l tokens' embeddings + gate x the "
+                      "distiller's output, the gate at 0 (stage 1: truncated only). anchors: the query reads eval.py's "
+                      "anchors + gate x the vectors' keys/values (extensions/anchors.py; with --distiller none, a bias "
+                      "on the anchor logits). Default: %(default)s.")
     ours.add_argument("--kl_rows", default="query", choices=["query", "options"],
-                      help="stage 2: the paper's query rows, or the rows the option scorer reads")
+                      help="Stage 2: the rows the KL is taken on, the paper's query rows or the rows the option "
+                      "scorer reads. Default: %(default)s.")
     ours.add_argument("--val_tasks", type=data.count, default=0,
-                      help="stage 2: meta-train tasks held out of training for the selection signal (0 = none)")
-    ours.add_argument("--val_task_examples", type=data.positive_int, default=40, help="test examples per held-out task")
+                      help="Stage 2: meta-train tasks held out of training for the selection signal; 0 for none. "
+                      "Default: %(default)s.")
+    ours.add_argument("--val_task_examples", type=data.positive_int, default=40,
+                      help="Test examples scored per task held out by --val_tasks. Default: %(default)s.")
     return ours
 
 
