@@ -1,10 +1,11 @@
 """
-Data for MEND: hand-rolled JSONL readers for C4 (stage 1) and MetaICL (stage 2 and evaluation), the prompt format,
-the demonstration budgets, and collation with the padding the models expect (paper sections 3.2 and 4.1).
+Data for MEND: hand-rolled JSONL readers for C4 (stage 1) and MetaICL (stage 2 and evaluation), the
+prompt format, the demonstration budgets, and collation with the padding the models expect (paper
+sections 3.2 and 4.1).
 
-A data folder holds `c4/` (files of `{"text": ...}` lines, plain or gzipped) and `metaicl/` (MetaICL's layout:
-`{task}/{task}_{k}_{seed}_{split}.jsonl`, lines `{"task", "input", "output", "options"}`, and optionally
-`partitions.json`). Every item is a dict of token-id lists:
+A data folder holds `c4/` (files of `{"text": ...}` lines, plain or gzipped) and `metaicl/`
+(MetaICL's layout: `{task}/{task}_{k}_{seed}_{split}.jsonl`, lines `{"task", "input", "output",
+"options"}`, and optionally `partitions.json`). Every item is a dict of token-id lists:
 
     teacher_demo    demonstrations in LLM tokens        (the teacher reads these before the query)
     distiller_demo  the same demonstrations in distiller tokens
@@ -14,13 +15,14 @@ A data folder holds `c4/` (files of `{"text": ...}` lines, plain or gzipped) and
 
 An addition of ours (extensions/) adds its own fields to an item through a `fields` function.
 
-Format (our choice, see README): a demonstration is `input \\n output \\n\\n`, the query is `input \\n` and an option is
-scored as the tokens of `output`. Newlines are what MetaICL's own training format uses; the official MEND code joins
-GPT-2 demos with no separator, which suits no tokenizer but GPT-2's. A tokenizer that drops newlines (T5's
-SentencePiece turns "\\n" into a space) gets separators that survive instead: `input Answer: output ;`.
+Format (our choice, see README): a demonstration is `input \\n output \\n\\n`, the query is `input
+\\n` and an option is scored as the tokens of `output`. Newlines are what MetaICL's own training
+format uses; the official MEND code joins GPT-2 demos with no separator, which suits no tokenizer
+but GPT-2's. A tokenizer that drops newlines (T5's SentencePiece turns "\\n" into a space) gets
+separators that survive instead: `input Answer: output ;`.
 
-The command-line helpers shared by train.py, eval.py, flops.py and analyze.py come first: one-line errors, and argparse
-types that check every flag's range when it is parsed.
+The command-line helpers shared by train.py, eval.py, flops.py and analyze.py come first: one-line
+errors, and argparse types that check every flag's range when it is parsed.
 """
 import argparse
 import functools
@@ -36,19 +38,22 @@ import numpy as np
 import torch
 from transformers import PreTrainedTokenizerFast
 
-QUERY_SEP, DEMO_SEP = "\n", "\n\n"   # input QUERY_SEP output DEMO_SEP input QUERY_SEP output DEMO_SEP ...
-PLAIN_SEPS = (" Answer: ", " ; ")   # the same for a tokenizer without newlines (T5): input Answer: output ; ...
+# input QUERY_SEP output DEMO_SEP input QUERY_SEP output DEMO_SEP ...
+QUERY_SEP, DEMO_SEP = "\n", "\n\n"
+# the same for a tokenizer without newlines (T5): input Answer: output ; ...
+PLAIN_SEPS = (" Answer: ", " ; ")
 
 
 class DataError(ValueError):
-    """Bad input: a data file (the message names the file and line), a checkpoint or a model that cannot be read."""
+    """Bad input: a data file (the message names the file and line), a checkpoint or a model that
+    cannot be read."""
 
 
 def run_cli(main):
-    """Run a script's entry point: bad input (a DataError, or a SystemExit with a message) ends in one line
-    `error: ...` on stderr and exit status 2, never in a traceback; Ctrl-C in one line and status 130 (the scripts
-    write their results through write_atomically, so none is left half-written). Integer exits (NaN stop, train.py's
-    own Ctrl-C line) pass through."""
+    """Run a script's entry point: bad input (a DataError, or a SystemExit with a message) ends in
+    one line `error: ...` on stderr and exit status 2, never in a traceback; Ctrl-C in one line and
+    status 130 (the scripts write their results through write_atomically, so none is left
+    half-written). Integer exits (NaN stop, train.py's own Ctrl-C line) pass through."""
     try:
         main()
     except KeyboardInterrupt:
@@ -69,15 +74,16 @@ def run_cli(main):
 
 
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse whose errors (an unknown flag, a value out of range) end as run_cli's do: one `error: ...` line and
-    status 2, without the usage."""
+    """argparse whose errors (an unknown flag, a value out of range) end as run_cli's do: one
+    `error: ...` line and status 2, without the usage."""
 
     def error(self, message):
         raise SystemExit(message)
 
 
 def checked(kind, ok, allowed):
-    """An argparse type: kind(text) where ok(value), else an error naming the value and what is allowed."""
+    """An argparse type: kind(text) where ok(value), else an error naming the value and what is
+    allowed."""
     def convert(text):
         try:
             value = kind(text)
@@ -105,7 +111,8 @@ model_name = checked(str, lambda v: not (v.startswith(("/", ".")) or v.count("/"
 
 
 def budget_error(args):
-    """Why args' demonstration budgets cannot hold one demonstration of --max_len_per_example tokens, or None."""
+    """Why args' demonstration budgets cannot hold one demonstration of --max_len_per_example
+    tokens, or None."""
     for flag in ("teacher_demo_tokens", "distiller_demo_tokens"):
         if getattr(args, flag) < args.max_len_per_example:
             return (f"--{flag} {getattr(args, flag)}: must be at least --max_len_per_example "
@@ -114,10 +121,11 @@ def budget_error(args):
 
 
 def check_output(path, flag, folder=False, kind=None):
-    """Refuse, before any work, an output that cannot be written: a file (folder=False) must not be a folder, and its
-    folder must exist (it is not made) and be writable; a folder (folder=True) is made when missing, so its nearest
-    existing ancestor must be a writable folder. A file that exists is replaced only when its content shows it is the
-    command's own kind of output (kind, a key of OUTPUTS): a command never overwrites a file it did not make."""
+    """Refuse, before any work, an output that cannot be written: a file (folder=False) must not be
+    a folder, and its folder must exist (it is not made) and be writable; a folder (folder=True) is
+    made when missing, so its nearest existing ancestor must be a writable folder. A file that
+    exists is replaced only when its content shows it is the command's own kind of output (kind, a
+    key of OUTPUTS): a command never overwrites a file it did not make."""
     path = Path(path)
     if path.exists() and path.is_dir() != folder:
         raise SystemExit(f"{flag} {path}: {'not ' if folder else ''}a folder")
@@ -145,7 +153,8 @@ def json_keys(path):
 
 
 def checkpoint_keys(path):
-    """The keys of a torch checkpoint holding a dict (read as load_checkpoint reads it); an empty set otherwise."""
+    """The keys of a torch checkpoint holding a dict (read as load_checkpoint reads it); an empty
+    set otherwise."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception:  # torch reports a foreign file as one of several zip/pickle/mmap errors
@@ -161,7 +170,8 @@ def starts_with(path, prefix):
         return False
 
 
-OUTPUTS = {  # what the scripts write, each told by its content: kind -> (what it is, test of an existing file)
+# what the scripts write, each told by its content: kind -> (what it is, test of an existing file)
+OUTPUTS = {
     "checkpoint": ("a checkpoint of train.py (a torch file with 'model' and 'config')",
                    lambda path: {"model", "config"} <= checkpoint_keys(path)),
     "eval": ("a result of eval.py (a JSON object with 'partition' and 'llm')",
@@ -177,7 +187,8 @@ OUTPUTS = {  # what the scripts write, each told by its content: kind -> (what i
 
 
 def write_atomically(path, write):
-    """write(a temp path), then rename the temp file to path: a crash or Ctrl-C mid-write leaves the old file whole."""
+    """write(a temp path), then rename the temp file to path: a crash or Ctrl-C mid-write leaves the
+    old file whole."""
     tmp = f"{path}.tmp{os.getpid()}"
     write(tmp)
     os.replace(tmp, path)
@@ -188,8 +199,8 @@ def write_atomically(path, write):
 
 
 def read_jsonl(path):
-    """Yield (line number, object) from a .jsonl / .json / .json.gz file of one JSON object per line, in UTF-8 (a
-    leading byte-order mark is skipped, as utf-8-sig reads it)."""
+    """Yield (line number, object) from a .jsonl / .json / .json.gz file of one JSON object per
+    line, in UTF-8 (a leading byte-order mark is skipped, as utf-8-sig reads it)."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: no such file")
@@ -209,7 +220,8 @@ def read_jsonl(path):
 
 
 def byte_lines(f, path):
-    """The lines of an open binary file; a gzip file cut short or corrupt ends in one error naming the file."""
+    """The lines of an open binary file; a gzip file cut short or corrupt ends in one error naming
+    the file."""
     try:
         yield from f
     except (EOFError, OSError, zlib.error) as e:
@@ -217,15 +229,18 @@ def byte_lines(f, path):
 
 
 def decode_line(raw, path, lineno):
-    """One line's bytes as UTF-8 text (line 1 as utf-8-sig: a byte-order mark is dropped); else an error at file:line."""
+    """One line's bytes as UTF-8 text (line 1 as utf-8-sig: a byte-order mark is dropped); else an
+    error at file:line."""
     try:
         return raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
     except UnicodeDecodeError as e:
-        raise DataError(f"{path}:{lineno}: not valid UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1})") from None
+        raise DataError(f"{path}:{lineno}: not valid UTF-8 "
+                        f"(byte 0x{raw[e.start]:02x} at column {e.start + 1})") from None
 
 
 def read_c4(folder):
-    """Stream the `text` of every document in the *.json, *.json.gz and *.jsonl files of a folder, in name order."""
+    """Stream the `text` of every document in the *.json, *.json.gz and *.jsonl files of a folder,
+    in name order."""
     if not Path(folder).is_dir():
         raise DataError(f"{folder}: no such folder (--stage pretrain reads C4 text from c4/ in --data)")
     files = sorted(p for p in Path(folder).iterdir() if p.name.endswith((".json", ".json.gz", ".jsonl")))
@@ -239,9 +254,10 @@ def read_c4(folder):
 
 
 def read_metaicl(path):
-    """A MetaICL file -> list of examples, each validated: task/input/output strings, options a list of strings
-    that contains the output whenever it is non-empty (empty options = a generation task, meta-train only: then every
-    line of the file has none, and a line without options among lines with options is an error)."""
+    """A MetaICL file -> list of examples, each validated: task/input/output strings, options a list
+    of strings that contains the output whenever it is non-empty (empty options = a generation task,
+    meta-train only: then every line of the file has none, and a line without options among lines
+    with options is an error)."""
     examples, with_options = [], {}  # with_options: has options? -> the first line of each kind
     for lineno, ex in read_jsonl(path):
         for key in ("task", "input", "output"):
@@ -271,8 +287,9 @@ METAICL_TYPES = {t: set(names) for t, names in json.loads(METAICL.read_text())["
 
 
 def is_classification(examples, task=None):
-    """Classification (macro-F1) or multiple choice (accuracy): MetaICL's task type when its task configs list the
-    task (METAICL_TYPES), else one fixed option set for every example = classification."""
+    """Classification (macro-F1) or multiple choice (accuracy): MetaICL's task type when its task
+    configs list the task (METAICL_TYPES), else one fixed option set for every example =
+    classification."""
     fixed = len({tuple(sorted(ex["options"])) for ex in examples}) == 1
     if task in METAICL_TYPES["classification"] and not fixed:
         raise DataError(f"{task}: MetaICL types it classification, but its examples offer different option sets")
@@ -280,7 +297,8 @@ def is_classification(examples, task=None):
 
 
 def macro_f1(predictions, golds):
-    """MetaICL's macro-F1: mean over the gold classes of per-class F1 (a class never predicted has precision 1)."""
+    """MetaICL's macro-F1: mean over the gold classes of per-class F1 (a class never predicted has
+    precision 1)."""
     f1s = []
     for c in sorted(set(golds)):
         hits = sum(p == g == c for p, g in zip(predictions, golds))
@@ -295,8 +313,9 @@ def accuracy(predictions, golds):
 
 
 def partition(data_dir, name):
-    """{'train': [...], 'test': [...], 'config': ...} for a short name (qa2qa) or MetaICL config name (qa_to_qa),
-    read from metaicl/partitions.json when the data folder has one, else from MetaICL's (metaicl.json)."""
+    """{'train': [...], 'test': [...], 'config': ...} for a short name (qa2qa) or MetaICL config
+    name (qa_to_qa), read from metaicl/partitions.json when the data folder has one, else from
+    MetaICL's (metaicl.json)."""
     path = Path(data_dir) / "metaicl" / "partitions.json"
     table = json.loads((path if path.exists() else METAICL).read_text())
     table = table.get("partitions", table)  # metaicl.json also holds the task types
@@ -311,8 +330,9 @@ def task_file(data_dir, task, k, seed, split):
 
 
 def meta_train_pools(data_dir, tasks, log=print):
-    """Meta-training pools {task: examples}: MetaICL's {task}_16384_100_train.jsonl when present, else the task's
-    {task}_16_100_test.jsonl (the shared data's substitute). Missing tasks are skipped with a warning."""
+    """Meta-training pools {task: examples}: MetaICL's {task}_16384_100_train.jsonl when present,
+    else the task's {task}_16_100_test.jsonl (the shared data's substitute). Missing tasks are
+    skipped with a warning."""
     pools = {}
     for task in tasks:
         big, small = task_file(data_dir, task, 16384, 100, "train"), task_file(data_dir, task, 16, 100, "test")
@@ -332,9 +352,9 @@ def meta_train_pools(data_dir, tasks, log=print):
 
 
 def byte_tokenizer(folder):
-    """A tokenizer built offline, for random-initialised models of real shapes (the tests, results/gpu): GPT-2's
-    byte-to-unicode alphabet as a BPE with no merges, one token per byte, plus <eos> = 256. Its spec goes to
-    folder/tokenizer.json."""
+    """A tokenizer built offline, for random-initialised models of real shapes (the tests,
+    results/gpu): GPT-2's byte-to-unicode alphabet as a BPE with no merges, one token per byte, plus
+    <eos> = 256. Its spec goes to folder/tokenizer.json."""
     bs = list(range(33, 127)) + list(range(161, 173)) + list(range(174, 256))
     cs = bs + [256 + n for n in range(256 - len(bs))]
     bs += [b for b in range(256) if b not in bs]
@@ -345,7 +365,8 @@ def byte_tokenizer(folder):
                               "normalized": False, "special": True}],
             "pre_tokenizer": byte_level, "decoder": byte_level,
             "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
-                      "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False, "vocab": vocab, "merges": []}}
+                      "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False,
+                      "vocab": vocab, "merges": []}}
     path = Path(folder) / "tokenizer.json"
     path.write_text(json.dumps(spec))
     return PreTrainedTokenizerFast(tokenizer_file=str(path), eos_token="<eos>", pad_token="<eos>")
@@ -357,28 +378,33 @@ def encode(tok, text):
 
 @functools.lru_cache(maxsize=16)
 def separators(tok):
-    """(query separator, demonstration separator) of a tokenizer: newlines where it keeps them, else PLAIN_SEPS."""
+    """(query separator, demonstration separator) of a tokenizer: newlines where it keeps them, else
+    PLAIN_SEPS."""
     return (QUERY_SEP, DEMO_SEP) if "\n" in tok.decode(encode(tok, "\n")) else PLAIN_SEPS
 
 
 def encode_example(tok, ex, max_len, answer_len=None):
-    """(input ids ending in the query separator, output ids). The input is cut so input+output fit in max_len tokens
-    (MetaICL's per-example rule); answer_len overrides the output length used for the cut (the longest option)."""
-    x, y = encode(tok, ex["input"]), encode(tok, ex.get("output", ""))  # scoring options needs no output
+    """(input ids ending in the query separator, output ids). The input is cut so input+output fit
+    in max_len tokens (MetaICL's per-example rule); answer_len overrides the output length used for
+    the cut (the longest option)."""
+    # scoring options needs no output
+    x, y = encode(tok, ex["input"]), encode(tok, ex.get("output", ""))
     sep = encode(tok, separators(tok)[0])
     keep = max(1, max_len - len(sep) - (len(y) if answer_len is None else answer_len))
     return x[:keep] + sep, y
 
 
 def encode_demos(tok, demos, max_len):
-    """Each demonstration as `input QUERY_SEP output DEMO_SEP` token ids (or the PLAIN_SEPS, see separators)."""
+    """Each demonstration as `input QUERY_SEP output DEMO_SEP` token ids (or the PLAIN_SEPS, see
+    separators)."""
     sep = encode(tok, separators(tok)[1])
     return [sum(encode_example(tok, d, max_len), []) + sep for d in demos]
 
 
 def fit_demos(encoded, budgets):
-    """Join whole demonstrations, in order, while every tokenizer's version fits its budget (the same demos for the
-    teacher and the distiller). encoded: one list of per-demo id lists per tokenizer -> one joined list each."""
+    """Join whole demonstrations, in order, while every tokenizer's version fits its budget (the
+    same demos for the teacher and the distiller). encoded: one list of per-demo id lists per
+    tokenizer -> one joined list each."""
     n = 0
     while n < len(encoded[0]) and all(sum(map(len, e[:n + 1])) <= b for e, b in zip(encoded, budgets)):
         n += 1
@@ -386,7 +412,8 @@ def fit_demos(encoded, budgets):
 
 
 def demo_item(toks, demos, budgets, max_len):
-    """(teacher ids, distiller ids) of a demonstration set; toks = (LLM tokenizer, distiller tokenizer)."""
+    """(teacher ids, distiller ids) of a demonstration set; toks = (LLM tokenizer, distiller
+    tokenizer)."""
     same = toks[0] is toks[1]
     encoded = [encode_demos(toks[0], demos, max_len)]
     encoded.append(encoded[0] if same else encode_demos(toks[1], demos, max_len))
@@ -394,18 +421,21 @@ def demo_item(toks, demos, budgets, max_len):
 
 
 def demo_ids(toks, demos, budgets, max_len):
-    """demo_item of (input, output) dicts, or of one formatted string: each tokenizer's ids of its end, within budget."""
+    """demo_item of (input, output) dicts, or of one formatted string: each tokenizer's ids of its
+    end, within budget."""
     if not isinstance(demos, str):
         return demo_item(toks, demos, budgets, max_len)
     if not demos.strip():
         raise ValueError("the demonstration text is empty")
-    return [encode(tok, demos)[-budget:] for tok, budget in zip(toks, budgets)]  # keep the end, nearest the query
+    # keep the end, nearest the query
+    return [encode(tok, demos)[-budget:] for tok, budget in zip(toks, budgets)]
 
 
 def meta_item(toks, targets, demo_pool, rng, k, budgets, max_len, exclude=(), relabel=None, fields=None):
-    """One stage-2 item: the target examples as Q queries, k examples of demo_pool (none of `exclude`) in random order
-    as demonstrations; relabel maps output words to other words, the same for demonstrations and queries. fields(item,
-    demos, targets) adds what an addition of ours reads (distill.Paper.fields)."""
+    """One stage-2 item: the target examples as Q queries, k examples of demo_pool (none of
+    `exclude`) in random order as demonstrations; relabel maps output words to other words, the same
+    for demonstrations and queries. fields(item, demos, targets) adds what an addition of ours reads
+    (distill.Paper.fields)."""
     others = [j for j in rng.permutation(len(demo_pool))[:k + len(exclude)] if j not in exclude][:k]
     swap = (lambda ex: {**ex, "output": relabel.get(ex["output"], ex["output"]),
                         "options": [relabel.get(o, o) for o in ex["options"]]}) if relabel else (lambda ex: ex)
@@ -419,8 +449,9 @@ def meta_item(toks, targets, demo_pool, rng, k, budgets, max_len, exclude=(), re
 
 
 def label_map(options, vocabulary, rng):
-    """Symbol tuning against label priors: each label word of a task -> a distinct word drawn from `vocabulary`
-    (the label words of all training tasks), so only the demonstrations tell which word answers what."""
+    """Symbol tuning against label priors: each label word of a task -> a distinct word drawn from
+    `vocabulary` (the label words of all training tasks), so only the demonstrations tell which word
+    answers what."""
     words = [w for w in vocabulary if w not in options]
     if len(words) < len(options):
         return None  # too few other labels to swap in: the item keeps its own
@@ -429,9 +460,10 @@ def label_map(options, vocabulary, rng):
 
 
 def meta_train_item(pools, toks, index, seed, k, budgets, max_len, queries=1, relabel=0.0, fields=None):
-    """Training item number `index`, deterministic in (seed, index) so a resumed or multi-process run sees the same
-    data: an example drawn uniformly from all pools, plus queries-1 more of its task, with k other examples of the task
-    as demonstrations. With probability `relabel`, a classification task's labels are mapped to other tasks' labels."""
+    """Training item number `index`, deterministic in (seed, index) so a resumed or multi-process
+    run sees the same data: an example drawn uniformly from all pools, plus queries-1 more of its
+    task, with k other examples of the task as demonstrations. With probability `relabel`, a
+    classification task's labels are mapped to other tasks' labels."""
     rng = np.random.default_rng([seed, index])
     ends = np.cumsum([len(p) for p in pools.values()])
     flat = int(rng.integers(ends[-1]))
@@ -460,18 +492,21 @@ PERTURBATIONS = {  # eval.py --perturb: what is left of each demonstration (pape
 
 
 def perturb_demos(demos, name, seed):
-    """Demonstrations with their labels randomised (a random option of the task, seeded) or removed, or inputs removed."""
+    """Demonstrations with their labels randomised (a random option of the task, seeded) or removed,
+    or inputs removed."""
     rng = np.random.default_rng([seed, 7])
     return [PERTURBATIONS[name](ex, rng) for ex in demos]
 
 
 def split_pools(pools, n_held_out):
-    """Hold out the last n examples of each pool as validation targets: -> (train pools, held-out pools)."""
+    """Hold out the last n examples of each pool as validation targets: -> (train pools, held-out
+    pools)."""
     return {t: p[:-n_held_out] for t, p in pools.items()}, {t: p[-n_held_out:] for t, p in pools.items()}
 
 
 def meta_val_items(train_pools, held_out, toks, seed, n, k, budgets, max_len, fields=None):
-    """n fixed validation items: held-out targets, task by task, with demonstrations from the task's training pool."""
+    """n fixed validation items: held-out targets, task by task, with demonstrations from the task's
+    training pool."""
     tasks, items = list(held_out), []
     for j in range(n):
         task = tasks[j % len(tasks)]
@@ -482,8 +517,9 @@ def meta_val_items(train_pools, held_out, toks, seed, n, k, budgets, max_len, fi
 
 
 def c4_item(text, toks, max_tokens, demo_fraction=0.8):
-    """Stage-1 item from one document: its first max_tokens LLM tokens, the first 80% as 'demonstrations', the rest as
-    the query (KL only, no answer). The distiller re-tokenizes the demonstration text if its tokenizer differs."""
+    """Stage-1 item from one document: its first max_tokens LLM tokens, the first 80% as
+    'demonstrations', the rest as the query (KL only, no answer). The distiller re-tokenizes the
+    demonstration text if its tokenizer differs."""
     ids = encode(toks[0], text)[:max_tokens]
     m = int(demo_fraction * len(ids))
     if m < 1 or m == len(ids):
@@ -508,9 +544,10 @@ def pad(seqs, value, left):
 
 
 def collate(items, device="cpu"):
-    """Items -> a batch of tensors: demonstrations left-padded (so the distiller's placeholders and the teacher's query
-    sit at the end), queries right-padded (so teacher and student query rows line up column by column). An item with Q
-    queries gives Q query rows; query_item[r] is the item (demonstration row) that query row r belongs to."""
+    """Items -> a batch of tensors: demonstrations left-padded (so the distiller's placeholders and
+    the teacher's query sit at the end), queries right-padded (so teacher and student query rows
+    line up column by column). An item with Q queries gives Q query rows; query_item[r] is the item
+    (demonstration row) that query row r belongs to."""
     t, tm = pad([it["teacher_demo"] for it in items], 0, left=True)             # (B, D)
     d, dm = pad([it["distiller_demo"] for it in items], 0, left=True)           # (B, D')
     q, qm = pad([x for it in items for x in it["queries"]], 0, left=False)      # (B*Q, T)

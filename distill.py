@@ -1,5 +1,6 @@
 """
-The MEND objective (paper section 3.2, knowledge distillation with the frozen LLM as its own teacher).
+The MEND objective (paper section 3.2, knowledge distillation with the frozen LLM as its own
+teacher).
 
     teacher  = LLM(demonstrations ; query)           run without gradients
     student  = LLM(S_D ; query),  S_D = distiller(demonstrations)
@@ -7,20 +8,22 @@ The MEND objective (paper section 3.2, knowledge distillation with the frozen LL
     stage 1  = KL                       (pretraining on C4: query = the last 20% of a document)
     stage 2  = CE(answer tokens) + lambda * KL   (finetuning on MetaICL meta-train tasks: query = input ; output)
 
-Both terms are averaged per example first (over its query or answer tokens), then over the batch. With batch 1 per
-GPU under DDP, which is what the official runs use, that is exactly their objective; it also makes a 2-process run,
-gradient accumulation and a single large batch give identical gradients.
+Both terms are averaged per example first (over its query or answer tokens), then over the batch.
+With batch 1 per GPU under DDP, which is what the official runs use, that is exactly their
+objective; it also makes a 2-process run, gradient accumulation and a single large batch give
+identical gradients.
 
-`Paper` names the steps of that path once (build the distiller, load its weights, the fields of an item, collate, the
-teacher, the vectors, the student, the loss terms, a step's FLOPs, the optimizer's groups, the vectors and prefix
-evaluation reads), each with the paper's version. It is the one plug point of our additions (extensions/): each of
-them subclasses it where it differs, and `extensions.steps_for(config)` picks the one a run's flags or a checkpoint's
-config name.
+`Paper` names the steps of that path once (build the distiller, load its weights, the fields of an
+item, collate, the teacher, the vectors, the student, the loss terms, a step's FLOPs, the
+optimizer's groups, the vectors and prefix evaluation reads), each with the paper's version. It is
+the one plug point of our additions (extensions/): each of them subclasses it where it differs, and
+`extensions.steps_for(config)` picks the one a run's flags or a checkpoint's config name.
 
-Above the objective sits what uses a trained distiller: the distill-once vector files (safetensors with the LLM,
-distiller, checkpoint and demonstrations that made them) and the MEND API (distill your demonstrations once, then
-score, classify or generate). Imports run one way: data <- model <- flops <- distill <- extensions/ <- the entry
-scripts (train.py, eval.py, analyze.py), which choose the steps of a run or a checkpoint.
+Above the objective sits what uses a trained distiller: the distill-once vector files (safetensors
+with the LLM, distiller, checkpoint and demonstrations that made them) and the MEND API (distill
+your demonstrations once, then score, classify or generate). Imports run one way: data <- model <-
+flops <- distill <- extensions/ <- the entry scripts (train.py, eval.py, analyze.py), which choose
+the steps of a run or a checkpoint.
 """
 import hashlib
 import json
@@ -40,12 +43,14 @@ from model import (CheckpointError, autocast, build_distiller, extend_prefix, fi
 
 
 def kl_per_example(teacher, student, mask, temperature=1.0):
-    """KL(p_teacher || p_student) per example: logits (B, T, V), mask (B, T) -> (B,), the mean over masked rows."""
+    """KL(p_teacher || p_student) per example: logits (B, T, V), mask (B, T) -> (B,), the mean over
+    masked rows."""
     return masked_mean(row_kl(teacher, student, temperature), mask)
 
 
 def row_kl(teacher, student, temperature=1.0):
-    """KL(p_teacher || p_student) of every row, summed over the vocabulary: logits (..., V) -> (...)."""
+    """KL(p_teacher || p_student) of every row, summed over the vocabulary: logits (..., V) ->
+    (...)."""
     log_p = F.log_softmax(teacher.float() / temperature, dim=-1)               # (..., V)
     log_q = F.log_softmax(student.float() / temperature, dim=-1)               # (..., V)
     return (log_p.exp() * (log_p - log_q)).sum(-1)
@@ -53,25 +58,28 @@ def row_kl(teacher, student, temperature=1.0):
 
 def answer_ce_per_example(student, query_ids, answer_mask):
     """Next-token CE on the answer tokens: row t predicts token t+1. logits (B, T, V) -> (B,)."""
-    logits, targets = student[:, :-1].float(), query_ids[:, 1:]               # (B, T-1, V), (B, T-1)
+    logits, targets = student[:, :-1].float(), query_ids[:, 1:]  # (B, T-1, V), (B, T-1)
     ce = F.cross_entropy(logits.transpose(1, 2), targets, reduction="none")    # (B, T-1)
     return masked_mean(ce, answer_mask[:, 1:])
 
 
 def masked_mean(values, mask):
-    """(B, T) values, (B, T) 0/1 mask -> (B,) mean over the masked entries (0 for an example with none)."""
+    """(B, T) values, (B, T) 0/1 mask -> (B,) mean over the masked entries (0 for an example with
+    none)."""
     mask = mask.to(values.dtype)
     return (values * mask).sum(-1) / mask.sum(-1).clamp(min=1)
 
 
 def per_item_mean(values, query_item, n_items):
-    """(B*Q,) per-query values -> their mean per item, then over the B items: each item weighs the same whatever its Q."""
+    """(B*Q,) per-query values -> their mean per item, then over the B items: each item weighs the
+    same whatever its Q."""
     counts = torch.bincount(query_item, minlength=n_items).to(values.dtype)          # (B,)
     return (values / counts[query_item]).sum() / n_items
 
 
 def query_terms(teacher, student, batch, temperature):
-    """The paper's rows: KL on every query row, CE on the answer tokens -> (N,), (N,) (KL None without a teacher)."""
+    """The paper's rows: KL on every query row, CE on the answer tokens -> (N,), (N,) (KL None
+    without a teacher)."""
     q, qm = batch["query_ids"], batch["query_mask"]
     kl = kl_per_example(teacher, student, qm, temperature) if teacher is not None else None
     return kl, answer_ce_per_example(student, q, batch["answer_mask"])
@@ -82,19 +90,22 @@ def query_terms(teacher, student, batch, temperature):
 
 
 def mend_loss(llm, distiller, batch, lam=1.0, temperature=1.0, steps=None):
-    """One MEND step's loss on a collated batch (see data.collate). Returns (loss, kl, ce) as 0-d tensors.
+    """One MEND step's loss on a collated batch (see data.collate). Returns (loss, kl, ce) as 0-d
+    tensors.
 
-    The teacher reads the demonstrations, the distiller makes the vectors, the student reads [vectors ; query]; the KL
-    is taken on every query row and the CE on the answer tokens. Without answers (stage 1) the loss is the KL alone;
-    stage 2 adds the answer CE: CE + lam * KL (with lam = 0 the teacher is not run and the logged KL is 0). An item
-    with Q queries is read once by the teacher (keys/values of its demonstrations) and once by the distiller; its
-    vectors then precede each of its Q queries. `steps` (default: the paper's) supplies each step; the phases are
-    named for torch.profiler (train.py --bench).
+    The teacher reads the demonstrations, the distiller makes the vectors, the student reads
+    [vectors ; query]; the KL is taken on every query row and the CE on the answer tokens. Without
+    answers (stage 1) the loss is the KL alone; stage 2 adds the answer CE: CE + lam * KL (with lam
+    = 0 the teacher is not run and the logged KL is 0). An item with Q queries is read once by the
+    teacher (keys/values of its demonstrations) and once by the distiller; its vectors then precede
+    each of its Q queries. `steps` (default: the paper's) supplies each step; the phases are named
+    for torch.profiler (train.py --bench).
     """
     steps = steps or Paper({})
     owner, B = batch["query_item"], batch["distiller_demo_ids"].shape[0]
     has_answer = steps.has_answer(batch)
-    with record_function("teacher_forward"):  # lam = 0 in stage 2 (no distillation, PromptTuning): no logits
+    # lam = 0 in stage 2 (no distillation, PromptTuning): no logits
+    with record_function("teacher_forward"):
         teacher = steps.teacher(llm, batch, logits=bool(lam or not has_answer))
     with record_function("distiller_forward"):
         vectors, mask = steps.vectors(llm, distiller, batch)                   # (B, L, C), (B, L)
@@ -108,8 +119,9 @@ def mend_loss(llm, distiller, batch, lam=1.0, temperature=1.0, steps=None):
 
 
 class Paper:
-    """The paper's MEND, step by step. An addition of ours (extensions/) subclasses it and replaces the steps where it
-    differs; `config` is a run's flags (train.py) or a checkpoint's training config, as a dict."""
+    """The paper's MEND, step by step. An addition of ours (extensions/) subclasses it and replaces
+    the steps where it differs; `config` is a run's flags (train.py) or a checkpoint's training
+    config, as a dict."""
 
     api_refusal = None  # why the vector API (MEND) cannot use such a checkpoint, if it cannot
     own = ()            # names of the parameters these steps add to the paper's distiller
@@ -127,7 +139,8 @@ class Paper:
         load_distiller_state(distiller, state, path)
 
     def fields(self, toks, item, demos, targets):
-        """What an item carries beyond the paper's fields (demos, targets: None for a C4 document)."""
+        """What an item carries beyond the paper's fields (demos, targets: None for a C4
+        document)."""
         return {}
 
     def collate(self, items, device):
@@ -137,7 +150,8 @@ class Paper:
         return bool(batch["answer_mask"].any())
 
     def teacher(self, llm, batch, logits=True):
-        """The LLM reading the real demonstrations, then each query: (N, T, V) logits (None when not needed)."""
+        """The LLM reading the real demonstrations, then each query: (N, T, V) logits (None when not
+        needed)."""
         if not logits:
             return None
         return teacher_logits(llm, batch["teacher_demo_ids"], batch["teacher_demo_mask"], batch["query_ids"],
@@ -152,38 +166,42 @@ class Paper:
         """The LLM reading [vectors ; query], each query after its own item's vectors: (N, T, V)."""
         owner = batch["query_item"]
         return llm_logits(llm, batch["query_ids"], batch["query_mask"], prefix_embeds=vectors[owner],
-                          prefix_mask=mask[owner])                               # (N, L, C) prefix -> (N, T, V)
+                          prefix_mask=mask[owner])  # (N, L, C) prefix -> (N, T, V)
 
     def terms(self, teacher, student, batch, temperature):
         return query_terms(teacher, student, batch, temperature)
 
     def start_logits(self, llm, batch):
-        """What the student reads at the start, read by the LLM as it is (train.py's reference line): for the paper's
-        MEND the last l demonstration tokens (the truncated prefix) -> (N, T, V)."""
+        """What the student reads at the start, read by the LLM as it is (train.py's reference
+        line): for the paper's MEND the last l demonstration tokens (the truncated prefix) -> (N, T,
+        V)."""
         owner, l = batch["query_item"], self.config["n_vectors"]
-        t, tm = batch["teacher_demo_ids"][owner, -l:], batch["teacher_demo_mask"][owner, -l:]   # (N, l)
+        # (N, l)
+        t, tm = batch["teacher_demo_ids"][owner, -l:], batch["teacher_demo_mask"][owner, -l:]
         return llm_logits(llm, batch["query_ids"], batch["query_mask"], prefix_embeds=llm.get_input_embeddings()(t),
-                          prefix_mask=tm)                                       # (N, l, C) prefix -> (N, T, V)
+                          prefix_mask=tm)  # (N, l, C) prefix -> (N, T, V)
 
     def start_name(self):
         return f"the last {self.config['n_vectors']} demonstration tokens (truncated)"
 
     def item_flops(self, cfgs, item):
-        """flops.step_flops of one item; cfgs = (LLM config, distiller config or None for PromptTuning)."""
+        """flops.step_flops of one item; cfgs = (LLM config, distiller config or None for
+        PromptTuning)."""
         lens = (len(item["teacher_demo"]), len(item["distiller_demo"]), list(map(len, item["queries"])))
         teacher = bool(self.config["lam"]) or self.config["stage"] == "pretrain"
         return flops.step_flops(*cfgs, self.config["n_vectors"], *lens, teacher=teacher)
 
     def param_groups(self, distiller, lr, lr_vectors):
-        """AdamW groups: the placeholders and projection at lr_vectors (when set), the rest at lr."""
+        """AdamW groups: the placeholders and projection at lr_vectors (when set), the rest at
+        lr."""
         named = [(n, p) for n, p in distiller.named_parameters() if p.requires_grad]
         own = lambda n: n.startswith(("placeholder", "proj"))
         return [{"params": [p for n, p in named if not own(n)], "peak_lr": lr},
                 {"params": [p for n, p in named if own(n)], "peak_lr": lr_vectors or lr}]
 
     def inputs(self, toks, demos, budgets, max_len):
-        """What the distiller reads of a demonstration set ((input, output) dicts or formatted text), by name: the
-        vector files record a hash of each ({name}_hash)."""
+        """What the distiller reads of a demonstration set ((input, output) dicts or formatted
+        text), by name: the vector files record a hash of each ({name}_hash)."""
         return {"demos": data.demo_ids(toks, demos, budgets, max_len)[1]}
 
     def demo_vectors(self, llm, distiller, inputs):
@@ -192,7 +210,8 @@ class Paper:
         return distiller(ids, torch.ones_like(ids))
 
     def prefix(self, llm, toks, distiller, demos, args, vectors_of):
-        """eval.py's cached prefix of MEND: the keys/values of the distilled vectors, vectors_of(distiller)."""
+        """eval.py's cached prefix of MEND: the keys/values of the distilled vectors,
+        vectors_of(distiller)."""
         return prefix_cache(llm, prefix_embeds=vectors_of(distiller)), None
 
 
@@ -205,15 +224,18 @@ def demos_hash(demo_ids):
 
 
 def save_vectors(path, vectors, meta):
-    """vectors (1, L, C) + metadata {llm, distiller, ckpt_hash, demos_hash} -> safetensors, atomically."""
+    """vectors (1, L, C) + metadata {llm, distiller, ckpt_hash, demos_hash} -> safetensors,
+    atomically."""
     tmp = f"{path}.tmp{os.getpid()}"
-    save_file({"vectors": vectors.detach().float().cpu().contiguous()}, tmp, metadata={k: str(v) for k, v in meta.items()})
+    save_file({"vectors": vectors.detach().float().cpu().contiguous()}, tmp,
+              metadata={k: str(v) for k, v in meta.items()})
     umask_mode(tmp)
     os.replace(tmp, path)
 
 
 def load_vectors(path, expect):
-    """Load vectors back, refusing any made by another LLM, distiller, checkpoint or set of demonstrations."""
+    """Load vectors back, refusing any made by another LLM, distiller, checkpoint or set of
+    demonstrations."""
     from safetensors import safe_open
     with safe_open(path, "pt") as f:
         meta = f.metadata()
@@ -229,8 +251,10 @@ def load_vectors(path, expect):
 
 
 def options_per_input(inputs, options):
-    """One option list for every input, or one per input -> one list per input; empty options: ValueError."""
-    per_input = [list(o) for o in options] if options and isinstance(options[0], (list, tuple)) else [list(options)] * len(inputs)
+    """One option list for every input, or one per input -> one list per input; empty options:
+    ValueError."""
+    nested = options and isinstance(options[0], (list, tuple))  # one option list per input
+    per_input = [list(o) for o in options] if nested else [list(options)] * len(inputs)
     if len(per_input) != len(inputs) or not all(per_input):
         raise ValueError(f"options must be one non-empty list for every input or one non-empty list per input "
                          f"({len(inputs)} inputs), got {options!r}")
@@ -254,9 +278,10 @@ class MEND:
 
     @classmethod
     def load(cls, ckpt, llm=None, device="auto", dtype="auto", recipe=None):
-        """Refuses an `llm` other than the one the checkpoint was trained for, naming both. device auto = cuda when
-        available; dtype auto = bf16 there where supported (see autocast), fp32 on CPU. recipe: config -> the steps
-        (default: the paper's; extensions.load passes the one that also knows our additions)."""
+        """Refuses an `llm` other than the one the checkpoint was trained for, naming both. device
+        auto = cuda when available; dtype auto = bf16 there where supported (see autocast), fp32 on
+        CPU. recipe: config -> the steps (default: the paper's; extensions.load passes the one that
+        also knows our additions)."""
         state = load_checkpoint(ckpt)
         cfg = state["config"]
         if llm and llm != cfg["llm"]:
@@ -276,7 +301,8 @@ class MEND:
         return cls(lm, freeze(distiller), steps.tokenizers(cfg["llm"]), cfg, file_hash(ckpt), steps, ctx)
 
     def demos(self, demos):
-        """(input, output) pairs as the data's dicts, or one formatted string as it is. Bad demonstrations: ValueError."""
+        """(input, output) pairs as the data's dicts, or one formatted string as it is. Bad
+        demonstrations: ValueError."""
         if isinstance(demos, str):
             return demos
         demos = list(demos)
@@ -288,8 +314,9 @@ class MEND:
         return [{"input": x, "output": y} for x, y in demos]
 
     def demo_ids(self, demos, reader=1):
-        """Token ids of (input, output) pairs (formatted and budgeted as in training) or of one formatted string, as
-        the distiller (reader=1) or the LLM (reader=0, the teacher) reads them."""
+        """Token ids of (input, output) pairs (formatted and budgeted as in training) or of one
+        formatted string, as the distiller (reader=1) or the LLM (reader=0, the teacher) reads
+        them."""
         return data.demo_ids(self.toks, self.demos(demos), self.budgets, self.max_len)[reader]
 
     def inputs(self, demos):
@@ -297,21 +324,24 @@ class MEND:
 
     @torch.no_grad()
     def distill(self, demos):
-        """Demonstrations -> distillation vectors (1, L, C): list of (input, output) pairs, or formatted text."""
+        """Demonstrations -> distillation vectors (1, L, C): list of (input, output) pairs, or
+        formatted text."""
         with self.ctx:
             return self.steps.demo_vectors(self.llm, self.distiller, self.inputs(demos))
 
     def vector_meta(self, demos):
-        """What save_vectors records, and load_vectors checks, for vectors distilled from `demos`."""
+        """What save_vectors records, and load_vectors checks, for vectors distilled from
+        `demos`."""
         return {"llm": self.config["llm"], "distiller": self.config["distiller"], "ckpt_hash": self.ckpt_hash,
                 "base": self.config.get("base", "none"),
                 **{f"{name}_hash": demos_hash(ids) for name, ids in self.inputs(demos).items()}}
 
     @torch.no_grad()
     def score(self, vectors, inputs, options):
-        """Per input, one float per option: -(mean NLL of the option's tokens) after [vectors ; input]. inputs is a
-        list of strings (-> a list of score lists) or one string (-> its score list); options is one list for every
-        input, or one list per input. The vectors' keys/values are computed once."""
+        """Per input, one float per option: -(mean NLL of the option's tokens) after [vectors ;
+        input]. inputs is a list of strings (-> a list of score lists) or one string (-> its score
+        list); options is one list for every input, or one list per input. The vectors' keys/values
+        are computed once."""
         if isinstance(inputs, str):
             return self.score(vectors, [inputs], options)[0]
         with self.ctx:
@@ -328,9 +358,10 @@ class MEND:
 
     @torch.no_grad()
     def generate(self, vectors, input, max_new_tokens=32):
-        """Greedy continuation of `input` (formatted as a query) after the vectors, whose keys/values are computed
-        once; each new token extends the cache. Stops at the tokenizer's end-of-sequence token. The text is returned
-        without the whitespace it starts with (the line break after the query, in the format of the demonstrations)."""
+        """Greedy continuation of `input` (formatted as a query) after the vectors, whose
+        keys/values are computed once; each new token extends the cache. Stops at the tokenizer's
+        end-of-sequence token. The text is returned without the whitespace it starts with (the line
+        break after the query, in the format of the demonstrations)."""
         if not isinstance(input, str):
             raise ValueError(f"input must be one string, got {type(input).__name__}: generate one input at a time")
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
@@ -339,7 +370,8 @@ class MEND:
         out = []
         with self.ctx:
             kv = prefix_cache(self.llm, prefix_embeds=vectors.to(self.llm.device))
-            logits, kv = extend_prefix(self.llm, torch.tensor([x], device=self.llm.device), kv)  # (1, V)
+            # (1, V)
+            logits, kv = extend_prefix(self.llm, torch.tensor([x], device=self.llm.device), kv)
             while len(out) < max_new_tokens:
                 out.append(int(logits.argmax(-1)))
                 if out[-1] == self.toks[0].eos_token_id:

@@ -1,13 +1,15 @@
 """
-Evaluate zero-shot, vanilla ICL and MEND on the unseen test tasks of a MetaICL partition (paper section 4).
+Evaluate zero-shot, vanilla ICL and MEND on the unseen test tasks of a MetaICL partition (paper
+section 4).
 
-    python eval.py --partition qa2qa                                   # sample data, after the two train.py commands
+    python eval.py --partition qa2qa  # sample data, after the two train.py commands
     python eval.py --partition class2class --data ../shared/data --methods zeroshot,icl --max_examples 100
 
-What it prints: one line per (task, method) with its score per seed and the time taken, then a table of every
-method's score per task and on average, and, when ICL runs in the same command or --reference names an ICL result,
-a second table of each method's agreement with ICL (the share of examples on which it picks ICL's option). The JSON
-file (--out) holds the predictions, golds and configuration; measured numbers live in the README and results/.
+What it prints: one line per (task, method) with its score per seed and the time taken, then a table
+of every method's score per task and on average, and, when ICL runs in the same command or
+--reference names an ICL result, a second table of each method's agreement with ICL (the share of
+examples on which it picks ICL's option). The JSON file (--out) holds the predictions, golds and
+configuration; measured numbers live in the README and results/.
 
 Free prefixes at MEND's length l (the checkpoint's n_vectors, else --n_vectors), no training:
   truncated  vanilla ICL reading only the last l tokens of the demonstration prefix;
@@ -19,17 +21,19 @@ A MEND trained with --base anchors (train.py) is scored on top of the anchors: t
 gate per layer and head, the keys/values of its distilled vectors (extensions/anchors.py; no vectors, a bias on the
 anchor logits, for --distiller none). Its results are named mend.
 
-Protocol (MetaICL's): for each seed in 100,13,21,42,87 the demonstrations are {task}_16_{seed}_train.jsonl, in file
-order, and the test examples {task}_16_{seed}_test.jsonl (or the seed-100 file, which MetaICL makes identical across
-seeds). Each option is scored by the mean per-token NLL of its tokens; the lowest wins. A task is classification when
-every test example offers the same option set (then macro-F1 over the gold classes, MetaICL's definition), otherwise
-multiple choice (accuracy). Scores are averaged over seeds per task, then over tasks, each task counted once.
-`--protocol random` is the official MEND code's protocol instead: the demonstrations are re-drawn, in random order,
-out of the seed's train file for every test example.
+Protocol (MetaICL's): for each seed in 100,13,21,42,87 the demonstrations are
+{task}_16_{seed}_train.jsonl, in file order, and the test examples {task}_16_{seed}_test.jsonl (or
+the seed-100 file, which MetaICL makes identical across seeds). Each option is scored by the mean
+per-token NLL of its tokens; the lowest wins. A task is classification when every test example
+offers the same option set (then macro-F1 over the gold classes, MetaICL's definition), otherwise
+multiple choice (accuracy). Scores are averaged over seeds per task, then over tasks, each task
+counted once. `--protocol random` is the official MEND code's protocol instead: the demonstrations
+are re-drawn, in random order, out of the seed's train file for every test example.
 
-Speed without changing a score: one (task, seed) shares its demonstrations, so their keys/values (ICL) or their
-distilled vectors and the vectors' keys/values (MEND) are computed once and reused for every example, and all options
-of an example are scored in one batch. `--bench N` checks this against the naive full forward per option.
+Speed without changing a score: one (task, seed) shares its demonstrations, so their keys/values
+(ICL) or their distilled vectors and the vectors' keys/values (MEND) are computed once and reused
+for every example, and all options of an example are scored in one batch. `--bench N` checks this
+against the naive full forward per option.
 """
 import json
 import time
@@ -115,14 +119,15 @@ def get_args(argv=None):
 
 
 def agreement(predictions, reference):
-    """Agreement with ICL: the share (%) of examples on which a method picks the option ICL picks. It measures what
-    MEND is trained for (behave as the LLM reading the demonstrations), whatever the gold answer."""
+    """Agreement with ICL: the share (%) of examples on which a method picks the option ICL picks.
+    It measures what MEND is trained for (behave as the LLM reading the demonstrations), whatever
+    the gold answer."""
     return data.accuracy(predictions, reference)
 
 
 def add_agreement(results, reference):
-    """Each method's agreement with reference = {task: {seed: ICL's predictions}}: per task (mean over seeds, stored
-    with the reference predictions, for --compare) and on average over tasks."""
+    """Each method's agreement with reference = {task: {seed: ICL's predictions}}: per task (mean
+    over seeds, stored with the reference predictions, for --compare) and on average over tasks."""
     for r in results.values():
         for task, t in r["tasks"].items():
             t["reference"] = ref = {s: reference[task][s] for s in t["predictions"]}
@@ -132,7 +137,8 @@ def add_agreement(results, reference):
 
 def load_reference(path, args, files):
     """--reference: {task: {seed: ICL's predictions}} from an eval JSON of the same partition, seeds, examples and
-    golds (and, under the same --perturb, the same demonstrations); any mismatch is refused in one line."""
+    golds (and, under the same --perturb, the same demonstrations); any mismatch is refused in one
+    line."""
     if not Path(path).is_file():
         raise SystemExit(f"--reference {path}: no such file")
     ref = json.loads(Path(path).read_text())
@@ -158,23 +164,27 @@ def load_reference(path, args, files):
 
 
 def option_batch(tok, ex, max_len):
-    """All options of one example as a batch: rows [input ; option] right-padded, mask of the option tokens."""
+    """All options of one example as a batch: rows [input ; option] right-padded, mask of the option
+    tokens."""
     options = [data.encode(tok, o) for o in ex["options"]]
-    x, _ = data.encode_example(tok, ex, max_len, answer_len=max(map(len, options)))  # MetaICL: cut for the longest
-    q, qm = data.pad([x + o for o in options], 0, left=False)                           # (n_options, T)
-    a, _ = data.pad([[0] * len(x) + [1] * len(o) for o in options], 0, left=False)     # (n_options, T)
+    # MetaICL: cut for the longest
+    x, _ = data.encode_example(tok, ex, max_len, answer_len=max(map(len, options)))
+    q, qm = data.pad([x + o for o in options], 0, left=False)  # (n_options, T)
+    a, _ = data.pad([[0] * len(x) + [1] * len(o) for o in options], 0, left=False)  # (n_options, T)
     return q, qm, a
 
 
 @torch.no_grad()
 def naive_option_scores(llm, tok, ex, max_len, prefix_ids=None, prefix_embeds=None):
-    """The reference: one full forward of [prefix ; input ; option] per option, no cache, no batching."""
+    """The reference: one full forward of [prefix ; input ; option] per option, no cache, no
+    batching."""
     q, qm, a = option_batch(tok, ex, max_len)
     scores = []
     for row in range(q.shape[0]):
         n = int(qm[row].sum())
         ids = q[row:row + 1, :n].to(llm.device)                                         # (1, T)
-        prefix = llm.get_input_embeddings()(prefix_ids) if prefix_ids is not None else prefix_embeds  # (1, P, C)
+        # (1, P, C)
+        prefix = llm.get_input_embeddings()(prefix_ids) if prefix_ids is not None else prefix_embeds
         logits = family(llm).reference(llm, prefix, ids)                                # (1, T, V)
         scores.append(-answer_ce_per_example(logits, ids, a[row:row + 1, :n].to(llm.device)))
     return torch.cat(scores)                                                        # (n_options,)
@@ -185,10 +195,11 @@ def naive_option_scores(llm, tok, ex, max_len, prefix_ids=None, prefix_embeds=No
 
 
 def make_prefix(method, llm, toks, distiller, demos, args, vector_meta):
-    """The cached prefix of a demonstration set as (keys/values per layer, the query's first position or None when
-    it follows the prefix): nothing (zero-shot), the demos' keys/values (ICL), the keys/values of the distilled vectors
-    (MEND, loaded from --vectors_dir when they were distilled before), or one of our free prefixes (extensions/). The
-    steps of a MEND trained with one of our additions may give a triple: the pair and a context to read it in."""
+    """The cached prefix of a demonstration set as (keys/values per layer, the query's first
+    position or None when it follows the prefix): nothing (zero-shot), the demos' keys/values (ICL),
+    the keys/values of the distilled vectors (MEND, loaded from --vectors_dir when they were
+    distilled before), or one of our free prefixes (extensions/). The steps of a MEND trained with
+    one of our additions may give a triple: the pair and a context to read it in."""
     if method == "zeroshot":
         return None, None
     if method in extensions.PREFIXES:
@@ -225,7 +236,8 @@ def evaluate_seed(method, llm, toks, distiller, demos, tests, args, vector_meta)
         return predict(llm, toks[0], tests, args.max_len_per_example,
                        make_prefix(method, llm, toks, distiller, demos, args, vector_meta))
     predictions = []
-    for i, ex in enumerate(tests):  # the official code: a fresh random draw and order of demos per test example
+    # the official code: a fresh random draw and order of demos per test example
+    for i, ex in enumerate(tests):
         order = np.random.default_rng([vector_meta["seed"], i]).permutation(len(demos))[:args.k]
         prefix = make_prefix(method, llm, toks, distiller, [demos[j] for j in order], args, vector_meta)
         predictions += predict(llm, toks[0], [ex], args.max_len_per_example, prefix)
@@ -233,7 +245,8 @@ def evaluate_seed(method, llm, toks, distiller, demos, tests, args, vector_meta)
 
 
 def evaluate_task(method, llm, toks, distiller, seeds, args, meta, task):
-    """One method on one task over all seeds -> {metric, score (mean over seeds), per_seed, n_examples}."""
+    """One method on one task over all seeds -> {metric, score (mean over seeds), per_seed,
+    n_examples}."""
     first_tests = seeds[args.seeds[0]][1]
     classification = data.is_classification(first_tests, task)
     metric = data.macro_f1 if classification else data.accuracy
@@ -241,7 +254,8 @@ def evaluate_task(method, llm, toks, distiller, seeds, args, meta, task):
     for seed, (demos, tests) in seeds.items():
         golds[seed] = [ex["options"].index(ex["output"]) for ex in tests]
         same = next((s for s, t in seen.items() if t == tests), None) if method == "zeroshot" else None
-        predictions[seed] = predictions[same] if same is not None else evaluate_seed(  # zero-shot reads no demos
+        # zero-shot reads no demos
+        predictions[seed] = predictions[same] if same is not None else evaluate_seed(
             method, llm, toks, distiller, demos, tests, args, {**meta, "task": task, "seed": seed})
         per_seed[seed], seen[seed] = metric(predictions[seed], golds[seed]), tests
     return {"metric": "macro_f1" if classification else "accuracy", "score": float(np.mean(list(per_seed.values()))),
@@ -249,7 +263,8 @@ def evaluate_task(method, llm, toks, distiller, seeds, args, meta, task):
 
 
 def demo_lengths(files, toks, args):
-    """Mean demonstration tokens that ICL and the distiller read over the evaluated (task, seed) sets: flops.py's D."""
+    """Mean demonstration tokens that ICL and the distiller read over the evaluated (task, seed)
+    sets: flops.py's D."""
     budgets = (args.teacher_demo_tokens, args.distiller_demo_tokens)
     sizes = [[len(ids) for ids in data.demo_item(toks, demos, budgets, args.max_len_per_example)]
              for seeds in files.values() for demos, _ in seeds.values()]                # (sets, 2)
@@ -295,9 +310,10 @@ def task_files(args, task):
 
 
 def read_checkpoint(args, methods, device):
-    """The MEND checkpoint's state and training config (both empty without mend). One rule, whatever the methods:
-    k, l, the budgets and the LLM come from their flags, else from --ckpt's config when that file exists, else from
-    the paper's values (settings); they are checked. A bad checkpoint or budget fails here, before any model loads."""
+    """The MEND checkpoint's state and training config (both empty without mend). One rule, whatever
+    the methods: k, l, the budgets and the LLM come from their flags, else from --ckpt's config when
+    that file exists, else from the paper's values (settings); they are checked. A bad checkpoint or
+    budget fails here, before any model loads."""
     if "mend" in methods and not Path(args.ckpt).exists():
         raise SystemExit(f"{args.ckpt} not found; make it with: python train.py --stage pretrain && "
                          f"python train.py --stage finetune --init ckpt.pt  (or pass --methods zeroshot,icl)")
@@ -312,8 +328,9 @@ def read_checkpoint(args, methods, device):
 
 
 def settings(args, cfg):
-    """Fill k, l, the budgets and the LLM left unset by their flags from a checkpoint's config (cfg), else from the
-    paper's values; args.settings says which came from where, for the header line."""
+    """Fill k, l, the budgets and the LLM left unset by their flags from a checkpoint's config
+    (cfg), else from the paper's values; args.settings says which came from where, for the header
+    line."""
     given = [f"--{key}" for key in PAPER_DEFAULTS if getattr(args, key) is not None]
     for key, paper_value in PAPER_DEFAULTS.items():
         if getattr(args, key) is None:
@@ -326,8 +343,8 @@ def settings(args, cfg):
 
 
 def load_models(args, methods, device, dtype=torch.float32, checkpoint=None):
-    """LLM, (LLM tokenizer, distiller tokenizer), distiller (None without mend), the vector metadata and the training
-    config, from read_checkpoint's (state, config) (read here when not given)."""
+    """LLM, (LLM tokenizer, distiller tokenizer), distiller (None without mend), the vector metadata
+    and the training config, from read_checkpoint's (state, config) (read here when not given)."""
     state, cfg = checkpoint or read_checkpoint(args, methods, device)
     steps = extensions.steps_for(cfg) if cfg else None  # the paper's steps, or an addition's (extensions/)
     toks, distiller, meta = steps.tokenizers(args.llm) if cfg else tokenizers("layers:1", args.llm), None, {}
@@ -345,8 +362,9 @@ STAGE1 = " (stage 1 only)"  # the name's suffix for a checkpoint of train.py --s
 
 
 def trained_method(cfg):
-    """The method a checkpoint implements, from its training config (not its file name): mend, mend_no_kd (lam 0)
-    or prompt_tuning, followed by STAGE1 when the checkpoint is stage 1's (KL only, where lam plays no part)."""
+    """The method a checkpoint implements, from its training config (not its file name): mend,
+    mend_no_kd (lam 0) or prompt_tuning, followed by STAGE1 when the checkpoint is stage 1's (KL
+    only, where lam plays no part)."""
     stage1 = cfg.get("stage") == "pretrain"
     no_kd = cfg.get("lam", 1.0) == 0 and not stage1
     name = "prompt_tuning" if cfg["distiller"] == PROMPT else "mend_no_kd" if no_kd else "mend"
@@ -366,10 +384,11 @@ def refuse_seen_tasks(cfg, tests, args):
 
 
 def paired_bootstrap(a, b, n=2000, seed=0, key="score"):
-    """How far is the average of method a above method b from noise? Both are {task: evaluate_task result} on the
-    same examples. Each resample redraws every (task, seed)'s test examples with replacement, the same draw for a
-    and b, and recomputes the average. key="agreement" takes the agreement with ICL (both against a's reference)
-    instead of the score. -> (observed difference, 2.5% and 97.5% quantiles, share of resamples > 0)."""
+    """How far is the average of method a above method b from noise? Both are {task: evaluate_task
+    result} on the same examples. Each resample redraws every (task, seed)'s test examples with
+    replacement, the same draw for a and b, and recomputes the average. key="agreement" takes the
+    agreement with ICL (both against a's reference) instead of the score. -> (observed difference,
+    2.5% and 97.5% quantiles, share of resamples > 0)."""
     rng, diffs = np.random.default_rng(seed), []
     for _ in range(n):
         per_task = []
@@ -379,15 +398,18 @@ def paired_bootstrap(a, b, n=2000, seed=0, key="score"):
             for s, golds in ra["golds" if key == "score" else "reference"].items():
                 i = rng.integers(len(golds), size=len(golds))
                 g = [golds[j] for j in i]
-                seeds.append(metric([ra["predictions"][s][j] for j in i], g) - metric([rb["predictions"][s][j] for j in i], g))
+                seeds.append(metric([ra["predictions"][s][j] for j in i], g)
+                             - metric([rb["predictions"][s][j] for j in i], g))
             per_task.append(np.mean(seeds))
         diffs.append(np.mean(per_task))
     observed = np.mean([a[t][key] - b[t][key] for t in a])
-    return float(observed), float(np.quantile(diffs, 0.025)), float(np.quantile(diffs, 0.975)), float(np.mean(np.array(diffs) > 0))
+    low, high = np.quantile(diffs, [0.025, 0.975])
+    return float(observed), float(low), float(high), float(np.mean(np.array(diffs) > 0))
 
 
 def compare(spec):
-    """--compare A.json:METHOD,B.json:METHOD -> print the paired bootstrap of A's method over B's."""
+    """--compare A.json:METHOD,B.json:METHOD -> print the paired bootstrap of A's method over
+    B's."""
     pairs = [s.rsplit(":", 1) for s in spec.split(",")]
     if len(pairs) != 2 or any(len(pair) != 2 for pair in pairs):
         raise SystemExit(f"--compare {spec}: expected A.json:METHOD,B.json:METHOD")
@@ -414,7 +436,8 @@ def compare(spec):
 
 
 def print_table(results, methods, key="score"):
-    """One row per task and the average: each method's score, or (key="agreement") its agreement with ICL."""
+    """One row per task and the average: each method's score, or (key="agreement") its agreement
+    with ICL."""
     tasks = list(results[methods[0]]["tasks"])
     width, cols = max([len(t) for t in tasks] + [7]), [max(9, len(m)) for m in methods]
     print(f"{'task':{width}s} {'metric' if key == 'score' else 'agreement':9s} "
@@ -428,18 +451,21 @@ def print_table(results, methods, key="score"):
 
 
 def bench(args, llm, toks, distiller, files, methods, meta):
-    """Cached + batched scoring against the naive forward per option, on the first task's first seed, for every
-    method whose prefix is tokens or vectors (not the anchors: their keys/values skip positions)."""
+    """Cached + batched scoring against the naive forward per option, on the first task's first
+    seed, for every method whose prefix is tokens or vectors (not the anchors: their keys/values
+    skip positions)."""
     task, (seed, (demos, tests)) = next((t, next(iter(f.items()))) for t, f in files.items())
     tests, report = tests[:args.bench], {"task": task, "seed": seed, "n_examples": min(args.bench, len(tests))}
     teacher_ids = data.demo_item(toks, demos, (args.teacher_demo_tokens, args.distiller_demo_tokens),
                                  args.max_len_per_example)[0]
     for method in methods:
         meta_ts, plain = {**meta, "task": task, "seed": seed}, True
-        for sample in (tests[:1], tests):  # the first pass, on one example, is a warm-up: kernels load on first use
+        # the first pass, on one example, is a warm-up: kernels load on first use
+        for sample in (tests[:1], tests):
             t0 = now()  # now() waits for the GPU's queued work
             prefix = make_prefix(method, llm, toks, distiller, demos, args, meta_ts)
-            plain = len(prefix) == 2 and prefix[1] is None  # else its keys/values skip positions: no plain forward
+            # else its keys/values skip positions: no plain forward
+            plain = len(prefix) == 2 and prefix[1] is None
             if not plain:
                 break
             fast = [option_scores(llm, toks[0], ex, args.max_len_per_example, *prefix) for ex in sample]
@@ -467,7 +493,8 @@ def naive_prefix(method, llm, toks, distiller, demos, args, meta, teacher_ids):
 
 
 def write_json(path, report):
-    """The result file, written to a temp file and renamed, as checkpoints are: a crash mid-write leaves the old file."""
+    """The result file, written to a temp file and renamed, as checkpoints are: a crash mid-write
+    leaves the old file."""
     data.write_atomically(path, lambda tmp: Path(tmp).write_text(json.dumps(report, indent=1)))
 
 
@@ -494,7 +521,8 @@ def main(args):
     if args.compare:
         return compare(args.compare)
     t_start = time.time()
-    data.check_output(args.out, "--out", kind="eval")  # every path written is checked before any work
+    # every path written is checked before any work
+    data.check_output(args.out, "--out", kind="eval")
     if args.vectors_dir:
         data.check_output(args.vectors_dir, "--vectors_dir", folder=True)
     methods = args.methods or ["zeroshot", "icl"] + ["mend"] * Path(args.ckpt).exists()
@@ -505,13 +533,15 @@ def main(args):
     part = data.partition(args.data, args.partition)
     checkpoint = read_checkpoint(args, methods, device)
     refuse_seen_tasks(checkpoint[1], part["test"], args)
-    files, skipped = find_tasks(args, part["test"])  # a bad input fails by here, before a model loads
+    # a bad input fails by here, before a model loads
+    files, skipped = find_tasks(args, part["test"])
     reference = load_reference(args.reference, args, files) if args.reference else None
     if not args.methods and "mend" not in methods:
         print(f"note: {args.ckpt} not found, so no mend (make it with: python train.py --stage pretrain && "
               f"python train.py --stage finetune --init ckpt.pt)")
     llm, toks, distiller, meta, cfg = load_models(args, methods, device, dtype, checkpoint)
-    names = {m: trained_method(cfg) if m == "mend" and cfg else m for m in methods}  # what a checkpoint was trained as
+    # what a checkpoint was trained as
+    names = {m: trained_method(cfg) if m == "mend" and cfg else m for m in methods}
     print(f"{args.partition}: evaluating {len(files)} of {len(part['test'])} test tasks ({len(skipped)} skipped), "
           f"seeds {args.seeds}, methods {list(names.values())}, llm {args.llm}, device {device}, "
           f"dtype {str(dtype)[6:]}; "
@@ -527,10 +557,12 @@ def main(args):
     if reference or "icl" in methods:
         add_agreement(results, reference or {t: r["predictions"] for t, r in results["icl"]["tasks"].items()})
         print_table(results, list(results), key="agreement")
-    report = {"partition": args.partition, "perturb": args.perturb, "llm": args.llm, "dtype": str(dtype)[6:], "distiller": cfg.get("distiller"),
-              "ckpt": args.ckpt if distiller is not None else None, "seeds": args.seeds, "max_examples": args.max_examples,
-              "k": args.k, "n_vectors": args.n_vectors, "demo_tokens": demo_lengths(files, toks, args), "train_config": cfg or None,
-              "reference": args.reference or ("icl" if "icl" in methods else None), "seconds": time.time() - t_start, "methods": results, "skipped_tasks": skipped}
+    report = {"partition": args.partition, "perturb": args.perturb, "llm": args.llm, "dtype": str(dtype)[6:],
+              "distiller": cfg.get("distiller"), "ckpt": args.ckpt if distiller is not None else None,
+              "seeds": args.seeds, "max_examples": args.max_examples, "k": args.k, "n_vectors": args.n_vectors,
+              "demo_tokens": demo_lengths(files, toks, args), "train_config": cfg or None,
+              "reference": args.reference or ("icl" if "icl" in methods else None),
+              "seconds": time.time() - t_start, "methods": results, "skipped_tasks": skipped}
     write_json(args.out, report)
     print(f"wrote {args.out} ({report['seconds']:.0f}s)")
     return report

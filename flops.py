@@ -1,28 +1,30 @@
 """
-FLOPs and latency per test query of zero-shot, vanilla ICL, MEND and the free prefixes (the paper's Figure 3 and its headline "up to 75%
-fewer FLOPs, 33% faster", section 4).
+FLOPs and latency per test query of zero-shot, vanilla ICL, MEND and the free prefixes (the paper's
+Figure 3 and its headline "up to 75% fewer FLOPs, 33% faster", section 4).
 
     python flops.py --out results | tee results/flops.log  # the committed tables: the paper's pairs + timings here
     python flops.py --data ../shared/data                  # also the demo lengths of the real MetaICL files
     python flops.py --bench_pair gpt2-large --batches 1,16 --lengths class2class,nonnli2nli   # on a GPU
 
-FLOPs of one decoder forward (a multiply-add is 2 FLOPs; Kaplan et al. 2020 section 2.1, PaLM appendix B, nanoGPT's
-estimate_mfu). The forward feeds n new tokens that attend to m keys (m = n, or n plus a cached prefix) and computes
-logits at k of them:
+FLOPs of one decoder forward (a multiply-add is 2 FLOPs; Kaplan et al. 2020 section 2.1, PaLM
+appendix B, nanoGPT's estimate_mfu). The forward feeds n new tokens that attend to m keys (m = n, or
+n plus a cached prefix) and computes logits at k of them:
 
     F(n, m, k) = 2 * n * n_layer * W  +  2 * k * C * V  +  4 * n_layer * n * m * A
                  \\ matmuls in blocks /   \\ LM head /     \\ attention: Q K^T and A V /
 
-W is the number of weights a block multiplies each token by: GPT-2 12 C^2 (q, k, v, out 4 C^2; MLP 8 C^2), Llama
-C (H + 2 H_kv) h + H h C + 3 C F (grouped keys/values, gated MLP of width F). The LM head (C x V, tied or not) runs only
-where logits are used: the query+option tokens, never a prefix. Q K^T and A V each cost 2 n m A per layer with
-A = H h the attention width; grouped-query attention shares keys, not query heads, so it saves no FLOPs here.
-No causal halving: we count the full n x m rectangle that eager and SDPA kernels compute under a mask (and that
-torch.utils.flop_counter counts); a causal-aware flash kernel does about half of the square part. Embedding lookups
-are free; norms, softmax, activations, biases and residuals are O(n C) or O(n m H) and left out (< 1% here).
+W is the number of weights a block multiplies each token by: GPT-2 12 C^2 (q, k, v, out 4 C^2; MLP 8
+C^2), Llama C (H + 2 H_kv) h + H h C + 3 C F (grouped keys/values, gated MLP of width F). The LM
+head (C x V, tied or not) runs only where logits are used: the query+option tokens, never a prefix.
+Q K^T and A V each cost 2 n m A per layer with A = H h the attention width; grouped-query attention
+shares keys, not query heads, so it saves no FLOPs here. No causal halving: we count the full n x m
+rectangle that eager and SDPA kernels compute under a mask (and that torch.utils.flop_counter
+counts); a causal-aware flash kernel does about half of the square part. Embedding lookups are free;
+norms, softmax, activations, biases and residuals are O(n C) or O(n m H) and left out (< 1% here).
 
-Per test query, with D demonstration tokens, T query+option tokens, L distillation vectors (the paper's l = 100) and a
-distiller of width c whose forward F_d has no LM head (its projection c -> C costs 2 L c C when c != C):
+Per test query, with D demonstration tokens, T query+option tokens, L distillation vectors (the
+paper's l = 100) and a distiller of width c whose forward F_d has no LM head (its projection c -> C
+costs 2 L c C when c != C):
 
     zero-shot     F(T, T, T)
     vanilla ICL   F(D+T, D+T, T)                                  the LLM reads [demos ; query ; option]
@@ -33,13 +35,15 @@ The free prefixes of length L (eval.py; `labels` costs what `truncated` costs):
     truncated     F(L+T, L+T, T)                                  the last L demonstration tokens
     anchors       F(D, D, 0) + F(T, L+T, T)                       read all D once, keep L keys/values
 
-train.py --base anchors, with L anchors and L vectors (the query attends to both sets; N layers, A attention width):
+train.py --base anchors, with L anchors and L vectors (the query attends to both sets; N layers, A
+attention width):
 
     anchors re-weighted   the anchors' cost                       a bias per layer and head on the anchor logits
     MEND on the anchors   F(D, D, 0) + F_d(D+L, D+L, 0) + 2 L c C + F(L, L, 0) + F(T, L+T, T) + 4 N T L A
                           the prefix, the distiller, the vectors' keys/values, the query over both sets
 
-Amortised over Q queries that share their demonstrations (eval.py's KV reuse and distill-once), the prefix is paid once:
+Amortised over Q queries that share their demonstrations (eval.py's KV reuse and distill-once), the
+prefix is paid once:
 
     ICL       F(D, D, 0) / Q + F(T, D+T, T)
     MEND      [F_d(D+L, D+L, 0) + 2 L c C + F(L, L, 0)] / Q + F(T, L+T, T)
@@ -47,8 +51,9 @@ Amortised over Q queries that share their demonstrations (eval.py's KV reuse and
     anchors   F(D, D, 0) / Q + F(T, L+T, T)
     MEND on the anchors  [F(D, D, 0) + F_d(D+L, D+L, 0) + 2 L c C + F(L, L, 0)] / Q + F(T, L+T, T) + 4 N T L A
 
-An encoder-decoder LLM (T5) is counted in three parts (A = H d_kv, F = 3 C d_ff gated or 2 C d_ff, W_e = 4 C A + F,
-W_d = 6 C A + F: self-attention q, k, v, o and cross-attention q, o), the encoder reading s = P+1 rows [prefix ; </s>]:
+An encoder-decoder LLM (T5) is counted in three parts (A = H d_kv, F = 3 C d_ff gated or 2 C d_ff,
+W_e = 4 C A + F, W_d = 6 C A + F: self-attention q, k, v, o and cross-attention q, o), the encoder
+reading s = P+1 rows [prefix ; </s>]:
 
     Enc(s)            = 2 s N_e W_e + 4 N_e s^2 A                  the encoder (zero-shot: s = 1, [</s>] alone)
     Cross(s)          = 4 s N_d C A                                every decoder layer's cross keys/values, once
@@ -56,16 +61,18 @@ W_d = 6 C A + F: self-attention q, k, v, o and cross-attention q, o), the encode
     per query         = Enc(s) + Cross(s) + Dec(T+1, T+1, s, T)    the decoder reads [start ; query]; reuse divides
                                                                    Enc + Cross by Q (the query never enters the encoder)
 
-D: Figure 3's caption gives vanilla ICL a partition-dependent context (Class->Class 469 ... non-NLI->NLI 848 tokens)
-against MEND's context of 100 vectors, so those lengths are D and both methods add the same T. All three pairs share
-one tokenizer between LLM and distiller, so the distiller reads the same D tokens. With --data, D is measured instead:
-data.demo_item on the k seed-100 train demonstrations of each available test task, averaged over the tasks.
+D: Figure 3's caption gives vanilla ICL a partition-dependent context (Class->Class 469 ...
+non-NLI->NLI 848 tokens) against MEND's context of 100 vectors, so those lengths are D and both
+methods add the same T. All three pairs share one tokenizer between LLM and distiller, so the
+distiller reads the same D tokens. With --data, D is measured instead: data.demo_item on the k
+seed-100 train demonstrations of each available test task, averaged over the tasks.
 
-Latency is measured on random-init models of the real shapes (speed does not depend on the weights), the LM head in
-float32 as in eval.py: --warmup untimed forwards, then the median of --runs forwards under torch.no_grad,
-synchronized on CUDA. A batch holds B query rows (query+option each). "no reuse" = every row carries its whole
-input; "reuse" = the demos' (ICL) or the vectors' (MEND) keys/values are computed once beforehand
-(model.prefix_cache) and only the query rows are timed. Per-query = batch time / B.
+Latency is measured on random-init models of the real shapes (speed does not depend on the weights),
+the LM head in float32 as in eval.py: --warmup untimed forwards, then the median of --runs forwards
+under torch.no_grad, synchronized on CUDA. A batch holds B query rows (query+option each). "no
+reuse" = every row carries its whole input; "reuse" = the demos' (ICL) or the vectors' (MEND)
+keys/values are computed once beforehand (model.prefix_cache) and only the query rows are timed.
+Per-query = batch time / B.
 """
 import copy
 import functools
@@ -94,9 +101,11 @@ CONFIGS = {
     "gpt2-large": gpt2_config(36, 1280, 20),     # 774M
     "gpt2-xl": gpt2_config(48, 1600, 25),        # 1.5B
     "t5-large-lm-adapt": T5Config(d_model=1024, d_kv=64, d_ff=2816, num_layers=24, num_heads=16, vocab_size=32128,
-                                  feed_forward_proj="gated-gelu", tie_word_embeddings=False),  # google/t5-large-lm-adapt
+                                  # google/t5-large-lm-adapt
+                                  feed_forward_proj="gated-gelu", tie_word_embeddings=False),
     "t5-small-lm-adapt": T5Config(d_model=512, d_kv=64, d_ff=1024, num_layers=8, num_heads=6, vocab_size=32128,
-                                  feed_forward_proj="gated-gelu", tie_word_embeddings=False),  # google/t5-small-lm-adapt
+                                  # google/t5-small-lm-adapt
+                                  feed_forward_proj="gated-gelu", tie_word_embeddings=False),
     "smollm2-135m": LlamaConfig(num_hidden_layers=30, hidden_size=576, intermediate_size=1536, num_attention_heads=9,
                                 num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True,
                                 max_position_embeddings=8192),  # = the embedded default's config.json
@@ -173,8 +182,8 @@ def get_args(argv=None):
 
 
 def distiller_config(llm_name, spec=None):
-    """The distiller's config (spec defaults to the LLM's pair): a named config, or a copy of the LLM's cut to its
-    first N layers."""
+    """The distiller's config (spec defaults to the LLM's pair): a named config, or a copy of the
+    LLM's cut to its first N layers."""
     spec = spec or PAIRS[llm_name]
     if not spec.startswith("layers:"):
         return CONFIGS[known(spec)]
@@ -188,8 +197,9 @@ def distiller_config(llm_name, spec=None):
 
 
 def block_weights(cfg):
-    """(n_layer, W weights each token meets in one block, A attention width) of a GPT-2- or Llama-style config, or of
-    a T5's encoder blocks (a T5 distiller is its encoder: its forward is F(n, n, 0) with these)."""
+    """(n_layer, W weights each token meets in one block, A attention width) of a GPT-2- or
+    Llama-style config, or of a T5's encoder blocks (a T5 distiller is its encoder: its forward is
+    F(n, n, 0) with these)."""
     if cfg.model_type == "t5":
         A = cfg.num_heads * cfg.d_kv
         return cfg.num_layers, 4 * cfg.d_model * A + t5_mlp(cfg), A
@@ -205,7 +215,8 @@ def block_weights(cfg):
 
 
 def forward_flops(cfg, new, context, logits):
-    """F(n, m, k) of the docstring, split into {'matmul': blocks + LM head, 'attention': Q K^T + A V}."""
+    """F(n, m, k) of the docstring, split into {'matmul': blocks + LM head, 'attention': Q K^T + A
+    V}."""
     n_layer, W, A = block_weights(cfg)
     return {"matmul": 2 * new * n_layer * W + 2 * logits * cfg.hidden_size * cfg.vocab_size,
             "attention": 4 * n_layer * new * context * A}
@@ -217,29 +228,32 @@ def total_flops(cfg, new, context, logits):
 
 
 def t5_mlp(cfg):
-    """Weights of a T5 feed-forward block: gated (v1.1, LM-adapt: wi_0, wi_1, wo) or not (v1.0: wi, wo)."""
+    """Weights of a T5 feed-forward block: gated (v1.1, LM-adapt: wi_0, wi_1, wo) or not (v1.0: wi,
+    wo)."""
     return (3 if cfg.is_gated_act else 2) * cfg.d_model * cfg.d_ff
 
 
 def encoder_flops(cfg, s):
-    """An encoder-decoder LLM reading s encoder rows ([prefix ; </s>]): its encoder, Enc(s) = 2 s N_e W_e + 4 N_e s^2 A,
-    and the cross-attention keys/values of every decoder layer, Cross(s) = 4 s N_d C A (computed once per prefix)."""
+    """An encoder-decoder LLM reading s encoder rows ([prefix ; </s>]): its encoder, Enc(s) = 2 s
+    N_e W_e + 4 N_e s^2 A, and the cross-attention keys/values of every decoder layer, Cross(s) = 4
+    s N_d C A (computed once per prefix)."""
     n_enc, W_e, A = block_weights(cfg)
     return {"matmul": 2 * s * n_enc * W_e + 4 * s * cfg.num_decoder_layers * cfg.d_model * A,
             "attention": 4 * n_enc * s * s * A}
 
 
 def decoder_flops(cfg, new, context, s, logits):
-    """Dec(n, m, s, k): n decoder tokens attending m decoder keys and s encoder rows, logits at k of them. A decoder
-    block multiplies by W_d = 6 C A + F: self-attention q, k, v, o and cross-attention q, o (its k, v: encoder_flops)."""
+    """Dec(n, m, s, k): n decoder tokens attending m decoder keys and s encoder rows, logits at k of
+    them. A decoder block multiplies by W_d = 6 C A + F: self-attention q, k, v, o and
+    cross-attention q, o (its k, v: encoder_flops)."""
     A, C, N = cfg.num_heads * cfg.d_kv, cfg.d_model, cfg.num_decoder_layers
     return {"matmul": 2 * new * N * (6 * C * A + t5_mlp(cfg)) + 2 * logits * C * cfg.vocab_size,
             "attention": 4 * N * new * (context + s) * A}
 
 
 def seq2seq_flops(cfg, s, T, Q=1):
-    """Per query of T tokens after a prefix of s encoder rows shared by Q queries: (Enc(s) + Cross(s)) / Q +
-    Dec(T+1, T+1, s, T), the decoder reading [start ; query]."""
+    """Per query of T tokens after a prefix of s encoder rows shared by Q queries: (Enc(s) +
+    Cross(s)) / Q + Dec(T+1, T+1, s, T), the decoder reading [start ; query]."""
     return sum(encoder_flops(cfg, s).values()) / Q + sum(decoder_flops(cfg, T + 1, T + 1, s, T).values())
 
 
@@ -251,15 +265,16 @@ def known(name):
 
 
 def distill_flops(llm_name, D, L, distiller=None):
-    """FLOPs of distilling D demonstration tokens into L vectors (the distiller and its projection)."""
+    """FLOPs of distilling D demonstration tokens into L vectors (the distiller and its
+    projection)."""
     llm, dis = CONFIGS[known(llm_name)], distiller_config(llm_name, distiller)
     c, C = dis.hidden_size, llm.hidden_size
     return total_flops(dis, D + L, D + L, 0) + (2 * L * c * C if c != C else 0)
 
 
 def method_flops(llm_name, D, T, L, Q, distiller=None):
-    """FLOPs per test query of each method, with no reuse and amortised over Q queries sharing the demos (the
-    anchors' rows: extensions.method_flops)."""
+    """FLOPs per test query of each method, with no reuse and amortised over Q queries sharing the
+    demos (the anchors' rows: extensions.method_flops)."""
     llm, distill = CONFIGS[known(llm_name)], distill_flops(llm_name, D, L, distiller)
     if llm.is_encoder_decoder:
         return seq2seq_method_flops(llm, D, T, L, Q, distill)
@@ -277,8 +292,9 @@ def method_flops(llm_name, D, T, L, Q, distiller=None):
 
 
 def seq2seq_method_flops(llm, D, T, L, Q, distill):
-    """method_flops for an encoder-decoder LLM: the encoder reads [prefix ; </s>] (zero-shot: [</s>]), the decoder
-    [start ; query]; the query never enters the encoder, so reuse only shares the encoder and cross keys/values."""
+    """method_flops for an encoder-decoder LLM: the encoder reads [prefix ; </s>] (zero-shot:
+    [</s>]), the decoder [start ; query]; the query never enters the encoder, so reuse only shares
+    the encoder and cross keys/values."""
     return {
         "zeroshot": seq2seq_flops(llm, 1, T),
         "icl": seq2seq_flops(llm, D + 1, T),
@@ -292,11 +308,12 @@ def seq2seq_method_flops(llm, D, T, L, Q, distill):
 
 
 def step_flops(llm_cfg, dis_cfg, L, teacher_len, distiller_len, query_lens, teacher=True):
-    """Analytic FLOPs of one training item (train.py's step; MFU = these / step time / peak). The teacher reads the
-    demonstrations once (one logit row) and each query after them; the distiller's forward over [demos ; L
-    placeholders] and its backward (weight and input gradients: 2x its forward); the student's forward over [L
-    vectors ; query] and its backward down to the vectors: the frozen LLM's weight gradients are not computed, so the
-    blocks and LM head cost 1x their forward again, the attention 2x (dQ, dK, dP, dV)."""
+    """Analytic FLOPs of one training item (train.py's step; MFU = these / step time / peak). The
+    teacher reads the demonstrations once (one logit row) and each query after them; the distiller's
+    forward over [demos ; L placeholders] and its backward (weight and input gradients: 2x its
+    forward); the student's forward over [L vectors ; query] and its backward down to the vectors:
+    the frozen LLM's weight gradients are not computed, so the blocks and LM head cost 1x their
+    forward again, the attention 2x (dQ, dK, dP, dV)."""
     total = 0  # dis_cfg None: PromptTuning, whose vectors cost nothing to make
     if dis_cfg is not None:
         c, C, n = dis_cfg.hidden_size, llm_cfg.hidden_size, distiller_len + L
@@ -313,11 +330,12 @@ def step_flops(llm_cfg, dis_cfg, L, teacher_len, distiller_len, query_lens, teac
 
 
 def seq2seq_step_flops(cfg, L, teacher_len, query_lens, teacher):
-    """step_flops' LLM part for an encoder-decoder: the teacher's encoder reads [demos ; </s>] once, its decoder each
-    [start ; query]; the student's encoder reads [vectors ; </s>] once per query row (each row carries its vectors),
-    then its decoder; the student's backward reaches the vectors through all of it (matmuls 1x, attention 2x more)
-    except the decoder's first self-attention and first cross-attention query, which never see the vectors: their
-    backward (10 n C A in projections, 8 n^2 A in attention, 2 n s A for dQ) is not computed."""
+    """step_flops' LLM part for an encoder-decoder: the teacher's encoder reads [demos ; </s>] once,
+    its decoder each [start ; query]; the student's encoder reads [vectors ; </s>] once per query
+    row (each row carries its vectors), then its decoder; the student's backward reaches the vectors
+    through all of it (matmuls 1x, attention 2x more) except the decoder's first self-attention and
+    first cross-attention query, which never see the vectors: their backward (10 n C A in
+    projections, 8 n^2 A in attention, 2 n s A for dQ) is not computed."""
     A, C, s = cfg.num_heads * cfg.d_kv, cfg.d_model, L + 1
     total = teacher * sum(encoder_flops(cfg, teacher_len + 1).values())
     for T in query_lens:
@@ -351,7 +369,8 @@ def peak_flops(device, dtype):
 
 @functools.cache
 def cpu_matmul_rate():
-    """FLOP/s of a 2048^3 float32 matmul on CPU, best of 5, measured once per process (about 0.1 TFLOP of work)."""
+    """FLOP/s of a 2048^3 float32 matmul on CPU, best of 5, measured once per process (about 0.1
+    TFLOP of work)."""
     g = torch.Generator().manual_seed(0)  # not the global generator: a run's seeds stay its own
     a, b = torch.randn(2048, 2048, generator=g), torch.randn(2048, 2048, generator=g)
     best = float("inf")
@@ -367,8 +386,8 @@ def cpu_matmul_rate():
 
 
 def demo_files(args):
-    """{partition: the seed-100 train files of its test tasks} under --data, for the paper's partitions that have
-    any; none at all is an error (nothing to measure)."""
+    """{partition: the seed-100 train files of its test tasks} under --data, for the paper's
+    partitions that have any; none at all is an error (nothing to measure)."""
     found = {name: [path for task in data.partition(args.data, name)["test"]
                     if (path := data.task_file(args.data, task, 16, 100, "train")).exists()] for name in PAPER_LENGTHS}
     if not any(found.values()):
@@ -419,12 +438,13 @@ def flops_table(rows):
 
 
 def build_models(llm_name, L, device, dtype):
-    """Random-init LLM and distiller (model.Distiller on a bare backbone) of the pair's real shapes, frozen; the LM
-    head in float32, as eval.py's (model.fp32_head)."""
+    """Random-init LLM and distiller (model.Distiller on a bare backbone) of the pair's real shapes,
+    frozen; the LM head in float32, as eval.py's (model.fp32_head)."""
     cfg, dis = CONFIGS[llm_name], distiller_config(llm_name)
     with torch.device(device):
         llm = (AutoModelForSeq2SeqLM if cfg.is_encoder_decoder else AutoModelForCausalLM).from_config(cfg).to(dtype)
-        backbone = T5EncoderModel(dis) if dis.model_type == "t5" else AutoModel.from_config(dis)  # T5: the encoder
+        # T5: the encoder
+        backbone = T5EncoderModel(dis) if dis.model_type == "t5" else AutoModel.from_config(dis)
         distiller = Distiller(backbone, L, llm.config.hidden_size).to(dtype)
     return freeze(fp32_head(llm)), freeze(distiller)
 
@@ -445,15 +465,18 @@ def median_ms(fn, runs, warmup, device):
 
 
 def latency_cells(llm, distiller, D, T, L, B):
-    """{method: fn} scoring B query rows of T tokens after D demo tokens; prefixes for 'reuse' are made here, once."""
+    """{method: fn} scoring B query rows of T tokens after D demo tokens; prefixes for 'reuse' are
+    made here, once."""
     device, V = llm.device, llm.config.vocab_size
-    demos = torch.randint(V, (1, D), device=device)                             # (1, D) one shared demo set
+    demos = torch.randint(V, (1, D), device=device)  # (1, D) one shared demo set
     q = torch.randint(V, (B, T), device=device)                                 # (B, T)
     qm = torch.ones_like(q)                                                     # (B, T)
-    demo_embeds = llm.get_input_embeddings()(demos).expand(B, -1, -1)           # (B, D, C) the demos in every row
+    # (B, D, C) the demos in every row
+    demo_embeds = llm.get_input_embeddings()(demos).expand(B, -1, -1)
     demos_b = demos.expand(B, -1)                                               # (B, D)
-    icl_kv = prefix_cache(llm, prefix_ids=demos)                                # per layer (1, H, D, h)
-    mend_kv = prefix_cache(llm, prefix_embeds=distiller(demos, torch.ones_like(demos)))  # per layer (1, H, L, h)
+    icl_kv = prefix_cache(llm, prefix_ids=demos)  # per layer (1, H, D, h)
+    # per layer (1, H, L, h)
+    mend_kv = prefix_cache(llm, prefix_embeds=distiller(demos, torch.ones_like(demos)))
 
     def mend():
         vectors = distiller(demos_b, torch.ones_like(demos_b))                  # (B, L, C)
@@ -494,7 +517,8 @@ def ratio(rows, part, B, num, den):
 
 
 def latency_table(rows, device, dtype):
-    """Markdown lines: one row per timed cell, with its ratios to ICL and zero-shot at the same length and batch."""
+    """Markdown lines: one row per timed cell, with its ratios to ICL and zero-shot at the same
+    length and batch."""
     lines = [f"device={device} dtype={dtype}, random-init weights, median of the timed runs", "",
              "| LLM + distiller | partition | D | T | L | B | method | ms/batch | ms/query | x ICL | x zero-shot |",
              "|" + "---|" * 11]
@@ -525,7 +549,8 @@ def flops_goal_lines(rows):
 
 
 def latency_goal_lines(rows, device, dtype):
-    """The paper's speed claim and our two latency goals, each said met or not, per timed (partition, batch)."""
+    """The paper's speed claim and our two latency goals, each said met or not, per timed
+    (partition, batch)."""
     lines = []
     for part, B in dict.fromkeys((r["partition"], r["B"]) for r in rows):
         r = next(x for x in rows if x["partition"] == part and x["B"] == B)
@@ -571,13 +596,15 @@ def plot(path, rows):
 
 def main(args):
     """The recipe: device/dtype -> lengths -> analytic FLOPs -> timings -> goals -> report."""
-    data.check_output(args.out, "--out", folder=True)  # every path written is checked before any work
+    # every path written is checked before any work
+    data.check_output(args.out, "--out", folder=True)
     for name, kind in (("flops.md", "flops_md"), ("flops.json", "flops_json")):
         if Path(args.out, name).exists():  # replaced only when flops.py wrote it
             data.check_output(Path(args.out, name), "--out", kind=kind)
     if args.plot:
         data.check_output(args.plot, "--plot", kind="png")
-    files = demo_files(args) if args.data else {}  # a --data with nothing to measure fails before any output
+    # a --data with nothing to measure fails before any output
+    files = demo_files(args) if args.data else {}
     torch.manual_seed(args.seed)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -589,7 +616,7 @@ def main(args):
     bench_pair = args.bench_pair if args.bench_pair != "auto" else "gpt2-large" if cuda else "smollm2-135m"
     args.batches = ([1, 16] if cuda else [1]) if args.batches == "auto" else args.batches
     hardware = torch.cuda.get_device_name(device) if cuda else f"threads={torch.get_num_threads()}"
-    where = f"{device} {hardware}"                                              # printed with every number
+    where = f"{device} {hardware}"  # printed with every number
     print(f"device={where} dtype={dtype_name} T={args.query_tokens} L={args.n_vectors} Q={args.queries}")
 
     lengths = {"paper": PAPER_LENGTHS}

@@ -1,20 +1,22 @@
 """
-Train the MEND distiller, both stages of the paper in one loop (paper section 3.2; the official recipe's values:
-results/official_code.md).
+Train the MEND distiller, both stages of the paper in one loop (paper section 3.2; the official
+recipe's values: results/official_code.md).
 
     python train.py --stage pretrain                          # stage 1: KL only, on C4-style text  -> ckpt.pt
     python train.py --stage finetune --init ckpt.pt           # stage 2: CE + lambda*KL on meta-train tasks -> mend.pt
     torchrun --nproc_per_node=8 train.py --stage pretrain --preset paper   # the paper's recipe on 8 GPUs
 
-With no other flags both commands train the embedded default (SmolLM2-135M, distiller = its first 2 layers) on the
-project's sample data in a few minutes on a laptop CPU. `--preset paper` gives the paper's recipe (gpt2-large LLM,
-gpt2 distiller, l=100, 16 demos, lr 5e-5 / 1e-5, 30k steps, global batch 8, budgets 767/643 tokens).
+With no other flags both commands train the embedded default (SmolLM2-135M, distiller = its first 2
+layers) on the project's sample data in a few minutes on a laptop CPU. `--preset paper` gives the
+paper's recipe (gpt2-large LLM, gpt2 distiller, l=100, 16 demos, lr 5e-5 / 1e-5, 30k steps, global
+batch 8, budgets 767/643 tokens).
 
-Order of one step: lr from the schedule -> micro-batches (teacher forward without grad, distiller forward, student
-forward, loss / grad_accum, backward) -> unscale, clip, step, zero_grad -> log. Every eval_interval steps and at the
-last step: validation loss and an atomic checkpoint. Ctrl-C saves and exits; a NaN/inf loss stops the run and keeps
-the last good checkpoint; --resume continues exactly on CPU (same data, RNG and optimizer state, step for step; on
-CUDA to the rounding of its atomic-add kernels, see README: What is exact on a GPU).
+Order of one step: lr from the schedule -> micro-batches (teacher forward without grad, distiller
+forward, student forward, loss / grad_accum, backward) -> unscale, clip, step, zero_grad -> log.
+Every eval_interval steps and at the last step: validation loss and an atomic checkpoint. Ctrl-C
+saves and exits; a NaN/inf loss stops the run and keeps the last good checkpoint; --resume continues
+exactly on CPU (same data, RNG and optimizer state, step for step; on CUDA to the rounding of its
+atomic-add kernels, see README: What is exact on a GPU).
 """
 import argparse
 import functools
@@ -37,7 +39,8 @@ from distill import answer_ce_per_example, kl_per_example, mend_loss
 from model import (EMBEDDED, PROMPT, autocast, check_compatible, count_params, distiller_state, llm_logits,
                    load_checkpoint, load_llm, now, resolve_device, save_checkpoint, teacher_logits)
 
-PAPER = {  # the official pretrain.sh / finetune.sh (results/official_code.md); batch is per GPU: 8 GPUs give the global 8
+# the official pretrain.sh / finetune.sh (results/official_code.md); batch is per GPU: 8 GPUs give the global 8
+PAPER = {
     "common": dict(llm="gpt2-large", distiller="gpt2", n_vectors=100, k=16, batch=1, grad_accum=1, max_steps=30000,
                    warmup=0, schedule="linear", lam=1.0, temperature=1.0, max_len_per_example=256,
                    teacher_demo_tokens=767, distiller_demo_tokens=643, c4_max_tokens=1024, eval_interval=2000,
@@ -172,10 +175,12 @@ def get_args(argv=None):
 
 def setup_device(args):
     """-> (device, autocast context, autocast dtype, rank, world size); joins the torchrun process group if any.
-    The autocast dtype (model.autocast) applies on CPU too: --dtype bfloat16 there runs the GPU's code path."""
+    The autocast dtype (model.autocast) applies on CPU too: --dtype bfloat16 there runs the GPU's code
+    path."""
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     cuda = resolve_device(args.device).startswith("cuda")
-    shared = os.environ.get(SHARE_GPU) == "1"  # test-only: every rank on cuda:0 over gloo (NCCL refuses a shared GPU)
+    # test-only: every rank on cuda:0 over gloo (NCCL refuses a shared GPU)
+    shared = os.environ.get(SHARE_GPU) == "1"
     device = f"cuda:{0 if shared else int(os.environ.get('LOCAL_RANK', 0))}" if cuda else "cpu"
     dtype, ctx = autocast(device, args.dtype)
     if world > 1:
@@ -186,8 +191,8 @@ def setup_device(args):
 
 
 def get_lr(args, step):
-    """The schedule as a factor of the peak lr: linear warmup, then linear decay to 0 (the paper's HF Trainer
-    default), cosine, or constant."""
+    """The schedule as a factor of the peak lr: linear warmup, then linear decay to 0 (the paper's
+    HF Trainer default), cosine, or constant."""
     if step < args.warmup:
         return (step + 1) / args.warmup
     frac = (step - args.warmup) / max(1, args.max_steps - args.warmup)
@@ -201,13 +206,15 @@ def get_lr(args, step):
 
 
 def read_data(args, toks, steps):
-    """The run's C4 items (stage 1) or meta-train pools (stage 2), read before the LLM loads and the log is written,
-    so that a run that would read nothing is refused first -> (items or pools, lines for the log)."""
+    """The run's C4 items (stage 1) or meta-train pools (stage 2), read before the LLM loads and the
+    log is written, so that a run that would read nothing is refused first -> (items or pools, lines
+    for the log)."""
     notes = []
     if args.stage == "finetune":
         part = data.partition(args.data, args.partition)
         return data.meta_train_pools(args.data, part["train"], notes.append), notes
-    docs = [t for t in data.read_c4(Path(args.data) / "c4") if c4_doc(args, toks, steps, t)]  # texts, tokenized when
+    # texts, tokenized when
+    docs = [t for t in data.read_c4(Path(args.data) / "c4") if c4_doc(args, toks, steps, t)]
     # read: every rank holds all of C4, and a 1024-token item as Python lists takes about 74 KiB, its text about 4 KiB
     if len(docs) <= args.val_items:
         raise SystemExit(f"{args.data}/c4 has {len(docs)} usable documents; need more than "
@@ -216,14 +223,16 @@ def read_data(args, toks, steps):
 
 
 def c4_doc(args, toks, steps, text):
-    """The stage-1 item of one C4 text, with the fields of the run's steps (None if too short to split)."""
+    """The stage-1 item of one C4 text, with the fields of the run's steps (None if too short to
+    split)."""
     item = data.c4_item(text, toks, args.c4_max_tokens)
     return item and {**item, **steps.fields(toks, item, None, None)}
 
 
 def make_items(args, read, toks, log, signal, steps):
-    """read_data's (items or pools, lines for the log) -> (item(i) for training item number i, fixed validation items,
-    trained-on tasks, tasks held out for the selection signal). Each item carries the fields of the run's steps."""
+    """read_data's (items or pools, lines for the log) -> (item(i) for training item number i, fixed
+    validation items, trained-on tasks, tasks held out for the selection signal). Each item carries
+    the fields of the run's steps."""
     budgets, (source, notes) = (args.teacher_demo_tokens, args.distiller_demo_tokens), read
     for note in notes:
         log(note)
@@ -252,7 +261,8 @@ def make_items(args, read, toks, log, signal, steps):
 
 
 def checkpoint_state(distiller, optimizer, scaler, step, config, world=1):
-    """What a checkpoint holds; called on every rank (it gathers each rank's RNG states: their dropout masks differ)."""
+    """What a checkpoint holds; called on every rank (it gathers each rank's RNG states: their
+    dropout masks differ)."""
     rng = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state()
@@ -265,14 +275,16 @@ def checkpoint_state(distiller, optimizer, scaler, step, config, world=1):
 
 
 def starting_state(args):
-    """The checkpoint a run starts from (--resume: its own --out, when it exists; else --init), read and checked
-    before the LLM is loaded, so a wrong path or a foreign checkpoint costs a second, not a model load."""
+    """The checkpoint a run starts from (--resume: its own --out, when it exists; else --init), read
+    and checked before the LLM is loaded, so a wrong path or a foreign checkpoint costs a second,
+    not a model load."""
     resume = args.resume and os.path.exists(args.out)
     if not resume and not args.init:
         return None
     path = args.out if resume else args.init
     if not resume and not os.path.isfile(path):
-        raise SystemExit(f"--init {path}: no such checkpoint (make it with: python train.py --stage pretrain --out {path})")
+        raise SystemExit(f"--init {path}: no such checkpoint "
+                         f"(make it with: python train.py --stage pretrain --out {path})")
     state = load_checkpoint(path)
     check_compatible(state["config"], args.llm, args.distiller, path)
     if resume and "optimizer" not in state:
@@ -314,9 +326,10 @@ def validate(llm, distiller, val_items, steps, args, device):
 
 @torch.no_grad()
 def reference_line(llm, val_items, steps, args, device):
-    """What the vectors must beat, on the validation items (the LLM is frozen, so it is computed once): KL and CE of
-    the LLM reading the query alone, the teacher's own CE, and the KL of the LLM reading what the student reads at
-    the start (the steps' start_logits: for the paper's, the last l demonstration tokens as ordinary tokens)."""
+    """What the vectors must beat, on the validation items (the LLM is frozen, so it is computed
+    once): KL and CE of the LLM reading the query alone, the teacher's own CE, and the KL of the LLM
+    reading what the student reads at the start (the steps' start_logits: for the paper's, the last
+    l demonstration tokens as ordinary tokens)."""
     kl, ce, teacher_ce, start_kl, n = 0.0, 0.0, 0.0, 0.0, len(val_items)
     for it in val_items:
         b = steps.collate([it], device)
@@ -333,14 +346,15 @@ def reference_line(llm, val_items, steps, args, device):
 
 
 def make_optimizer(distiller, args, steps):
-    """Fused AdamW (10x faster on CPU too) over the parameter groups of the run's steps, each with its peak lr."""
+    """Fused AdamW (10x faster on CPU too) over the parameter groups of the run's steps, each with
+    its peak lr."""
     groups = steps.param_groups(distiller, args.lr, args.lr_vectors)
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=args.lr, weight_decay=args.weight_decay, fused=True)
 
 
 def log_setup(log, config, llm, distiller, device, dtype):
-    """The log's lines after the config: device, precision and sizes, then the peak MFU is taken against -> that peak
-    (None for a GPU of unknown peak)."""
+    """The log's lines after the config: device, precision and sizes, then the peak MFU is taken
+    against -> that peak (None for a GPU of unknown peak)."""
     log(f"device={device} dtype={str(dtype).removeprefix('torch.')} world={config['world_size']} "
         f"threads={torch.get_num_threads()} | llm {config['llm']}: {count_params(llm):,} params, frozen | distiller "
         f"{config['distiller']}: {count_params(distiller, True):,} trainable params (backbone + {config['n_vectors']} "
@@ -368,48 +382,58 @@ def logger(path, rank):
 
 
 def run(args):
-    """The recipe: device -> data -> models -> config -> items -> optimizer -> the loop. Every bad input is refused
-    before the first line of the log is written. Returns this run's [(step, loss)]."""
+    """The recipe: device -> data -> models -> config -> items -> optimizer -> the loop. Every bad
+    input is refused before the first line of the log is written. Returns this run's [(step,
+    loss)]."""
     device, ctx, dtype, rank, world = setup_device(args)
     log = logger(Path(args.out).with_suffix(".log"), rank)
     torch.manual_seed(args.seed)
     if args.threads:
         torch.set_num_threads(args.threads)
     steps = extensions.steps_for(vars(args))  # the paper's steps, or those of an addition (--base, --kl_rows)
-    data.check_output(args.out, "--out", kind="checkpoint")  # every file the run writes sits beside --out
+    # every file the run writes sits beside --out
+    data.check_output(args.out, "--out", kind="checkpoint")
     start = starting_state(args)  # a bad --init/--resume fails here, before the LLM is touched
     toks = steps.tokenizers(args.llm)  # so does a model that cannot be loaded
     read = read_data(args, toks, steps)  # and a run that would read nothing
-    llm = load_llm(args.llm, device, dtype)  # the frozen LLM is held in the autocast dtype; the distiller stays fp32
+    # the frozen LLM is held in the autocast dtype; the distiller stays fp32
+    llm = load_llm(args.llm, device, dtype)
     distiller = steps.build(llm, args.distiller, args.n_vectors, args.freeze_embeddings)
     config = {**vars(args), "world_size": world}
     if start and start["resume"]:  # marks where the resumed run's lines begin: later steps above were not saved
         log(f"resumed from {args.out} at step {start['step']}")
-    log(f"config: {json.dumps(config)}")  # the first write: a run refused before this leaves every file as it was
+    # the first write: a run refused before this leaves every file as it was
+    log(f"config: {json.dumps(config)}")
     peak = log_setup(log, config, llm, distiller, device, dtype)
-    signal = args.val_tasks and extensions.Signal(llm, distiller, toks, args, ctx, steps)  # held-out tasks
+    # held-out tasks
+    signal = args.val_tasks and extensions.Signal(llm, distiller, toks, args, ctx, steps)
     item, val_items, tasks, held_out = make_items(args, read, toks, log, signal, steps)
     config["train_tasks"], config["val_tasks_held_out"] = tasks, sorted(held_out)
     optimizer = make_optimizer(distiller, args, steps)
-    scaler = torch.amp.GradScaler(device.split(":")[0], enabled=dtype == torch.float16)  # a no-op unless fp16
-    backbone = getattr(getattr(distiller, "distiller", distiller), "backbone", None)  # None: PromptTuning
+    # a no-op unless fp16
+    scaler = torch.amp.GradScaler(device.split(":")[0], enabled=dtype == torch.float16)
+    # None: PromptTuning
+    backbone = getattr(getattr(distiller, "distiller", distiller), "backbone", None)
     flops_cfg = (llm.config, backbone and backbone.config)
     if val_items:
         with ctx:
             log(reference_line(llm, val_items, steps, args, device))
     if signal:  # on every rank (only rank 0 logs), so that no rank waits in a collective meanwhile
         signal.log_reference(log)
-    torch.manual_seed(args.seed + rank)  # the weights above are alike on every rank; dropout masks must differ
+    # the weights above are alike on every rank; dropout masks must differ
+    torch.manual_seed(args.seed + rank)
     step = 0
     if start:  # --resume restores everything; --init loads the distiller's weights only (stage 2 from stage 1)
-        left = set(extensions.steps_for(start["config"]).own) - set(distiller.state_dict())  # what its steps added
+        # what its steps added
+        left = set(extensions.steps_for(start["config"]).own) - set(distiller.state_dict())
         steps.load(distiller, {k: v for k, v in start["model"].items() if k not in left}, start["path"])
         step = restore(start, optimizer, scaler, rank) if start["resume"] else 0
     if args.resume and not (start and start["resume"]):
         log(f"--resume: no checkpoint found at {args.out}; training starts from step 0")
     if start and not start["resume"]:
         log(f"initialized the distiller from {args.init}")
-    model = DDP(distiller) if world > 1 else distiller  # what the forward pass calls; distiller is what is saved
+    # what the forward pass calls; distiller is what is saved
+    model = DDP(distiller) if world > 1 else distiller
     model = torch.compile(model) if args.compile else model
 
     def save(s):  # every rank gathers its RNG state into the checkpoint; rank 0 writes it
@@ -447,7 +471,8 @@ def run(args):
                         scaler.scale(loss / args.grad_accum).backward()
                     stats += torch.stack([loss.detach(), kl, ce]) / args.grad_accum
                 llm.eval()
-                with record_function("optimizer"):  # fp16: the scaler skips a step whose gradients hold inf/NaN
+                # fp16: the scaler skips a step whose gradients hold inf/NaN
+                with record_function("optimizer"):
                     scaler.unscale_(optimizer)
                     torch.nn.utils.clip_grad_norm_(distiller.parameters(), args.clip)
                     scaler.step(optimizer)
@@ -461,9 +486,11 @@ def run(args):
                 window.append(stats.tolist() + [dt, tokens * world, queries * world, work * world])
                 if args.bench:
                     profiler.step()
-                if step % args.log_interval == 0 or step == args.max_steps:  # the means over the window
+                # the means over the window
+                if step % args.log_interval == 0 or step == args.max_steps:
                     loss, kl, ce, dt, tok, qs, fl = (sum(col) / len(window) for col in zip(*window))
-                    mfu = f" ({fl / dt / world / peak:.1%} of peak)" if peak else ""  # peak is per device
+                    # peak is per device
+                    mfu = f" ({fl / dt / world / peak:.1%} of peak)" if peak else ""
                     log(f"step {step} | loss {loss:.5g} | kl {kl:.5g} | ce {ce:.5g} | lr {args.lr * factor:.2e} | "
                         f"{dt * 1000:.0f}ms | {tok / dt:.0f} tok/s | {qs / dt:.2f} queries/s | "
                         f"{fl / dt / 1e12:.3g} TFLOP/s{mfu}")
@@ -495,7 +522,8 @@ PHASES = ["teacher_forward", "distiller_forward", "student_forward", "backward",
 
 
 def bench_profiler(args):
-    """torch.profiler over the steps after 2 warm-up steps; mend_loss and the loop mark the PHASES."""
+    """torch.profiler over the steps after 2 warm-up steps; mend_loss and the loop mark the
+    PHASES."""
     skip = min(2, args.max_steps - 1)
     gpu = [torch.profiler.ProfilerActivity.CUDA] if torch.cuda.is_available() else []
     return torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU, *gpu],
