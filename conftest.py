@@ -16,6 +16,7 @@ from transformers import (GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCaus
                           T5ForConditionalGeneration)
 
 import data  # noqa: E402
+from distill import answer_ce_per_example  # noqa: E402
 import model  # noqa: E402
 import train  # noqa: E402
 
@@ -83,6 +84,22 @@ def hf_logits(llm, prefix, query):
     eos = emb(torch.full((len(query), 1), llm.config.eos_token_id))                  # (B, 1, C)
     start = torch.full((len(query), 1), llm.config.decoder_start_token_id)
     return llm(inputs_embeds=torch.cat([prefix, eos], 1), decoder_input_ids=torch.cat([start, query], 1)).logits[:, 1:]
+
+
+def naive_option_scores(llm, tok, ex, max_len, prefix=None):
+    """The yardstick of cached scoring: one plain HF forward of [prefix ; input ; option] per option, no cache, no
+    batching; prefix ids (1, P), vectors (1, P, C) or None -> -(mean NLL of each option's tokens) (n_options,)."""
+    options = [data.encode(tok, o) for o in ex["options"]]
+    x, _ = data.encode_example(tok, ex, max_len, answer_len=max(map(len, options)))  # cut as eval.py cuts
+    emb = llm.get_input_embeddings().weight
+    prefix = torch.zeros(1, 0, dtype=torch.long) if prefix is None else prefix
+    prefix = (prefix if prefix.dtype == torch.long else prefix.to(emb.dtype)).to(emb.device)
+    scores = []
+    for o in options:
+        q = torch.tensor([x + o], device=emb.device)                                    # (1, T)
+        answer = torch.tensor([[0] * len(x) + [1] * len(o)], device=emb.device)         # (1, T)
+        scores.append(-answer_ce_per_example(hf_logits(llm, prefix, q), q, answer))
+    return torch.cat(scores)
 
 
 def write_lines(path, lines):

@@ -32,12 +32,11 @@ are re-drawn, in random order, out of the seed's train file for every test examp
 
 Speed without changing a score: one (task, seed) shares its demonstrations, so their keys/values
 (ICL) or their distilled vectors and the vectors' keys/values (MEND) are computed once and reused
-for every example, and all options of an example are scored in one batch. `--bench N` checks this
-against the naive full forward per option.
+for every example, and all options of an example are scored in one batch (results/scoring/bench.py
+times it against the plain forward of every option).
 """
 import json
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -45,9 +44,9 @@ import torch
 
 import data
 import extensions
-from distill import answer_ce_per_example, demos_hash, load_vectors, save_vectors
-from model import (EMBEDDED, PROMPT, autocast, family, file_hash, load_checkpoint, load_llm, now, option_scores,
-                   predict, prefix_cache, resolve_device, tokenizers)
+from distill import demos_hash, load_vectors, save_vectors
+from model import (EMBEDDED, PROMPT, autocast, file_hash, load_checkpoint, load_llm, predict, prefix_cache,
+                   resolve_device, tokenizers)
 
 PAPER_DEFAULTS = dict(k=16, max_len_per_example=256, teacher_demo_tokens=767, distiller_demo_tokens=643, n_vectors=100)
 
@@ -107,8 +106,6 @@ def get_args(argv=None):
                    "it runs.")
     p.add_argument("--compare", default="", help="Instead of evaluating, compare two result files: "
                    "A.json:METHOD,B.json:METHOD gives a paired bootstrap of A's METHOD over B's.")
-    p.add_argument("--bench", type=data.count, default=0, help="Instead of evaluating, time cached scoring against "
-                   "a full forward per option on N test examples; 0 is off. Default: %(default)s.")
     args = p.parse_args(argv)
     args.out = args.out or f"eval_{args.partition}.json"
     return args
@@ -157,37 +154,6 @@ def load_reference(path, args, files):
                 raise SystemExit(f"--reference {path}: other test examples or golds for {task} seed {seed}")
         out[task] = {int(s): p for s, p in icl["tasks"][task]["predictions"].items()}
     return out
-
-
-# -----------------------------------------------------------------------------
-# scoring
-
-
-def option_batch(tok, ex, max_len):
-    """All options of one example as a batch: rows [input ; option] right-padded, mask of the option
-    tokens."""
-    options = [data.encode(tok, o) for o in ex["options"]]
-    # MetaICL: cut for the longest
-    x, _ = data.encode_example(tok, ex, max_len, answer_len=max(map(len, options)))
-    q, qm = data.pad([x + o for o in options], 0, left=False)  # (n_options, T)
-    a, _ = data.pad([[0] * len(x) + [1] * len(o) for o in options], 0, left=False)  # (n_options, T)
-    return q, qm, a
-
-
-@torch.no_grad()
-def naive_option_scores(llm, tok, ex, max_len, prefix_ids=None, prefix_embeds=None):
-    """The reference: one full forward of [prefix ; input ; option] per option, no cache, no
-    batching."""
-    q, qm, a = option_batch(tok, ex, max_len)
-    scores = []
-    for row in range(q.shape[0]):
-        n = int(qm[row].sum())
-        ids = q[row:row + 1, :n].to(llm.device)                                         # (1, T)
-        # (1, P, C)
-        prefix = llm.get_input_embeddings()(prefix_ids) if prefix_ids is not None else prefix_embeds
-        logits = family(llm).reference(llm, prefix, ids)                                # (1, T, V)
-        scores.append(-answer_ce_per_example(logits, ids, a[row:row + 1, :n].to(llm.device)))
-    return torch.cat(scores)                                                        # (n_options,)
 
 
 # -----------------------------------------------------------------------------
@@ -450,48 +416,6 @@ def print_table(results, methods, key="score"):
                                                      for m, c in zip(methods, cols)))
 
 
-def bench(args, llm, toks, distiller, files, methods, meta):
-    """Cached + batched scoring against the naive forward per option, on the first task's first
-    seed, for every method whose prefix is tokens or vectors (not the anchors: their keys/values
-    skip positions)."""
-    task, (seed, (demos, tests)) = next((t, next(iter(f.items()))) for t, f in files.items())
-    tests, report = tests[:args.bench], {"task": task, "seed": seed, "n_examples": min(args.bench, len(tests))}
-    teacher_ids = data.demo_item(toks, demos, (args.teacher_demo_tokens, args.distiller_demo_tokens),
-                                 args.max_len_per_example)[0]
-    for method in methods:
-        meta_ts, plain = {**meta, "task": task, "seed": seed}, True
-        # the first pass, on one example, is a warm-up: kernels load on first use
-        for sample in (tests[:1], tests):
-            t0 = now()  # now() waits for the GPU's queued work
-            prefix = make_prefix(method, llm, toks, distiller, demos, args, meta_ts)
-            # else its keys/values skip positions: no plain forward
-            plain = len(prefix) == 2 and prefix[1] is None
-            if not plain:
-                break
-            fast = [option_scores(llm, toks[0], ex, args.max_len_per_example, *prefix) for ex in sample]
-            t1 = now()
-            kw = naive_prefix(method, llm, toks, distiller, demos, args, meta_ts, teacher_ids)
-            slow = [naive_option_scores(llm, toks[0], ex, args.max_len_per_example, **kw) for ex in sample]
-            t2 = now()
-        if not plain:
-            continue
-        diff = max(float((a - b).abs().max()) for a, b in zip(fast, slow))
-        report[method] = {"cached_s": t1 - t0, "naive_s": t2 - t1, "speedup": (t2 - t1) / (t1 - t0),
-                          "max_abs_diff": diff, "demo_tokens": len(teacher_ids) if method == "icl" else None}
-        print(f"bench {method:8s} {task} seed {seed}: cached {t1 - t0:.2f}s, naive {t2 - t1:.2f}s, "
-              f"speed-up {(t2 - t1) / (t1 - t0):.1f}x, max |score diff| {diff:.2e}")
-    return report
-
-
-def naive_prefix(method, llm, toks, distiller, demos, args, meta, teacher_ids):
-    """naive_option_scores' prefix for a method: the ids or vectors it reads."""
-    if method in ("zeroshot", "icl"):
-        return dict(prefix_ids=torch.tensor([teacher_ids], device=llm.device)) if method == "icl" else {}
-    if method == "mend":
-        return dict(prefix_embeds=distill(llm, toks, distiller, demos, args, meta))
-    return dict(prefix_ids=torch.tensor([extensions.prefix_ids(method, toks, demos, args)], device=llm.device))
-
-
 def write_json(path, report):
     """The result file, written to a temp file and renamed, as checkpoints are: a crash mid-write
     leaves the old file."""
@@ -546,12 +470,6 @@ def main(args):
           f"seeds {args.seeds}, methods {list(names.values())}, llm {args.llm}, device {device}, "
           f"dtype {str(dtype)[6:]}; "
           f"{args.settings}")
-    if args.bench:
-        with ctx:
-            report = {"partition": args.partition, "device": device, "llm": args.llm,
-                      **bench(args, llm, toks, distiller, files, methods, meta)}
-        write_json(args.out, report)
-        return report
     results = evaluate_all(args, (llm, toks, distiller, meta), files, names, ctx)
     print_table(results, list(results))
     if reference or "icl" in methods:

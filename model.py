@@ -387,12 +387,11 @@ def count_params(module, trainable_only=False):
 # -----------------------------------------------------------------------------
 # the LLM reading a prefix (demonstration tokens or distillation vectors) followed by a query
 #
-# One adapter per LLM family, chosen from the config (family(llm)), with the same five methods:
+# One adapter per LLM family, chosen from the config (family(llm)), with the same four methods:
 #   context(llm, ids, embeds, mask)        the prefix state of prefix tokens or vectors, read once
 #   read(llm, prefix, ids, mask, keep, cache)  the logits of ids read after a prefix, and the extended state
 #   take(state, rows, positions)           a state's selected batch rows, or its selected prefix positions
 #   shift(state, start)                    how far a query's positions move when the state skips positions
-#   reference(llm, prefix_embeds, ids)     the plain HF forward of [prefix ; ids], no cache (the tests' yardstick)
 # A prefix handed to read is None (zero-shot), dict(embeds=(B, P, C), mask=(B, P)) or dict(kv=state, mask=(B, P) or
 # None, shift=int). Logit row t of ids always predicts ids token t+1, in both families.
 
@@ -449,15 +448,6 @@ class CausalLM:
         """A query read at `start` after a state of P keys/values moves start - P positions (0 when
         start is None)."""
         return 0 if start is None else start - state[0][0].shape[2]
-
-    @staticmethod
-    def reference(llm, prefix_embeds, ids):
-        """The plain forward of [prefix ; ids]: (1, P, C) or None, (1, T) -> logits at the ids rows
-        (1, T, V)."""
-        embeds = llm.get_input_embeddings()(ids)                                # (1, T, C)
-        if prefix_embeds is not None:
-            embeds = torch.cat([prefix_embeds.to(embeds.dtype), embeds], dim=1)  # (1, P+T, C)
-        return llm(inputs_embeds=embeds).logits[:, -ids.shape[1]:]              # (1, T, V)
 
 
 @dataclass
@@ -551,18 +541,6 @@ class Seq2Seq:
     @staticmethod
     def shift(state, start):
         return 0  # no position ids: the decoder's relative bias never sees the encoder's positions
-
-    @staticmethod
-    def reference(llm, prefix_embeds, ids):
-        """The plain HF forward: encoder [prefix ; </s>], decoder [start ; ids] -> logits at the ids
-        rows (1, T, V)."""
-        emb = llm.get_input_embeddings()
-        eos = emb(torch.tensor([[llm.config.eos_token_id]], device=ids.device))  # (1, 1, C)
-        # (1, P+1, C)
-        x = eos if prefix_embeds is None else torch.cat([prefix_embeds.to(eos.dtype), eos], dim=1)
-        start = torch.full_like(ids[:, :1], decoder_start(llm.config))
-        # (1, T, V)
-        return llm(inputs_embeds=x, decoder_input_ids=torch.cat([start, ids], dim=1)).logits[:, 1:]
 
 
 def family(llm):

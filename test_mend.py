@@ -33,7 +33,7 @@ import eval as evaluate
 import extensions
 import model
 import train
-from conftest import ROOT, VOCAB, hf_logits, ids, tiny_llm, train_args, write_lines
+from conftest import ROOT, VOCAB, hf_logits, ids, naive_option_scores, tiny_llm, train_args, write_lines
 
 
 # -----------------------------------------------------------------------------
@@ -535,7 +535,7 @@ def test_option_scores_equal_a_brute_force_forward(tmp_path, family):
             logp = F.log_softmax(hf_logits(llm, prefix, torch.tensor([x + o]))[0], -1)  # row t predicts token t+1
             nll = -sum(logp[len(x) + i - 1, t] for i, t in enumerate(o)) / len(o)
             assert abs(score.item() + nll.item()) < 1e-5
-        naive = evaluate.naive_option_scores(llm, tok, ex, 64, prefix_ids=prefix)
+        naive = naive_option_scores(llm, tok, ex, 64, prefix)
         torch.testing.assert_close(scores, naive, rtol=0, atol=1e-5)
 
 
@@ -646,7 +646,7 @@ def test_mend_api_distills_scores_classifies_and_generates(saved_llm, tmp_path):
     torch.testing.assert_close(mend.distill("good film\nyes\n\nbad film\nno\n\n"), vectors)  # text = pairs
     scores = mend.score(vectors, ["nice film", "awful"], ["yes", "no!"])
     ex = {"input": "awful", "options": ["yes", "no!"]}
-    naive = evaluate.naive_option_scores(mend.llm, mend.toks[0], ex, 32, prefix_embeds=vectors)
+    naive = naive_option_scores(mend.llm, mend.toks[0], ex, 32, vectors)
     torch.testing.assert_close(torch.tensor(scores[1]), naive)
     best = [["yes", "no!"][s.index(max(s))] for s in scores]
     assert mend.classify(vectors, ["nice film", "awful"], ["yes", "no!"]) == best

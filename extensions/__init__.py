@@ -20,8 +20,7 @@ from distill import MEND, Paper
 from extensions import anchors, options, prefixes
 from extensions.signal import Signal
 
-__all__ = ["PREFIXES", "Signal", "add_arguments", "combination_error", "load", "method_flops", "options", "prefix_ids",
-           "steps_for"]
+__all__ = ["PREFIXES", "Signal", "add_arguments", "combination_error", "load", "method_flops", "options", "steps_for"]
 
 PREFIXES = {"truncated": partial(prefixes.prefix, "truncated"), "labels": partial(prefixes.prefix, "labels"),
             "anchors": anchors.prefix}
@@ -73,12 +72,6 @@ def combination_error(args, prompt):
     if args.distiller == anchors.NO_DISTILLER and args.base != "anchors":
         return "--distiller none applies to --base anchors only (the anchors re-weighted, no vectors)"
     return anchors.anchors_error(args) if args.base == "anchors" else None
-
-
-def prefix_ids(method, toks, demos, args):
-    """The tokens a free prefix made of tokens reads (eval.py --bench's plain forward)."""
-    budgets = (args.teacher_demo_tokens, args.distiller_demo_tokens)
-    return prefixes.free_prefix(toks, demos, method, args.n_vectors, budgets, args.max_len_per_example)
 
 
 def method_flops(llm_name, D, T, L, Q, distiller=None):
