@@ -1,6 +1,6 @@
 """
-What the distilled vectors attend to (the paper's analysis of MEND's vectors); --curves, --held_out, --sweep and
---ceiling instead read training logs, held-out tasks, eval.py results and fitted vectors.
+What the distilled vectors attend to (the paper's analysis of MEND's vectors); --curves, --held_out, --sweep,
+--compare and --ceiling instead read training logs, held-out tasks, eval.py results and fitted vectors.
 
 For one task and its demonstrations:
 
@@ -14,6 +14,7 @@ For one task and its demonstrations:
     python analyze.py --curves results/real/mend.log,results/real/mend_no_stage1.log --png results/real/curves.png
     python analyze.py --held_out --ckpt runs/A_base.pt --data ../shared/data
     python analyze.py --sweep results/sweep/l4.json,results/sweep/l32.json --png results/sweep/sweep.png
+    python analyze.py --compare eval_a.json:mend,eval_b.json:zeroshot
     python analyze.py --ceiling --data ../shared/data --ckpt mend.pt --partition class2class --max_examples 100
 
 --curves reads train.py logs instead: the selection signal (held-out tasks' macro-F1) against training wall time.
@@ -21,6 +22,8 @@ For one task and its demonstrations:
 --ceiling fits l free vectors per test task (extensions/options.py fit_vectors: KL to the LLM reading the demonstrations, on the
 option rows of the task's unlabeled inputs from its other seeds' training files) and scores them next to zero-shot,
 ICL, truncated demonstrations and, with --ckpt, MEND and MEND refined (fitted starting from the distiller's output).
+--compare: the paired bootstrap of one method of an eval.py result over another (score, and agreement with ICL when
+both hold it): the difference, its 95% interval and the share of resamples above 0.
 --sweep reads eval.py JSON files (the l and K sweep of results/sweep/run.sh): each method's score next to the FLOPs
 per query of its configuration (extensions.method_flops with the demonstration tokens that eval.py measured).
 """
@@ -64,6 +67,8 @@ def get_args(argv=None):
                    "score against its FLOPs per query.")
     p.add_argument("--query_tokens", type=data.positive_int, default=64,
                    help="With --sweep: T, the tokens of one query row, as in flops.py. Default: %(default)s.")
+    p.add_argument("--compare", default="", help="Two eval.py result files as A.json:METHOD,B.json:METHOD: "
+                   "print a paired bootstrap over their test examples of A's METHOD minus B's.")
     p.add_argument("--ceiling", action="store_true", help="Fit l free vectors per test task of a partition and score "
                    "them beside zero-shot, ICL, truncated demonstrations and, with --ckpt, MEND and MEND refined; "
                    "eval.py's flags after it set the protocol.")
@@ -286,7 +291,7 @@ def ceiling_task(args, llm, toks, distiller, meta, task, seeds):
 @torch.no_grad()
 def ceiling(args):
     """Per test task (first --seeds seed): zero-shot, ICL, truncated, vectors fitted from random token embeddings and,
-    with a checkpoint, MEND and MEND refined. The JSON (eval.py's layout, so eval.py --compare reads it) is rewritten
+    with a checkpoint, MEND and MEND refined. The JSON (eval.py's layout, so --compare reads it) is rewritten
     after every task."""
     ev = evaluate.get_args(["--data", args.data, "--ckpt", args.ckpt, *args.protocol])
     ev.fit_steps, ev.fit_lr, ev.out = args.fit_steps, args.fit_lr, args.out or f"ceiling_{ev.partition}.json"
@@ -323,9 +328,68 @@ def ceiling(args):
     return report
 
 
+# -----------------------------------------------------------------------------
+# --compare: two eval.py results, paired over their test examples
+
+
+def paired_bootstrap(a, b, n=2000, seed=0, key="score"):
+    """How far is the average of method a above method b from noise? Both are {task: evaluate_task
+    result} on the same examples. Each resample redraws every (task, seed)'s test examples with
+    replacement, the same draw for a and b, and recomputes the average. key="agreement" takes the
+    agreement with ICL (both against a's reference) instead of the score. -> (observed difference,
+    2.5% and 97.5% quantiles, share of resamples > 0)."""
+    rng, diffs = np.random.default_rng(seed), []
+    for _ in range(n):
+        per_task = []
+        for task, ra in a.items():
+            rb, metric = b[task], data.macro_f1 if ra["metric"] == "macro_f1" and key == "score" else data.accuracy
+            seeds = []
+            for s, golds in ra["golds" if key == "score" else "reference"].items():
+                i = rng.integers(len(golds), size=len(golds))
+                g = [golds[j] for j in i]
+                seeds.append(metric([ra["predictions"][s][j] for j in i], g)
+                             - metric([rb["predictions"][s][j] for j in i], g))
+            per_task.append(np.mean(seeds))
+        diffs.append(np.mean(per_task))
+    observed = np.mean([a[t][key] - b[t][key] for t in a])
+    low, high = np.quantile(diffs, [0.025, 0.975])
+    return float(observed), float(low), float(high), float(np.mean(np.array(diffs) > 0))
+
+
+def compare(spec):
+    """--compare A.json:METHOD,B.json:METHOD -> print the paired bootstrap of A's method over
+    B's."""
+    pairs = [s.rsplit(":", 1) for s in spec.split(",")]
+    if len(pairs) != 2 or any(len(pair) != 2 for pair in pairs):
+        raise SystemExit(f"--compare {spec}: expected A.json:METHOD,B.json:METHOD")
+    (fa, ma), (fb, mb) = pairs
+    missing = [f for f in (fa, fb) if not Path(f).is_file()]
+    if missing:
+        raise SystemExit(f"--compare: {missing[0]}: no such file")
+    methods = [json.loads(Path(f).read_text()).get("methods", {}) for f in (fa, fb)]
+    for (f, m), found in zip(pairs, methods):
+        if m not in found:
+            raise SystemExit(f"--compare: {f} holds no method {m!r} (it holds {', '.join(found) or 'none'})")
+    a, b = methods[0][ma]["tasks"], methods[1][mb]["tasks"]
+    if set(a) != set(b):
+        raise SystemExit(f"--compare: the two files cover different tasks ({sorted(set(a) ^ set(b))})")
+    keys = ["score"] + ["agreement"] * all("reference" in r for r in [*a.values(), *b.values()])
+    if len(keys) == 2 and any(a[t]["reference"] != b[t]["reference"] for t in a):
+        raise SystemExit("--compare: the two files' agreement is taken against different ICL predictions")
+    for key in keys:
+        wins = sum(a[t][key] > b[t][key] for t in a)
+        diff, lo, hi, share = paired_bootstrap(a, b, key=key)
+        print(f"{ma} ({fa}) - {mb} ({fb}): {diff:+.2f} points of {key}, 95% interval "
+              f"[{lo:+.2f}, {hi:+.2f}] (paired bootstrap over test examples, 2000 resamples; {share:.1%} of them > 0); "
+              f"{ma} wins {wins} of {len(a)} tasks")
+
+
+
 def main(args):
     if args.png:  # what it writes is checked before any work
         data.check_output(args.png, "--png", kind="png")
+    if args.compare:
+        return compare(args.compare)
     if args.ceiling:
         return ceiling(args)
     if args.curves:

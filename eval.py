@@ -104,8 +104,6 @@ def get_args(argv=None):
     p.add_argument("--reference", default="", help="An eval.py JSON file holding ICL's predictions on the same "
                    "examples, which every method's agreement is measured against. Without it, this run's icl, when "
                    "it runs.")
-    p.add_argument("--compare", default="", help="Instead of evaluating, compare two result files: "
-                   "A.json:METHOD,B.json:METHOD gives a paired bootstrap of A's METHOD over B's.")
     args = p.parse_args(argv)
     args.out = args.out or f"eval_{args.partition}.json"
     return args
@@ -124,7 +122,7 @@ def agreement(predictions, reference):
 
 def add_agreement(results, reference):
     """Each method's agreement with reference = {task: {seed: ICL's predictions}}: per task (mean
-    over seeds, stored with the reference predictions, for --compare) and on average over tasks."""
+    over seeds, stored with the reference predictions, for analyze.py --compare) and on average over tasks."""
     for r in results.values():
         for task, t in r["tasks"].items():
             t["reference"] = ref = {s: reference[task][s] for s in t["predictions"]}
@@ -349,58 +347,6 @@ def refuse_seen_tasks(cfg, tests, args):
 # reports
 
 
-def paired_bootstrap(a, b, n=2000, seed=0, key="score"):
-    """How far is the average of method a above method b from noise? Both are {task: evaluate_task
-    result} on the same examples. Each resample redraws every (task, seed)'s test examples with
-    replacement, the same draw for a and b, and recomputes the average. key="agreement" takes the
-    agreement with ICL (both against a's reference) instead of the score. -> (observed difference,
-    2.5% and 97.5% quantiles, share of resamples > 0)."""
-    rng, diffs = np.random.default_rng(seed), []
-    for _ in range(n):
-        per_task = []
-        for task, ra in a.items():
-            rb, metric = b[task], data.macro_f1 if ra["metric"] == "macro_f1" and key == "score" else data.accuracy
-            seeds = []
-            for s, golds in ra["golds" if key == "score" else "reference"].items():
-                i = rng.integers(len(golds), size=len(golds))
-                g = [golds[j] for j in i]
-                seeds.append(metric([ra["predictions"][s][j] for j in i], g)
-                             - metric([rb["predictions"][s][j] for j in i], g))
-            per_task.append(np.mean(seeds))
-        diffs.append(np.mean(per_task))
-    observed = np.mean([a[t][key] - b[t][key] for t in a])
-    low, high = np.quantile(diffs, [0.025, 0.975])
-    return float(observed), float(low), float(high), float(np.mean(np.array(diffs) > 0))
-
-
-def compare(spec):
-    """--compare A.json:METHOD,B.json:METHOD -> print the paired bootstrap of A's method over
-    B's."""
-    pairs = [s.rsplit(":", 1) for s in spec.split(",")]
-    if len(pairs) != 2 or any(len(pair) != 2 for pair in pairs):
-        raise SystemExit(f"--compare {spec}: expected A.json:METHOD,B.json:METHOD")
-    (fa, ma), (fb, mb) = pairs
-    missing = [f for f in (fa, fb) if not Path(f).is_file()]
-    if missing:
-        raise SystemExit(f"--compare: {missing[0]}: no such file")
-    methods = [json.loads(Path(f).read_text()).get("methods", {}) for f in (fa, fb)]
-    for (f, m), found in zip(pairs, methods):
-        if m not in found:
-            raise SystemExit(f"--compare: {f} holds no method {m!r} (it holds {', '.join(found) or 'none'})")
-    a, b = methods[0][ma]["tasks"], methods[1][mb]["tasks"]
-    if set(a) != set(b):
-        raise SystemExit(f"--compare: the two files cover different tasks ({sorted(set(a) ^ set(b))})")
-    keys = ["score"] + ["agreement"] * all("reference" in r for r in [*a.values(), *b.values()])
-    if len(keys) == 2 and any(a[t]["reference"] != b[t]["reference"] for t in a):
-        raise SystemExit("--compare: the two files' agreement is taken against different ICL predictions")
-    for key in keys:
-        wins = sum(a[t][key] > b[t][key] for t in a)
-        diff, lo, hi, share = paired_bootstrap(a, b, key=key)
-        print(f"{ma} ({fa}) - {mb} ({fb}): {diff:+.2f} points of {key}, 95% interval "
-              f"[{lo:+.2f}, {hi:+.2f}] (paired bootstrap over test examples, 2000 resamples; {share:.1%} of them > 0); "
-              f"{ma} wins {wins} of {len(a)} tasks")
-
-
 def print_table(results, methods, key="score"):
     """One row per task and the average: each method's score, or (key="agreement") its agreement
     with ICL."""
@@ -442,8 +388,6 @@ def evaluate_all(args, models, files, names, ctx):
 
 @torch.no_grad()
 def main(args):
-    if args.compare:
-        return compare(args.compare)
     t_start = time.time()
     # every path written is checked before any work
     data.check_output(args.out, "--out", kind="eval")

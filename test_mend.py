@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from transformers import (AutoConfig, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast,
                           T5Config, T5ForConditionalGeneration)
 
+import analyze
 import data
 import distill
 import eval as evaluate
@@ -481,12 +482,12 @@ def test_paired_bootstrap_and_compare(tmp_path, capsys):
     task = lambda preds: {"metric": "accuracy", "golds": golds, "predictions": {"100": preds},
                           "score": data.accuracy(preds, golds["100"])}
     good, half = {"t": task([0, 1] * 20)}, {"t": task([0] * 40)}
-    assert evaluate.paired_bootstrap(half, half, n=50) == (0.0, 0.0, 0.0, 0.0)
-    diff, lo, hi, share = evaluate.paired_bootstrap(good, half, n=200)
+    assert analyze.paired_bootstrap(half, half, n=50) == (0.0, 0.0, 0.0, 0.0)
+    diff, lo, hi, share = analyze.paired_bootstrap(good, half, n=200)
     assert diff == 50.0 and 30 < lo < diff < hi < 70 and share == 1.0
     for name, tasks in [("a", good), ("b", half)]:
         (tmp_path / f"{name}.json").write_text(json.dumps({"methods": {"m": {"tasks": tasks}}}))
-    evaluate.compare(f"{tmp_path / 'a.json'}:m,{tmp_path / 'b.json'}:m")
+    analyze.compare(f"{tmp_path / 'a.json'}:m,{tmp_path / 'b.json'}:m")
     assert "+50.00 points" in capsys.readouterr().out
 
 
@@ -507,7 +508,7 @@ def test_agreement_with_icl_from_this_run_or_a_reference_file(saved_llm, tmp_pat
     alone = evaluate.main(evaluate.get_args([*common, "--methods", "truncated", "--reference", str(ref),
                                              "--out", str(tmp_path / "t.json")]))
     assert alone["methods"]["truncated"]["agreement"] == got["agreement"]
-    evaluate.compare(f"{ref}:truncated,{tmp_path / 't.json'}:truncated")
+    analyze.compare(f"{ref}:truncated,{tmp_path / 't.json'}:truncated")
     assert "+0.00 points of agreement" in capsys.readouterr().out
     report = json.loads(ref.read_text())
     task = next(iter(report["methods"]["icl"]["tasks"]))
@@ -596,7 +597,6 @@ def test_a_test_line_without_options_among_lines_with_options_is_an_error(saved_
 def test_analyze_attention_maps(saved_llm, tmp_path):
     """analyze.py: one attention row per vector over the demonstration tokens (a distribution restricted to the
     demos, so its sum is at most 1), and per LLM layer a prefix share in [0, 1] for vectors and for demonstrations."""
-    import analyze
     ckpt = tmp_path / "mend.pt"
     train.run(train_args(saved_llm("llama"), ckpt, "--stage", "finetune", "--max_steps", "1", "--val_items", "0"))
     png = tmp_path / "att.png"
@@ -612,7 +612,6 @@ def test_analyze_attention_maps(saved_llm, tmp_path):
 def test_sweep_scores_each_configuration_against_its_flops(saved_llm, tmp_path, monkeypatch):
     """--sweep: per eval.py JSON and method, K, l, the demonstration tokens eval.py read and flops.method_flops of that
     configuration; more demonstrations are more tokens and more ICL FLOPs, and the plot is drawn when it can be."""
-    import analyze
     import flops
     llm, ckpt = saved_llm("llama"), tmp_path / "mend.pt"
     monkeypatch.setitem(flops.CONFIGS, llm, AutoConfig.from_pretrained(llm))
@@ -1142,7 +1141,7 @@ def test_t5_train_then_eval_end_to_end(saved_llm, tmp_path):
         out.append(int(hf_logits(mend.llm, vectors, torch.tensor([seq + out]))[0, -1].argmax()))
     text = mend.toks[0].decode(out, skip_special_tokens=True).lstrip()
     assert mend.generate(vectors, "nice film", max_new_tokens=6) == text
-    import analyze
+
     with pytest.raises(SystemExit, match="encoder-decoder"):
         analyze.main(analyze.get_args(["--ckpt", str(s2), "--task", "sample-opposite"]))
 
@@ -1351,7 +1350,6 @@ def test_output_paths_are_refused_before_any_model_loads(saved_llm, tmp_path, ca
     """train.py, eval.py, flops.py and analyze.py refuse an --out (or --vectors_dir, --plot, --png) in a missing folder,
     under a regular file or in a folder that cannot be written, in one line before any model loads (tests run as root,
     where chmod does not stop writes, so os.access is made to say no)."""
-    import analyze
     import flops
     llm, afile = saved_llm("llama"), tmp_path / "a_file"
     afile.write_text("")
@@ -1375,7 +1373,6 @@ def test_output_paths_are_refused_before_any_model_loads(saved_llm, tmp_path, ca
 def test_outputs_replace_only_their_own_kind_of_file(saved_llm, tmp_path, capsys, monkeypatch):
     """--out, --png and --plot refuse, before any work, to replace an existing file that is not the script's own kind
     of output (eval.py replaced a README.md with its JSON); a script's own earlier output is replaced as before."""
-    import analyze
     import flops
     llm, notes, folder = saved_llm("llama"), tmp_path / "README.md", tmp_path / "f"
     write_lines(notes, ["# my notes"])
@@ -1407,7 +1404,6 @@ def test_outputs_replace_only_their_own_kind_of_file(saved_llm, tmp_path, capsys
 def test_ctrl_c_ends_in_one_line_and_status_130_leaving_the_result_file(saved_llm, tmp_path, capsys, monkeypatch):
     """Ctrl-C in eval.py, flops.py and analyze.py ends as in train.py: one last line, exit status 130, no traceback (it
     was a KeyboardInterrupt traceback), and an earlier result file as it was."""
-    import analyze
     import flops
     out = write_lines(tmp_path / "r.json", ['{"partition": "qa2qa", "llm": "an earlier result"}'])
     before = out.read_text()
@@ -1499,7 +1495,6 @@ def test_readme_flops_default_help_and_gitignore(capsys):
     """README: at most 16,000 characters, its stage-1 line's lr at step 7 is what the schedule gives; flops.py writes
     to the current folder unless told --out results; analyze.py's description is whole sentences; .gitignore covers
     what the README's commands write."""
-    import analyze
     import flops
     from fnmatch import fnmatch
     readme = (ROOT / "README.md").read_text()

@@ -48,8 +48,8 @@ for name in $(for l in ${LS:-32 64}; do echo mend_anchors$l anchors_reweighted$l
   python results/seeds/summary.py $R/$name | tee $R/summary_$name.log
 done
 { for s in 100 101 102; do
-    for l in ${LS:-32 64}; do python eval.py --compare $R/mend_anchors${l}_$s.json:mend,$R/anchors_reweighted${l}_$s.json:mend; done
+    for l in ${LS:-32 64}; do python analyze.py --compare $R/mend_anchors${l}_$s.json:mend,$R/anchors_reweighted${l}_$s.json:mend; done
     for name in $([[ "${LS:-32 64}" != *64* ]] || echo mend_anchors64 anchors_reweighted64); do
-      python eval.py --compare $R/${name}_$s.json:mend,results/free/anchors64.json:anchors
+      python analyze.py --compare $R/${name}_$s.json:mend,results/free/anchors64.json:anchors
     done
   done; } | tee $R/compare.log

@@ -24,9 +24,9 @@ train_eval() {  # name, then train.py arguments
 (train_eval mend_no_kd_no_stage1 --distiller layers:4 --lr 1e-4 --relabel 0.5 --max_steps 900 --eval_interval 150) &
 wait
 for m in prompt_tuning mend_no_kd mend_no_kd_no_stage1; do
-  python eval.py --compare $R/eval_$m.json:$(python -c "import json;print(*json.load(open('$R/eval_$m.json'))['methods'])"),results/real/eval_zeroshot.json:zeroshot
+  python analyze.py --compare $R/eval_$m.json:$(python -c "import json;print(*json.load(open('$R/eval_$m.json'))['methods'])"),results/real/eval_zeroshot.json:zeroshot
 done | tee $R/compare.log
 # with against without distillation (the MEND rows of results/real)
-python eval.py --compare results/real/eval_mend.json:mend,$R/eval_mend_no_kd.json:mend_no_kd | tee -a $R/compare.log
-python eval.py --compare results/real/eval_mend_no_stage1.json:mend,$R/eval_mend_no_kd_no_stage1.json:mend_no_kd | tee -a $R/compare.log
+python analyze.py --compare results/real/eval_mend.json:mend,$R/eval_mend_no_kd.json:mend_no_kd | tee -a $R/compare.log
+python analyze.py --compare results/real/eval_mend_no_stage1.json:mend,$R/eval_mend_no_kd_no_stage1.json:mend_no_kd | tee -a $R/compare.log
 python analyze.py --curves results/real/mend.log,$R/mend_no_kd.log,$R/prompt_tuning.log,results/real/mend_no_stage1.log,$R/mend_no_kd_no_stage1.log --png $R/curves.png | tee $R/curves.log

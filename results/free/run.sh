@@ -32,17 +32,17 @@ wait
 # 3. paired bootstraps: the free prefixes against zero-shot, truncated and ICL; gold against random labels
 B=$R/baselines.json
 { for m in labels anchors; do
-    for b in zeroshot truncated icl; do python eval.py --compare $R/free32.json:$m,$B:$b; done
-    python eval.py --compare $R/free32.json:$m,$R/free32_random.json:$m
+    for b in zeroshot truncated icl; do python analyze.py --compare $R/free32.json:$m,$B:$b; done
+    python analyze.py --compare $R/free32.json:$m,$R/free32_random.json:$m
   done
-  python eval.py --compare $R/anchors64.json:anchors,$B:icl
-  python eval.py --compare $R/anchors64.json:anchors,$R/free32.json:anchors
-  python eval.py --compare $R/anchors64.json:anchors,$R/anchors64_random.json:anchors
-  python eval.py --compare $R/labels64.json:labels,$R/labels64_random.json:labels
-  python eval.py --compare $R/labels64.json:labels,$B:icl
-  python eval.py --compare $B:icl,$R/icl_random.json:icl
-  python eval.py --compare $B:truncated,$R/truncated_random.json:truncated
+  python analyze.py --compare $R/anchors64.json:anchors,$B:icl
+  python analyze.py --compare $R/anchors64.json:anchors,$R/free32.json:anchors
+  python analyze.py --compare $R/anchors64.json:anchors,$R/anchors64_random.json:anchors
+  python analyze.py --compare $R/labels64.json:labels,$R/labels64_random.json:labels
+  python analyze.py --compare $R/labels64.json:labels,$B:icl
+  python analyze.py --compare $B:icl,$R/icl_random.json:icl
+  python analyze.py --compare $B:truncated,$R/truncated_random.json:truncated
   for p in para qa; do
-    for m in labels anchors; do python eval.py --compare $R/$p.json:$m,$R/$p.json:zeroshot; done
-    python eval.py --compare $R/$p.json:anchors,$R/$p.json:icl
+    for m in labels anchors; do python analyze.py --compare $R/$p.json:$m,$R/$p.json:zeroshot; done
+    python analyze.py --compare $R/$p.json:anchors,$R/$p.json:icl
   done; } | tee $R/compare.log

@@ -39,6 +39,6 @@ wait
 # 4. zero-shot again, now with per-example predictions (same scores as the committed baselines), for the paired
 #    bootstrap; then the comparisons, the curves and the per-class diagnosis of the recipe search
 timed python eval.py $EVAL --methods zeroshot $BUDGETS --out $R/eval_zeroshot.json > $R/eval_zeroshot.log 2>&1
-for m in mend mend_no_stage1; do python eval.py --compare $R/eval_$m.json:mend,$R/eval_zeroshot.json:zeroshot; done | tee $R/compare.log
+for m in mend mend_no_stage1; do python analyze.py --compare $R/eval_$m.json:mend,$R/eval_zeroshot.json:zeroshot; done | tee $R/compare.log
 python analyze.py --curves $R/mend.log,$R/mend_no_stage1.log | tee $R/curves.log
 for r in A_base C_relabel; do OMP_NUM_THREADS=1 python analyze.py --held_out --ckpt runs/$r.pt --data $D | grep -v "Loading weights" > results/recipe/held_out_$r.log; done

@@ -38,12 +38,12 @@ wait
 
 # 3. comparisons: paired bootstrap against zero-shot and truncated (the committed per-example runs), gold vs random
 Z=results/real/eval_zeroshot.json:zeroshot; T=results/options/eval_truncated.json:truncated
-{ for m in mend mend_no_stage1; do python eval.py --compare $R/$m.json:mend,$Z; python eval.py --compare $R/$m.json:mend,$T; done
-  python eval.py --compare $R/mend.json:mend,$R/mend_random.json:mend
-  python eval.py --compare $R/mend.json:mend,$R/mend_no_stage1.json:mend
-  python eval.py --compare $R/mend.json:mend,results/options/eval_mend_query.json:mend
-  python eval.py --compare $R/para_mend.json:mend,$R/para_baselines.json:zeroshot
-  python eval.py --compare $R/para_mend.json:mend,$R/para_baselines.json:truncated; } | tee $R/compare.log
+{ for m in mend mend_no_stage1; do python analyze.py --compare $R/$m.json:mend,$Z; python analyze.py --compare $R/$m.json:mend,$T; done
+  python analyze.py --compare $R/mend.json:mend,$R/mend_random.json:mend
+  python analyze.py --compare $R/mend.json:mend,$R/mend_no_stage1.json:mend
+  python analyze.py --compare $R/mend.json:mend,results/options/eval_mend_query.json:mend
+  python analyze.py --compare $R/para_mend.json:mend,$R/para_baselines.json:zeroshot
+  python analyze.py --compare $R/para_mend.json:mend,$R/para_baselines.json:truncated; } | tee $R/compare.log
 grep -H "val loss" $R/train_*.log | tee $R/curves.log   # no judge: validation curves
 # 4. the fraction of the fitted vectors' gain (results/ceiling, seed 100, first 50 examples) that MEND closes there
 python results/options/gap.py results/ceiling/class2class.json $R/mend.json:mend | tee $R/gap.log

@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+import analyze  # noqa: E402
 import eval as evaluate  # noqa: E402
 
 R, F = Path("results/seeds"), Path("results/free")
@@ -61,14 +62,14 @@ def main(name="mend", seeds=()):
         rand[s] = tasks(random_file, "mend") if random_file.exists() else None
         line = f"seed {s}: gold {average(gold[s]):.1f}, agreement with ICL {agreement(gold[s], free['icl']):.1f}"
         if rand[s]:
-            diff, lo, hi, _ = evaluate.paired_bootstrap(gold[s], rand[s])
+            diff, lo, hi, _ = analyze.paired_bootstrap(gold[s], rand[s])
             line += f", random labels {average(rand[s]):.1f} (gold - random {diff:+.2f} [{lo:+.2f}, {hi:+.2f}])"
         print(line)
         for m, t in free.items():
-            diff, lo, hi, _ = evaluate.paired_bootstrap(gold[s], t)
+            diff, lo, hi, _ = analyze.paired_bootstrap(gold[s], t)
             print(f"    MEND - {m:9s} {diff:+6.2f} [{lo:+.2f}, {hi:+.2f}]")
         a, b = with_reference(gold[s], free["icl"]), with_reference(free["anchors"], free["icl"])
-        diff, lo, hi, _ = evaluate.paired_bootstrap(a, b, key="agreement")
+        diff, lo, hi, _ = analyze.paired_bootstrap(a, b, key="agreement")
         print(f"    agreement with ICL, MEND - anchors {diff:+6.2f} [{lo:+.2f}, {hi:+.2f}]")
     agreements = [agreement(t, free["icl"]) for t in gold.values()]
     print(f"{name} agreement with ICL over {len(agreements)} seeds: mean {sum(agreements) / len(agreements):.1f}, "
