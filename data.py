@@ -128,8 +128,9 @@ def read_metaicl(path):
     if not examples:
         raise DataError(f"{path}: no examples")
     if len(with_options) == 2:
-        raise DataError(f"{path}:{with_options[False]}: 'options' is empty, but line {with_options[True]} has "
-                        f"options (only a generation task's lines have none, and then all of them)")
+        raise DataError(f"{path}:{with_options[False]}: 'options' is empty, but line "
+                        f"{with_options[True]} has options (only a generation task's lines have "
+                        f"none, and then all of them)")
     return examples
 
 
@@ -504,8 +505,8 @@ def check_output(path, flag, folder=False, kind=None):
     if not os.access(parent, os.W_OK | os.X_OK) or (path.exists() and not os.access(path, os.W_OK)):
         raise SystemExit(f"{flag} {path}: {path if path.exists() else parent} cannot be written")
     if kind and path.is_file() and not OUTPUTS[kind][1](path):
-        raise SystemExit(f"{flag} {path}: the file exists and is not {OUTPUTS[kind][0]}, so it is not replaced; "
-                         f"choose another path or remove the file first")
+        raise SystemExit(f"{flag} {path}: the file exists and is not {OUTPUTS[kind][0]}, so it is "
+                         f"not replaced; choose another path or remove the file first")
 
 
 def json_keys(path):

@@ -256,8 +256,8 @@ def options_per_input(inputs, options):
     nested = options and isinstance(options[0], (list, tuple))  # one option list per input
     per_input = [list(o) for o in options] if nested else [list(options)] * len(inputs)
     if len(per_input) != len(inputs) or not all(per_input):
-        raise ValueError(f"options must be one non-empty list for every input or one non-empty list per input "
-                         f"({len(inputs)} inputs), got {options!r}")
+        raise ValueError(f"options must be one non-empty list for every input or one non-empty list "
+                         f"per input ({len(inputs)} inputs), got {options!r}")
     return per_input
 
 
@@ -288,8 +288,9 @@ class MEND:
             raise CheckpointError(f"{ckpt} was trained for llm={cfg['llm']}, not llm={llm}")
         ours = cfg.get("base", "none") != "none" or (cfg.get("kl_rows"), cfg["stage"]) == ("options", "finetune")
         if ours and recipe is None:
-            raise CheckpointError(f"{ckpt} was trained with one of our additions (--base {cfg.get('base')}, "
-                                  f"--kl_rows {cfg.get('kl_rows')}); load it with extensions.load({ckpt!r})")
+            raise CheckpointError(f"{ckpt} was trained with one of our additions (--base "
+                                  f"{cfg.get('base')}, --kl_rows {cfg.get('kl_rows')}); load it "
+                                  f"with extensions.load({ckpt!r})")
         steps = (recipe or Paper)(cfg)
         if steps.api_refusal:
             raise CheckpointError(f"{ckpt} {steps.api_refusal}; evaluate it with eval.py --methods mend --ckpt {ckpt}")

@@ -58,52 +58,60 @@ METHOD_LIST = data.checked(lambda s: [m for m in s.split(",") if m], lambda v: s
 
 def get_args(argv=None):
     p = data.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--partition", default="qa2qa", help="MetaICL partition whose test tasks are evaluated: hr2lr, "
-                   "class2class, nonclass2class, qa2qa, nonqa2qa, nonnli2nli or nonpara2para. Default: %(default)s.")
-    p.add_argument("--data", default="sample_data", help="Data folder holding metaicl/ (README: Real data). "
-                   "Default: %(default)s.")
+    p.add_argument("--partition", default="qa2qa", help="MetaICL partition whose test tasks are "
+                   "evaluated: hr2lr, class2class, nonclass2class, qa2qa, nonqa2qa, nonnli2nli or "
+                   "nonpara2para. Default: %(default)s.")
+    p.add_argument("--data", default="sample_data", help="Data folder holding metaicl/ (README: "
+                   "Real data). Default: %(default)s.")
     p.add_argument("--methods", type=METHOD_LIST, default="",
-                   help="Comma-separated methods among zeroshot, icl, truncated, labels, anchors and mend (truncated, "
-                   "labels and anchors: the free prefixes of length l, no training). Default: zeroshot,icl, and mend "
-                   "when --ckpt exists.")
-    p.add_argument("--n_vectors", type=data.positive_int, default=None, help="Length l of the free prefixes. "
-                   "Default: --ckpt's number of vectors when that file exists, else 100.")
-    p.add_argument("--ckpt", default="mend.pt", help="MEND checkpoint made by train.py (a stage-1 checkpoint is "
-                   "reported as 'mend (stage 1 only)'). Default: %(default)s.")
+                   help="Comma-separated methods among zeroshot, icl, truncated, labels, anchors "
+                   "and mend (truncated, labels and anchors: the free prefixes of length l, no "
+                   "training). Default: zeroshot,icl, and mend when --ckpt exists.")
+    p.add_argument("--n_vectors", type=data.positive_int, default=None, help="Length l of the free "
+                   "prefixes. Default: --ckpt's number of vectors when that file exists, else 100.")
+    p.add_argument("--ckpt", default="mend.pt", help="MEND checkpoint made by train.py (a stage-1 "
+                   "checkpoint is reported as 'mend (stage 1 only)'). Default: %(default)s.")
     p.add_argument("--llm", type=data.model_name, default="",
                    help="The frozen LLM. Default: the one --ckpt was trained for, else smollm2-135m.")
-    p.add_argument("--seeds", type=data.seed_list, default="100,13,21,42,87", help="Comma-separated MetaICL seeds, "
-                   "each with its own demonstrations. Default: %(default)s.")
-    p.add_argument("--max_examples", type=data.count, default=0, help="Test examples evaluated per task, the first "
-                   "ones; 0 evaluates all. Default: %(default)s.")
-    p.add_argument("--protocol", default="fixed", choices=["fixed", "random"], help="How demonstrations are drawn: "
-                   "fixed (MetaICL's: the seed's file, in order) or random (the official MEND code's: a new random "
-                   "draw for every test example). Default: %(default)s.")
-    p.add_argument("--k", type=data.positive_int, default=None, help="Number of demonstrations. Default: --ckpt's "
-                   "when that file exists (whatever the methods), else 16.")
-    p.add_argument("--max_len_per_example", type=data.positive_int, default=None, help="Most tokens of one input and "
-                   "option together; a longer input is cut. Default: --ckpt's when that file exists, else 256.")
-    p.add_argument("--teacher_demo_tokens", type=data.positive_int, default=None, help="Most demonstration tokens "
-                   "ICL reads. Default: --ckpt's when that file exists, else 767.")
-    p.add_argument("--distiller_demo_tokens", type=data.positive_int, default=None, help="Most demonstration tokens "
-                   "MEND's distiller reads. Default: --ckpt's when that file exists, else 643.")
-    p.add_argument("--perturb", default="gold", choices=list(data.PERTURBATIONS), help="The demonstrations ICL and "
-                   "MEND read: gold, random_labels (each label a random option), no_labels (inputs only) or no_inputs "
-                   "(labels only). Default: %(default)s.")
-    p.add_argument("--vectors_dir", default="", help="Folder that keeps distilled vectors (safetensors files): each "
-                   "demonstration set is distilled once, later runs load its vectors. Without it, none are kept.")
-    p.add_argument("--out", default="", help="JSON file for the results; its folder must exist, and an existing file "
-                   "is replaced only if it is an eval.py result. Default: eval_PARTITION.json.")
-    p.add_argument("--device", default="auto", help="Device to run on, e.g. cuda:1; auto is cuda when available, "
-                   "else cpu. Default: %(default)s.")
+    p.add_argument("--seeds", type=data.seed_list, default="100,13,21,42,87", help="Comma-separated "
+                   "MetaICL seeds, each with its own demonstrations. Default: %(default)s.")
+    p.add_argument("--max_examples", type=data.count, default=0, help="Test examples evaluated per "
+                   "task, the first ones; 0 evaluates all. Default: %(default)s.")
+    p.add_argument("--protocol", default="fixed", choices=["fixed", "random"], help="How "
+                   "demonstrations are drawn: fixed (MetaICL's: the seed's file, in order) or "
+                   "random (the official MEND code's: a new random draw for every test example). "
+                   "Default: %(default)s.")
+    p.add_argument("--k", type=data.positive_int, default=None, help="Number of demonstrations. "
+                   "Default: --ckpt's when that file exists (whatever the methods), else 16.")
+    p.add_argument("--max_len_per_example", type=data.positive_int, default=None, help="Most tokens "
+                   "of one input and option together; a longer input is cut. Default: --ckpt's when "
+                   "that file exists, else 256.")
+    p.add_argument("--teacher_demo_tokens", type=data.positive_int, default=None, help="Most "
+                   "demonstration tokens ICL reads. Default: --ckpt's when that file exists, else "
+                   "767.")
+    p.add_argument("--distiller_demo_tokens", type=data.positive_int, default=None, help="Most "
+                   "demonstration tokens MEND's distiller reads. Default: --ckpt's when that file "
+                   "exists, else 643.")
+    p.add_argument("--perturb", default="gold", choices=list(data.PERTURBATIONS), help="The "
+                   "demonstrations ICL and MEND read: gold, random_labels (each label a random "
+                   "option), no_labels (inputs only) or no_inputs (labels only). Default: "
+                   "%(default)s.")
+    p.add_argument("--vectors_dir", default="", help="Folder that keeps distilled vectors "
+                   "(safetensors files): each demonstration set is distilled once, later runs load "
+                   "its vectors. Without it, none are kept.")
+    p.add_argument("--out", default="", help="JSON file for the results; its folder must exist, and "
+                   "an existing file is replaced only if it is an eval.py result. Default: "
+                   "eval_PARTITION.json.")
+    p.add_argument("--device", default="auto", help="Device to run on, e.g. cuda:1; auto is cuda "
+                   "when available, else cpu. Default: %(default)s.")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                   help="Autocast dtype, also the LLM's: auto is bfloat16 on a GPU that supports it, else float16, "
-                   "and float32 on a CPU. Default: %(default)s.")
+                   help="Autocast dtype, also the LLM's: auto is bfloat16 on a GPU that supports "
+                   "it, else float16, and float32 on a CPU. Default: %(default)s.")
     p.add_argument("--threads", type=data.count, default=0,
                    help="CPU threads for torch; 0 lets torch use every core. Default: %(default)s.")
-    p.add_argument("--reference", default="", help="An eval.py JSON file holding ICL's predictions on the same "
-                   "examples, which every method's agreement is measured against. Without it, this run's icl, when "
-                   "it runs.")
+    p.add_argument("--reference", default="", help="An eval.py JSON file holding ICL's predictions "
+                   "on the same examples, which every method's agreement is measured against. "
+                   "Without it, this run's icl, when it runs.")
     args = p.parse_args(argv)
     args.out = args.out or f"eval_{args.partition}.json"
     return args
@@ -243,9 +251,9 @@ def find_tasks(args, tasks):
     skipped = {t: f for t, f in found.items() if isinstance(f, str)}
     if not files:
         task, reason = next(iter(skipped.items()))
-        raise SystemExit(f"--partition {args.partition} --seeds {','.join(map(str, args.seeds))}: none of its "
-                         f"{len(tasks)} test tasks has its files under {Path(args.data) / 'metaicl'} "
-                         f"({task}: {reason})")
+        raise SystemExit(f"--partition {args.partition} --seeds {','.join(map(str, args.seeds))}: "
+                         f"none of its {len(tasks)} test tasks has its files under "
+                         f"{Path(args.data) / 'metaicl'} ({task}: {reason})")
     for task, reason in skipped.items():
         print(f"warning: skipping {task}: {reason}")
     return files, skipped
@@ -280,7 +288,8 @@ def read_checkpoint(args, methods, device):
     budget fails here, before any model loads."""
     if "mend" in methods and not Path(args.ckpt).exists():
         raise SystemExit(f"{args.ckpt} not found; make it with: python train.py --stage pretrain && "
-                         f"python train.py --stage finetune --init ckpt.pt  (or pass --methods zeroshot,icl)")
+                         f"python train.py --stage finetune --init ckpt.pt  (or pass --methods "
+                         f"zeroshot,icl)")
     state = load_checkpoint(args.ckpt) if Path(args.ckpt).exists() else {"config": {}}  # on the CPU
     cfg = state["config"]
     if "mend" in methods and args.llm and args.llm != cfg["llm"]:
@@ -301,8 +310,9 @@ def settings(args, cfg):
             setattr(args, key, cfg.get(key, paper_value))
     args.llm = args.llm or cfg.get("llm", EMBEDDED)
     source = f"the config of {args.ckpt}" if cfg else f"the paper's values ({args.ckpt} not found)"
-    args.settings = (f"k {args.k}, l {args.n_vectors}, budgets {args.teacher_demo_tokens}/{args.distiller_demo_tokens} "
-                     f"tokens (teacher/distiller), {args.max_len_per_example} per example: from {source}"
+    args.settings = (f"k {args.k}, l {args.n_vectors}, budgets "
+                     f"{args.teacher_demo_tokens}/{args.distiller_demo_tokens} tokens "
+                     f"(teacher/distiller), {args.max_len_per_example} per example: from {source}"
                      + (f" except {', '.join(given)} (flags)" if given else ""))
 
 
@@ -339,8 +349,9 @@ def refuse_seen_tasks(cfg, tests, args):
     """A MEND checkpoint is never evaluated on test tasks it was trained on."""
     seen = sorted(set(cfg.get("train_tasks", [])) & set(tests))
     if seen:
-        raise SystemExit(f"{args.ckpt} was finetuned on {', '.join(seen)}, which are test tasks of {args.partition}; "
-                         f"finetune with --partition {args.partition} or evaluate another partition")
+        raise SystemExit(f"{args.ckpt} was finetuned on {', '.join(seen)}, which are test tasks of "
+                         f"{args.partition}; finetune with --partition {args.partition} or evaluate "
+                         f"another partition")
 
 
 # -----------------------------------------------------------------------------
@@ -380,7 +391,8 @@ def evaluate_all(args, models, files, names, ctx):
                 score = evaluate_task(method, llm, toks, distiller, seeds, args, meta, task)
                 results[name]["tasks"][task] = score
             print(f"[{n}/{len(files)}] {task} {name}: {score['score']:.1f} "
-                  f"({' '.join(f'{v:.1f}' for v in score['per_seed'].values())}) {time.time() - t0:.0f}s", flush=True)
+                  f"({' '.join(f'{v:.1f}' for v in score['per_seed'].values())}) "
+                  f"{time.time() - t0:.0f}s", flush=True)
     for r in results.values():
         r["average"] = float(np.mean([t["score"] for t in r["tasks"].values()]))
     return results
@@ -405,15 +417,14 @@ def main(args):
     files, skipped = find_tasks(args, part["test"])
     reference = load_reference(args.reference, args, files) if args.reference else None
     if not args.methods and "mend" not in methods:
-        print(f"note: {args.ckpt} not found, so no mend (make it with: python train.py --stage pretrain && "
-              f"python train.py --stage finetune --init ckpt.pt)")
+        print(f"note: {args.ckpt} not found, so no mend (make it with: python train.py --stage "
+              f"pretrain && python train.py --stage finetune --init ckpt.pt)")
     llm, toks, distiller, meta, cfg = load_models(args, methods, device, dtype, checkpoint)
     # what a checkpoint was trained as
     names = {m: trained_method(cfg) if m == "mend" and cfg else m for m in methods}
-    print(f"{args.partition}: evaluating {len(files)} of {len(part['test'])} test tasks ({len(skipped)} skipped), "
-          f"seeds {args.seeds}, methods {list(names.values())}, llm {args.llm}, device {device}, "
-          f"dtype {str(dtype)[6:]}; "
-          f"{args.settings}")
+    print(f"{args.partition}: evaluating {len(files)} of {len(part['test'])} test tasks "
+          f"({len(skipped)} skipped), seeds {args.seeds}, methods {list(names.values())}, llm "
+          f"{args.llm}, device {device}, dtype {str(dtype)[6:]}; {args.settings}")
     results = evaluate_all(args, (llm, toks, distiller, meta), files, names, ctx)
     print_table(results, list(results))
     if reference or "icl" in methods:

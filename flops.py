@@ -130,48 +130,53 @@ def get_args(argv=None):
                    help="T, the tokens of one query row (input and option). Default: %(default)s.")
     p.add_argument("--n_vectors", type=data.positive_int, default=100,
                    help="L, the number of distillation vectors (the paper's l). Default: %(default)s.")
-    p.add_argument("--queries", type=data.positive_int, default=100, help="Q, the test queries that share one "
-                   "demonstration set (the amortised columns). Default: %(default)s.")
-    p.add_argument("--data", default="", help="Data folder holding metaicl/, where each partition's demonstration "
-                   "length D is also measured (e.g. ../shared/data). Without it, only the paper's D.")
-    p.add_argument("--tokenizer", type=data.model_name, default="smollm2-135m", help="Tokenizer that measures D in "
-                   "--data (gpt2 works when it is in the local Hugging Face cache). Default: %(default)s.")
+    p.add_argument("--queries", type=data.positive_int, default=100, help="Q, the test queries that "
+                   "share one demonstration set (the amortised columns). Default: %(default)s.")
+    p.add_argument("--data", default="", help="Data folder holding metaicl/, where each partition's "
+                   "demonstration length D is also measured (e.g. ../shared/data). Without it, only "
+                   "the paper's D.")
+    p.add_argument("--tokenizer", type=data.model_name, default="smollm2-135m", help="Tokenizer "
+                   "that measures D in --data (gpt2 works when it is in the local Hugging Face "
+                   "cache). Default: %(default)s.")
     p.add_argument("--k", type=data.positive_int, default=16,
                    help="With --data: demonstrations per task, as eval.py reads them. Default: %(default)s.")
     p.add_argument("--max_len_per_example", type=data.positive_int, default=256,
                    help="With --data: most tokens of one demonstration, as in eval.py. Default: %(default)s.")
-    p.add_argument("--demo_tokens", type=data.positive_ints, default="767,643", help="With --data: the "
-                   "demonstration budgets of ICL and of the distiller, as in eval.py. Default: %(default)s.")
-    p.add_argument("--bench_pair", default="auto", choices=["auto", "none", *PAIRS], help="LLM whose latency is "
-                   "timed, with its distiller (random weights): auto is gpt2-large on a GPU and smollm2-135m on a "
-                   "CPU; none times nothing. Default: %(default)s.")
-    p.add_argument("--lengths", default="class2class", help="Comma-separated partitions timed, each at the "
-                   "demonstration length D the paper gives for it (tokens, its Figure 3): "
+    p.add_argument("--demo_tokens", type=data.positive_ints, default="767,643", help="With --data: "
+                   "the demonstration budgets of ICL and of the distiller, as in eval.py. Default: "
+                   "%(default)s.")
+    p.add_argument("--bench_pair", default="auto", choices=["auto", "none", *PAIRS], help="LLM "
+                   "whose latency is timed, with its distiller (random weights): auto is gpt2-large "
+                   "on a GPU and smollm2-135m on a CPU; none times nothing. Default: %(default)s.")
+    p.add_argument("--lengths", default="class2class", help="Comma-separated partitions timed, each "
+                   "at the demonstration length D the paper gives for it (tokens, its Figure 3): "
                    + ", ".join(f"{part} {D}" for part, D in PAPER_LENGTHS.items()) + ". Default: %(default)s.")
     p.add_argument("--batches", type=lambda s: s if s == "auto" else data.positive_ints(s), default="auto",
-                   help="Comma-separated query rows per timed batch: auto is 1,16 on a GPU and 1 on a CPU. "
-                   "Default: %(default)s.")
+                   help="Comma-separated query rows per timed batch: auto is 1,16 on a GPU and 1 on "
+                   "a CPU. Default: %(default)s.")
     p.add_argument("--runs", type=data.checked(int, lambda v: v >= 50, "an integer >= 50"), default=50,
                    help="Timed forwards per cell; the median is reported. Default: %(default)s.")
     p.add_argument("--warmup", type=data.checked(int, lambda v: v >= 10, "an integer >= 10"), default=10,
                    help="Untimed forwards before each cell. Default: %(default)s.")
-    p.add_argument("--device", default="auto", help="Device to time on, e.g. cuda:1; auto is cuda when available, "
-                   "else cpu. Default: %(default)s.")
-    p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"], help="Data type of "
-                   "the timed models: auto is bfloat16 on a GPU that supports it, else float32. Default: %(default)s.")
+    p.add_argument("--device", default="auto", help="Device to time on, e.g. cuda:1; auto is cuda "
+                   "when available, else cpu. Default: %(default)s.")
+    p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"], help="Data "
+                   "type of the timed models: auto is bfloat16 on a GPU that supports it, else "
+                   "float32. Default: %(default)s.")
     p.add_argument("--threads", type=data.count, default=0,
                    help="CPU threads for torch; 0 lets torch use every core. Default: %(default)s.")
     p.add_argument("--seed", type=data.count, default=0,
                    help="Seed of the random weights and token ids that are timed. Default: %(default)s.")
-    p.add_argument("--out", default=".", help="Folder for flops.md and flops.json, made if missing (the committed "
-                   "tables: --out results); an existing flops.md or flops.json is replaced only if flops.py wrote "
-                   "it. Default: the current folder.")
-    p.add_argument("--plot", default="", help="Also draw the FLOPs per query to this PNG file (needs matplotlib); an "
-                   "existing file is replaced only if it is a PNG image.")
+    p.add_argument("--out", default=".", help="Folder for flops.md and flops.json, made if missing "
+                   "(the committed tables: --out results); an existing flops.md or flops.json is "
+                   "replaced only if flops.py wrote it. Default: the current folder.")
+    p.add_argument("--plot", default="", help="Also draw the FLOPs per query to this PNG file "
+                   "(needs matplotlib); an existing file is replaced only if it is a PNG image.")
     args = p.parse_args(argv)
     if len(args.demo_tokens) != 2 or min(args.demo_tokens) < args.max_len_per_example:
-        p.error(f"--demo_tokens {','.join(map(str, args.demo_tokens))}: two budgets (ICL,distiller), each at least "
-                f"--max_len_per_example ({args.max_len_per_example}), so that one demonstration fits")
+        p.error(f"--demo_tokens {','.join(map(str, args.demo_tokens))}: two budgets "
+                f"(ICL,distiller), each at least --max_len_per_example "
+                f"({args.max_len_per_example}), so that one demonstration fits")
     for name in args.pairs.split(","):
         if name not in PAIRS:
             p.error(f"--pairs: unknown LLM {name!r}; choose from {', '.join(PAIRS)}")
@@ -391,8 +396,8 @@ def demo_files(args):
     found = {name: [path for task in data.partition(args.data, name)["test"]
                     if (path := data.task_file(args.data, task, 16, 100, "train")).exists()] for name in PAPER_LENGTHS}
     if not any(found.values()):
-        raise SystemExit(f"--data {args.data}: no test task of {', '.join(PAPER_LENGTHS)} has a seed-100 train file "
-                         f"under {Path(args.data) / 'metaicl'}")
+        raise SystemExit(f"--data {args.data}: no test task of {', '.join(PAPER_LENGTHS)} has a "
+                         f"seed-100 train file under {Path(args.data) / 'metaicl'}")
     return {name: paths for name, paths in found.items() if paths}
 
 
@@ -422,13 +427,14 @@ def flops_rows(args, lengths):
 
 def flops_table(rows):
     """Markdown lines: GFLOPs per query and the MEND/ICL ratios, without and with reuse."""
-    lines = ["| LLM + distiller | D from | partition | D | zero-shot | ICL | MEND | MEND/ICL | MEND LLM-only/ICL "
-             "| ICL reuse | MEND reuse | MEND/ICL reuse |", "|" + "---|" * 12]
+    lines = ["| LLM + distiller | D from | partition | D | zero-shot | ICL | MEND | MEND/ICL | MEND "
+             "LLM-only/ICL | ICL reuse | MEND reuse | MEND/ICL reuse |", "|" + "---|" * 12]
     for r in rows:
         f, g = r["flops"], {k: v / 1e9 for k, v in r["flops"].items()}
-        lines.append(f"| {r['llm']} + {r['distiller']} | {r['source']} | {r['partition']} | {r['D']} | "
-                     f"{g['zeroshot']:.1f} | {g['icl']:.1f} | {g['mend']:.1f} | {f['mend'] / f['icl']:.2f} | "
-                     f"{f['mend_llm_only'] / f['icl']:.2f} | {g['icl_reuse']:.1f} | {g['mend_reuse']:.1f} | "
+        lines.append(f"| {r['llm']} + {r['distiller']} | {r['source']} | {r['partition']} | "
+                     f"{r['D']} | {g['zeroshot']:.1f} | {g['icl']:.1f} | {g['mend']:.1f} | "
+                     f"{f['mend'] / f['icl']:.2f} | {f['mend_llm_only'] / f['icl']:.2f} | "
+                     f"{g['icl_reuse']:.1f} | {g['mend_reuse']:.1f} | "
                      f"{f['mend_reuse'] / f['icl_reuse']:.2f} |")
     return lines
 
@@ -496,7 +502,8 @@ def bench(args, llm_name, device, dtype):
     """Latency rows: every method at every (timed partition, batch size)."""
     llm, distiller = build_models(llm_name, args.n_vectors, device, dtype)
     print(f"timing {llm_name} ({count_params(llm) / 1e6:.0f}M) + distiller {PAIRS[llm_name]} "
-          f"({count_params(distiller) / 1e6:.0f}M), random init, device={device} dtype={str(dtype).split('.')[1]}")
+          f"({count_params(distiller) / 1e6:.0f}M), random init, device={device} "
+          f"dtype={str(dtype).split('.')[1]}")
     rows = []
     for part in args.lengths.split(","):
         for B in args.batches:
@@ -524,8 +531,9 @@ def latency_table(rows, device, dtype):
              "|" + "---|" * 11]
     for r in rows:
         x_icl, x_zs = (ratio(rows, r["partition"], r["B"], r["method"], m) for m in ("ICL", "zero-shot"))
-        lines.append(f"| {r['llm']} + {r['distiller']} | {r['partition']} | {r['D']} | {r['T']} | {r['L']} | {r['B']} "
-                     f"| {r['method']} | {r['ms_batch']:.1f} | {r['ms_query']:.1f} | {x_icl:.2f} | {x_zs:.2f} |")
+        lines.append(f"| {r['llm']} + {r['distiller']} | {r['partition']} | {r['D']} | {r['T']} | "
+                     f"{r['L']} | {r['B']} | {r['method']} | {r['ms_batch']:.1f} | "
+                     f"{r['ms_query']:.1f} | {x_icl:.2f} | {x_zs:.2f} |")
     return lines
 
 
@@ -540,11 +548,11 @@ def flops_goal_lines(rows):
         mine = [r["flops"] for r in rows if r["llm"] == llm_name and r["source"] == "paper"]
         ratios, llm_only = [f["mend"] / f["icl"] for f in mine], [f["mend_llm_only"] / f["icl"] for f in mine]
         reached = "REACHED" if 1 - min(ratios) >= PAPER_CLAIMS["flops_saved"] else "NOT REACHED"
-        lines.append(f"FLOPs  paper: up to {PAPER_CLAIMS['flops_saved']:.0%} fewer | ours ({llm_name} + "
-                     f"{PAIRS[llm_name]}, paper D, T={rows[0]['T']}, no reuse): {1 - max(ratios):.0%} to "
-                     f"{1 - min(ratios):.0%} fewer incl. the distiller, {1 - max(llm_only):.0%} to "
-                     f"{1 - min(llm_only):.0%} LLM only -> the paper's {PAPER_CLAIMS['flops_saved']:.0%} "
-                     f"{reached} with the distiller")
+        lines.append(f"FLOPs  paper: up to {PAPER_CLAIMS['flops_saved']:.0%} fewer | ours "
+                     f"({llm_name} + {PAIRS[llm_name]}, paper D, T={rows[0]['T']}, no reuse): "
+                     f"{1 - max(ratios):.0%} to {1 - min(ratios):.0%} fewer incl. the distiller, "
+                     f"{1 - max(llm_only):.0%} to {1 - min(llm_only):.0%} LLM only -> the paper's "
+                     f"{PAPER_CLAIMS['flops_saved']:.0%} {reached} with the distiller")
     return lines
 
 
@@ -559,12 +567,14 @@ def latency_goal_lines(rows, device, dtype):
         mend_icl = ratio(rows, part, B, "MEND", "ICL")
         reuse_zs = ratio(rows, part, B, "MEND + distill once", "zero-shot")
         lines += [
-            f"speed  paper: {PAPER_CLAIMS['faster']:.0%} faster | ours ({where}): MEND is {abs(1 - mend_icl):.0%} "
-            f"{'faster' if mend_icl <= 1 else 'slower'} than ICL per query, no reuse",
+            f"speed  paper: {PAPER_CLAIMS['faster']:.0%} faster | ours ({where}): MEND is "
+            f"{abs(1 - mend_icl):.0%} {'faster' if mend_icl <= 1 else 'slower'} than ICL per query, "
+            f"no reuse",
             f"goal   MEND <= {GOALS['mend_vs_icl']}x ICL latency (no reuse): {mend_icl:.2f}x -> "
             f"{'MET' if mend_icl <= GOALS['mend_vs_icl'] else 'NOT MET'} ({where}){shapes}",
-            f"goal   MEND + distill once <= {GOALS['reuse_vs_zeroshot']}x zero-shot latency: {reuse_zs:.2f}x -> "
-            f"{'MET' if reuse_zs <= GOALS['reuse_vs_zeroshot'] else 'NOT MET'} ({where}){shapes}"]
+            f"goal   MEND + distill once <= {GOALS['reuse_vs_zeroshot']}x zero-shot latency: "
+            f"{reuse_zs:.2f}x -> {'MET' if reuse_zs <= GOALS['reuse_vs_zeroshot'] else 'NOT MET'} "
+            f"({where}){shapes}"]
     return lines
 
 

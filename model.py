@@ -67,8 +67,8 @@ def load_llm(name, device="cpu", dtype=torch.float32, cache_dir=None):
     path = resolve_name(name, cache_dir)
     seq2seq = lm_kind(path)
     if seq2seq and dtype == torch.float16:
-        raise SystemExit(f"{name} is a T5 encoder-decoder, whose activations overflow in float16; use --dtype bfloat16 "
-                         f"or float32")
+        raise SystemExit(f"{name} is a T5 encoder-decoder, whose activations overflow in float16; "
+                         f"use --dtype bfloat16 or float32")
     llm = from_pretrained(AutoModelForSeq2SeqLM if seq2seq else AutoModelForCausalLM, name, cache_dir, dtype=dtype)
     freeze(llm.to(device))
     return fp32_head(llm)
@@ -95,12 +95,12 @@ def lm_kind(path):
     in one line."""
     config = from_pretrained(AutoConfig, path)
     if config.is_encoder_decoder and config.model_type not in ("t5", "mt5"):
-        raise SystemExit(f"{path} is a {config.model_type} encoder-decoder; of the encoder-decoders only T5 (relative "
-                         f"positions, so padding is exact) is supported")
+        raise SystemExit(f"{path} is a {config.model_type} encoder-decoder; of the encoder-decoders "
+                         f"only T5 (relative positions, so padding is exact) is supported")
     if not config.is_encoder_decoder and not any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in
                                                  config.architectures or ["ForCausalLM"]):
-        raise SystemExit(f"{path} is a {config.model_type} ({', '.join(config.architectures)}), neither a decoder-only "
-                         f"LM nor a T5 encoder-decoder")
+        raise SystemExit(f"{path} is a {config.model_type} ({', '.join(config.architectures)}), "
+                         f"neither a decoder-only LM nor a T5 encoder-decoder")
     return config.is_encoder_decoder
 
 
@@ -110,8 +110,8 @@ def check_vocabulary(model, path):
     inside the forward)."""
     n_tok, n_emb = len(AutoTokenizer.from_pretrained(path)), model.get_input_embeddings().weight.shape[0]
     if n_tok > n_emb:
-        raise SystemExit(f"--distiller {path}: its tokenizer has {n_tok} tokens but the model embeds only {n_emb}: "
-                         f"the tokenizer's vocabulary is not the model's")
+        raise SystemExit(f"--distiller {path}: its tokenizer has {n_tok} tokens but the model "
+                         f"embeds only {n_emb}: the tokenizer's vocabulary is not the model's")
 
 
 def freeze(module):
@@ -248,8 +248,9 @@ def load_distiller_state(distiller, state, path, optional=()):
     optional = {n for n, p in distiller.named_parameters(remove_duplicate=False) if p is emb} | set(optional)
     missing, unexpected = distiller.load_state_dict(state, strict=False)
     if unexpected or set(missing) - optional:
-        raise CheckpointError(f"{path}: distiller weights do not match this distiller "
-                              f"(missing {sorted(set(missing) - optional)[:3]}, unexpected {sorted(unexpected)[:3]})")
+        raise CheckpointError(f"{path}: distiller weights do not match this distiller (missing "
+                              f"{sorted(set(missing) - optional)[:3]}, unexpected "
+                              f"{sorted(unexpected)[:3]})")
 
 
 @torch.no_grad()
@@ -574,8 +575,9 @@ def load_checkpoint(path, device="cpu"):
 def check_compatible(ckpt_config, llm, distiller, path):
     """Refuse a checkpoint trained for another LLM or distiller, naming both."""
     if (ckpt_config["llm"], ckpt_config["distiller"]) != (llm, distiller):
-        raise SystemExit(f"{path} was trained for llm={ckpt_config['llm']} distiller={ckpt_config['distiller']}, "
-                         f"but this run uses llm={llm} distiller={distiller}")
+        raise SystemExit(f"{path} was trained for llm={ckpt_config['llm']} "
+                         f"distiller={ckpt_config['distiller']}, but this run uses llm={llm} "
+                         f"distiller={distiller}")
 
 
 def file_hash(path):
@@ -615,8 +617,8 @@ def embedded_model_dir(cache_dir=None):
     missing = [m for m in ("gguf", "accelerate") if importlib.util.find_spec(m) is None]
     if missing:
         raise SystemExit(f"reading the embedded GGUF needs {' and '.join(missing)}; install with: {EMBEDDED_PIP}")
-    print(f"converting {gguf.name} to safetensors in {out} (once; its 'Loading weights' reads the GGUF, the next the "
-          f"converted copy)...")
+    print(f"converting {gguf.name} to safetensors in {out} (once; its 'Loading weights' reads the "
+          f"GGUF, the next the converted copy)...")
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     tmp = out.with_name(out.name + f".tmp{os.getpid()}")

@@ -56,47 +56,50 @@ def get_args(argv=None):
     p = data.ArgumentParser(description=__doc__.split("\n\n")[0])
     paper = p.add_argument_group("the paper's recipe (--preset paper sets the paper's values)")
     paper.add_argument("--stage", required=True, choices=["pretrain", "finetune"],
-                       help="The stage to train: pretrain (stage 1: C4 text, KL loss only) or finetune (stage 2: "
-                       "MetaICL tasks, answer CE + lambda x KL).")
+                       help="The stage to train: pretrain (stage 1: C4 text, KL loss only) or "
+                       "finetune (stage 2: MetaICL tasks, answer CE + lambda x KL).")
     paper.add_argument("--preset", default="cpu", choices=["cpu", "paper"],
-                       help="The values of the flags in this group: cpu (a short run on a CPU) or paper (the "
-                       "paper's recipe, for GPUs). Default: %(default)s.")
-    paper.add_argument("--init", default="", help="Start the distiller from this checkpoint, e.g. stage 2 from "
-                       "stage 1's ckpt.pt. Without it, the distiller starts from its pretrained or copied weights.")
-    paper.add_argument("--data", default="sample_data", help="Data folder holding c4/ and metaicl/ (README: Real "
-                       "data). Default: %(default)s.")
-    paper.add_argument("--partition", default="qa2qa", help="MetaICL partition whose meta-train tasks stage 2 trains "
-                       "on: hr2lr, class2class, nonclass2class, qa2qa, nonqa2qa, nonnli2nli or nonpara2para. "
-                       "Default: %(default)s.")
+                       help="The values of the flags in this group: cpu (a short run on a CPU) or "
+                       "paper (the paper's recipe, for GPUs). Default: %(default)s.")
+    paper.add_argument("--init", default="", help="Start the distiller from this checkpoint, e.g. "
+                       "stage 2 from stage 1's ckpt.pt. Without it, the distiller starts from its "
+                       "pretrained or copied weights.")
+    paper.add_argument("--data", default="sample_data", help="Data folder holding c4/ and metaicl/ "
+                       "(README: Real data). Default: %(default)s.")
+    paper.add_argument("--partition", default="qa2qa", help="MetaICL partition whose meta-train "
+                       "tasks stage 2 trains on: hr2lr, class2class, nonclass2class, qa2qa, "
+                       "nonqa2qa, nonnli2nli or nonpara2para. Default: %(default)s.")
     paper.add_argument("--llm", type=data.model_name, default=EMBEDDED,
-                       help="The frozen LLM, decoder-only or T5: a hub name, a local folder, or smollm2-135m "
-                       "(embedded, works offline). Default: %(default)s.")
+                       help="The frozen LLM, decoder-only or T5: a hub name, a local folder, or "
+                       "smollm2-135m (embedded, works offline). Default: %(default)s.")
     paper.add_argument("--distiller", type=data.model_name, default="layers:2",
-                       help="The distiller: a hub name or local folder (paper: gpt2), or layers:N, a copy of the "
-                       "LLM's first N layers (of a T5: of its encoder). Default: %(default)s.")
+                       help="The distiller: a hub name or local folder (paper: gpt2), or layers:N, "
+                       "a copy of the LLM's first N layers (of a T5: of its encoder). Default: "
+                       "%(default)s.")
     paper.add_argument("--n_vectors", type=data.positive_int, default=16,
                        help="Number l of distillation vectors (paper: 100). Default: %(default)s.")
     paper.add_argument("--k", type=data.positive_int, default=4,
                        help="Demonstrations per stage-2 example (paper: 16). Default: %(default)s.")
     paper.add_argument("--max_len_per_example", type=data.positive_int, default=64,
-                       help="Most tokens of one example, input and output together; a longer input is cut "
-                       "(MetaICL: 256). Default: %(default)s.")
+                       help="Most tokens of one example, input and output together; a longer input "
+                       "is cut (MetaICL: 256). Default: %(default)s.")
     paper.add_argument("--teacher_demo_tokens", type=data.positive_int, default=256,
-                       help="Most demonstration tokens the teacher reads, whole demonstrations only (paper: 767). "
-                       "Default: %(default)s.")
+                       help="Most demonstration tokens the teacher reads, whole demonstrations only "
+                       "(paper: 767). Default: %(default)s.")
     paper.add_argument("--distiller_demo_tokens", type=data.positive_int, default=256,
                        help="Most demonstration tokens the distiller reads (paper: 643). Default: %(default)s.")
     paper.add_argument("--c4_max_tokens", type=data.checked(int, lambda v: v >= 2, "an integer >= 2 (demonstrations "
-                       "and a query)"), default=128, help="Tokens kept of each C4 document in stage 1: the first "
-                       "80%% are the demonstrations, the rest the query (paper: 1024). Default: %(default)s.")
+                       "and a query)"), default=128, help="Tokens kept of each C4 document in stage "
+                       "1: the first 80%% are the demonstrations, the rest the query (paper: 1024). "
+                       "Default: %(default)s.")
     paper.add_argument("--lr", type=data.non_negative, default=1e-4,
-                       help="Peak AdamW learning rate (paper: 5e-5 in stage 1, 1e-5 in stage 2); 0 keeps the weights "
-                       "as initialised. Default: %(default)s.")
+                       help="Peak AdamW learning rate (paper: 5e-5 in stage 1, 1e-5 in stage 2); 0 "
+                       "keeps the weights as initialised. Default: %(default)s.")
     paper.add_argument("--weight_decay", type=data.non_negative, default=0.0,
                        help="AdamW weight decay (paper: 0). Default: %(default)s.")
     paper.add_argument("--schedule", default="linear", choices=["linear", "cosine", "constant"],
-                       help="Learning-rate schedule after the warmup: linear or cosine decay, or constant. "
-                       "Default: %(default)s.")
+                       help="Learning-rate schedule after the warmup: linear or cosine decay, or "
+                       "constant. Default: %(default)s.")
     paper.add_argument("--warmup", type=data.count, default=0,
                        help="Steps of linear learning-rate warmup (paper: 0). Default: %(default)s.")
     paper.add_argument("--max_steps", type=data.positive_int, default=30,
@@ -106,55 +109,57 @@ def get_args(argv=None):
                        "Default: %(default)s.")
     paper.add_argument("--grad_accum", type=data.positive_int, default=1,
                        help="Micro-batches accumulated into one optimizer step. Default: %(default)s.")
-    paper.add_argument("--clip", type=data.positive, default=1.0, help="Gradient-norm clipping threshold (the "
-                       "Hugging Face Trainer's, which the paper's code uses). Default: %(default)s.")
-    paper.add_argument("--lam", type=data.non_negative, default=1.0, help="Weight lambda of the KL term in stage 2's "
-                       "loss, CE + lambda x KL; 0 trains on the answer CE alone. Default: %(default)s.")
+    paper.add_argument("--clip", type=data.positive, default=1.0, help="Gradient-norm clipping "
+                       "threshold (the Hugging Face Trainer's, which the paper's code uses). "
+                       "Default: %(default)s.")
+    paper.add_argument("--lam", type=data.non_negative, default=1.0, help="Weight lambda of the KL "
+                       "term in stage 2's loss, CE + lambda x KL; 0 trains on the answer CE alone. "
+                       "Default: %(default)s.")
     paper.add_argument("--temperature", type=data.positive, default=1.0,
                        help="Temperature tau of the KL (paper: 1). Default: %(default)s.")
     paper.add_argument("--llm_dropout", action=argparse.BooleanOptionalAction, default=False,
-                       help="Keep the frozen LLM's dropout on in training passes, as the official code does "
-                       "(results/official_code.md). Default: off.")
+                       help="Keep the frozen LLM's dropout on in training passes, as the official "
+                       "code does (results/official_code.md). Default: off.")
     paper.add_argument("--seed", type=data.count, default=100,
                        help="Seed of the data order and of torch's random numbers. Default: %(default)s.")
     ours = p.add_argument_group("our additions to the paper's step (README: What we added to the paper's method)")
     ours.add_argument("--queries_per_demo", type=data.positive_int, default=1,
-                      help="Stage 2: queries of a task that read one demonstration set (one teacher and one "
-                      "distiller pass serve them all). Default: %(default)s.")
+                      help="Stage 2: queries of a task that read one demonstration set (one teacher "
+                      "and one distiller pass serve them all). Default: %(default)s.")
     ours.add_argument("--relabel", type=data.fraction, default=0.0,
-                      help="Stage 2: probability that an example's label words are swapped for other tasks' labels "
-                      "(symbol tuning). Default: %(default)s.")
+                      help="Stage 2: probability that an example's label words are swapped for "
+                      "other tasks' labels (symbol tuning). Default: %(default)s.")
     ours.add_argument("--freeze_embeddings", action=argparse.BooleanOptionalAction, default=True,
                       help="Keep the distiller's token embeddings as loaded (the paper trains them). Default: on.")
     ours.add_argument("--lr_vectors", type=data.non_negative, default=0.0,
                       help="Peak learning rate of the placeholders and the projection; 0 uses --lr. "
                       "Default: %(default)s.")
-    ours.add_argument("--val_items", type=data.count, default=8, help="Held-out validation examples, scored at every "
-                      "checkpoint; 0 for none. Default: %(default)s.")
+    ours.add_argument("--val_items", type=data.count, default=8, help="Held-out validation "
+                      "examples, scored at every checkpoint; 0 for none. Default: %(default)s.")
     extensions.add_arguments(p)
     system = p.add_argument_group("system")
-    system.add_argument("--out", default="", help="Checkpoint file to write, its log (.log) beside it; its folder "
-                        "must exist, and an existing file is replaced only if it is a checkpoint. Default: ckpt.pt "
-                        "for --stage pretrain, mend.pt for finetune.")
+    system.add_argument("--out", default="", help="Checkpoint file to write, its log (.log) beside "
+                        "it; its folder must exist, and an existing file is replaced only if it is "
+                        "a checkpoint. Default: ckpt.pt for --stage pretrain, mend.pt for finetune.")
     system.add_argument("--resume", action="store_true",
                         help="Continue the run saved at --out: weights, optimizer, random states and step.")
     system.add_argument("--eval_interval", type=data.positive_int, default=10,
                         help="Steps between validations and checkpoint saves. Default: %(default)s.")
     system.add_argument("--log_interval", type=data.positive_int, default=1,
                         help="Steps between log lines. Default: %(default)s.")
-    system.add_argument("--device", default="auto", help="Device to train on, e.g. cuda:1; auto is cuda when "
-                        "available, else cpu. Default: %(default)s.")
+    system.add_argument("--device", default="auto", help="Device to train on, e.g. cuda:1; auto is "
+                        "cuda when available, else cpu. Default: %(default)s.")
     system.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                        help="Autocast dtype, also the frozen LLM's: auto is bfloat16 on a GPU that supports it, "
-                        "else float16, and float32 on a CPU. Default: %(default)s.")
+                        help="Autocast dtype, also the frozen LLM's: auto is bfloat16 on a GPU that "
+                        "supports it, else float16, and float32 on a CPU. Default: %(default)s.")
     system.add_argument("--threads", type=data.count, default=0,
                         help="CPU threads for torch; 0 lets torch use every core. Default: %(default)s.")
     system.add_argument("--compile", action="store_true", help="Compile the distiller with torch.compile.")
-    system.add_argument("--bench", action="store_true", help="Time every phase of every step and write the "
-                        "breakdown to a JSON file beside --out (.bench.json).")
+    system.add_argument("--bench", action="store_true", help="Time every phase of every step and "
+                        "write the breakdown to a JSON file beside --out (.bench.json).")
     system.add_argument("--peak_tflops", type=data.non_negative, default=0.0,
-                        help="Peak TFLOP/s that MFU is given against; 0 uses the GPU's nominal peak, or on a CPU its "
-                        "measured float32 matmul rate. Default: %(default)s.")
+                        help="Peak TFLOP/s that MFU is given against; 0 uses the GPU's nominal "
+                        "peak, or on a CPU its measured float32 matmul rate. Default: %(default)s.")
     known, _ = p.parse_known_args(argv)
     if known.preset == "paper":
         p.set_defaults(**PAPER["common"], **PAPER[known.stage])
@@ -341,8 +346,8 @@ def reference_line(llm, val_items, steps, args, device):
         ce += answer_ce_per_example(alone, q, b["answer_mask"]).item() / n
         teacher_ce += answer_ce_per_example(teacher, q, b["answer_mask"]).item() / n
         start_kl += kl_per_example(teacher, start, qm, args.temperature).item() / n
-    return (f"val reference | the LLM reading the query alone: kl {kl:.5g} | ce {ce:.5g} | the teacher: ce "
-            f"{teacher_ce:.5g} | {steps.start_name()}: kl {start_kl:.5g}")
+    return (f"val reference | the LLM reading the query alone: kl {kl:.5g} | ce {ce:.5g} | the "
+            f"teacher: ce {teacher_ce:.5g} | {steps.start_name()}: kl {start_kl:.5g}")
 
 
 def make_optimizer(distiller, args, steps):
@@ -356,9 +361,9 @@ def log_setup(log, config, llm, distiller, device, dtype):
     """The log's lines after the config: device, precision and sizes, then the peak MFU is taken
     against -> that peak (None for a GPU of unknown peak)."""
     log(f"device={device} dtype={str(dtype).removeprefix('torch.')} world={config['world_size']} "
-        f"threads={torch.get_num_threads()} | llm {config['llm']}: {count_params(llm):,} params, frozen | distiller "
-        f"{config['distiller']}: {count_params(distiller, True):,} trainable params (backbone + {config['n_vectors']} "
-        f"placeholders + projection)")
+        f"threads={torch.get_num_threads()} | llm {config['llm']}: {count_params(llm):,} params, "
+        f"frozen | distiller {config['distiller']}: {count_params(distiller, True):,} trainable "
+        f"params (backbone + {config['n_vectors']} placeholders + projection)")
     peak = config["peak_tflops"] * 1e12 or flops.peak_flops(device, dtype)
     source = ("--peak_tflops" if config["peak_tflops"] else "measured float32 matmul rate" if device == "cpu"
               else "nominal, flops.GPU_PEAK_TFLOPS")
@@ -464,8 +469,8 @@ def run(args):
                         batch = steps.collate(items, device)
                         loss, kl, ce = mend_loss(llm, model, batch, args.lam, args.temperature, steps)
                     if not torch.isfinite(loss):
-                        log(f"step {step + 1}: loss is {loss.item()}; stopping. The last good checkpoint "
-                            f"{args.out} is kept.")
+                        log(f"step {step + 1}: loss is {loss.item()}; stopping. The last good "
+                            f"checkpoint {args.out} is kept.")
                         raise SystemExit(1)
                     with record_function("backward"):
                         scaler.scale(loss / args.grad_accum).backward()
@@ -491,9 +496,9 @@ def run(args):
                     loss, kl, ce, dt, tok, qs, fl = (sum(col) / len(window) for col in zip(*window))
                     # peak is per device
                     mfu = f" ({fl / dt / world / peak:.1%} of peak)" if peak else ""
-                    log(f"step {step} | loss {loss:.5g} | kl {kl:.5g} | ce {ce:.5g} | lr {args.lr * factor:.2e} | "
-                        f"{dt * 1000:.0f}ms | {tok / dt:.0f} tok/s | {qs / dt:.2f} queries/s | "
-                        f"{fl / dt / 1e12:.3g} TFLOP/s{mfu}")
+                    log(f"step {step} | loss {loss:.5g} | kl {kl:.5g} | ce {ce:.5g} | lr "
+                        f"{args.lr * factor:.2e} | {dt * 1000:.0f}ms | {tok / dt:.0f} tok/s | "
+                        f"{qs / dt:.2f} queries/s | {fl / dt / 1e12:.3g} TFLOP/s{mfu}")
                     window = []
                 if step % args.eval_interval == 0 or step == args.max_steps:
                     if val_items:
@@ -543,8 +548,8 @@ def write_bench(profiler, losses, args, log):
     overhead = total / max(sum(ms.values()), 1e-9) - 1
     for k in PHASES:
         log(f"bench | {k:18s} {ms[k]:8.1f} ms/step")
-    log(f"bench | {'total':18s} {total:8.1f} ms/step; the loop's overhead over the phases: {overhead * 100:.1f}% "
-        f"({n} steps)")
+    log(f"bench | {'total':18s} {total:8.1f} ms/step; the loop's overhead over the phases: "
+        f"{overhead * 100:.1f}% ({n} steps)")
     Path(args.out).with_suffix(".bench.json").write_text(json.dumps(
         {"config": vars(args), "ms_per_step": {**ms, "total": total}, "overhead": overhead}, indent=1))
 
