@@ -1051,9 +1051,9 @@ def gpu_check():
     return check
 
 
-GPU_CHECK_STEPS = ["precision", "train_pretrain_bfloat16", "train_pretrain_float32", "train_finetune_bfloat16",
-                   "t5_pretrain_bfloat16", "t5_finetune_bfloat16", "anchors_finetune_bfloat16", "resume", "ddp", "eval",
-                   "latency"]
+GPU_CHECK_STEPS = ["latency", "batch_sweep", "precision", "train_pretrain_bfloat16", "train_pretrain_float32",
+                   "train_finetune_bfloat16", "t5_pretrain_bfloat16", "t5_finetune_bfloat16", "anchors_finetune_bfloat16",
+                   "resume", "ddp", "eval", "mfu_by_batch"]
 
 
 def summary_rows(folder):
@@ -1080,7 +1080,8 @@ def test_gpu_check_smoke_mode_runs_every_step(tmp_path):
     rows, ddp = summary_rows(tmp_path), summary_rows(tmp_path / "sh")
     assert [r[0] for r in rows] == here and [r[0] for r in ddp] == ["ddp"]
     assert all(r[2] == "ok" for r in rows + ddp), rows + ddp
-    assert rows[7][3] == "equal" and "MFU" in rows[1][3] and "MFU" in rows[4][3] and "val loss" in rows[3][3]
+    assert rows[9][3] == "equal" and "MFU" in rows[3][3] and "MFU" in rows[6][3] and "val loss" in rows[5][3]
+    assert "B=4: MEND/ICL" in rows[1][3] and all(f"B={b}: MFU" in rows[-1][3] for b in (1, 8, 16))
     assert "rc 0, 3 steps" in ddp[0][3]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["eval.log", "latency.log", "named", "runs.log", "sh", "summary.md",
                                                           "train.log"]

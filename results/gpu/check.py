@@ -7,7 +7,10 @@ included) or whose comparison is outside its tolerance is FAILED, and the check 
     bash results/gpu/run.sh OUT --smoke    # the same script on CPU with tiny shapes and 2 steps, under 2 minutes
 
 Steps, each timed, logged to OUT/{tests,train,runs,eval,latency}.log (at most 8 files come back from the GPU machine)
-and summarised in OUT/summary.md, rewritten after every step (a check cut off still reports what ran):
+and summarised in OUT/summary.md, rewritten after every step (a check cut off still reports what ran), latency first:
+  latency    flops.py's latency of MEND and ICL at the paper's five context lengths, batch 1 (eager); rc 0
+  batch_sweep  eager latency at D=848 for batches of 1, 16 and 64 query rows: MEND/ICL per query at most SWEEP_GOALS
+             (issue 49; in the smoke mode batches 1, 2, 4 with 2 timed calls, no goal)
   tests      on CUDA only: the tests that compare numbers (test_mend.py -k CUDA_TESTS) on CUDA kernels; rc 0
   precision  the LLM's logits under bf16 autocast are float32, off bf16's grid (0.5 apart at -100), at about -100
   train      each stage under --preset paper (the LLM's dropout on, batch 1) at the paper's shapes (gpt2-large LLM +
@@ -21,7 +24,8 @@ and summarised in OUT/summary.md, rewritten after every step (a check cut off st
              batch 2, float32, models without dropout: losses within DDP_RTOL
   eval       eval.py with zero-shot, ICL and MEND (the finetune checkpoint) in bf16 and float32: at least
              EVAL_AGREEMENT of the predictions equal; MEND again from the saved vectors (--vectors_dir): all equal
-  latency    flops.py's latency of MEND and ICL at the paper's five context lengths, batch 1; rc 0
+  mfu_by_batch  stage 1 in bf16 at batches 1, 8 and 16: MFU (the mean of the steps after the first 2), ms/step and
+             peak memory; MFU(16) at least MFU_GOAL and 8x MFU(1) (issue 49; in the smoke mode finite losses only)
 The LLMs are GPT2Configs and a T5Config saved with save_pretrained, with a byte-level tokenizer (one token per byte);
 the GPT-2 LLM's logits are moved to a realistic scale (realistic_logits); the data is sample_data/.
 
@@ -30,7 +34,8 @@ model load; the whole suite: 243 s for 96 tests, of which the 14 in CUDA_TESTS u
 saved 40 s, tests 30 s, precision 10 s, 3 GPT-2 trainings of 10 steps 3 x 15 s, T5 2 x 12 s, anchors 15 s (each of
 these three with a layers:N distiller reloads its LLM in float32), resume (20 steps, 3 loads) 40 s, ddp (2 ranks + 1
 run, gpt2-small shapes, gloo copies the gradients through the host) 45 s, eval (3 runs) 45 s, latency 40 s: about
-5.5 minutes, under the 6 allowed; the wheels' install in run.sh adds about 15 s.
+5.5 minutes; issue 49's two steps add an estimated 1.5 minutes (the sweep about 20 s, three stage-1 runs of 10 steps
+with a model load each about 70 s), not yet run on a GPU; the wheels' install in run.sh adds about 15 s.
 """
 import argparse
 import contextlib
@@ -80,6 +85,9 @@ DDP_RTOL = 1e-3       # 2 ranks of batch 1 against 1 process of batch 2, float32
 # share of bf16 predictions equal to float32's: 36 random layers in bf16 move close option scores, while a gross bf16
 # bug leaves about 1 in n_options equal
 EVAL_AGREEMENT = 0.75
+SWEEP_BATCHES = {"paper": (1, 16, 64), "smoke": (1, 2, 4)}
+SWEEP_GOALS = {16: 0.8, 64: 0.45}  # eager MEND/ICL per query at D=848 (../shared/docs' estimate for a GPU)
+MFU_GOAL = 20.0  # % of the GPU's peak for stage 1 at batch 16 (the paper's shapes)
 NEEDS = {"eval": ("train_finetune_bfloat16",)}  # --only STEP also runs the steps whose outputs STEP reads
 
 
@@ -285,6 +293,63 @@ def eval_agrees(llm, shape, work, f):
                                                           f"{'equal' if reloaded else 'DIFFERENT'}")
 
 
+def tiny_pair(shape):
+    """The pair flops.py times: gpt2-large + gpt2 at the paper's shapes; in the smoke mode the check's tiny GPT-2
+    shapes, registered in flops.CONFIGS under a name of their own (this process only)."""
+    if shape == "paper":
+        return "gpt2-large"
+    (n, c, h), (dn, dc, dh) = SHAPES["smoke"]["llm"], SHAPES["smoke"]["distiller"]
+    flops.CONFIGS["check-smoke"] = GPT2Config(n_layer=n, n_embd=c, n_head=h, vocab_size=VOCAB["smoke"]["gpt2"])
+    flops.CONFIGS["check-smoke-distiller"] = GPT2Config(n_layer=dn, n_embd=dc, n_head=dh,
+                                                       vocab_size=VOCAB["smoke"]["gpt2"])
+    flops.PAIRS["check-smoke"] = "check-smoke-distiller"
+    return "check-smoke"
+
+
+def batch_sweep(shape, work, f):
+    """Eager latency at D=848 (nonnli2nli) for batches of 1, 16 and 64 query rows (the smoke mode: 1, 2, 4) -> (on
+    CUDA MEND/ICL per query at most SWEEP_GOALS[B], else the rows were timed; a cell with each batch's ratio)."""
+    out, batches = work / "sweep", SWEEP_BATCHES[shape]
+    args = flops.get_args(["--out", str(out), "--bench_pair", tiny_pair(shape), "--batches",
+                           ",".join(map(str, batches)), "--lengths", "nonnli2nli"])
+    if shape == "smoke":  # the smoke mode shows the step runs; its timings mean nothing
+        args.runs, args.warmup = 2, 1
+    with contextlib.redirect_stdout(f):
+        flops.main(args)
+    rows = json.loads((out / "flops.json").read_text())["latency"]
+    ms = {(r["method"], r["B"]): r["ms_query"] for r in rows}
+    ratios = {B: ms[("MEND", B)] / ms[("ICL", B)] for B in batches}
+    ok = all(ratios[B] <= goal for B, goal in SWEEP_GOALS.items()) if torch.cuda.is_available() else bool(rows)
+    return ok, ", ".join(f"B={B}: MEND/ICL {r:.2f}" for B, r in ratios.items()) + (
+        " (goals: " + ", ".join(f"B={B} <= {g}" for B, g in SWEEP_GOALS.items()) + ")")
+
+
+def mfu_by_batch(llm, distiller, shape, work, f):
+    """Stage 1 in bf16 at batches 1, 8 and 16 -> (on CUDA MFU(16) >= MFU_GOAL and >= 8x MFU(1), else finite
+    losses; a cell with each batch's MFU (the mean of its steps after the first 2), ms/step and peak memory)."""
+    cells, mfu = [], {}
+    for B in (1, 8, 16):
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+        out = work / f"mfu_b{B}.pt"
+        argv = train_argv(llm, distiller, shape, "pretrain", out, STEPS[shape], "--dtype", "bfloat16", "--batch",
+                          str(B))
+        losses = train.run(train.get_args(argv))
+        lines = out.with_suffix(".log").read_text()
+        f.write(lines)
+        steps = [x for x in lines.splitlines() if re.match(r"step \d+ \| loss", x)]
+        steps = steps[2:] or steps  # after 2 warm-up steps (the smoke mode takes 2 in all)
+        found = [re.search(r"\(([\d.]+)% of peak\)", x) for x in steps]
+        mfu[B] = sum(float(m.group(1)) for m in found if m) / max(1, sum(1 for m in found if m))
+        ms = [int(re.search(r"(\d+)ms", x).group(1)) for x in steps if re.search(r"(\d+)ms", x)]
+        peak = f"{torch.cuda.max_memory_allocated() / 2**30:.1f} GiB" if torch.cuda.is_available() else "n/a"
+        cells.append(f"B={B}: MFU {mfu[B]:.1f}%, {sum(ms) / max(1, len(ms)):.0f} ms/step, peak {peak}")
+        if not all(math.isfinite(loss) for _, loss in losses):
+            return False, "; ".join(cells) + " (a loss is not finite)"
+    ok = mfu[16] >= MFU_GOAL and mfu[16] >= 8 * mfu[1] if torch.cuda.is_available() else True
+    return ok, "; ".join(cells) + f" (goal: B=16 at least {MFU_GOAL}% and 8x B=1)"
+
+
 def latency(shape, work, f):
     """flops.py's tables: analytic only in the smoke mode; timed at the paper's five context lengths on the GPU."""
     timed = [] if shape == "smoke" else ["--bench_pair", "gpt2-large", "--batches", "1", "--lengths", ",".join(flops.PAPER_LENGTHS)]
@@ -296,6 +361,8 @@ def latency(shape, work, f):
 def run_steps(check, shape, work, device):
     """Every step in order; a step that needs an earlier one's output fails on its own if that one failed."""
     llm, distiller, plain = build(work, shape)
+    check("latency", lambda f: latency(shape, work, f), "latency")  # first: a check cut off still has it
+    check("batch_sweep", lambda f: batch_sweep(shape, work, f), "latency")
     if shape == "paper":  # the smoke mode runs from inside the test suite
         check("tests", cuda_tests, "tests")
     check("precision", lambda f: precision(llm, device, f), "train")
@@ -313,7 +380,7 @@ def run_steps(check, shape, work, device):
     check("resume", lambda f: resume_matches(llm, distiller, shape, work, f), "runs")
     check("ddp", lambda f: ddp_matches(plain, shape, work, f), "runs")
     check("eval", lambda f: eval_agrees(llm, shape, work, f), "eval")
-    check("latency", lambda f: latency(shape, work, f), "latency")
+    check("mfu_by_batch", lambda f: mfu_by_batch(llm, distiller, shape, work, f), "train")
 
 
 def main(argv=None):
