@@ -40,6 +40,7 @@ import torch.nn as nn
 from safetensors.torch import save_model
 from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer, DynamicCache,
                           EncoderDecoderCache)
+from transformers.cache_utils import DynamicLayer
 
 import data
 
@@ -319,7 +320,7 @@ class CausalLM:
             embeds = torch.cat([prefix["embeds"].to(embeds.dtype), embeds], dim=1)  # (B, P+T, C)
             mask = torch.cat([prefix["mask"], mask], dim=1)                     # (B, P+T)
         elif "kv" in prefix:
-            past = DynamicCache([(k.expand(B, -1, -1, -1), v.expand(B, -1, -1, -1)) for k, v in prefix["kv"]])
+            past = held_cache([(k.expand(B, -1, -1, -1), v.expand(B, -1, -1, -1)) for k, v in prefix["kv"]])
             P = prefix["kv"][0][0].shape[2]  # per layer (B, H, P, h)
             pmask = prefix.get("mask")
             # (B, P+T)
@@ -401,7 +402,7 @@ class Seq2Seq:
         fresh = state.self_kv is None
         dec, dmask = with_start(ids, mask, decoder_start(llm.config)) if fresh else (
             ids, torch.cat([state.self_mask, mask], dim=1))                     # (B, T+1) or (B, T'+T)
-        past = EncoderDecoderCache(DynamicCache(None if fresh else state.self_kv), DynamicCache(state.cross))
+        past = EncoderDecoderCache(DynamicCache() if fresh else held_cache(state.self_kv), held_cache(state.cross))
         h = llm.decoder(input_ids=dec, attention_mask=dmask, encoder_hidden_states=state.states,
                         encoder_attention_mask=state.mask, cache=past, use_cache=True).last_hidden_state
         h = h[:, -(keep or T):]                                                 # (B, keep, C) of the ids' columns
@@ -435,6 +436,18 @@ class Seq2Seq:
     @staticmethod
     def shift(state, start):
         return 0  # no position ids: the decoder's relative bias never sees the encoder's positions
+
+
+def held_cache(state):
+    """A transformers cache over a state's keys/values as they are (per layer a pair (B, H, P, h), expanded views
+    included): the forward appends the new tokens' keys/values to them. DynamicCache(state) would first copy the
+    whole state into fresh tensors, on every call; the values the attention reads are the same."""
+    cache = DynamicCache()
+    for k, v in state:
+        layer = DynamicLayer()
+        layer.keys, layer.values, layer.is_initialized, layer.device = k, v, True, k.device
+        cache.layers.append(layer)
+    return cache
 
 
 def family(llm):

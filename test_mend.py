@@ -24,8 +24,8 @@ import importlib.util
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import (AutoConfig, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast,
-                          T5Config, T5ForConditionalGeneration)
+from transformers import (AutoConfig, DynamicCache, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM,
+                          PreTrainedTokenizerFast, T5Config, T5ForConditionalGeneration)
 
 import analyze
 import data
@@ -80,6 +80,21 @@ def test_padded_batch_equals_single_examples(family, on_device):
         qa = ids(queries[b])
         ref = model.llm_logits(llm, qa, torch.ones_like(qa), prefix_embeds=alone, prefix_mask=torch.ones(1, 4).long())
         torch.testing.assert_close(student[b:b + 1, :len(queries[b])], ref, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama", "t5"])
+def test_a_cached_prefix_is_read_in_place_with_the_same_logits(family, tmp_path, monkeypatch):
+    """model.held_cache hands the prefix's keys/values to the forward as they are (no copy per call); logits and
+    option scores are bit for bit those of a DynamicCache built from a copy of them, as before."""
+    llm, tok = tiny_llm(family), data.byte_tokenizer(tmp_path)
+    state = model.prefix_cache(llm, prefix_ids=ids([5, 6, 7, 8, 9]))
+    kv = state if family != "t5" else state.cross                              # per layer (1, H, P, h)
+    assert model.held_cache(kv).layers[0].keys.data_ptr() == kv[0][0].data_ptr()
+    q, qm, ex = ids([1, 2, 3], [4, 5, 0]), ids([1, 1, 1], [1, 1, 0]), {"input": "ab", "options": ["c", "de"]}
+    held = model.llm_logits(llm, q, qm, prefix_kv=state), model.option_scores(llm, tok, ex, 16, state)
+    monkeypatch.setattr(model, "held_cache", lambda kv: DynamicCache(list(kv)))   # the copy, as before
+    copied = model.llm_logits(llm, q, qm, prefix_kv=state), model.option_scores(llm, tok, ex, 16, state)
+    assert all(torch.equal(a, b) for a, b in zip(held, copied))
 
 
 @pytest.mark.parametrize("family", ["llama", "t5"])
