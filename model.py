@@ -139,10 +139,9 @@ def decoder_layers(base):
 
 def truncated_backbone(llm, n_layers):
     """A trainable copy of the LLM's embeddings and first n_layers blocks (plus its final norm) as a
-    distiller; of a T5, its encoder (bidirectional, as the encoder reads the demonstrations). Copied
-    from the float32 weights even when the LLM is held in bf16 (its checkpoint is read once more, in
-    float32 on the CPU), so that a GPU run and a CPU load build the same frozen embeddings (issue
-    43)."""
+    distiller; of a T5, its encoder (bidirectional, as the encoder reads the demonstrations). The copy
+    is of the float32 weights even when the LLM is held in bf16 (its checkpoint is read once more, in
+    float32 on the CPU), so that a GPU run and a CPU load build the same frozen embeddings."""
     # a saved model (tests build some in memory)
     if llm.dtype != torch.float32 and llm.name_or_path:
         llm = from_pretrained(type(llm), llm.name_or_path, dtype=torch.float32)
