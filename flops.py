@@ -353,7 +353,7 @@ def seq2seq_step_flops(cfg, L, teacher_len, query_lens, teacher):
 
 
 # nominal dense tensor-core peaks (TFLOP/s: bf16 (fp16 on V100/T4), fp32) from the vendors' datasheets, by the exact
-# torch.cuda.get_device_name(): a word of it would give an L40 the L4's peak and an H100 PCIe the SXM's (issue 43)
+# torch.cuda.get_device_name(): a word of it would give an L40 the L4's peak and an H100 PCIe the SXM's
 GPU_PEAK_TFLOPS = {"NVIDIA H200": (989, 67), "NVIDIA H100 80GB HBM3": (989, 67), "NVIDIA H100 PCIe": (756, 51),
                    "NVIDIA H100 NVL": (835, 60), "NVIDIA A100-SXM4-80GB": (312, 19.5),
                    "NVIDIA A100-SXM4-40GB": (312, 19.5), "NVIDIA A100-PCIE-40GB": (312, 19.5),

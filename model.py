@@ -76,10 +76,10 @@ def load_llm(name, device="cpu", dtype=torch.float32, cache_dir=None):
 
 
 def fp32_head(llm):
-    """Compute the LM head in float32 whatever the autocast or the dtype the LLM is held in (issue
-    43): GPT-2's logits sit around -30 to -150, where bf16 steps are 0.5 apart, so bf16 logits would
-    cost about 0.01 nats of KL and up to 0.25 nats on an option's log-probability. The weights stay
-    as held; each call upcasts them (a (V, C) copy)."""
+    """Compute the LM head in float32 whatever the autocast or the dtype the LLM is held in: GPT-2's
+    logits sit around -30 to -150, where bf16 steps are 0.5 apart, so bf16 logits would cost about
+    0.01 nats of KL and up to 0.25 nats on an option's log-probability. The weights stay as held;
+    each call upcasts them (a (V, C) copy)."""
     head = llm.get_output_embeddings()
 
     def forward(h):  # (B, T, C) -> (B, T, V) float32
