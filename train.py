@@ -516,6 +516,9 @@ def run(args):
     log(f"done: {step} steps in {time.time() - t_start:.0f}s, final loss {final}")
     if args.bench and rank == 0:
         write_bench(profiler, losses, args, log)
+    if world > 1:  # gloo's threads abort the process at exit (SIGABRT) if the group is left open
+        dist.barrier()
+        dist.destroy_process_group()
     return losses
 
 
