@@ -41,7 +41,6 @@ import torch
 import data
 import eval as evaluate
 import extensions
-import flops
 from extensions.options import fit_vectors, option_fields
 from extensions.signal import Signal, signal_examples
 from model import PROMPT, PromptTuning, predict, prefix_cache

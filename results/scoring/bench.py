@@ -10,7 +10,6 @@ positions (the anchors, a MEND trained with --base anchors) have no plain forwar
 Every other flag is eval.py's. Prints a line per method; writes the JSON to --out.
 """
 import argparse
-import json
 import sys
 from pathlib import Path
 
