@@ -37,8 +37,8 @@ from torch.profiler import record_function
 
 import data
 import flops
-from model import (CheckpointError, autocast, build_distiller, extend_prefix, file_hash, freeze, llm_logits,
-                   load_checkpoint, load_distiller_state, load_llm, option_scores, prefix_cache, resolve_device,
+from model import (CausalLM, CheckpointError, Graphed, autocast, build_distiller, extend_prefix, family, file_hash,
+                   freeze, llm_logits, load_checkpoint, load_distiller_state, load_llm, prefix_cache, resolve_device,
                    teacher_logits, tokenizers, umask_mode)
 
 
@@ -261,6 +261,30 @@ def options_per_input(inputs, options):
     return per_input
 
 
+BUCKET = 16  # the API's query rows are padded to a multiple of this: one CUDA graph per bucket, not per length
+
+
+def option_rows(tok, input, options, max_len):
+    """One row per option, [input ; option] (the input cut as eval.py cuts it), right-padded to a
+    multiple of BUCKET tokens -> ids, mask and the option's tokens (n_options, T), 0/1 masks."""
+    opts = [data.encode(tok, o) for o in options]
+    x, _ = data.encode_example(tok, {"input": input}, max_len, answer_len=max(map(len, opts)))
+    T = -(-(len(x) + max(map(len, opts))) // BUCKET) * BUCKET
+    ids, mask, answer = (torch.zeros(len(opts), T, dtype=torch.long) for _ in range(3))
+    for r, o in enumerate(opts):
+        ids[r, :len(x) + len(o)] = torch.tensor(x + o)
+        mask[r, :len(x) + len(o)], answer[r, len(x):len(x) + len(o)] = 1, 1
+    return ids, mask, answer
+
+
+def row_scores(llm, vectors, ids, mask, answer):
+    """The API's query: -(mean NLL of each row's option tokens) after [vectors ; row], one forward of
+    fixed shapes that reads nothing on the host: vectors (1, L, C), ids/mask/answer (N, T) -> (N,)."""
+    N, L = ids.shape[0], vectors.shape[1]
+    logits = llm_logits(llm, ids, mask, prefix_embeds=vectors.expand(N, -1, -1), prefix_mask=mask.new_ones(N, L))
+    return -answer_ce_per_example(logits, ids, answer)                         # logits (N, T, V)
+
+
 class MEND:
     """A trained MEND from one checkpoint: the frozen LLM, the distiller and both tokenizers.
 
@@ -275,6 +299,8 @@ class MEND:
         self.max_len = config["max_len_per_example"]
         self.budgets = (config["teacher_demo_tokens"], config["distiller_demo_tokens"])
         self.steps = steps
+        # a CUDA graph per query shape on CUDA (a decoder-only LLM: a T5's masks are read on the host)
+        self.query = Graphed(lambda *args: row_scores(llm, *args), on=family(llm) is CausalLM)
 
     @classmethod
     def load(cls, ckpt, llm=None, device="auto", dtype="auto", recipe=None):
@@ -341,14 +367,13 @@ class MEND:
     def score(self, vectors, inputs, options):
         """Per input, one float per option: -(mean NLL of the option's tokens) after [vectors ;
         input]. inputs is a list of strings (-> a list of score lists) or one string (-> its score
-        list); options is one list for every input, or one list per input. The vectors' keys/values
-        are computed once."""
+        list); options is one list for every input, or one list per input. One forward per input
+        reads [vectors ; input ; option] for all of its options (row_scores)."""
         if isinstance(inputs, str):
             return self.score(vectors, [inputs], options)[0]
+        rows = [option_rows(self.toks[0], x, o, self.max_len) for x, o in zip(inputs, options_per_input(inputs, options))]
         with self.ctx:
-            kv = prefix_cache(self.llm, prefix_embeds=vectors.to(self.llm.device))
-            return [option_scores(self.llm, self.toks[0], {"input": x, "options": o}, self.max_len, kv).tolist()
-                    for x, o in zip(inputs, options_per_input(inputs, options))]
+            return [self.query(vectors.to(self.llm.device), *(t.to(self.llm.device) for t in r)).tolist() for r in rows]
 
     def classify(self, vectors, inputs, options):
         """The best option per input of a list, or of one string (-> one option)."""

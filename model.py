@@ -127,6 +127,19 @@ def position_ids(mask):
     return (mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
+def causal_mask(config, mask, T, dtype):
+    """The attention mask of the last T of S positions: (B, S) 0/1 -> (B, 1, T, S), query t seeing
+    the real keys up to its own column; bool for SDPA, 0/-inf in dtype for eager attention. These
+    are the numbers of transformers' own mask, built here because transformers reads a 2-D mask on
+    the host (a GPU sync in every forward, and an error inside a CUDA graph)."""
+    S = mask.shape[1]
+    causal = torch.ones(T, S, dtype=torch.bool, device=mask.device).tril(S - T)  # (T, S)
+    keep = causal & mask.bool()[:, None, None, :]                                # (B, 1, T, S)
+    if not config._attn_implementation.endswith("eager"):
+        return keep
+    return torch.zeros(keep.shape, dtype=dtype, device=mask.device).masked_fill(~keep, torch.finfo(dtype).min)
+
+
 # -----------------------------------------------------------------------------
 # the distiller (paper section 3.1)
 
@@ -179,7 +192,10 @@ class Distiller(nn.Module):
         # (B, D+L, c)
         x = torch.cat([embeds, self.placeholder.expand(B, L, -1).to(embeds.dtype)], dim=1)
         mask = torch.cat([demo_mask, demo_mask.new_ones(B, L)], dim=1)          # (B, D+L)
-        return dict(inputs_embeds=x, attention_mask=mask, position_ids=position_ids(mask), use_cache=False)
+        pos, config = position_ids(mask), self.backbone.config
+        if not config.is_encoder_decoder:  # a decoder reads causally; a T5 encoder both ways
+            mask = causal_mask(config, mask, mask.shape[1], x.dtype)            # (B, 1, D+L, D+L)
+        return dict(inputs_embeds=x, attention_mask=mask, position_ids=pos, use_cache=False)
 
     def forward(self, demo_ids, demo_mask):
         """-> (B, L, C): the last-layer hidden states at the placeholders, in the LLM's width."""
@@ -299,11 +315,13 @@ class CausalLM:
     def context(llm, ids=None, embeds=None, mask=None):
         """Keys/values of prefix ids (B, P) or vectors (B, P, C), left-padded when a mask (B, P) is
         given."""
-        pos = position_ids(mask) if mask is not None else None
         # fp32 vectors into an LLM held in bf16 (CPU autocast would not cast its norms)
-        if embeds is not None:
-            embeds = embeds.to(llm.get_input_embeddings().weight.dtype)         # (B, P, C)
-        out = llm(input_ids=ids, inputs_embeds=embeds, attention_mask=mask, position_ids=pos, use_cache=True,
+        emb = llm.get_input_embeddings()
+        embeds = emb(ids) if embeds is None else embeds.to(emb.weight.dtype)    # (B, P, C)
+        B, P = embeds.shape[:2]
+        mask = embeds.new_ones(B, P, dtype=torch.long) if mask is None else mask  # (B, P)
+        out = llm(inputs_embeds=embeds, attention_mask=causal_mask(llm.config, mask, P, embeds.dtype),
+                  position_ids=position_ids(mask), use_cache=True,
                   logits_to_keep=1)  # only the keys/values are needed, not (B, P, V) logits
         # per layer (B, H, P, h) twice
         return [(layer.keys, layer.values) for layer in out.cache.layers]
@@ -326,6 +344,7 @@ class CausalLM:
             mask = torch.cat([mask.new_ones(B, P) if pmask is None else pmask, mask], dim=1)
         # ids of the tokens fed in this call
         pos = position_ids(mask)[:, -embeds.shape[1]:] + prefix.get("shift", 0)
+        mask = causal_mask(llm.config, mask, embeds.shape[1], embeds.dtype)     # (B, 1, P+T or T, S)
         out = llm(inputs_embeds=embeds, attention_mask=mask, position_ids=pos, cache=past,
                   use_cache=cache or past is not None, logits_to_keep=keep or T)
         return out.logits, [(layer.keys, layer.values) for layer in out.cache.layers] if cache else None
@@ -550,6 +569,45 @@ def predict(llm, tok, tests, max_len, prefix):
     kv, start, *reading = prefix
     with reading[0] if reading else nullcontext():
         return [int(option_scores(llm, tok, ex, max_len, kv, start).argmax()) for ex in tests]
+
+
+class Graphed:
+    """fn(*tensors) -> tensor, replayed on CUDA as one CUDA graph per input shapes: the first call of
+    a shape captures it, later calls copy their inputs into the captured ones and replay (one launch
+    instead of one per op; a batch-1 query is otherwise bound by the host's launches). Called as it
+    is elsewhere, or with on=False. fn must read no tensor on the host (causal_mask keeps
+    transformers from it) and keep no state between calls."""
+
+    def __init__(self, fn, on=True):
+        self.fn, self.on, self.graphs = fn, on, {}
+
+    def __call__(self, *args):
+        if not (self.on and args[0].is_cuda):
+            return self.fn(*args)
+        key = tuple((a.shape, a.dtype) for a in args)
+        if key not in self.graphs:
+            self.graphs[key] = self.capture(args)
+        graph, inputs, out = self.graphs[key]
+        for buffer, a in zip(inputs, args):
+            buffer.copy_(a)
+        graph.replay()
+        return out.clone()
+
+    def capture(self, args):
+        inputs = [a.clone() for a in args]
+        side = torch.cuda.Stream()  # warm-up calls on a side stream before capture, as CUDA graphs need
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                self.fn(*inputs)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        # autocast's cache of cast weights would be freed after capture: a graph must cast inside
+        autocast = torch.autocast("cuda", torch.get_autocast_dtype("cuda"), torch.is_autocast_enabled("cuda"),
+                                  cache_enabled=False)
+        with autocast, torch.cuda.graph(graph):
+            out = self.fn(*inputs)
+        return graph, inputs, out
 
 
 # -----------------------------------------------------------------------------

@@ -674,6 +674,62 @@ def test_mend_api_distills_scores_classifies_and_generates(saved_llm, tmp_path):
         distill.MEND.load(str(ckpt), llm="gpt2")
 
 
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_the_static_query_equals_the_eager_forward_bit_for_bit(family):
+    """The query path with our 4-D masks (model.causal_mask) gives, in float32, the very logits of transformers' own
+    forward with 2-D masks: zero-shot, ICL and MEND (distiller and LLM), left-padded demonstrations and right-padded
+    queries; through model.Graphed (called as it is on CPU) as well."""
+    llm = tiny_llm(family)
+    distiller = model.freeze(model.build_distiller("layers:1", llm, n_vectors=3))  # no dropout
+    torch.manual_seed(0)
+    d, q = torch.randint(0, 256, (3, 20)), torch.randint(0, 256, (3, 8))              # demos (B, D), queries (B, T)
+    dm, qm = torch.ones_like(d), torch.ones_like(q)
+    dm[0, :6], dm[2, :1], qm[1, 5:], qm[2, 7:] = 0, 0, 0, 0                          # left / right padding
+    emb = llm.get_input_embeddings()
+
+    def hf(prefix, pmask):  # transformers' own path: 2-D mask, positions from it
+        mask = torch.cat([pmask, qm], 1)
+        x = torch.cat([prefix, emb(q)], 1)
+        return llm(inputs_embeds=x, attention_mask=mask, position_ids=model.position_ids(mask)).logits[:, -8:]
+    with torch.no_grad():
+        x = torch.cat([distiller.backbone.get_input_embeddings()(d), distiller.placeholder.expand(3, -1, -1)], 1)
+        mask = torch.cat([dm, dm.new_ones(3, 3)], 1)
+        h = distiller.backbone(inputs_embeds=x, attention_mask=mask, position_ids=model.position_ids(mask))
+        vectors = distiller.proj(h.last_hidden_state[:, -3:])                              # (B, L, C)
+        assert torch.equal(distiller(d, dm), vectors)
+        mend = model.Graphed(lambda d, dm, q, qm: model.llm_logits(llm, q, qm, prefix_embeds=distiller(d, dm),
+                                                                    prefix_mask=qm.new_ones(3, 3)))
+        assert torch.equal(mend(d, dm, q, qm), hf(vectors, dm.new_ones(3, 3)))
+        assert torch.equal(model.llm_logits(llm, q, qm, prefix_embeds=emb(d), prefix_mask=dm), hf(emb(d), dm))
+        assert torch.equal(model.llm_logits(llm, q, qm), hf(emb(d)[:, :0], dm[:, :0]))
+
+
+def test_a_mend_query_and_mend_score_read_nothing_on_the_host(saved_llm, tmp_path):
+    """No aten::_local_scalar_dense (a tensor read on the host: a GPU sync, an error inside a CUDA graph) in a MEND
+    query (distiller + LLM, padded) nor in MEND.score, where transformers' forward with a 2-D mask dispatches 2."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Syncs(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Syncs.n += func is torch.ops.aten._local_scalar_dense.default
+            return func(*args, **(kwargs or {}))
+    llm, ckpt = saved_llm("llama"), tmp_path / "mend.pt"
+    train.run(train_args(llm, ckpt, "--stage", "finetune", "--max_steps", "1", "--val_items", "0"))
+    mend = distill.MEND.load(str(ckpt), device="cpu")
+    vectors = mend.distill([("good film", "yes"), ("bad film", "no")])
+    d, q = torch.randint(0, 256, (2, 20)), torch.randint(0, 256, (2, 8))
+    dm, qm = torch.ones_like(d), torch.ones_like(q)
+    dm[0, :5], qm[1, 6:] = 0, 0
+    with torch.no_grad(), Syncs():
+        mend.llm(input_ids=q, attention_mask=qm)
+        assert Syncs.n == 2
+        model.llm_logits(mend.llm, q, qm, prefix_embeds=mend.distiller(d, dm), prefix_mask=qm.new_ones(2, 3))
+        scores = mend.score(vectors, ["nice film", "awful"], [["yes", "no!"], ["y"]])
+    assert Syncs.n == 2 and len(scores[0]) == 2 and len(scores[1]) == 1
+
+
 def test_readme_snippet_runs(saved_llm, tmp_path, monkeypatch, capsys):
     """The README's "Use MEND on your own demonstrations" code, run as written against a tiny checkpoint: it prints
     what the README says it prints, in form (labels and plain floats, not tensors)."""
