@@ -371,7 +371,8 @@ class MEND:
         reads [vectors ; input ; option] for all of its options (row_scores)."""
         if isinstance(inputs, str):
             return self.score(vectors, [inputs], options)[0]
-        rows = [option_rows(self.toks[0], x, o, self.max_len) for x, o in zip(inputs, options_per_input(inputs, options))]
+        per_input = options_per_input(inputs, options)
+        rows = [option_rows(self.toks[0], x, o, self.max_len) for x, o in zip(inputs, per_input)]
         with self.ctx:
             return [self.query(vectors.to(self.llm.device), *(t.to(self.llm.device) for t in r)).tolist() for r in rows]
 

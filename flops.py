@@ -72,7 +72,9 @@ the LM head in float32 as in eval.py: --warmup untimed forwards, then the median
 under torch.no_grad, synchronized on CUDA. A batch holds B query rows (query+option each). "no
 reuse" = every row carries its whole input; "reuse" = the demos' (ICL) or the vectors' (MEND)
 keys/values are computed once beforehand (model.prefix_cache) and only the query rows are timed.
-Per-query = batch time / B.
+Per-query = batch time / B. Each cell is timed twice on CUDA: eager (one launch per op) and graphed
+(model.Graphed, as MEND.score runs: the inputs copied into a captured CUDA graph, one replay); on a
+CPU only eager.
 """
 import copy
 import functools
@@ -86,7 +88,7 @@ from transformers import (AutoModel, AutoModelForCausalLM, AutoModelForSeq2SeqLM
                           T5EncoderModel)
 
 import data
-from model import Distiller, count_params, fp32_head, freeze, llm_logits, load_tokenizer, prefix_cache
+from model import Distiller, Graphed, count_params, fp32_head, freeze, llm_logits, load_tokenizer, prefix_cache
 
 # -----------------------------------------------------------------------------
 # configs: published hyperparameters, built here so nothing is downloaded
@@ -471,8 +473,8 @@ def median_ms(fn, runs, warmup, device):
 
 
 def latency_cells(llm, distiller, D, T, L, B):
-    """{method: fn} scoring B query rows of T tokens after D demo tokens; prefixes for 'reuse' are
-    made here, once."""
+    """{method: (fn, inputs)}: fn(*inputs) scores B query rows of T tokens after D demo tokens;
+    prefixes for 'reuse' are made here, once."""
     device, V = llm.device, llm.config.vocab_size
     demos = torch.randint(V, (1, D), device=device)  # (1, D) one shared demo set
     q = torch.randint(V, (B, T), device=device)                                 # (B, T)
@@ -484,16 +486,17 @@ def latency_cells(llm, distiller, D, T, L, B):
     # per layer (1, H, L, h)
     mend_kv = prefix_cache(llm, prefix_embeds=distiller(demos, torch.ones_like(demos)))
 
-    def mend():
-        vectors = distiller(demos_b, torch.ones_like(demos_b))                  # (B, L, C)
+    def mend(demos, q, qm):
+        vectors = distiller(demos, torch.ones_like(demos))                      # (B, L, C)
         return llm_logits(llm, q, qm, prefix_embeds=vectors, prefix_mask=qm.new_ones(B, L))
 
     return {
-        "zero-shot": lambda: llm_logits(llm, q, qm),
-        "ICL": lambda: llm_logits(llm, q, qm, prefix_embeds=demo_embeds, prefix_mask=qm.new_ones(B, D)),
-        "ICL + demo KV reuse": lambda: llm_logits(llm, q, qm, prefix_kv=icl_kv),
-        "MEND": mend,
-        "MEND + distill once": lambda: llm_logits(llm, q, qm, prefix_kv=mend_kv),
+        "zero-shot": (lambda q, qm: llm_logits(llm, q, qm), (q, qm)),
+        "ICL": (lambda x, q, qm: llm_logits(llm, q, qm, prefix_embeds=x, prefix_mask=qm.new_ones(B, D)),
+                (demo_embeds, q, qm)),
+        "ICL + demo KV reuse": (lambda q, qm: llm_logits(llm, q, qm, prefix_kv=icl_kv), (q, qm)),
+        "MEND": (mend, (demos_b, q, qm)),
+        "MEND + distill once": (lambda q, qm: llm_logits(llm, q, qm, prefix_kv=mend_kv), (q, qm)),
     }
 
 
@@ -508,32 +511,44 @@ def bench(args, llm_name, device, dtype):
     for part in args.lengths.split(","):
         for B in args.batches:
             D, T, L = PAPER_LENGTHS[part], args.query_tokens, args.n_vectors
-            for method, fn in latency_cells(llm, distiller, D, T, L, B).items():
-                ms = median_ms(fn, args.runs, args.warmup, device)
-                rows.append(dict(llm=llm_name, distiller=PAIRS[llm_name], partition=part, D=D, T=T, L=L, B=B,
-                                 method=method, ms_batch=ms, ms_query=ms / B))
-                print(f"{method:20s} {part} D={D} T={T} L={L} B={B}: {ms:9.1f} ms/batch {ms / B:9.1f} ms/query",
-                      flush=True)
+            for method, (fn, inputs) in latency_cells(llm, distiller, D, T, L, B).items():
+                ms = median_ms(lambda: fn(*inputs), args.runs, args.warmup, device)
+                row = dict(llm=llm_name, distiller=PAIRS[llm_name], partition=part, D=D, T=T, L=L, B=B,
+                           method=method, ms_batch=ms, ms_query=ms / B, graphed_ms_query=None, graphed_agree=None)
+                if str(device).startswith("cuda"):
+                    graphed = Graphed(fn)
+                    row["graphed_ms_query"] = median_ms(lambda: graphed(*inputs), args.runs, args.warmup, device) / B
+                    # the share of next-token argmaxes the replay and the eager forward agree on
+                    row["graphed_agree"] = (graphed(*inputs).argmax(-1) == fn(*inputs).argmax(-1)).float().mean().item()
+                rows.append(row)
+                graph = "" if row["graphed_ms_query"] is None else f" {row['graphed_ms_query']:9.2f} graphed"
+                print(f"{method:20s} {part} D={D} T={T} L={L} B={B}: {ms:9.1f} ms/batch {ms / B:9.2f} ms/query"
+                      + graph, flush=True)
     return rows
 
 
-def ratio(rows, part, B, num, den):
-    """Per-query latency of method `num` over method `den` at one (partition, batch)."""
-    ms = {r["method"]: r["ms_query"] for r in rows if r["partition"] == part and r["B"] == B}
+def ratio(rows, part, B, num, den, column="ms_query"):
+    """Per-query latency of method `num` over method `den` at one (partition, batch), eager or
+    (column="graphed_ms_query") graphed."""
+    ms = {r["method"]: r[column] for r in rows if r["partition"] == part and r["B"] == B}
     return ms[num] / ms[den]
 
 
 def latency_table(rows, device, dtype):
-    """Markdown lines: one row per timed cell, with its ratios to ICL and zero-shot at the same
-    length and batch."""
-    lines = [f"device={device} dtype={dtype}, random-init weights, median of the timed runs", "",
-             "| LLM + distiller | partition | D | T | L | B | method | ms/batch | ms/query | x ICL | x zero-shot |",
-             "|" + "---|" * 11]
+    """Markdown lines: one row per timed cell, eager and graphed (CUDA only), with its ratios to ICL
+    and zero-shot at the same length and batch."""
+    lines = [f"device={device} dtype={dtype}, random-init weights, median of the timed runs; graphed: "
+             "one CUDA graph replay per call (CUDA only, - elsewhere)", "",
+             "| LLM + distiller | partition | D | T | L | B | method | ms/batch | ms/query | x ICL | x zero-shot | "
+             "graphed ms/query | graphed x ICL |", "|" + "---|" * 13]
     for r in rows:
         x_icl, x_zs = (ratio(rows, r["partition"], r["B"], r["method"], m) for m in ("ICL", "zero-shot"))
+        graphed = "- | -" if r["graphed_ms_query"] is None else (
+            f"{r['graphed_ms_query']:.2f} | "
+            f"{ratio(rows, r['partition'], r['B'], r['method'], 'ICL', 'graphed_ms_query'):.2f}")
         lines.append(f"| {r['llm']} + {r['distiller']} | {r['partition']} | {r['D']} | {r['T']} | "
                      f"{r['L']} | {r['B']} | {r['method']} | {r['ms_batch']:.1f} | "
-                     f"{r['ms_query']:.1f} | {x_icl:.2f} | {x_zs:.2f} |")
+                     f"{r['ms_query']:.2f} | {x_icl:.2f} | {x_zs:.2f} | {graphed} |")
     return lines
 
 
@@ -558,23 +573,26 @@ def flops_goal_lines(rows):
 
 def latency_goal_lines(rows, device, dtype):
     """The paper's speed claim and our two latency goals, each said met or not, per timed
-    (partition, batch)."""
+    (partition, batch) and column (eager; graphed where timed)."""
     lines = []
     for part, B in dict.fromkeys((r["partition"], r["B"]) for r in rows):
         r = next(x for x in rows if x["partition"] == part and x["B"] == B)
-        where = f"{r['llm']} + {r['distiller']}, {part} D={r['D']} T={r['T']} B={B}, {device} {dtype}"
         shapes = "" if r["llm"] == "gpt2-large" else " [not gpt2-large shapes: indicative only]"
-        mend_icl = ratio(rows, part, B, "MEND", "ICL")
-        reuse_zs = ratio(rows, part, B, "MEND + distill once", "zero-shot")
-        lines += [
-            f"speed  paper: {PAPER_CLAIMS['faster']:.0%} faster | ours ({where}): MEND is "
-            f"{abs(1 - mend_icl):.0%} {'faster' if mend_icl <= 1 else 'slower'} than ICL per query, "
-            f"no reuse",
-            f"goal   MEND <= {GOALS['mend_vs_icl']}x ICL latency (no reuse): {mend_icl:.2f}x -> "
-            f"{'MET' if mend_icl <= GOALS['mend_vs_icl'] else 'NOT MET'} ({where}){shapes}",
-            f"goal   MEND + distill once <= {GOALS['reuse_vs_zeroshot']}x zero-shot latency: "
-            f"{reuse_zs:.2f}x -> {'MET' if reuse_zs <= GOALS['reuse_vs_zeroshot'] else 'NOT MET'} "
-            f"({where}){shapes}"]
+        for column, mode in (("ms_query", "eager"), ("graphed_ms_query", "graphed")):
+            if r[column] is None:
+                continue
+            where = f"{r['llm']} + {r['distiller']}, {part} D={r['D']} T={r['T']} B={B}, {device} {dtype}, {mode}"
+            mend_icl = ratio(rows, part, B, "MEND", "ICL", column)
+            reuse_zs = ratio(rows, part, B, "MEND + distill once", "zero-shot", column)
+            lines += [
+                f"speed  paper: {PAPER_CLAIMS['faster']:.0%} faster | ours ({where}): MEND is "
+                f"{abs(1 - mend_icl):.0%} {'faster' if mend_icl <= 1 else 'slower'} than ICL per query, "
+                f"no reuse",
+                f"goal   MEND <= {GOALS['mend_vs_icl']}x ICL latency (no reuse): {mend_icl:.2f}x -> "
+                f"{'MET' if mend_icl <= GOALS['mend_vs_icl'] else 'NOT MET'} ({where}){shapes}",
+                f"goal   MEND + distill once <= {GOALS['reuse_vs_zeroshot']}x zero-shot latency: "
+                f"{reuse_zs:.2f}x -> {'MET' if reuse_zs <= GOALS['reuse_vs_zeroshot'] else 'NOT MET'} "
+                f"({where}){shapes}"]
     return lines
 
 

@@ -1074,9 +1074,9 @@ def test_method_flops_match_the_timed_forwards(monkeypatch):
             "ICL + demo KV reuse": flops.total_flops(llm_cfg, T, D + T, T),
             "MEND + distill once": flops.total_flops(llm_cfg, T, L + T, T)}
     with torch.no_grad():
-        for method, fn in flops.latency_cells(llm, distiller, D, T, L, B).items():
+        for method, (fn, inputs) in flops.latency_cells(llm, distiller, D, T, L, B).items():
             with FlopCounterMode(display=False) as counter:
-                fn()
+                fn(*inputs)
             assert counter.get_total_flops() == B * want[method], method
         with FlopCounterMode(display=False) as counter:                                 # anchors: read all D once,
             kv = model.prefix_cache(llm, prefix_ids=torch.randint(128, (1, D)))         # (its one logit row aside)
@@ -1235,9 +1235,9 @@ def test_t5_flops_match_the_flop_counter(monkeypatch):
     want = {"zero-shot": f["zeroshot"], "ICL": f["icl"], "MEND": f["mend"], "ICL + demo KV reuse": reuse(D + 1),
             "MEND + distill once": reuse(L + 1)}
     with torch.no_grad():
-        for method, fn in flops.latency_cells(llm, distiller, D, T, L, 1).items():
+        for method, (fn, inputs) in flops.latency_cells(llm, distiller, D, T, L, 1).items():
             with FlopCounterMode(display=False) as counter:
-                fn()
+                fn(*inputs)
             assert counter.get_total_flops() == want[method], method
     llm = model.freeze(llm.float())
     distiller = model.build_distiller("layers:1", llm, n_vectors=5, freeze_embeddings=True)

@@ -47,9 +47,11 @@ print(f"checkout {args.root}; {args.pair} + {flops.PAIRS[args.pair]}, D={args.D}
 with torch.no_grad():
     cells = flops.latency_cells(llm, distiller, args.D, T, L, 1)
     for method in ("zero-shot", "ICL + demo KV reuse", "MEND + distill once"):
+        cell = cells[method]  # fn, or (fn, inputs) after issue 49's graphed column
+        call = cell if callable(cell) else lambda: cell[0](*cell[1])
         with Ops() as ops:
-            cells[method]()
-        ms = flops.median_ms(cells[method], 50, 10, "cpu")
+            call()
+        ms = flops.median_ms(call, 50, 10, "cpu")
         copies = ops.count["cat"] + ops.count["copy_"]
         print(f"{method:20s} {sum(ops.count.values()):5d} ops per call ({copies} cat/copy_), "
               f"median {ms:7.2f} ms")
