@@ -372,11 +372,17 @@ def meta_val_items(train_pools, held_out, toks, seed, n, k, budgets, max_len, fi
     return items
 
 
-def c4_item(text, toks, max_tokens, demo_fraction=0.8):
-    """Stage-1 item from one document: its first max_tokens LLM tokens, the first 80% as
-    'demonstrations', the rest as the query (KL only, no answer). The distiller re-tokenizes the
-    demonstration text if its tokenizer differs."""
-    ids = encode(toks[0], text)[:max_tokens]
+def c4_ids(tok, text, max_tokens):
+    """A document's first max_tokens LLM token ids as int32: 4 bytes a token, as its text (a Python
+    list takes 18 times more), so a run tokenizes C4 once and holds it whole."""
+    return np.array(encode(tok, text)[:max_tokens], dtype=np.int32)
+
+
+def c4_item(ids, toks, max_tokens, demo_fraction=0.8):
+    """Stage-1 item from one document's LLM token ids (c4_ids): the first 80% as 'demonstrations',
+    the rest as the query (KL only, no answer). The distiller re-tokenizes the demonstration text if
+    its tokenizer differs."""
+    ids = ids.tolist()
     m = int(demo_fraction * len(ids))
     if m < 1 or m == len(ids):
         return None  # too short to split

@@ -21,6 +21,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import importlib.metadata
 import importlib.util
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -268,7 +269,7 @@ def test_c4_reader_streams_plain_and_gzip_and_rejects_missing_text(tmp_path):
 def test_c4_item_split_and_meta_train_item(tmp_path):
     """80/20 split of a document; a meta-train item is deterministic, has k demos of its own task, answer-masked."""
     tok = data.byte_tokenizer(tmp_path)
-    item = data.c4_item("abcdefghij", (tok, tok), max_tokens=100)
+    item = data.c4_item(data.c4_ids(tok, "abcdefghij", 100), (tok, tok), max_tokens=100)
     assert item["teacher_demo"] == data.encode(tok, "abcdefgh") and item["queries"] == [data.encode(tok, "ij")]
     pools = {"t": [{"task": "t", "input": f"q{i}", "output": f"a{i}", "options": []} for i in range(6)]}
     it = data.meta_train_item(pools, (tok, tok), index=3, seed=1, k=2, budgets=(100, 100), max_len=32)
@@ -1069,7 +1070,9 @@ def test_method_flops_match_the_timed_forwards(monkeypatch):
     llm, distiller = flops.build_models("tiny", L, "cpu", torch.float32)
     f = extensions.method_flops("tiny", D, T, L, 1)
     held_bf16 = flops.build_models("tiny", L, "cpu", torch.bfloat16)[0]  # the LM head in float32, as eval.py's
+    precision = torch.backends.cuda.matmul.fp32_precision
     assert held_bf16(torch.ones(1, 2, dtype=torch.long)).logits.dtype == torch.float32
+    assert torch.backends.cuda.matmul.fp32_precision == precision  # the head's TF32 setting is restored after it
     want = {"zero-shot": f["zeroshot"], "ICL": f["icl"], "MEND": f["mend"],
             "ICL + demo KV reuse": flops.total_flops(llm_cfg, T, D + T, T),
             "MEND + distill once": flops.total_flops(llm_cfg, T, L + T, T)}
@@ -1351,13 +1354,15 @@ def test_issue43_each_rank_saves_and_restores_its_own_rng(saved_llm, tmp_path, m
     assert 100 + 1 in seeds
 
 
-def test_issue43_c4_is_held_as_text_and_tokenized_when_read(saved_llm, tmp_path):
-    """Every rank holds all of C4: as texts (about 4 KiB a document), not token lists (about 74 KiB), tokenized when an
-    item is read; the items are those of data.c4_item (item 9)."""
+def test_c4_is_held_as_int32_token_ids_tokenized_once(saved_llm, tmp_path):
+    """Every rank holds all of C4: as int32 token ids (4 bytes a token, as its text; a Python list takes 18 times
+    more), tokenized once when read, not again for every item; the items are those of data.c4_item."""
     args = train_args(saved_llm("llama"), tmp_path / "c.pt", "--stage", "pretrain")
     toks, steps = model.tokenizers(args.distiller, args.llm), distill.Paper(vars(args))
     read = train.read_data(args, toks, steps)
-    assert read[0] and all(isinstance(t, str) for t in read[0])
+    texts = [t for t in data.read_c4(Path(args.data) / "c4")]
+    assert read[0] and all(ids.dtype == np.int32 for ids in read[0])
+    assert [ids.tolist() for ids in read[0]] == [data.encode(toks[0], t)[:args.c4_max_tokens] for t in texts]
     item, val, _, _ = train.make_items(args, read, toks, lambda msg: None, None, steps)
     assert len(val) == args.val_items and item(0) in [train.c4_doc(args, toks, steps, t) for t in read[0]]
 

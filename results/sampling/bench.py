@@ -1,7 +1,7 @@
 """
 Stage 1's per-item sampling time against the corpus size: train.make_items over the real C4
-documents repeated to 1,000 and 1,000,000 documents (the list holds references, the texts are not
-copied), the embedded model's tokenizer.
+documents repeated to 1,000 and 1,000,000 documents (the list holds references, the documents are
+not copied), the embedded model's tokenizer; a checkout that holds C4 as token ids gets them.
 Each size: the first item (it draws the epoch's permutation), then the mean of the next items.
 
     python results/sampling/bench.py                    # this checkout
@@ -25,6 +25,7 @@ sys.path.insert(0, args.root)
 
 import torch  # noqa: E402
 
+import data  # noqa: E402
 import train  # noqa: E402
 from distill import Paper  # noqa: E402
 
@@ -34,10 +35,12 @@ steps = Paper(vars(run))
 toks = steps.tokenizers(run.llm)
 files = sorted(Path(args.c4).glob("*.jsonl"))
 texts = [json.loads(line)["text"] for f in files for line in open(f)]
+# what train.read_data holds: token ids since issue 49 (data.c4_ids), texts before
+docs = [data.c4_ids(toks[0], t, run.c4_max_tokens) for t in texts] if hasattr(data, "c4_ids") else texts
 print(f"checkout {args.root}; {len(texts):,} real C4 documents; {args.items} items timed per size; "
       "one thread")
 for n in (1_000, 1_000_000):
-    source = [texts[i % len(texts)] for i in range(n)]
+    source = [docs[i % len(docs)] for i in range(n)]
     item = train.make_items(run, (source, []), toks, lambda msg: None, None, steps)[0]
     t0 = time.perf_counter()
     item(0)
