@@ -37,7 +37,8 @@ saved 40 s, tests 30 s, precision 10 s, 3 GPT-2 trainings of 10 steps 3 x 15 s, 
 these three with a layers:N distiller reloads its LLM in float32), resume (20 steps, 3 loads) 40 s, ddp (2 ranks + 1
 run, gpt2-small shapes, gloo copies the gradients through the host) 45 s, eval (3 runs) 45 s, latency 40 s: about
 5.5 minutes; issue 49's two steps add an estimated 1.5 minutes (the sweep about 20 s, three stage-1 runs of 10 steps
-with a model load each about 70 s), not yet run on a GPU; the wheels' install in run.sh adds about 15 s.
+with a model load each about 70 s) and its graphed latency cells about 30 s (25 captures, replays under 5 ms), not yet
+run on a GPU; the wheels' install in run.sh adds about 15 s.
 """
 import argparse
 import contextlib

@@ -3,7 +3,7 @@
 # non-zero when any step fails. Where the machine's transformers is older than requirements.txt's floor and a .whl/
 # folder of wheels is present (transformers and what it needs that the machine lacks), they are installed first into
 # /tmp/site, so that the check runs on our transformers, not the machine's (check.py refuses an older one).
-#   bash results/gpu/run.sh OUT            on a CUDA machine, about 7.5 minutes (issue 49's steps not yet timed on a GPU)
+#   bash results/gpu/run.sh OUT            on a CUDA machine, about 8 minutes (issue 49's steps not yet timed on a GPU)
 #   bash results/gpu/run.sh OUT --smoke    the same on CPU, tiny shapes, under 2 minutes
 set -euo pipefail
 cd "$(dirname "$0")/../.."
