@@ -394,9 +394,10 @@ def c4_item(ids, toks, max_tokens, demo_fraction=0.8):
 # collation
 
 
-def pad(seqs, value, left):
-    """List of id lists -> (B, S) tensor and (B, S) 0/1 mask, padded on the left or right."""
-    S = max(1, max(map(len, seqs)))
+def pad(seqs, value, left, length=None):
+    """List of id lists -> (B, S) tensor and (B, S) 0/1 mask, padded on the left or right to the
+    longest (or to `length`)."""
+    S = max(1, max(map(len, seqs))) if length is None else length
     ids = torch.full((len(seqs), S), value, dtype=torch.long)
     mask = torch.zeros(len(seqs), S, dtype=torch.long)
     for b, s in enumerate(seqs):

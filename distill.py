@@ -38,8 +38,8 @@ from torch.profiler import record_function
 import data
 import flops
 from model import (CausalLM, CheckpointError, Graphed, autocast, build_distiller, extend_prefix, family, file_hash,
-                   freeze, llm_logits, load_checkpoint, load_distiller_state, load_llm, prefix_cache, resolve_device,
-                   teacher_logits, tokenizers, umask_mode)
+                   freeze, llm_logits, load_checkpoint, load_distiller_state, load_llm, mean_log_probs, prefix_cache,
+                   resolve_device, teacher_logits, tokenizers, umask_mode)
 
 
 def kl_per_example(teacher, student, mask, temperature=1.0):
@@ -261,28 +261,31 @@ def options_per_input(inputs, options):
     return per_input
 
 
-BUCKET = 16  # the API's query rows are padded to a multiple of this: one CUDA graph per bucket, not per length
+def bucket(n):
+    """The padded length of n tokens in the API's queries: the next power of two up to 16, then the
+    next multiple of 16 (few shapes, one CUDA graph each, little padding)."""
+    return 1 << (n - 1).bit_length() if n <= 16 else -(-n // 16) * 16
 
 
-def option_rows(tok, input, options, max_len):
-    """One row per option, [input ; option] (the input cut as eval.py cuts it), right-padded to a
-    multiple of BUCKET tokens -> ids, mask and the option's tokens (n_options, T), 0/1 masks."""
+def query_tensors(tok, input, options, max_len):
+    """The input (cut as eval.py cuts it) left-padded, the options right-padded, each to its bucket
+    -> x, x_mask (1, Tx) and options, options_mask (n_options, To)."""
     opts = [data.encode(tok, o) for o in options]
     x, _ = data.encode_example(tok, {"input": input}, max_len, answer_len=max(map(len, opts)))
-    T = -(-(len(x) + max(map(len, opts))) // BUCKET) * BUCKET
-    ids, mask, answer = (torch.zeros(len(opts), T, dtype=torch.long) for _ in range(3))
-    for r, o in enumerate(opts):
-        ids[r, :len(x) + len(o)] = torch.tensor(x + o)
-        mask[r, :len(x) + len(o)], answer[r, len(x):len(x) + len(o)] = 1, 1
-    return ids, mask, answer
+    return (*data.pad([x], 0, left=True, length=bucket(len(x))),
+            *data.pad(opts, 0, left=False, length=bucket(max(map(len, opts)))))
 
 
-def row_scores(llm, vectors, ids, mask, answer):
-    """The API's query: -(mean NLL of each row's option tokens) after [vectors ; row], one forward of
-    fixed shapes that reads nothing on the host: vectors (1, L, C), ids/mask/answer (N, T) -> (N,)."""
-    N, L = ids.shape[0], vectors.shape[1]
-    logits = llm_logits(llm, ids, mask, prefix_embeds=vectors.expand(N, -1, -1), prefix_mask=mask.new_ones(N, L))
-    return -answer_ce_per_example(logits, ids, answer)                         # logits (N, T, V)
+def query_scores(llm, vectors, x, x_mask, options, options_mask):
+    """The API's query, as eval.py's model.option_scores but from fixed-shape tensors and reading
+    nothing on the host (one CUDA graph per shape): vectors (1, L, C), query_tensors' four -> (n,).
+    [vectors ; input] is read once, with a cache; the options then read its keys/values in one
+    batch."""
+    n, L = options.shape[0], vectors.shape[1]
+    mask = torch.cat([x_mask.new_ones(1, L), x_mask], dim=1)                    # (1, L+Tx)
+    last, state = family(llm).read(llm, dict(embeds=vectors, mask=mask[:, :L]), x, x_mask, keep=1, cache=True)
+    logits = llm_logits(llm, options, options_mask, prefix_kv=state, prefix_mask=mask.expand(n, -1))
+    return mean_log_probs(last[:, -1], logits, options, options_mask)         # logits (n, To, V)
 
 
 class MEND:
@@ -300,7 +303,7 @@ class MEND:
         self.budgets = (config["teacher_demo_tokens"], config["distiller_demo_tokens"])
         self.steps = steps
         # a CUDA graph per query shape on CUDA (a decoder-only LLM: a T5's masks are read on the host)
-        self.query = Graphed(lambda *args: row_scores(llm, *args), on=family(llm) is CausalLM)
+        self.query = Graphed(lambda *args: query_scores(llm, *args), on=family(llm) is CausalLM)
 
     @classmethod
     def load(cls, ckpt, llm=None, device="auto", dtype="auto", recipe=None):
@@ -367,12 +370,12 @@ class MEND:
     def score(self, vectors, inputs, options):
         """Per input, one float per option: -(mean NLL of the option's tokens) after [vectors ;
         input]. inputs is a list of strings (-> a list of score lists) or one string (-> its score
-        list); options is one list for every input, or one list per input. One forward per input
-        reads [vectors ; input ; option] for all of its options (row_scores)."""
+        list); options is one list for every input, or one list per input. Each input is read once
+        after the vectors, its options in one batch (query_scores)."""
         if isinstance(inputs, str):
             return self.score(vectors, [inputs], options)[0]
         per_input = options_per_input(inputs, options)
-        rows = [option_rows(self.toks[0], x, o, self.max_len) for x, o in zip(inputs, per_input)]
+        rows = [query_tensors(self.toks[0], x, o, self.max_len) for x, o in zip(inputs, per_input)]
         with self.ctx:
             return [self.query(vectors.to(self.llm.device), *(t.to(self.llm.device) for t in r)).tolist() for r in rows]
 

@@ -563,11 +563,17 @@ def option_scores(llm, tok, ex, max_len, prefix_kv=None, start=None):
     # positions the prefix skips
     shift = 0 if prefix_kv is None else family(llm).shift(prefix_kv, start)
     logits = llm_logits(llm, o, om, prefix_kv=kv, shift=shift)  # (n_options, To, V)
+    return mean_log_probs(last, logits, o, om)
+
+
+def mean_log_probs(last, logits, options, mask):
+    """-(mean NLL of each option's tokens) from the logits at the input's last token (1, V) and at
+    the options' own rows (n, To, V), options and mask (n, To) right-padded -> (n,)."""
     # row t predicts option token t
     logits = torch.cat([last.expand(len(options), 1, -1), logits[:, :-1]], dim=1)
-    # (n_options, To)
-    nll = torch.nn.functional.cross_entropy(logits.float().transpose(1, 2), o, reduction="none")
-    return -(nll * om).sum(-1) / om.sum(-1).clamp(min=1)
+    # (n, To)
+    nll = torch.nn.functional.cross_entropy(logits.float().transpose(1, 2), options, reduction="none")
+    return -(nll * mask).sum(-1) / mask.sum(-1).clamp(min=1)
 
 
 def predict(llm, tok, tests, max_len, prefix):

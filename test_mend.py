@@ -705,6 +705,20 @@ def test_the_static_query_equals_the_eager_forward_bit_for_bit(family):
         assert torch.equal(model.llm_logits(llm, q, qm), hf(emb(d)[:, :0], dm[:, :0]))
 
 
+@pytest.mark.parametrize("family", ["gpt2", "llama", "t5"])
+def test_the_apis_fixed_shape_query_equals_plain_forwards(family, tmp_path):
+    """distill.query_scores (the input left-padded, the options right-padded to their buckets, the input read once)
+    gives each option the score of a plain HF forward of [vectors ; input ; option]."""
+    llm, tok = tiny_llm(family), data.byte_tokenizer(tmp_path)
+    vectors = torch.randn(1, 3, llm.config.hidden_size) * 0.02
+    for ex in ({"input": "a longer input than sixteen bytes", "options": ["yes", "no!", "maybe so"]},
+               {"input": "hi", "options": ["a"]}):
+        tensors = distill.query_tensors(tok, ex["input"], ex["options"], 64)
+        assert tensors[0].shape[1] in (4, 8, 16, 48) and tensors[1][0, 0] == 0                # bucketed, left-padded
+        torch.testing.assert_close(distill.query_scores(llm, vectors, *tensors),
+                                   naive_option_scores(llm, tok, ex, 64, vectors))
+
+
 def test_a_mend_query_and_mend_score_read_nothing_on_the_host(saved_llm, tmp_path):
     """No aten::_local_scalar_dense (a tensor read on the host: a GPU sync, an error inside a CUDA graph) in a MEND
     query (distiller + LLM, padded) nor in MEND.score, where transformers' forward with a 2-D mask dispatches 2."""

@@ -1,6 +1,7 @@
 """
-Issue 49: MEND.score, now one forward of [vectors ; input ; option] per input (distill.row_scores, rows padded to a
-multiple of 16 tokens), against the cached scorer it replaced (the vectors' keys/values once, the input once, then
+Issue 49: MEND.score, now a fixed-shape query (distill.query_scores: the input left-padded and the options
+right-padded to their buckets, [vectors ; input] read once with a cache, the options in one batch; one CUDA graph per
+shape on CUDA), against the cached scorer it replaced (the vectors' keys/values once per call, then the input, then
 the options: model.option_scores, which eval.py keeps), on real MetaICL test examples, float32 on the CPU.
 
     python train.py --stage finetune --max_steps 1 --out /tmp/api.pt     # any checkpoint of the embedded model
