@@ -1141,7 +1141,7 @@ def gpu_check():
 
 GPU_CHECK_STEPS = ["latency", "batch_sweep", "precision", "train_pretrain_bfloat16", "train_pretrain_float32",
                    "train_finetune_bfloat16", "t5_pretrain_bfloat16", "t5_finetune_bfloat16", "anchors_finetune_bfloat16",
-                   "resume", "ddp", "eval", "mfu_by_batch"]
+                   "resume", "ddp", "eval", "api_graph", "mfu_by_batch"]
 
 
 def summary_rows(folder):
@@ -1169,7 +1169,7 @@ def test_gpu_check_smoke_mode_runs_every_step(tmp_path):
     assert [r[0] for r in rows] == here and [r[0] for r in ddp] == ["ddp"]
     assert all(r[2] == "ok" for r in rows + ddp), rows + ddp
     assert rows[9][3] == "equal" and "MFU" in rows[3][3] and "MFU" in rows[6][3] and "val loss" in rows[5][3]
-    assert "B=4: MEND/ICL" in rows[1][3] and all(f"B={b}: MFU" in rows[-1][3] for b in (1, 8, 16))
+    assert "B=4: MEND/ICL" in rows[1][3] and "argmax equal" in rows[-2][3] and all(f"B={b}: MFU" in rows[-1][3] for b in (1, 8, 16))
     assert "rc 0, 3 steps" in ddp[0][3]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["eval.log", "latency.log", "named", "runs.log", "sh", "summary.md",
                                                           "train.log"]

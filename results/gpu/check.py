@@ -26,6 +26,8 @@ and summarised in OUT/summary.md, rewritten after every step (a check cut off st
              batch 2, float32, models without dropout: losses within DDP_RTOL
   eval       eval.py with zero-shot, ICL and MEND (the finetune checkpoint) in bf16 and float32: at least
              EVAL_AGREEMENT of the predictions equal; MEND again from the saved vectors (--vectors_dir): all equal
+  api_graph  MEND.score on the finetune checkpoint, graphed (CUDA) and eager on 16 sample inputs: argmax equal, scores
+             at most GRAPH_API_DIFF apart, the graphs reused (issue 49)
   mfu_by_batch  stage 1 in bf16 at batches 1, 8 and 16: MFU (the mean of the steps after the first 2), ms/step and
              peak memory; MFU(16) at least MFU_GOAL and 8x MFU(1) (issue 49; in the smoke mode finite losses only)
 The LLMs are GPT2Configs and a T5Config saved with save_pretrained, with a byte-level tokenizer (one token per byte);
@@ -59,6 +61,7 @@ import transformers  # noqa: E402
 from transformers import GPT2Config, GPT2LMHeadModel, T5Config, T5ForConditionalGeneration  # noqa: E402
 
 import data  # noqa: E402
+import distill  # noqa: E402
 import eval as evaluate  # noqa: E402
 import flops  # noqa: E402
 import model  # noqa: E402
@@ -93,8 +96,9 @@ SWEEP_GOALS = {16: 0.8, 64: 0.45}  # eager MEND/ICL per query at D=848 (issue 49
 # graphed latency at batch 1 (issue 49's targets): graphed MEND at most GRAPH_SPEEDUP x eager MEND; graphed MEND/ICL
 # at most GRAPH_GOALS[D]; graphed and eager next-token argmaxes equal in at least GRAPH_AGREE of the rows
 GRAPH_SPEEDUP, GRAPH_GOALS, GRAPH_AGREE = 0.25, {469: 0.9, 848: 0.67}, 0.999
+GRAPH_API_DIFF = 1e-3  # MEND.score graphed against eager: the same kernels replayed (bf16), so about 0
 MFU_GOAL = 20.0  # % of the GPU's peak for stage 1 at batch 16 (the paper's shapes)
-NEEDS = {"eval": ("train_finetune_bfloat16",)}  # --only STEP also runs the steps whose outputs STEP reads
+NEEDS = {"eval": ("train_finetune_bfloat16",), "api_graph": ("train_finetune_bfloat16",)}  # --only STEP also runs the steps whose outputs STEP reads
 
 
 def required_transformers():
@@ -299,6 +303,30 @@ def eval_agrees(llm, shape, work, f):
                                                           f"{'equal' if reloaded else 'DIFFERENT'}")
 
 
+def api_graph(work, f):
+    """MEND.score on the finetune checkpoint (bf16 on CUDA), graphed (one CUDA graph per query shape) and eager on the
+    same inputs -> (every argmax equal and at most GRAPH_API_DIFF apart, on CUDA the shapes' graphs captured once
+    and reused; a cell with the time per input of each)."""
+    mend = distill.MEND.load(str(work / "llm_finetune_bfloat16.pt"))
+    task = data.read_metaicl(data.task_file(ROOT / "sample_data", "sample-sentiment", 16, 100, "train"))
+    tests = data.read_metaicl(data.task_file(ROOT / "sample_data", "sample-sentiment", 16, 100, "test"))[:16]
+    vectors = mend.distill([(d["input"], d["output"]) for d in task])
+    times, scores = {}, {}
+    for graphed in (True, False, True):  # graphs captured on the first pass, replayed on the third
+        mend.query.on = graphed
+        t0 = model.now()
+        scores[graphed] = [mend.score(vectors, ex["input"], ex["options"]) for ex in tests]
+        times[graphed] = (model.now() - t0) / len(tests) * 1000
+    new, old = (torch.tensor(scores[g]) for g in (True, False))
+    diff, agree = (new - old).abs().max().item(), bool((new.argmax(-1) == old.argmax(-1)).all())
+    graphs = len(mend.query.graphs)
+    f.write(json.dumps({"max_diff": diff, "argmax_equal": agree, "graphs": graphs, "ms": times}) + "\n")
+    ok = agree and diff <= GRAPH_API_DIFF and (graphs > 0) == torch.cuda.is_available()
+    return ok, (f"{len(tests)} inputs: graphed and eager scores {diff:.1e} apart (at most {GRAPH_API_DIFF}), argmax "
+                f"{'equal' if agree else 'DIFFERENT'}; {graphs} graphs; per input graphed {times[True]:.1f} ms, eager "
+                f"{times[False]:.1f} ms")
+
+
 def tiny_pair(shape):
     """The pair flops.py times: gpt2-large + gpt2 at the paper's shapes; in the smoke mode the check's tiny GPT-2
     shapes, registered in flops.CONFIGS under a name of their own (this process only)."""
@@ -404,6 +432,7 @@ def run_steps(check, shape, work, device):
     check("resume", lambda f: resume_matches(llm, distiller, shape, work, f), "runs")
     check("ddp", lambda f: ddp_matches(plain, shape, work, f), "runs")
     check("eval", lambda f: eval_agrees(llm, shape, work, f), "eval")
+    check("api_graph", lambda f: api_graph(work, f), "eval")
     check("mfu_by_batch", lambda f: mfu_by_batch(llm, distiller, shape, work, f), "train")
 
 
