@@ -18,7 +18,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import eval as evaluate  # noqa: E402
 import extensions  # noqa: E402
-import flops  # noqa: E402
 
 F, S, A = Path("results/free"), Path("results/seeds"), Path("results/anchors")
 ICL = json.loads((F / "baselines.json").read_text())["methods"]["icl"]["tasks"]

@@ -13,7 +13,6 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import data  # noqa: E402
-import eval as evaluate  # noqa: E402
 
 
 def rescore(report):
