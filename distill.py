@@ -402,9 +402,9 @@ class MEND:
             kv = prefix_cache(self.llm, prefix_embeds=vectors.to(self.llm.device))
             # (1, V)
             logits, kv = extend_prefix(self.llm, torch.tensor([x], device=self.llm.device), kv)
-            while len(out) < max_new_tokens:
+            while True:
                 out.append(int(logits.argmax(-1)))
-                if out[-1] == self.toks[0].eos_token_id:
-                    break
+                if out[-1] == self.toks[0].eos_token_id or len(out) == max_new_tokens:
+                    break  # no forward after the last token
                 logits, kv = extend_prefix(self.llm, torch.tensor([out[-1:]], device=self.llm.device), kv)
         return self.toks[0].decode(out, skip_special_tokens=True).lstrip()
