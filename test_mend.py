@@ -805,13 +805,14 @@ def test_generate_refuses_no_new_tokens_and_drops_the_leading_line_break(saved_l
             mend.generate(vectors, "nice film", max_new_tokens=n)
     with pytest.raises(ValueError, match="input must be one string, got list"):
         mend.generate(vectors, ["nice film", "awful"])
-    picks, real = iter(data.encode(mend.toks[0], "\nabc")), distill.extend_prefix  # c: after the last token
+    picks, real = iter(data.encode(mend.toks[0], "\nabc")), distill.extend_prefix  # c: never asked for
 
     def steered(llm, ids, kv):  # the model's own step, with the next token picked here
         logits, kv = real(llm, ids, kv)                                               # (1, V)
         return F.one_hot(torch.tensor([next(picks)]), logits.shape[-1]).float(), kv  # (1, V)
     monkeypatch.setattr(distill, "extend_prefix", steered)
     assert mend.generate(vectors, "nice film", max_new_tokens=3) == "ab"
+    assert list(picks) == data.encode(mend.toks[0], "c")  # no forward after the last token
 
 
 def test_distilled_vectors_round_trip_and_refuse_a_mismatch(tmp_path):
