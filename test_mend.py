@@ -1292,11 +1292,17 @@ def test_gpu_path_logits_are_float32_under_bf16_autocast(saved_llm, on_device):
     llm = model.load_llm(saved_llm("gpt2"), on_device, torch.bfloat16)
     _, ctx = model.autocast(on_device, "bfloat16")
     q = ids([5, 6, 7, 8], [9, 10, 11, 12])
+    seen = []  # the head's input: (B, T, C) after the final norm
+    hook = llm.lm_head.register_forward_pre_hook(lambda module, args: seen.append(args[0]))
     with torch.no_grad(), ctx:
         logits = model.llm_logits(llm, q, torch.ones_like(q))                   # (B, T, V)
-        h = llm.transformer(q).last_hidden_state                                # (B, T, C) after the final norm
+    hook.remove()
+    matmul = torch.backends.cuda.matmul  # on CUDA the head's matmul takes TF32 inputs; the reference too
+    before, matmul.fp32_precision = matmul.fp32_precision, "tf32"
+    want = F.linear(seen[0].float(), llm.lm_head.weight.float())
+    matmul.fp32_precision = before
     assert llm.dtype == torch.bfloat16 and logits.dtype == torch.float32
-    torch.testing.assert_close(logits, F.linear(h.float(), llm.lm_head.weight.float()), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(logits, want, rtol=1e-5, atol=1e-5)
 
 
 def test_issue43_step_timer_waits_for_the_gpu(saved_llm, tmp_path, monkeypatch):
