@@ -10,7 +10,6 @@ replays them as one launch. The count does not depend on the widths, so the mode
 """
 import argparse
 import sys
-from collections import Counter
 from pathlib import Path
 
 p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -20,23 +19,10 @@ args = p.parse_args()
 sys.path.insert(0, args.root)
 
 import torch  # noqa: E402
-from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 from transformers import GPT2Config  # noqa: E402
 
 import flops  # noqa: E402
-
-
-class Ops(TorchDispatchMode):
-    """Counts the aten ops dispatched inside it."""
-
-    def __init__(self):
-        super().__init__()
-        self.count = Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.count[func.overloadpacket.__name__] += 1
-        return func(*args, **(kwargs or {}))
-
+from dispatch import Ops  # noqa: E402  (this folder's op counter)
 
 flops.CONFIGS["deep-tiny"] = GPT2Config(n_layer=36, n_embd=64, n_head=4, vocab_size=512, n_positions=1024,
                                             bos_token_id=0, eos_token_id=0)

@@ -9,7 +9,6 @@ hands them over as they are).
 """
 import argparse
 import sys
-from collections import Counter
 from pathlib import Path
 
 p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -21,22 +20,9 @@ args = p.parse_args()
 sys.path.insert(0, args.root)
 
 import torch  # noqa: E402
-from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 import flops  # noqa: E402
-
-
-class Ops(TorchDispatchMode):
-    """Counts the aten ops dispatched inside it."""
-
-    def __init__(self):
-        super().__init__()
-        self.count = Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.count[func.overloadpacket.__name__] += 1
-        return func(*args, **(kwargs or {}))
-
+from dispatch import Ops  # noqa: E402  (this folder's op counter)
 
 torch.manual_seed(0)
 torch.set_num_threads(1)
